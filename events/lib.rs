@@ -1,0 +1,395 @@
+//! The event format on the topic: one JSON object per Kafka message, keyed by `video_id`.
+//!
+//! ```json
+//! {"video_id":"dQw4w9WgXcQ","event_type":"view","ts":1795812377123}
+//! ```
+//!
+//! [`parse_event`] turns a message into an [`Event`] or a [`Rejection`] whose
+//! [`RejectReason`] is a short, stable string that ends up in `dead_letters.reason`.
+//! Everything here is deterministic in its inputs (the payload and the message's own Kafka
+//! timestamp, never the wall clock), so re-running an epoch after a crash rejects exactly the
+//! same messages.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// One counted event.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Event {
+    pub video_id: String,
+    pub event_type: String,
+    /// Event time, epoch milliseconds UTC.
+    pub ts_ms: u64,
+}
+
+/// The event type used when a message has none.
+pub const DEFAULT_EVENT_TYPE: &str = "view";
+
+/// How far an event's time may lie from the Kafka timestamp of its message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimeLimits {
+    /// Older than this (relative to the message timestamp) is a dead letter.
+    pub max_age_ms: u64,
+    /// Further ahead than this is a dead letter.
+    pub max_ahead_ms: u64,
+}
+
+impl Default for TimeLimits {
+    fn default() -> Self {
+        TimeLimits { max_age_ms: 7 * 24 * 3600 * 1000, max_ahead_ms: 10 * 60 * 1000 }
+    }
+}
+
+/// Why a message is a dead letter. [`RejectReason::as_str`] is stable: analysts filter on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RejectReason {
+    EmptyPayload,
+    InvalidJson,
+    NotAnObject,
+    MissingVideoId,
+    InvalidVideoId,
+    InvalidEventType,
+    InvalidTs,
+    MissingTimestamp,
+    TsTooOld,
+    TsInFuture,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 10] = [
+        RejectReason::EmptyPayload,
+        RejectReason::InvalidJson,
+        RejectReason::NotAnObject,
+        RejectReason::MissingVideoId,
+        RejectReason::InvalidVideoId,
+        RejectReason::InvalidEventType,
+        RejectReason::InvalidTs,
+        RejectReason::MissingTimestamp,
+        RejectReason::TsTooOld,
+        RejectReason::TsInFuture,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::EmptyPayload => "empty payload",
+            RejectReason::InvalidJson => "invalid json",
+            RejectReason::NotAnObject => "not a json object",
+            RejectReason::MissingVideoId => "missing video_id",
+            RejectReason::InvalidVideoId => "invalid video_id",
+            RejectReason::InvalidEventType => "invalid event_type",
+            RejectReason::InvalidTs => "invalid ts",
+            RejectReason::MissingTimestamp => "missing timestamp",
+            RejectReason::TsTooOld => "ts too old",
+            RejectReason::TsInFuture => "ts too far in future",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message that is not a valid event: the stable reason and a detail for humans.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct Rejection {
+    pub reason: RejectReason,
+    pub detail: String,
+}
+
+impl Rejection {
+    fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+        Rejection { reason, detail: detail.into() }
+    }
+}
+
+/// The known fields, each kept raw so that a wrong type is reported for its field; unknown
+/// fields are skipped without being materialised.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow, default)]
+    video_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    event_type: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    ts: Option<&'a RawValue>,
+}
+
+/// `video_id`: 1-64 characters from `[A-Za-z0-9_-]`.
+pub fn valid_video_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `event_type`: 1-32 characters from `[a-z0-9_]`.
+pub fn valid_event_type(s: &str) -> bool {
+    (1..=32).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn string_field<'a>(raw: &'a RawValue) -> Option<Cow<'a, str>> {
+    serde_json::from_str::<Cow<'a, str>>(raw.get()).ok()
+}
+
+fn shorten(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// Parses and validates one message.
+///
+/// `message_ts_ms` is the Kafka timestamp of the message: the event time when the payload has
+/// no `ts`, and the reference for the too-old / too-far-ahead checks.
+pub fn parse_event(
+    payload: Option<&[u8]>,
+    message_ts_ms: Option<i64>,
+    limits: TimeLimits,
+) -> Result<Event, Rejection> {
+    use RejectReason::*;
+    let payload = match payload {
+        Some(p) if !p.iter().all(u8::is_ascii_whitespace) => p,
+        _ => return Err(Rejection::new(EmptyPayload, "message has no payload")),
+    };
+    let text = std::str::from_utf8(payload)
+        .map_err(|e| Rejection::new(InvalidJson, format!("payload is not UTF-8: {e}")))?;
+    if !text.trim_start().starts_with('{') {
+        // Serde would read `[a, b, c]` as a struct too; an event is only ever an object.
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => Rejection::new(NotAnObject, "expected a JSON object"),
+            Err(e) => Rejection::new(InvalidJson, e.to_string()),
+        });
+    }
+    let fields: Fields<'_> =
+        serde_json::from_str(text).map_err(|e| Rejection::new(InvalidJson, e.to_string()))?;
+
+    let raw_id = fields
+        .video_id
+        .filter(|raw| raw.get() != "null")
+        .ok_or_else(|| Rejection::new(MissingVideoId, "field video_id is required"))?;
+    let video_id = string_field(raw_id)
+        .ok_or_else(|| {
+            Rejection::new(InvalidVideoId, format!("expected a string, got {}", shorten(raw_id.get())))
+        })?;
+    if !valid_video_id(&video_id) {
+        return Err(Rejection::new(
+            InvalidVideoId,
+            format!("{:?} is not 1-64 characters of [A-Za-z0-9_-]", shorten(&video_id)),
+        ));
+    }
+
+    let event_type = match fields.event_type.filter(|raw| raw.get() != "null") {
+        None => Cow::Borrowed(DEFAULT_EVENT_TYPE),
+        Some(raw) => {
+            let value = string_field(raw).ok_or_else(|| {
+                Rejection::new(InvalidEventType, format!("expected a string, got {}", shorten(raw.get())))
+            })?;
+            if !valid_event_type(&value) {
+                return Err(Rejection::new(
+                    InvalidEventType,
+                    format!("{:?} is not 1-32 characters of [a-z0-9_]", shorten(&value)),
+                ));
+            }
+            value
+        }
+    };
+
+    let ts_ms = match fields.ts.filter(|raw| raw.get() != "null") {
+        Some(raw) => serde_json::from_str::<u64>(raw.get()).map_err(|_| {
+            Rejection::new(
+                InvalidTs,
+                format!("expected integer epoch milliseconds >= 0, got {}", shorten(raw.get())),
+            )
+        })?,
+        None => match message_ts_ms {
+            Some(ts) if ts >= 0 => ts as u64,
+            _ => {
+                return Err(Rejection::new(
+                    MissingTimestamp,
+                    "no ts in the payload and no Kafka timestamp on the message",
+                ));
+            }
+        },
+    };
+
+    if let Some(reference) = message_ts_ms.filter(|ts| *ts >= 0).map(|ts| ts as u64) {
+        if ts_ms.saturating_add(limits.max_age_ms) < reference {
+            return Err(Rejection::new(
+                TsTooOld,
+                format!("ts {ts_ms} is more than {} ms before the message time {reference}", limits.max_age_ms),
+            ));
+        }
+        if ts_ms > reference.saturating_add(limits.max_ahead_ms) {
+            return Err(Rejection::new(
+                TsInFuture,
+                format!("ts {ts_ms} is more than {} ms after the message time {reference}", limits.max_ahead_ms),
+            ));
+        }
+    }
+    if ts_ms / 1000 > u64::from(u32::MAX) {
+        return Err(Rejection::new(InvalidTs, format!("ts {ts_ms} is after the year 2106")));
+    }
+
+    Ok(Event { video_id: video_id.into_owned(), event_type: event_type.into_owned(), ts_ms })
+}
+
+/// Start of the event's minute, in seconds since the epoch (a ClickHouse `DateTime`).
+pub fn minute_start(ts_ms: u64) -> u32 {
+    ((ts_ms / 60_000) * 60) as u32
+}
+
+/// Start of the event's hour, in seconds since the epoch.
+pub fn hour_start(ts_ms: u64) -> u32 {
+    ((ts_ms / 3_600_000) * 3600) as u32
+}
+
+/// The event's day, in days since 1970-01-01 (a ClickHouse `Date`).
+pub fn day_number(ts_ms: u64) -> u16 {
+    (ts_ms / 86_400_000) as u16
+}
+
+/// The worker that counts a video, of `peers` workers. A fixed hash, so that a restarted job
+/// routes every video to the same worker and re-writes identical blocks.
+pub fn route(video_id: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(video_id.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW: i64 = 1_795_812_377_123;
+
+    fn parse(payload: &str) -> Result<Event, Rejection> {
+        parse_event(Some(payload.as_bytes()), Some(NOW), TimeLimits::default())
+    }
+
+    fn reason(payload: &str) -> RejectReason {
+        parse(payload).unwrap_err().reason
+    }
+
+    #[test]
+    fn accepts_the_documented_example() {
+        let event = parse(r#"{"video_id":"dQw4w9WgXcQ","event_type":"view","ts":1795812377123}"#).unwrap();
+        assert_eq!(
+            event,
+            Event { video_id: "dQw4w9WgXcQ".into(), event_type: "view".into(), ts_ms: 1_795_812_377_123 }
+        );
+    }
+
+    #[test]
+    fn defaults_event_type_and_ts_and_ignores_unknown_fields() {
+        let big = "x".repeat(100_000);
+        let event = parse(&format!(r#"{{"video_id":"a-b_C","extra":{{"deep":["{big}"]}}}}"#)).unwrap();
+        assert_eq!(event.event_type, "view");
+        assert_eq!(event.ts_ms, NOW as u64);
+        let escaped = parse(r#"{"video_id":"\u0061bc","event_type":"like"}"#).unwrap();
+        assert_eq!(escaped.video_id, "abc");
+    }
+
+    #[test]
+    fn every_reject_reason() {
+        use RejectReason::*;
+        assert_eq!(parse_event(None, Some(NOW), TimeLimits::default()).unwrap_err().reason, EmptyPayload);
+        assert_eq!(reason(""), EmptyPayload);
+        assert_eq!(reason("  \n"), EmptyPayload);
+        assert_eq!(reason("{\"video_id\":"), InvalidJson);
+        assert_eq!(reason("not json"), InvalidJson);
+        assert_eq!(
+            parse_event(Some(&[0xff, 0xfe]), Some(NOW), TimeLimits::default()).unwrap_err().reason,
+            InvalidJson
+        );
+        assert_eq!(reason("[1,2]"), NotAnObject);
+        assert_eq!(reason("42"), NotAnObject);
+        assert_eq!(reason("{}"), MissingVideoId);
+        assert_eq!(reason(r#"{"video_id":null}"#), MissingVideoId);
+        assert_eq!(reason(r#"{"video_id":7}"#), InvalidVideoId);
+        assert_eq!(reason(r#"{"video_id":""}"#), InvalidVideoId);
+        assert_eq!(reason(r#"{"video_id":"has space"}"#), InvalidVideoId);
+        assert_eq!(reason(&format!(r#"{{"video_id":"{}"}}"#, "a".repeat(65))), InvalidVideoId);
+        assert_eq!(reason(r#"{"video_id":"v","event_type":"View"}"#), InvalidEventType);
+        assert_eq!(reason(r#"{"video_id":"v","event_type":""}"#), InvalidEventType);
+        assert_eq!(reason(r#"{"video_id":"v","event_type":["view"]}"#), InvalidEventType);
+        assert_eq!(reason(&format!(r#"{{"video_id":"v","event_type":"{}"}}"#, "a".repeat(33))), InvalidEventType);
+        assert_eq!(reason(r#"{"video_id":"v","ts":"1795812377123"}"#), InvalidTs);
+        assert_eq!(reason(r#"{"video_id":"v","ts":1.5}"#), InvalidTs);
+        assert_eq!(reason(r#"{"video_id":"v","ts":-5}"#), InvalidTs);
+        assert_eq!(
+            parse_event(Some(br#"{"video_id":"v"}"#), None, TimeLimits::default()).unwrap_err().reason,
+            MissingTimestamp
+        );
+        let week = 7 * 24 * 3600 * 1000;
+        assert_eq!(reason(&format!(r#"{{"video_id":"v","ts":{}}}"#, NOW - week - 1)), TsTooOld);
+        assert!(parse(&format!(r#"{{"video_id":"v","ts":{}}}"#, NOW - week)).is_ok());
+        assert_eq!(reason(&format!(r#"{{"video_id":"v","ts":{}}}"#, NOW + 600_001)), TsInFuture);
+        assert!(parse(&format!(r#"{{"video_id":"v","ts":{}}}"#, NOW + 600_000)).is_ok());
+        assert_eq!(reason(r#"{"video_id":"v","video_id":"w"}"#), InvalidJson);
+    }
+
+    #[test]
+    fn reasons_are_distinct_and_short() {
+        let mut seen = std::collections::HashSet::new();
+        for reason in RejectReason::ALL {
+            assert!(seen.insert(reason.as_str()));
+            assert!(reason.as_str().len() <= 32);
+        }
+    }
+
+    #[test]
+    fn configurable_limits() {
+        let limits = TimeLimits { max_age_ms: 1000, max_ahead_ms: 0 };
+        let at = |ts: i64| parse_event(Some(format!(r#"{{"video_id":"v","ts":{ts}}}"#).as_bytes()), Some(NOW), limits);
+        assert_eq!(at(NOW - 1001).unwrap_err().reason, RejectReason::TsTooOld);
+        assert!(at(NOW - 1000).is_ok());
+        assert_eq!(at(NOW + 1).unwrap_err().reason, RejectReason::TsInFuture);
+    }
+
+    #[test]
+    fn buckets_at_boundaries() {
+        // 2026-11-27T23:59:59.999Z and the millisecond after it.
+        let before = 1_795_823_999_999_u64;
+        let after = before + 1;
+        assert_eq!(minute_start(before), 1_795_823_940);
+        assert_eq!(minute_start(after), 1_795_824_000);
+        assert_eq!(hour_start(before), 1_795_820_400);
+        assert_eq!(hour_start(after), 1_795_824_000);
+        assert_eq!(day_number(before) + 1, day_number(after));
+        assert_eq!(u64::from(day_number(after)) * 86_400, 1_795_824_000);
+        assert_eq!(minute_start(0), 0);
+        assert_eq!(minute_start(59_999), 0);
+        assert_eq!(minute_start(60_000), 60);
+    }
+
+    proptest! {
+        #[test]
+        fn buckets_nest(ts in 0u64..4_000_000_000_000) {
+            let minute = u64::from(minute_start(ts));
+            prop_assert!(minute * 1000 <= ts && ts < minute * 1000 + 60_000);
+            let hour = u64::from(hour_start(ts));
+            prop_assert!(hour <= minute && minute < hour + 3600);
+            let day = u64::from(day_number(ts)) * 86_400;
+            prop_assert!(day <= hour && hour < day + 86_400);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = parse_event(Some(&bytes), Some(NOW), TimeLimits::default());
+        }
+
+        #[test]
+        fn routing_is_stable(id in "[A-Za-z0-9_-]{1,64}") {
+            prop_assert_eq!(route(&id), route(&id.clone()));
+        }
+    }
+}

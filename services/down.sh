@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Stops the services that services/up.sh started (Kafka first, ZooKeeper last). Data stays in var/.
+set -uo pipefail
+VAR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/var"
+
+stop() {
+    local name=$1 pidfile="$VAR/$1/pid"
+    [ -f "$pidfile" ] || return 0
+    local pid
+    pid=$(cat "$pidfile")
+    if kill -0 "$pid" 2>/dev/null; then
+        printf 'down: stopping %s (pid %s)\n' "$name" "$pid"
+        kill "$pid"
+        for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+        kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    fi
+    rm -f "$pidfile"
+}
+
+stop kafka
+stop clickhouse
+stop zookeeper

@@ -1,0 +1,82 @@
+//! Typed ClickHouse settings with pure validation.
+
+use std::time::Duration;
+
+/// Where and how to reach ClickHouse.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClickHouseConfig {
+    /// HTTP endpoint, e.g. `http://127.0.0.1:8123`.
+    pub url: String,
+    /// Database holding the tables of `sql/schema.sql`.
+    pub database: String,
+    /// User name; the server's `default` user when `None`.
+    pub user: Option<String>,
+    /// Password for `user`.
+    pub password: Option<String>,
+    /// Upper bound on one request (insert or query) before it counts as failed and is retried.
+    pub request_timeout: Duration,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            url: "http://127.0.0.1:8123".into(),
+            database: "video_counts".into(),
+            user: None,
+            password: None,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A setting that cannot work, found before any connection is made.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("ClickHouse URL {0:?} must start with http:// or https://")]
+    BadUrl(String),
+    #[error("database name {0:?} must be 1-64 characters of [A-Za-z0-9_] and not start with a digit")]
+    BadDatabase(String),
+    #[error("request timeout must be greater than zero")]
+    ZeroTimeout,
+}
+
+/// A ClickHouse identifier we are willing to splice into SQL (databases, tables).
+pub fn valid_identifier(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.as_bytes()[0].is_ascii_digit()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+impl ClickHouseConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(ConfigError::BadUrl(self.url.clone()));
+        }
+        if !valid_identifier(&self.database) {
+            return Err(ConfigError::BadDatabase(self.database.clone()));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(ConfigError::ZeroTimeout);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_what_cannot_work() {
+        assert!(ClickHouseConfig::default().validate().is_ok());
+        let bad = |f: fn(&mut ClickHouseConfig)| {
+            let mut c = ClickHouseConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        assert!(matches!(bad(|c| c.url = "127.0.0.1:8123".into()), ConfigError::BadUrl(_)));
+        assert!(matches!(bad(|c| c.database = "x; DROP TABLE y".into()), ConfigError::BadDatabase(_)));
+        assert!(matches!(bad(|c| c.database = "1db".into()), ConfigError::BadDatabase(_)));
+        assert_eq!(bad(|c| c.request_timeout = Duration::ZERO), ConfigError::ZeroTimeout);
+    }
+}

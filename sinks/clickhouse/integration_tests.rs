@@ -1,0 +1,1 @@
+//! Integration tests against the real ClickHouse (see jobs/tests for the whole job).

@@ -1,0 +1,51 @@
+//! `sql/schema.sql`, applied statement by statement to a database.
+
+use crate::config::valid_identifier;
+use crate::service::{ClickHouse, SinkError};
+
+/// The analysts' contract, as committed in `sql/schema.sql`.
+pub const SCHEMA_SQL: &str = include_str!("../../sql/schema.sql");
+
+/// The statements of a SQL file: `--` comments dropped, split at `;`.
+pub fn statements(sql: &str) -> Vec<String> {
+    let without_comments: String = sql
+        .lines()
+        .map(|line| if line.trim_start().starts_with("--") { "" } else { line })
+        .collect::<Vec<_>>()
+        .join("\n");
+    without_comments.split(';').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+/// Creates the database if needed and applies the schema to it. Idempotent.
+pub async fn apply(clickhouse: &ClickHouse) -> Result<(), SinkError> {
+    let database = clickhouse.database();
+    if !valid_identifier(database) {
+        return Err(SinkError::Rejected(format!("invalid database name {database:?}")));
+    }
+    clickhouse.with_database("default").execute(&format!("CREATE DATABASE IF NOT EXISTS {database}")).await?;
+    for statement in statements(SCHEMA_SQL) {
+        clickhouse.execute(&statement).await?;
+    }
+    Ok(())
+}
+
+/// Drops a database and its tables (tests and replays clean up with it).
+pub async fn drop_database(clickhouse: &ClickHouse) -> Result<(), SinkError> {
+    let database = clickhouse.database();
+    if !valid_identifier(database) {
+        return Err(SinkError::Rejected(format!("invalid database name {database:?}")));
+    }
+    clickhouse.with_database("default").execute(&format!("DROP DATABASE IF EXISTS {database}")).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_the_schema_into_create_statements() {
+        let statements = statements(SCHEMA_SQL);
+        assert_eq!(statements.len(), 7);
+        assert!(statements.iter().all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
+    }
+}

@@ -1,0 +1,152 @@
+//! The bounded internal queue between the dataflow and ClickHouse, and its writer tasks.
+//!
+//! Timely workers hand finished epoch blocks to [`Writer::try_submit`], which never blocks:
+//! a full queue hands the batch back, the operator keeps it and tries again later, and the
+//! source stops reading while epochs pile up (back-pressure instead of unbounded memory).
+//! Writer tasks retry what can be retried, with exponential backoff and jitter, for as long
+//! as it takes: an epoch is never skipped. A rejected insert (bad table, wrong types) stops
+//! the job with [`Writer::fatal_error`]; a restart re-runs the epoch once the cause is fixed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use tokio::sync::mpsc;
+use tracing::{error, warn};
+
+use crate::rows::Insert;
+use crate::service::{ClickHouse, SinkError};
+
+/// Inserts that belong together (one epoch of one operator), and what to do when all of them
+/// are written.
+pub struct Batch {
+    /// For logs: which operator and epoch.
+    pub label: String,
+    pub inserts: Vec<Insert>,
+    /// Called once every insert succeeded; never called if one is rejected.
+    pub on_done: Box<dyn FnOnce() + Send>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch").field("label", &self.label).field("inserts", &self.inserts.len()).finish()
+    }
+}
+
+/// Counters the job logs and exports.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub rows_written: AtomicU64,
+    pub inserts: AtomicU64,
+    pub retries: AtomicU64,
+    pub batches_done: AtomicU64,
+}
+
+/// A cheap-to-clone handle to the queue.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Batch>,
+    capacity: usize,
+    stats: Arc<WriterStats>,
+    fatal: Arc<Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("capacity", &self.capacity).field("queued", &self.queued()).finish()
+    }
+}
+
+/// The retry schedule: 50 ms doubling to 5 s, with jitter, without end.
+fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+}
+
+impl Writer {
+    /// Starts `tasks` writer tasks on `runtime` behind a queue of `capacity` batches.
+    pub fn start(runtime: &tokio::runtime::Handle, clickhouse: ClickHouse, tasks: usize, capacity: usize) -> Writer {
+        let (tx, rx) = mpsc::channel::<Batch>(capacity.max(1));
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let writer = Writer {
+            tx,
+            capacity: capacity.max(1),
+            stats: Arc::new(WriterStats::default()),
+            fatal: Arc::new(Mutex::new(None)),
+        };
+        for _ in 0..tasks.max(1) {
+            let rx = Arc::clone(&rx);
+            let clickhouse = clickhouse.clone();
+            let stats = Arc::clone(&writer.stats);
+            let fatal = Arc::clone(&writer.fatal);
+            runtime.spawn(async move {
+                loop {
+                    let batch = { rx.lock().await.recv().await };
+                    let Some(Batch { label, inserts, on_done }) = batch else { return };
+                    match write_batch(&clickhouse, &stats, &label, &inserts).await {
+                        Ok(()) => {
+                            stats.batches_done.fetch_add(1, Ordering::Relaxed);
+                            on_done();
+                        }
+                        Err(e) => {
+                            error!(batch = %label, error = %e, "insert rejected; the job stops");
+                            fatal.lock().unwrap().get_or_insert_with(|| format!("{label}: {e}"));
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        writer
+    }
+
+    /// Queues a batch, or hands it back when the queue is full.
+    pub fn try_submit(&self, batch: Batch) -> Result<(), Batch> {
+        self.tx.try_send(batch).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => b,
+        })
+    }
+
+    /// Batches waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.capacity - self.tx.capacity()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+
+    /// The first rejected insert, if any: the job cannot go on without losing it.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.fatal.lock().unwrap().clone()
+    }
+}
+
+async fn write_batch(
+    clickhouse: &ClickHouse,
+    stats: &WriterStats,
+    label: &str,
+    inserts: &[Insert],
+) -> Result<(), SinkError> {
+    for insert in inserts {
+        (|| clickhouse.insert_native(&insert.table, insert.body.clone()))
+            .retry(backoff())
+            .when(SinkError::is_retryable)
+            .notify(|e, delay| {
+                stats.retries.fetch_add(1, Ordering::Relaxed);
+                warn!(batch = %label, table = %insert.table, error = %e, ?delay, "insert failed; retrying");
+            })
+            .await?;
+        stats.inserts.fetch_add(1, Ordering::Relaxed);
+        stats.rows_written.fetch_add(insert.rows as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}

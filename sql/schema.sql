@@ -1,0 +1,113 @@
+-- videocount: the analysts' contract. Applied with `make schema CLICKHOUSE_DATABASE=db`;
+-- no database name appears here, so one file serves every database. Runs on ClickHouse 18.16
+-- and on current ClickHouse (checked with chdb in `make test`).
+--
+-- Counts: read with sum(count), grouped as you need. Rows of one key may stay unmerged for a
+-- while (SummingMergeTree merges in the background), so never read `count` without sum().
+--
+-- Tables are Replicated*MergeTree so that ClickHouse drops a repeated identical insert block:
+-- that is how a re-run epoch after a crash is counted once (docs/exactly-once.md). The
+-- `epoch` column is internal: it keeps blocks of different epochs distinct.
+
+-- Views and any other event type per video, per minute (UTC).
+CREATE TABLE IF NOT EXISTS event_counts_minute
+(
+    video_id String,
+    event_type String,
+    minute DateTime('UTC'),
+    count UInt64,
+    epoch UInt64
+)
+ENGINE = ReplicatedSummingMergeTree('/clickhouse/tables/{database}/event_counts_minute', '{replica}', (count))
+PARTITION BY toYYYYMM(minute)
+ORDER BY (video_id, event_type, minute)
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+
+-- The same counts rolled up per hour: a one-year range reads a few thousand rows at most.
+CREATE TABLE IF NOT EXISTS event_counts_hour
+(
+    video_id String,
+    event_type String,
+    hour DateTime('UTC'),
+    count UInt64,
+    epoch UInt64
+)
+ENGINE = ReplicatedSummingMergeTree('/clickhouse/tables/{database}/event_counts_hour', '{replica}', (count))
+PARTITION BY toYYYYMM(hour)
+ORDER BY (video_id, event_type, hour)
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+
+-- The same counts rolled up per day: a one-year range reads at most 366 rows per key.
+CREATE TABLE IF NOT EXISTS event_counts_day
+(
+    video_id String,
+    event_type String,
+    day Date,
+    count UInt64,
+    epoch UInt64
+)
+ENGINE = ReplicatedSummingMergeTree('/clickhouse/tables/{database}/event_counts_day', '{replica}', (count))
+PARTITION BY toYear(day)
+ORDER BY (video_id, event_type, day)
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+
+-- The raw event log: every counted event once, for replays and ad-hoc slicing.
+-- ts is epoch milliseconds UTC; `toDateTime(intDiv(ts, 1000))` gives a DateTime.
+-- The job's --no-events-raw flag switches it off.
+CREATE TABLE IF NOT EXISTS events_raw
+(
+    video_id String,
+    event_type String,
+    ts UInt64,
+    partition UInt32,
+    offset UInt64
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/events_raw', '{replica}')
+PARTITION BY toYYYYMM(toDateTime(intDiv(ts, 1000), 'UTC'))
+ORDER BY (video_id, event_type, ts)
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+
+-- Messages no job could use, each with a short stable reason and the payload (cut at 64 KiB).
+-- message_ts is the Kafka timestamp of the message, epoch milliseconds (0 if it had none).
+CREATE TABLE IF NOT EXISTS dead_letters
+(
+    job String,
+    topic String,
+    partition UInt32,
+    offset UInt64,
+    reason String,
+    detail String,
+    payload String,
+    message_ts UInt64
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/dead_letters', '{replica}')
+PARTITION BY toYYYYMM(toDateTime(intDiv(message_ts, 1000), 'UTC'))
+ORDER BY (job, topic, partition, offset)
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+
+-- Job checkpoints: before an epoch's rows are written, the offset range [start_offset,
+-- end_offset) it covers in each partition; `peers` is the number of workers that routed it.
+CREATE TABLE IF NOT EXISTS checkpoint_ranges
+(
+    job String,
+    topic String,
+    epoch UInt64,
+    partition UInt32,
+    start_offset UInt64,
+    end_offset UInt64,
+    peers UInt32
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/checkpoint_ranges', '{replica}')
+ORDER BY (job, topic, epoch, partition);
+
+-- Job checkpoints: an epoch whose rows are all written. Epochs planned but not committed are
+-- re-run over exactly their ranges on restart.
+CREATE TABLE IF NOT EXISTS checkpoint_commits
+(
+    job String,
+    topic String,
+    epoch UInt64,
+    committed_at DateTime('UTC')
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/checkpoint_commits', '{replica}')
+ORDER BY (job, topic, epoch);
