@@ -11,7 +11,7 @@ use crate::rows::Insert;
 use crate::service::{ClickHouse, SinkError};
 
 /// The offsets `[start, end)` an epoch covers in one partition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
 pub struct Range {
     pub partition: u32,
     pub start: u64,

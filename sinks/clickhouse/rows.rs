@@ -90,7 +90,7 @@ pub fn raw_block(rows: &mut [RawRow]) -> Insert {
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 
 /// One row of `dead_letters`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeadLetterRow {
     pub job: String,
     pub topic: String,

@@ -29,6 +29,31 @@ pub async fn apply(clickhouse: &ClickHouse) -> Result<(), SinkError> {
     Ok(())
 }
 
+/// The tables of the schema that the database lacks.
+pub async fn missing_tables(clickhouse: &ClickHouse) -> Result<Vec<String>, SinkError> {
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Name {
+        name: String,
+    }
+    let present: Vec<Name> = clickhouse
+        .fetch_all(clickhouse.client().query("SELECT name FROM system.tables WHERE database = ?").bind(clickhouse.database()))
+        .await?;
+    Ok(table_names(SCHEMA_SQL)
+        .into_iter()
+        .filter(|t| !present.iter().any(|p| &p.name == t))
+        .collect())
+}
+
+/// The tables `sql/schema.sql` creates.
+pub fn table_names(sql: &str) -> Vec<String> {
+    statements(sql)
+        .iter()
+        .filter_map(|s| s.strip_prefix("CREATE TABLE IF NOT EXISTS "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Drops a database and its tables (tests and replays clean up with it).
 pub async fn drop_database(clickhouse: &ClickHouse) -> Result<(), SinkError> {
     let database = clickhouse.database();

@@ -1,0 +1,428 @@
+//! What the jobs share: flags, start-up checks, and the `view_counts` dataflow.
+//!
+//! ```text
+//!  KafkaSource ─┬─ events ──exchange(video_id)──▶ WriteCounts ──────┐
+//!   (worker i)  │         └────────────────────▶ WriteRaw ─────────┤
+//!               ├─ dead letters ───────────────▶ WriteDeadLetters ─┼─exchange(0)─▶ Commit ─▶ probe
+//!               └─ ranges ──exchange(0)──▶ WritePlan ──(gate)──────┘
+//! ```
+//!
+//! An epoch's rows are written only after its plan (the offset ranges) is, and its commit
+//! only after all of its rows are: the timely frontier carries that order.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::generic::operator::empty;
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::Stream;
+use timely::dataflow::operators::{Concatenate, OkErr, Probe};
+use tracing::{info, warn};
+use videocount_clickhouse::checkpoints::{self, Range, commit_block, plan_block};
+use videocount_clickhouse::rows::{DeadLetterRow, RawRow, dead_letters_block, raw_block};
+use videocount_clickhouse::{ClickHouse, ClickHouseConfig, Writer};
+use videocount_events::{Event, TimeLimits, route};
+use videocount_operators::kafka_source::SourceProgress;
+use videocount_operators::{EventCounts, FlushEpochs, SourceConfig, SourceItem, kafka_source};
+
+/// Flags of a counting job; each can also be set from the environment.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about = "Counts video events from Kafka into ClickHouse, exactly once.")]
+pub struct JobArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Topic of the events.
+    #[arg(long, env = "VIDEOCOUNT_TOPIC", default_value = "video-events")]
+    pub topic: String,
+    /// Kafka topic that also receives dead letters (default: `<topic>-dlq`); created if missing.
+    #[arg(long, env = "VIDEOCOUNT_DLQ_TOPIC")]
+    pub dlq_topic: Option<String>,
+    /// ClickHouse HTTP endpoint.
+    #[arg(long, env = "CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
+    pub clickhouse_url: String,
+    /// ClickHouse database holding the tables of sql/schema.sql.
+    #[arg(long, env = "CLICKHOUSE_DATABASE", default_value = "video_counts")]
+    pub database: String,
+    /// ClickHouse user.
+    #[arg(long, env = "CLICKHOUSE_USER")]
+    pub clickhouse_user: Option<String>,
+    /// ClickHouse password.
+    #[arg(long, env = "CLICKHOUSE_PASSWORD", hide_env_values = true)]
+    pub clickhouse_password: Option<String>,
+    /// Worker threads in this process.
+    #[arg(long, short = 'w', env = "VIDEOCOUNT_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// Timely processes in the cluster (with --hostfile).
+    #[arg(long, short = 'n', env = "VIDEOCOUNT_PROCESSES", default_value_t = 1)]
+    pub processes: usize,
+    /// Index of this process in the cluster.
+    #[arg(long, short = 'p', env = "VIDEOCOUNT_PROCESS", default_value_t = 0)]
+    pub process: usize,
+    /// File with one host:port per process (timely's cluster option).
+    #[arg(long, env = "VIDEOCOUNT_HOSTFILE")]
+    pub hostfile: Option<String>,
+    /// Length of an epoch: how often counts are flushed, in milliseconds.
+    #[arg(long, env = "VIDEOCOUNT_EPOCH_MS", default_value_t = 1000)]
+    pub epoch_ms: u64,
+    /// Events older than this, relative to their message's Kafka timestamp, are dead letters.
+    #[arg(long, env = "VIDEOCOUNT_MAX_AGE_SECS", default_value_t = 7 * 24 * 3600)]
+    pub max_age_secs: u64,
+    /// Events further ahead than this of their message's Kafka timestamp are dead letters.
+    #[arg(long, env = "VIDEOCOUNT_MAX_AHEAD_SECS", default_value_t = 600)]
+    pub max_ahead_secs: u64,
+    /// Process up to the high watermarks seen at start, flush, record offsets and exit 0.
+    #[arg(long, env = "VIDEOCOUNT_UNTIL_CAUGHT_UP")]
+    pub until_caught_up: bool,
+    /// Do not write the raw event log (events_raw).
+    #[arg(long, env = "VIDEOCOUNT_NO_EVENTS_RAW")]
+    pub no_events_raw: bool,
+    /// ClickHouse writer tasks.
+    #[arg(long, env = "VIDEOCOUNT_WRITER_TASKS", default_value_t = 4)]
+    pub writer_tasks: usize,
+    /// Capacity of the internal write queue, in batches (one batch: one epoch of one operator).
+    #[arg(long, env = "VIDEOCOUNT_QUEUE_CAPACITY", default_value_t = 32)]
+    pub queue_capacity: usize,
+    /// The source pauses while this many epochs are not yet committed.
+    #[arg(long, env = "VIDEOCOUNT_MAX_EPOCHS_IN_FLIGHT", default_value_t = 8)]
+    pub max_epochs_in_flight: u64,
+    /// Raw librdkafka consumer option KEY=VALUE (repeatable).
+    #[arg(long = "kafka-option", value_parser = parse_key_value)]
+    pub kafka_options: Vec<(String, String)>,
+    /// Name under which the job keeps its checkpoint.
+    #[arg(long, env = "VIDEOCOUNT_JOB_NAME", default_value = "view_counts")]
+    pub job_name: String,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+impl JobArgs {
+    fn clickhouse_config(&self) -> ClickHouseConfig {
+        ClickHouseConfig {
+            url: self.clickhouse_url.clone(),
+            database: self.database.clone(),
+            user: self.clickhouse_user.clone(),
+            password: self.clickhouse_password.clone(),
+            ..ClickHouseConfig::default()
+        }
+    }
+
+    fn timely_config(&self) -> anyhow::Result<timely::Config> {
+        let mut args = vec![
+            "view_counts".to_owned(),
+            "-w".into(),
+            self.workers.to_string(),
+            "-n".into(),
+            self.processes.to_string(),
+            "-p".into(),
+            self.process.to_string(),
+        ];
+        if let Some(hostfile) = &self.hostfile {
+            args.extend(["-h".into(), hostfile.clone()]);
+        }
+        timely::Config::from_args(args.into_iter()).map_err(|e| anyhow::anyhow!("timely cluster options: {e}"))
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        self.clickhouse_config().validate()?;
+        if self.workers == 0 {
+            bail!("--workers must be at least 1");
+        }
+        if self.epoch_ms == 0 {
+            bail!("--epoch-ms must be at least 1");
+        }
+        if self.processes > 1 && self.hostfile.is_none() {
+            bail!("--processes > 1 needs --hostfile");
+        }
+        if !videocount_clickhouse::config::valid_identifier(&self.job_name) {
+            bail!("--job-name must be 1-64 characters of [A-Za-z0-9_]");
+        }
+        Ok(())
+    }
+}
+
+/// The number of partitions of `topic`, or a clear error if it does not exist.
+fn topic_partitions(brokers: &str, topic: &str) -> anyhow::Result<u32> {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .with_context(|| format!("cannot reach Kafka at {brokers}"))?;
+    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        bail!("topic {topic:?} not found on {brokers}");
+    };
+    if found.error().is_some() || found.partitions().is_empty() {
+        bail!("topic {topic:?} does not exist on {brokers} (create it: make topic TOPIC={topic} PARTITIONS=n)");
+    }
+    Ok(found.partitions().len() as u32)
+}
+
+async fn ensure_topic(brokers: &str, topic: &str, partitions: u32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
+    let results = admin.create_topics([&new], &AdminOptions::new()).await?;
+    for result in results {
+        match result {
+            Ok(_) => info!(topic, "created dead-letter topic"),
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => warn!(topic = name, %code, "could not create dead-letter topic"),
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to start when the schema is missing: a clear message instead of failed inserts.
+async fn check_schema(clickhouse: &ClickHouse) -> anyhow::Result<()> {
+    let missing = videocount_clickhouse::schema::missing_tables(clickhouse).await?;
+    if !missing.is_empty() {
+        bail!(
+            "database {} lacks tables {missing:?}: apply the schema first (make schema CLICKHOUSE_DATABASE={})",
+            clickhouse.database(),
+            clickhouse.database()
+        );
+    }
+    Ok(())
+}
+
+fn now_secs() -> u32 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0)
+}
+
+fn dead_letter_json(row: &DeadLetterRow) -> String {
+    serde_json::json!({
+        "job": row.job, "topic": row.topic, "partition": row.partition, "offset": row.offset,
+        "reason": row.reason, "detail": row.detail, "payload": row.payload, "message_ts": row.message_ts,
+    })
+    .to_string()
+}
+
+/// Runs `view_counts` until it is caught up (with `--until-caught-up`) or stopped by a signal.
+pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
+    args.validate()?;
+    let timely_config = args.timely_config()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let clickhouse = ClickHouse::new(args.clickhouse_config());
+
+    let partitions = topic_partitions(&args.brokers, &args.topic)?;
+    let dlq_topic = args.dlq_topic.clone().unwrap_or_else(|| format!("{}-dlq", args.topic));
+    let state = runtime.block_on(async {
+        clickhouse.ping().await.with_context(|| format!("cannot reach ClickHouse at {}", args.clickhouse_url))?;
+        check_schema(&clickhouse).await?;
+        ensure_topic(&args.brokers, &dlq_topic, 1).await?;
+        checkpoints::load(&clickhouse, &args.job_name, &args.topic)
+            .await
+            .with_context(|| format!("cannot read the checkpoint (is the schema applied to {}? make schema)", args.database))
+    })?;
+    let peers = (args.workers * args.processes) as u32;
+    if let Some(before) = state.pending_peers.filter(|_| !state.pending.is_empty()) {
+        if before != peers {
+            bail!(
+                "epochs {:?} were interrupted while the job ran with {before} workers in all; restart with \
+                 {before} workers in all to finish them (they must be re-run as they were), then change the count",
+                state.pending.keys().collect::<Vec<_>>()
+            );
+        }
+    }
+    info!(
+        topic = %args.topic, partitions, database = %args.database, workers = peers,
+        last_committed = ?state.last_committed, pending_epochs = state.pending.len(),
+        "view_counts starting"
+    );
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&shutdown))?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&shutdown))?;
+
+    let writer = Writer::start(runtime.handle(), clickhouse.clone(), args.writer_tasks, args.queue_capacity);
+    let dlq: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "20")
+        .create()
+        .context("creating the dead-letter producer")?;
+    let dlq = Arc::new(dlq);
+    let progress = Arc::new(SourceProgress::default());
+    let state = Arc::new(state);
+    let args = Arc::new(args);
+
+    let guards = {
+        let (writer, dlq, progress, shutdown) = (writer.clone(), Arc::clone(&dlq), Arc::clone(&progress), Arc::clone(&shutdown));
+        timely::execute(timely_config, move |worker| -> Result<(), String> {
+            let probe = ProbeHandle::new();
+            let job = args.job_name.clone();
+            let topic = args.topic.clone();
+            let source_config = SourceConfig {
+                job: job.clone(),
+                topic: topic.clone(),
+                brokers: args.brokers.clone(),
+                kafka_options: args.kafka_options.clone(),
+                partitions,
+                epoch_interval: Duration::from_millis(args.epoch_ms),
+                limits: TimeLimits { max_age_ms: args.max_age_secs * 1000, max_ahead_ms: args.max_ahead_secs * 1000 },
+                until_caught_up: args.until_caught_up,
+                max_epochs_in_flight: args.max_epochs_in_flight,
+                state: Arc::clone(&state),
+                shutdown: Arc::clone(&shutdown),
+                progress: Arc::clone(&progress),
+            };
+            let events_raw = !args.no_events_raw;
+            let (writer, dlq, dlq_topic) = (writer.clone(), Arc::clone(&dlq), dlq_topic.clone());
+            worker.dataflow::<u64, _, _>(|scope| -> Result<(), String> {
+                let items = kafka_source(scope, source_config, probe.clone()).map_err(|e| e.to_string())?;
+                let (events, other): (Stream<'_, u64, Vec<(Event, u32, u64)>>, Stream<'_, u64, Vec<Result<DeadLetterRow, Range>>>) = items.ok_err(|item| match item {
+                    SourceItem::Event(event, partition, offset) => Ok((event, partition, offset)),
+                    SourceItem::DeadLetter(row) => Err(Ok(row)),
+                    SourceItem::Range(range) => Err(Err(range)),
+                });
+                let (dead, ranges): (Stream<'_, u64, Vec<DeadLetterRow>>, Stream<'_, u64, Vec<Range>>) = other.ok_err(|item| item);
+
+                let (plan_job, plan_topic) = (job.clone(), topic.clone());
+                let planned = ranges.flush_epochs::<Vec<Range>, _, _>(
+                    empty(scope),
+                    Exchange::new(|_: &Range| 0),
+                    "WritePlan",
+                    writer.clone(),
+                    move |epoch, mut ranges| {
+                        if ranges.is_empty() {
+                            return Vec::new();
+                        }
+                        vec![plan_block(&plan_job, &plan_topic, epoch, peers, &mut ranges)]
+                    },
+                );
+                let counted = events.clone().flush_epochs::<EventCounts, _, _>(
+                    planned.clone(),
+                    Exchange::new(|(event, _, _): &(Event, u32, u64)| route(&event.video_id)),
+                    "WriteCounts",
+                    writer.clone(),
+                    |epoch, counts| counts.into_inserts(epoch),
+                );
+                let dead_written = dead.flush_epochs::<Vec<DeadLetterRow>, _, _>(
+                    planned.clone(),
+                    Pipeline,
+                    "WriteDeadLetters",
+                    writer.clone(),
+                    move |_epoch, mut rows| {
+                        if rows.is_empty() {
+                            return Vec::new();
+                        }
+                        for row in &rows {
+                            let payload = dead_letter_json(row);
+                            let key = format!("{}:{}", row.partition, row.offset);
+                            if let Err((e, _)) = dlq.send(BaseRecord::to(&dlq_topic).key(&key).payload(&payload)) {
+                                warn!(error = %e, "dead letter not sent to the DLQ topic (it is in the dead_letters table)");
+                            }
+                        }
+                        vec![dead_letters_block(&mut rows)]
+                    },
+                );
+                let mut written = vec![planned.clone(), counted, dead_written];
+                if events_raw {
+                    written.push(events.flush_epochs::<Vec<(Event, u32, u64)>, _, _>(
+                        planned,
+                        Pipeline,
+                        "WriteRaw",
+                        writer.clone(),
+                        |_epoch, rows| {
+                            if rows.is_empty() {
+                                return Vec::new();
+                            }
+                            let mut rows: Vec<RawRow> = rows
+                                .into_iter()
+                                .map(|(e, partition, offset)| RawRow {
+                                    video_id: e.video_id,
+                                    event_type: e.event_type,
+                                    ts_ms: e.ts_ms,
+                                    partition,
+                                    offset,
+                                })
+                                .collect();
+                            vec![raw_block(&mut rows)]
+                        },
+                    ));
+                }
+                scope
+                    .concatenate(written)
+                    .flush_epochs::<Vec<()>, _, _>(
+                        empty(scope),
+                        Exchange::new(|_: &()| 0),
+                        "Commit",
+                        writer.clone(),
+                        move |epoch, _| vec![commit_block(&job, &topic, epoch, now_secs())],
+                    )
+                    .probe_with(&probe);
+                Ok(())
+            })?;
+
+            let started = Instant::now();
+            let mut last_log = Instant::now();
+            let mut last_messages = 0;
+            while !probe.done() {
+                worker.step_or_park(Some(Duration::from_millis(50)));
+                if let Some(error) = writer.fatal_error() {
+                    return Err(error);
+                }
+                if worker.index() == 0 && last_log.elapsed() >= Duration::from_secs(5) {
+                    let messages = progress.messages.load(Ordering::Relaxed);
+                    let rate = (messages - last_messages) as f64 / last_log.elapsed().as_secs_f64();
+                    last_messages = messages;
+                    last_log = Instant::now();
+                    let stats = writer.stats();
+                    info!(
+                        committed_below = ?probe.with_frontier(|f| f.first().copied()),
+                        messages,
+                        events_per_sec = rate as u64,
+                        dead_letters = progress.dead_letters.load(Ordering::Relaxed),
+                        rows_written = stats.rows_written.load(Ordering::Relaxed),
+                        insert_retries = stats.retries.load(Ordering::Relaxed),
+                        queue = writer.queued(),
+                        lag = progress.lag.load(Ordering::Relaxed),
+                        "progress"
+                    );
+                }
+            }
+            if worker.index() == 0 {
+                let messages = progress.messages.load(Ordering::Relaxed);
+                info!(
+                    messages,
+                    seconds = started.elapsed().as_secs_f64(),
+                    rows_written = writer.stats().rows_written.load(Ordering::Relaxed),
+                    "all epochs committed"
+                );
+            }
+            Ok(())
+        })
+        .map_err(|e| anyhow::anyhow!("starting timely: {e}"))?
+    };
+    let mut failure = None;
+    for result in guards.join() {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = Some(e),
+            Err(e) => failure = Some(e),
+        }
+    }
+    dlq.flush(Duration::from_secs(10)).ok();
+    if let Some(e) = failure {
+        bail!("{e}");
+    }
+    Ok(())
+}

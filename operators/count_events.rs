@@ -1,0 +1,95 @@
+//! Counting events of one epoch per (video_id, event_type, minute), with hour and day rollups.
+
+use std::collections::HashMap;
+
+use videocount_clickhouse::rows::{CountRow, Grain, Insert, counts_block};
+use videocount_events::Event;
+
+use crate::flush_epochs::EpochState;
+
+/// Counts of one epoch on one worker, keyed by minute; hours and days are derived at flush.
+#[derive(Debug, Default)]
+pub struct EventCounts {
+    minutes: HashMap<(String, String, u32), u64>,
+}
+
+impl EventCounts {
+    pub fn add(&mut self, event: &Event) {
+        let key = (event.video_id.clone(), event.event_type.clone(), Grain::Minute.bucket(event.ts_ms));
+        *self.minutes.entry(key).or_insert(0) += 1;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.minutes.is_empty()
+    }
+
+    /// The rows of each grain, unsorted.
+    pub fn rows(self) -> [(Grain, Vec<CountRow>); 3] {
+        let mut hours: HashMap<(String, String, u32), u64> = HashMap::new();
+        let mut days: HashMap<(String, String, u32), u64> = HashMap::new();
+        for ((video, kind, minute), n) in &self.minutes {
+            let ts_ms = u64::from(*minute) * 1000;
+            *hours.entry((video.clone(), kind.clone(), Grain::Hour.bucket(ts_ms))).or_insert(0) += n;
+            *days.entry((video.clone(), kind.clone(), Grain::Day.bucket(ts_ms))).or_insert(0) += n;
+        }
+        [
+            (Grain::Minute, self.minutes.into_iter().collect()),
+            (Grain::Hour, hours.into_iter().collect()),
+            (Grain::Day, days.into_iter().collect()),
+        ]
+    }
+
+    /// One block per grain for `epoch`; nothing when the epoch counted nothing.
+    pub fn into_inserts(self, epoch: u64) -> Vec<Insert> {
+        if self.is_empty() {
+            return Vec::new();
+        }
+        self.rows().into_iter().map(|(grain, mut rows)| counts_block(grain, epoch, &mut rows)).collect()
+    }
+}
+
+impl EpochState<(Event, u32, u64)> for EventCounts {
+    fn absorb(&mut self, (event, _, _): (Event, u32, u64)) {
+        self.add(&event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(video: &str, kind: &str, ts_ms: u64) -> Event {
+        Event { video_id: video.into(), event_type: kind.into(), ts_ms }
+    }
+
+    #[test]
+    fn rolls_minutes_up_to_hours_and_days() {
+        let mut counts = EventCounts::default();
+        let day = 1_795_737_600_000; // 2026-11-27T00:00:00Z
+        counts.add(&event("a", "view", day));
+        counts.add(&event("a", "view", day + 59_999));
+        counts.add(&event("a", "view", day + 60_000));
+        counts.add(&event("a", "view", day + 3_600_000));
+        counts.add(&event("a", "like", day + 1));
+        counts.add(&event("a", "view", day - 1));
+        let [(_, mut minutes), (_, mut hours), (_, mut days)] = counts.rows();
+        minutes.sort();
+        hours.sort();
+        days.sort();
+        let key = |k: &str, b: u64| ("a".to_string(), k.to_string(), b as u32);
+        let s = day / 1000;
+        assert_eq!(
+            minutes,
+            vec![
+                (key("like", s), 1),
+                (key("view", s - 60), 1),
+                (key("view", s), 2),
+                (key("view", s + 60), 1),
+                (key("view", s + 3600), 1)
+            ]
+        );
+        assert_eq!(hours, vec![(key("like", s), 1), (key("view", s - 3600), 1), (key("view", s), 3), (key("view", s + 3600), 1)]);
+        let d = s / 86_400;
+        assert_eq!(days, vec![(key("like", d), 1), (key("view", d - 1), 1), (key("view", d), 4)]);
+    }
+}

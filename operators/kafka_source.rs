@@ -1,0 +1,333 @@
+//! `kafka_source`: the partitions a worker owns, read epoch by epoch.
+//!
+//! Worker `i` of `n` owns partition `p` when `p % n == i` (manual assignment: no consumer
+//! group rebalancing can move a partition while an epoch is open). Each message becomes a
+//! [`SourceItem::Event`] or a [`SourceItem::DeadLetter`] at the current epoch. Every
+//! `epoch_interval` the source emits one [`SourceItem::Range`] per partition that moved, the
+//! offsets the epoch covers, and advances its capability to the next epoch.
+//!
+//! On start it first re-runs the pending epochs of the checkpoint (planned, not committed):
+//! each message whose offset falls in a recorded range goes to that range's epoch, so the
+//! re-run epoch holds exactly the messages it held before the crash. Live epochs continue
+//! after the last recorded offset, numbered after every epoch ever planned.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::generic::source;
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::{Scope, Stream};
+use tracing::{info, warn};
+use videocount_clickhouse::checkpoints::{JobState, Range};
+use videocount_clickhouse::rows::{DeadLetterRow, stored_payload};
+use videocount_events::{Event, TimeLimits, parse_event};
+
+/// What the source emits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceItem {
+    /// A valid event, with the partition and offset it was read from.
+    Event(Event, u32, u64),
+    /// A message that is not a valid event.
+    DeadLetter(DeadLetterRow),
+    /// The offsets this epoch covers in one partition.
+    Range(Range),
+}
+
+/// Shared counters for progress logs and metrics.
+#[derive(Debug, Default)]
+pub struct SourceProgress {
+    pub messages: AtomicU64,
+    pub dead_letters: AtomicU64,
+    /// Messages between the consumed position and the high watermark, summed over partitions.
+    pub lag: AtomicU64,
+}
+
+/// Settings of the source.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Job name: in dead letters and the consumer's client id.
+    pub job: String,
+    pub topic: String,
+    pub brokers: String,
+    /// Raw librdkafka options, applied before the ones the job depends on.
+    pub kafka_options: Vec<(String, String)>,
+    /// Number of partitions of `topic`.
+    pub partitions: u32,
+    pub epoch_interval: Duration,
+    pub limits: TimeLimits,
+    /// Stop at the high watermarks seen at start.
+    pub until_caught_up: bool,
+    /// Stop reading while this many epochs are open (not yet committed).
+    pub max_epochs_in_flight: u64,
+    pub state: Arc<JobState>,
+    /// Set by SIGINT/SIGTERM: close the current epoch and stop.
+    pub shutdown: Arc<AtomicBool>,
+    pub progress: Arc<SourceProgress>,
+}
+
+/// A source that cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("Kafka consumer for {topic}: {source}")]
+    Kafka { topic: String, source: rdkafka::error::KafkaError },
+}
+
+/// The consumer configuration: the user's options first, then what the job relies on.
+pub fn consumer_config(config: &SourceConfig, worker: usize) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    for (key, value) in &config.kafka_options {
+        client.set(key, value);
+    }
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("client.id", format!("videocount-{}-{worker}", config.job))
+        // Only for monitoring tools; partitions are assigned by hand, never by the group.
+        .set("group.id", format!("videocount-{}", config.job))
+        // Offsets are the job's state, recorded in ClickHouse with its output.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // Every partition is assigned at an explicit offset; this only matters if one is not.
+        .set("auto.offset.reset", "earliest")
+        // Room for one second of a fast topic without stalling the fetcher.
+        .set("queued.max.messages.kbytes", "262144")
+        .set("fetch.wait.max.ms", "50");
+    client
+}
+
+struct PartitionState {
+    /// Offset of the next message to read (last read + 1).
+    next: u64,
+    /// First offset of the current live epoch.
+    epoch_start: u64,
+    /// Pending ranges still to re-run, oldest first.
+    pending: VecDeque<(u64, Range)>,
+    /// High watermark at start (for `until_caught_up`).
+    target: u64,
+}
+
+/// Builds the source for this worker. See the module documentation.
+pub fn kafka_source<'scope>(
+    scope: Scope<'scope, u64>,
+    config: SourceConfig,
+    probe: ProbeHandle<u64>,
+) -> Result<Stream<'scope, u64, Vec<SourceItem>>, SourceError> {
+    let worker = scope.index();
+    let peers = scope.peers();
+    let kafka_err = |source| SourceError::Kafka { topic: config.topic.clone(), source };
+    let consumer: BaseConsumer = consumer_config(&config, worker).create().map_err(kafka_err)?;
+
+    let owned: Vec<u32> = (0..config.partitions).filter(|p| *p as usize % peers == worker).collect();
+    let mut partitions: BTreeMap<u32, PartitionState> = BTreeMap::new();
+    let mut assignment = TopicPartitionList::new();
+    let mut pending_epochs: BTreeMap<u64, usize> = BTreeMap::new();
+    for &p in &owned {
+        let (low, high) = consumer
+            .fetch_watermarks(&config.topic, p as i32, Duration::from_secs(30))
+            .map_err(kafka_err)?;
+        let (low, high) = (low.max(0) as u64, high.max(0) as u64);
+        let pending: VecDeque<(u64, Range)> = config
+            .state
+            .pending
+            .iter()
+            .flat_map(|(epoch, ranges)| ranges.iter().filter(|r| r.partition == p).map(|r| (*epoch, *r)))
+            .filter(|(_, r)| r.end > r.start)
+            .collect();
+        for (epoch, _) in &pending {
+            *pending_epochs.entry(*epoch).or_insert(0) += 1;
+        }
+        let resume = config.state.resume.get(&p).copied();
+        let mut start = pending.front().map(|(_, r)| r.start).or(resume).unwrap_or(low);
+        if start < low {
+            warn!(partition = p, from = start, to = low, "messages were deleted by retention before they were counted");
+            start = low;
+        }
+        let epoch_start = pending.back().map(|(_, r)| r.end).unwrap_or(start);
+        assignment.add_partition_offset(&config.topic, p as i32, Offset::Offset(start as i64)).map_err(kafka_err)?;
+        partitions.insert(p, PartitionState { next: start, epoch_start, pending, target: high });
+    }
+    consumer.assign(&assignment).map_err(kafka_err)?;
+    info!(
+        worker,
+        partitions = ?owned,
+        pending_epochs = pending_epochs.len(),
+        first_live_epoch = config.state.next_epoch,
+        "source assigned"
+    );
+
+    Ok(source::<_, CapacityContainerBuilder<Vec<SourceItem>>, _, _>(scope, "KafkaSource", move |initial, info| {
+        let activator = scope.activator_for(info.address);
+        let mut live: Option<Capability<u64>> = Some(initial.delayed(&config.state.next_epoch));
+        let mut pending_caps: BTreeMap<u64, Capability<u64>> =
+            pending_epochs.keys().map(|e| (*e, initial.delayed(e))).collect();
+        drop(initial);
+        let mut last_close = Instant::now();
+        let mut last_position_check = Instant::now();
+        let mut last_lag_check = Instant::now() - Duration::from_secs(60);
+        let mut live_items: Vec<SourceItem> = Vec::new();
+        let mut pending_items: HashMap<u64, Vec<SourceItem>> = HashMap::new();
+        let mut stopping = false;
+
+        move |output| {
+            let Some(live_epoch) = live.as_ref().map(|c| *c.time()) else { return };
+            let replaying = !pending_caps.is_empty();
+            if config.shutdown.load(Ordering::Relaxed) && !stopping {
+                info!(worker, epoch = live_epoch, "shutdown requested: closing the current epoch");
+                stopping = true;
+            }
+            // Back-pressure: wait while too many epochs are not yet committed.
+            let saturated = probe.less_than(&live_epoch.saturating_sub(config.max_epochs_in_flight));
+
+            if replaying || (!stopping && !saturated) {
+                let started = Instant::now();
+                let mut polled = 0;
+                while polled < 20_000 && started.elapsed() < Duration::from_millis(5) {
+                    let Some(result) = consumer.poll(Duration::ZERO) else { break };
+                    polled += 1;
+                    let message = match result {
+                        Ok(message) => message,
+                        Err(e) => {
+                            warn!(worker, error = %e, "Kafka consumer error");
+                            break;
+                        }
+                    };
+                    let p = message.partition() as u32;
+                    let offset = message.offset().max(0) as u64;
+                    let Some(state) = partitions.get_mut(&p) else { continue };
+                    if offset < state.next {
+                        continue; // already read (a fetch may repeat after a reconnect)
+                    }
+                    state.next = offset + 1;
+                    let epoch = loop {
+                        match state.pending.front() {
+                            Some((_, range)) if offset >= range.end => {
+                                pop_pending(&mut state.pending, &mut pending_epochs, &mut pending_caps);
+                            }
+                            Some((epoch, _)) => break Some(*epoch),
+                            None => break None,
+                        }
+                    };
+                    if epoch.is_none() && (stopping || saturated) {
+                        // Live data while stopping or saturated: read it again later.
+                        state.next = offset;
+                        let mut seek = TopicPartitionList::new();
+                        let _ = seek.add_partition_offset(&config.topic, p as i32, Offset::Offset(offset as i64));
+                        let _ = consumer.seek_partitions(seek, Duration::from_secs(10));
+                        break;
+                    }
+                    let message_ts = message.timestamp().to_millis();
+                    let item = match parse_event(message.payload(), message_ts, config.limits) {
+                        Ok(event) => SourceItem::Event(event, p, offset),
+                        Err(rejection) => {
+                            config.progress.dead_letters.fetch_add(1, Ordering::Relaxed);
+                            SourceItem::DeadLetter(DeadLetterRow {
+                                job: config.job.clone(),
+                                topic: config.topic.clone(),
+                                partition: p,
+                                offset,
+                                reason: rejection.reason.as_str().to_owned(),
+                                detail: rejection.detail,
+                                payload: stored_payload(message.payload()),
+                                message_ts: message_ts.unwrap_or(0).max(0) as u64,
+                            })
+                        }
+                    };
+                    match epoch {
+                        Some(epoch) => {
+                            pending_items.entry(epoch).or_default().push(item);
+                            if let Some((_, range)) = state.pending.front() {
+                                if state.next >= range.end {
+                                    pop_pending(&mut state.pending, &mut pending_epochs, &mut pending_caps);
+                                }
+                            }
+                        }
+                        None => live_items.push(item),
+                    }
+                }
+                config.progress.messages.fetch_add(polled as u64, Ordering::Relaxed);
+
+                // Control records (transactions) take offsets that never arrive as messages:
+                // the consumer's position says when a range or the target is passed.
+                if polled == 0 && last_position_check.elapsed() > Duration::from_millis(200) {
+                    last_position_check = Instant::now();
+                    if let Ok(positions) = consumer.position() {
+                        for element in positions.elements() {
+                            let Offset::Offset(position) = element.offset() else { continue };
+                            let Some(state) = partitions.get_mut(&(element.partition() as u32)) else { continue };
+                            state.next = state.next.max(position.max(0) as u64);
+                            while state.pending.front().is_some_and(|(_, r)| state.next >= r.end) {
+                                pop_pending(&mut state.pending, &mut pending_epochs, &mut pending_caps);
+                            }
+                        }
+                    }
+                }
+            }
+
+            // Send what was read, each item under its epoch's capability.
+            for (epoch, items) in pending_items.drain() {
+                let capability = pending_caps.get(&epoch).or(live.as_ref()).expect("a capability at or before the epoch");
+                let capability = capability.delayed(&epoch);
+                output.session(&capability).give_iterator(items.into_iter());
+            }
+            pending_caps.retain(|epoch, _| pending_epochs.get(epoch).is_some_and(|n| *n > 0));
+            if !live_items.is_empty() {
+                let capability = live.as_ref().expect("live capability");
+                output.session(capability).give_iterator(live_items.drain(..));
+            }
+
+            if last_lag_check.elapsed() > Duration::from_secs(5) {
+                last_lag_check = Instant::now();
+                let mut lag = 0;
+                for (p, state) in &partitions {
+                    if let Ok((_, high)) = consumer.fetch_watermarks(&config.topic, *p as i32, Duration::from_millis(500)) {
+                        lag += (high.max(0) as u64).saturating_sub(state.next);
+                    }
+                }
+                config.progress.lag.store(lag, Ordering::Relaxed);
+            }
+
+            let caught_up = config.until_caught_up
+                && partitions.values().all(|s| s.next >= s.target && s.pending.is_empty());
+            let finishing = pending_caps.is_empty() && (caught_up || stopping);
+            if finishing || (!saturated && last_close.elapsed() >= config.epoch_interval) {
+                last_close = Instant::now();
+                let capability = live.as_mut().expect("live capability");
+                let epoch = *capability.time();
+                let mut session = output.session(capability);
+                for (p, state) in partitions.iter_mut() {
+                    if state.next > state.epoch_start && state.pending.is_empty() {
+                        session.give(SourceItem::Range(Range { partition: *p, start: state.epoch_start, end: state.next }));
+                        state.epoch_start = state.next;
+                    }
+                }
+                drop(session);
+                if finishing {
+                    info!(worker, last_epoch = epoch, "source finished");
+                    live = None;
+                    return;
+                }
+                capability.downgrade(&(epoch + 1));
+            }
+            activator.activate_after(if saturated && !replaying { Duration::from_millis(10) } else if replaying { Duration::ZERO } else { Duration::from_millis(1) });
+        }
+    }))
+}
+
+fn pop_pending(
+    pending: &mut VecDeque<(u64, Range)>,
+    counts: &mut BTreeMap<u64, usize>,
+    _caps: &mut BTreeMap<u64, Capability<u64>>,
+) {
+    if let Some((epoch, _)) = pending.pop_front() {
+        if let Some(n) = counts.get_mut(&epoch) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
