@@ -102,7 +102,10 @@ pub fn consumer_config(config: &SourceConfig, worker: usize) -> ClientConfig {
     client
 }
 
-struct PartitionState {
+/// Offset bookkeeping of one partition: which epoch each message belongs to.
+#[derive(Debug)]
+pub struct PartitionCursor {
+    partition: u32,
     /// Offset of the next message to read (last read + 1).
     next: u64,
     /// First offset of the current live epoch.
@@ -111,6 +114,78 @@ struct PartitionState {
     pending: VecDeque<(u64, Range)>,
     /// High watermark at start (for `until_caught_up`).
     target: u64,
+}
+
+/// Where a message goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Already read before (a fetch repeated after a reconnect): drop it.
+    Repeat,
+    /// Part of a pending epoch being re-run.
+    Pending(u64),
+    /// Part of the current live epoch.
+    Live,
+}
+
+impl PartitionCursor {
+    /// A cursor starting at `start`, re-running `pending` (ranges of this partition, in
+    /// epoch order, contiguous from `start`) before live epochs.
+    pub fn new(partition: u32, start: u64, pending: VecDeque<(u64, Range)>, target: u64) -> Self {
+        let epoch_start = pending.back().map_or(start, |(_, r)| r.end);
+        PartitionCursor { partition, next: start, epoch_start, pending, target }
+    }
+
+    /// Places the message at `offset`; `finished` receives each pending epoch whose range in
+    /// this partition is now complete.
+    pub fn place(&mut self, offset: u64, finished: &mut Vec<u64>) -> Placement {
+        if offset < self.next {
+            return Placement::Repeat;
+        }
+        self.next = offset + 1;
+        while self.pending.front().is_some_and(|(_, r)| offset >= r.end) {
+            finished.push(self.pending.pop_front().expect("front exists").0);
+        }
+        let Some(&(epoch, range)) = self.pending.front() else { return Placement::Live };
+        if self.next >= range.end {
+            finished.push(self.pending.pop_front().expect("front exists").0);
+        }
+        Placement::Pending(epoch)
+    }
+
+    /// Undoes the last `place` of a live message at `offset` (it will be read again).
+    pub fn unread(&mut self, offset: u64) {
+        self.next = offset;
+    }
+
+    /// The consumer's position passed `position` (control records take offsets too).
+    pub fn advance_to(&mut self, position: u64, finished: &mut Vec<u64>) {
+        self.next = self.next.max(position);
+        while self.pending.front().is_some_and(|(_, r)| self.next >= r.end) {
+            finished.push(self.pending.pop_front().expect("front exists").0);
+        }
+    }
+
+    /// Closes the live epoch: the range it covers in this partition, if any.
+    pub fn close_epoch(&mut self) -> Option<Range> {
+        if !self.pending.is_empty() || self.next <= self.epoch_start {
+            return None;
+        }
+        let range = Range { partition: self.partition, start: self.epoch_start, end: self.next };
+        self.epoch_start = self.next;
+        Some(range)
+    }
+
+    pub fn replaying(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    pub fn caught_up(&self) -> bool {
+        self.pending.is_empty() && self.next >= self.target
+    }
+
+    pub fn next(&self) -> u64 {
+        self.next
+    }
 }
 
 /// Builds the source for this worker. See the module documentation.
@@ -125,7 +200,7 @@ pub fn kafka_source<'scope>(
     let consumer: BaseConsumer = consumer_config(&config, worker).create().map_err(kafka_err)?;
 
     let owned: Vec<u32> = (0..config.partitions).filter(|p| *p as usize % peers == worker).collect();
-    let mut partitions: BTreeMap<u32, PartitionState> = BTreeMap::new();
+    let mut partitions: BTreeMap<u32, PartitionCursor> = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
     let mut pending_epochs: BTreeMap<u64, usize> = BTreeMap::new();
     for &p in &owned {
@@ -149,9 +224,8 @@ pub fn kafka_source<'scope>(
             warn!(partition = p, from = start, to = low, "messages were deleted by retention before they were counted");
             start = low;
         }
-        let epoch_start = pending.back().map(|(_, r)| r.end).unwrap_or(start);
         assignment.add_partition_offset(&config.topic, p as i32, Offset::Offset(start as i64)).map_err(kafka_err)?;
-        partitions.insert(p, PartitionState { next: start, epoch_start, pending, target: high });
+        partitions.insert(p, PartitionCursor::new(p, start, pending, high));
     }
     consumer.assign(&assignment).map_err(kafka_err)?;
     info!(
@@ -178,6 +252,7 @@ pub fn kafka_source<'scope>(
         move |output| {
             let Some(live_epoch) = live.as_ref().map(|c| *c.time()) else { return };
             let replaying = !pending_caps.is_empty();
+            let mut finished = Vec::new();
             if config.shutdown.load(Ordering::Relaxed) && !stopping {
                 info!(worker, epoch = live_epoch, "shutdown requested: closing the current epoch");
                 stopping = true;
@@ -200,23 +275,14 @@ pub fn kafka_source<'scope>(
                     };
                     let p = message.partition() as u32;
                     let offset = message.offset().max(0) as u64;
-                    let Some(state) = partitions.get_mut(&p) else { continue };
-                    if offset < state.next {
-                        continue; // already read (a fetch may repeat after a reconnect)
+                    let Some(cursor) = partitions.get_mut(&p) else { continue };
+                    let placement = cursor.place(offset, &mut finished);
+                    if placement == Placement::Repeat {
+                        continue;
                     }
-                    state.next = offset + 1;
-                    let epoch = loop {
-                        match state.pending.front() {
-                            Some((_, range)) if offset >= range.end => {
-                                pop_pending(&mut state.pending, &mut pending_epochs, &mut pending_caps);
-                            }
-                            Some((epoch, _)) => break Some(*epoch),
-                            None => break None,
-                        }
-                    };
-                    if epoch.is_none() && (stopping || saturated) {
+                    if placement == Placement::Live && (stopping || saturated) {
                         // Live data while stopping or saturated: read it again later.
-                        state.next = offset;
+                        cursor.unread(offset);
                         let mut seek = TopicPartitionList::new();
                         let _ = seek.add_partition_offset(&config.topic, p as i32, Offset::Offset(offset as i64));
                         let _ = consumer.seek_partitions(seek, Duration::from_secs(10));
@@ -239,16 +305,9 @@ pub fn kafka_source<'scope>(
                             })
                         }
                     };
-                    match epoch {
-                        Some(epoch) => {
-                            pending_items.entry(epoch).or_default().push(item);
-                            if let Some((_, range)) = state.pending.front() {
-                                if state.next >= range.end {
-                                    pop_pending(&mut state.pending, &mut pending_epochs, &mut pending_caps);
-                                }
-                            }
-                        }
-                        None => live_items.push(item),
+                    match placement {
+                        Placement::Pending(epoch) => pending_items.entry(epoch).or_default().push(item),
+                        _ => live_items.push(item),
                     }
                 }
                 config.progress.messages.fetch_add(polled as u64, Ordering::Relaxed);
@@ -260,13 +319,15 @@ pub fn kafka_source<'scope>(
                     if let Ok(positions) = consumer.position() {
                         for element in positions.elements() {
                             let Offset::Offset(position) = element.offset() else { continue };
-                            let Some(state) = partitions.get_mut(&(element.partition() as u32)) else { continue };
-                            state.next = state.next.max(position.max(0) as u64);
-                            while state.pending.front().is_some_and(|(_, r)| state.next >= r.end) {
-                                pop_pending(&mut state.pending, &mut pending_epochs, &mut pending_caps);
-                            }
+                            let Some(cursor) = partitions.get_mut(&(element.partition() as u32)) else { continue };
+                            cursor.advance_to(position.max(0) as u64, &mut finished);
                         }
                     }
+                }
+            }
+            for epoch in finished.drain(..) {
+                if let Some(n) = pending_epochs.get_mut(&epoch) {
+                    *n = n.saturating_sub(1);
                 }
             }
 
@@ -285,28 +346,23 @@ pub fn kafka_source<'scope>(
             if last_lag_check.elapsed() > Duration::from_secs(5) {
                 last_lag_check = Instant::now();
                 let mut lag = 0;
-                for (p, state) in &partitions {
+                for (p, cursor) in &partitions {
                     if let Ok((_, high)) = consumer.fetch_watermarks(&config.topic, *p as i32, Duration::from_millis(500)) {
-                        lag += (high.max(0) as u64).saturating_sub(state.next);
+                        lag += (high.max(0) as u64).saturating_sub(cursor.next());
                     }
                 }
                 config.progress.lag.store(lag, Ordering::Relaxed);
             }
 
             let caught_up = config.until_caught_up
-                && partitions.values().all(|s| s.next >= s.target && s.pending.is_empty());
+                && partitions.values().all(PartitionCursor::caught_up);
             let finishing = pending_caps.is_empty() && (caught_up || stopping);
             if finishing || (!saturated && last_close.elapsed() >= config.epoch_interval) {
                 last_close = Instant::now();
                 let capability = live.as_mut().expect("live capability");
                 let epoch = *capability.time();
                 let mut session = output.session(capability);
-                for (p, state) in partitions.iter_mut() {
-                    if state.next > state.epoch_start && state.pending.is_empty() {
-                        session.give(SourceItem::Range(Range { partition: *p, start: state.epoch_start, end: state.next }));
-                        state.epoch_start = state.next;
-                    }
-                }
+                session.give_iterator(partitions.values_mut().filter_map(PartitionCursor::close_epoch).map(SourceItem::Range));
                 drop(session);
                 if finishing {
                     info!(worker, last_epoch = epoch, "source finished");
@@ -320,14 +376,62 @@ pub fn kafka_source<'scope>(
     }))
 }
 
-fn pop_pending(
-    pending: &mut VecDeque<(u64, Range)>,
-    counts: &mut BTreeMap<u64, usize>,
-    _caps: &mut BTreeMap<u64, Capability<u64>>,
-) {
-    if let Some((epoch, _)) = pending.pop_front() {
-        if let Some(n) = counts.get_mut(&epoch) {
-            *n = n.saturating_sub(1);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(partition: u32, start: u64, end: u64) -> Range {
+        Range { partition, start, end }
+    }
+
+    #[test]
+    fn live_epochs_cover_what_was_read() {
+        let mut cursor = PartitionCursor::new(3, 10, VecDeque::new(), 15);
+        let mut finished = Vec::new();
+        assert_eq!(cursor.close_epoch(), None, "an epoch that read nothing has no range");
+        for offset in 10..13 {
+            assert_eq!(cursor.place(offset, &mut finished), Placement::Live);
         }
+        assert_eq!(cursor.place(11, &mut finished), Placement::Repeat);
+        assert_eq!(cursor.close_epoch(), Some(range(3, 10, 13)));
+        assert!(!cursor.caught_up());
+        cursor.place(13, &mut finished);
+        cursor.place(14, &mut finished);
+        assert!(cursor.caught_up());
+        assert_eq!(cursor.close_epoch(), Some(range(3, 13, 15)));
+        assert!(finished.is_empty());
+    }
+
+    #[test]
+    fn pending_ranges_are_rerun_exactly_then_live_continues() {
+        let pending = VecDeque::from([(7, range(0, 100, 103)), (9, range(0, 103, 104))]);
+        let mut cursor = PartitionCursor::new(0, 100, pending, 0);
+        let mut finished = Vec::new();
+        assert!(cursor.replaying());
+        assert_eq!(cursor.place(100, &mut finished), Placement::Pending(7));
+        assert_eq!(cursor.place(101, &mut finished), Placement::Pending(7));
+        assert_eq!(cursor.close_epoch(), None, "no live range while replaying");
+        assert_eq!(cursor.place(102, &mut finished), Placement::Pending(7));
+        assert_eq!(finished, vec![7]);
+        assert_eq!(cursor.place(103, &mut finished), Placement::Pending(9));
+        assert_eq!(finished, vec![7, 9]);
+        assert!(!cursor.replaying());
+        assert_eq!(cursor.place(104, &mut finished), Placement::Live);
+        assert_eq!(cursor.close_epoch(), Some(range(0, 104, 105)));
+    }
+
+    #[test]
+    fn offsets_skipped_by_control_records_still_finish_ranges() {
+        let pending = VecDeque::from([(4, range(1, 0, 10)), (5, range(1, 10, 20))]);
+        let mut cursor = PartitionCursor::new(1, 0, pending, 20);
+        let mut finished = Vec::new();
+        assert_eq!(cursor.place(8, &mut finished), Placement::Pending(4));
+        // Offset 9 was a transaction marker: the next message is 11, in the next range.
+        assert_eq!(cursor.place(11, &mut finished), Placement::Pending(5));
+        assert_eq!(finished, vec![4]);
+        cursor.advance_to(20, &mut finished);
+        assert_eq!(finished, vec![4, 5]);
+        assert!(cursor.caught_up());
+        assert_eq!(cursor.close_epoch(), None);
     }
 }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{error, warn};
 
@@ -58,6 +59,17 @@ impl std::fmt::Debug for Writer {
     }
 }
 
+/// Where the writer tasks send inserts: ClickHouse, or a recorder in tests.
+pub trait InsertService: Clone + Send + Sync + 'static {
+    fn insert(&self, table: &str, body: Bytes) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+impl InsertService for ClickHouse {
+    fn insert(&self, table: &str, body: Bytes) -> impl Future<Output = Result<(), SinkError>> + Send {
+        self.insert_native(table, body)
+    }
+}
+
 /// The retry schedule: 50 ms doubling to 5 s, with jitter, without end.
 fn backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
@@ -69,7 +81,7 @@ fn backoff() -> ExponentialBuilder {
 
 impl Writer {
     /// Starts `tasks` writer tasks on `runtime` behind a queue of `capacity` batches.
-    pub fn start(runtime: &tokio::runtime::Handle, clickhouse: ClickHouse, tasks: usize, capacity: usize) -> Writer {
+    pub fn start<S: InsertService>(runtime: &tokio::runtime::Handle, service: S, tasks: usize, capacity: usize) -> Writer {
         let (tx, rx) = mpsc::channel::<Batch>(capacity.max(1));
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let writer = Writer {
@@ -80,14 +92,14 @@ impl Writer {
         };
         for _ in 0..tasks.max(1) {
             let rx = Arc::clone(&rx);
-            let clickhouse = clickhouse.clone();
+            let service = service.clone();
             let stats = Arc::clone(&writer.stats);
             let fatal = Arc::clone(&writer.fatal);
             runtime.spawn(async move {
                 loop {
                     let batch = { rx.lock().await.recv().await };
                     let Some(Batch { label, inserts, on_done }) = batch else { return };
-                    match write_batch(&clickhouse, &stats, &label, &inserts).await {
+                    match write_batch(&service, &stats, &label, &inserts).await {
                         Ok(()) => {
                             stats.batches_done.fetch_add(1, Ordering::Relaxed);
                             on_done();
@@ -130,14 +142,14 @@ impl Writer {
     }
 }
 
-async fn write_batch(
-    clickhouse: &ClickHouse,
+async fn write_batch<S: InsertService>(
+    service: &S,
     stats: &WriterStats,
     label: &str,
     inserts: &[Insert],
 ) -> Result<(), SinkError> {
     for insert in inserts {
-        (|| clickhouse.insert_native(&insert.table, insert.body.clone()))
+        (|| service.insert(&insert.table, insert.body.clone()))
             .retry(backoff())
             .when(SinkError::is_retryable)
             .notify(|e, delay| {
@@ -149,4 +161,81 @@ async fn write_batch(
         stats.rows_written.fetch_add(insert.rows as u64, Ordering::Relaxed);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Fails the first `failures` inserts with the given error, then records.
+    #[derive(Clone, Default)]
+    struct Flaky {
+        failures: Arc<AtomicUsize>,
+        retryable: bool,
+        written: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl InsertService for Flaky {
+        fn insert(&self, table: &str, _body: Bytes) -> impl Future<Output = Result<(), SinkError>> + Send {
+            let result = if self.failures.load(Ordering::SeqCst) > 0 {
+                self.failures.fetch_sub(1, Ordering::SeqCst);
+                Err(if self.retryable { SinkError::Unavailable("down".into()) } else { SinkError::Rejected("no such table".into()) })
+            } else {
+                self.written.lock().unwrap().push(table.to_owned());
+                Ok(())
+            };
+            async move { result }
+        }
+    }
+
+    fn batch(done: Arc<AtomicUsize>) -> Batch {
+        Batch {
+            label: "test".into(),
+            inserts: vec![Insert { table: "t".into(), body: Bytes::new(), rows: 3 }],
+            on_done: Box::new(move || {
+                done.fetch_add(1, Ordering::SeqCst);
+            }),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_unavailable_until_written() {
+        let service = Flaky { failures: Arc::new(AtomicUsize::new(5)), retryable: true, ..Flaky::default() };
+        let writer = Writer::start(&tokio::runtime::Handle::current(), service.clone(), 1, 4);
+        let done = Arc::new(AtomicUsize::new(0));
+        writer.try_submit(batch(Arc::clone(&done))).unwrap();
+        while done.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*service.written.lock().unwrap(), vec!["t".to_string()]);
+        assert_eq!(writer.stats().retries.load(Ordering::SeqCst), 5);
+        assert_eq!(writer.stats().rows_written.load(Ordering::SeqCst), 3);
+        assert!(writer.fatal_error().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_insert_is_fatal_and_never_acknowledged() {
+        let service = Flaky { failures: Arc::new(AtomicUsize::new(1)), retryable: false, ..Flaky::default() };
+        let writer = Writer::start(&tokio::runtime::Handle::current(), service.clone(), 1, 4);
+        let done = Arc::new(AtomicUsize::new(0));
+        writer.try_submit(batch(Arc::clone(&done))).unwrap();
+        while writer.fatal_error().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(writer.fatal_error().unwrap().contains("no such table"));
+        assert_eq!(done.load(Ordering::SeqCst), 0);
+        assert!(service.written.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_hands_the_batch_back() {
+        // No writer task runs on a current-thread runtime until we yield.
+        let writer = Writer::start(&tokio::runtime::Handle::current(), Flaky::default(), 1, 2);
+        let done = Arc::new(AtomicUsize::new(0));
+        assert!(writer.try_submit(batch(Arc::clone(&done))).is_ok());
+        assert!(writer.try_submit(batch(Arc::clone(&done))).is_ok());
+        assert_eq!(writer.queued(), 2);
+        assert!(writer.try_submit(batch(Arc::clone(&done))).is_err());
+    }
 }
