@@ -225,7 +225,7 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
     let partitions = topic_partitions(&args.brokers, &args.topic)?;
     let dlq_topic = args.dlq_topic.clone().unwrap_or_else(|| format!("{}-dlq", args.topic));
     let state = runtime.block_on(async {
-        clickhouse.ping().await.with_context(|| format!("cannot reach ClickHouse at {}", args.clickhouse_url))?;
+        clickhouse.with_database("default").ping().await.with_context(|| format!("cannot reach ClickHouse at {}", args.clickhouse_url))?;
         check_schema(&clickhouse).await?;
         ensure_topic(&args.brokers, &dlq_topic, 1).await?;
         checkpoints::load(&clickhouse, &args.job_name, &args.topic)

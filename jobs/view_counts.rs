@@ -9,7 +9,6 @@ fn main() -> std::process::ExitCode {
     match videocount_jobs::run_view_counts(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("view_counts: error: {e:#}");
             std::process::ExitCode::FAILURE
         }

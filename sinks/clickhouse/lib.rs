@@ -6,6 +6,7 @@
 pub mod checkpoints;
 pub mod config;
 pub mod native;
+pub mod replay;
 pub mod rows;
 pub mod schema;
 pub mod service;

@@ -35,8 +35,9 @@ pub async fn missing_tables(clickhouse: &ClickHouse) -> Result<Vec<String>, Sink
     struct Name {
         name: String,
     }
-    let present: Vec<Name> = clickhouse
-        .fetch_all(clickhouse.client().query("SELECT name FROM system.tables WHERE database = ?").bind(clickhouse.database()))
+    let system = clickhouse.with_database("system");
+    let present: Vec<Name> = system
+        .fetch_all(system.client().query("SELECT name FROM system.tables WHERE database = ?").bind(clickhouse.database()))
         .await?;
     Ok(table_names(SCHEMA_SQL)
         .into_iter()

@@ -1,0 +1,65 @@
+# videocount: every command a user or CI needs. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+KAFKA_BROKERS ?= 127.0.0.1:9092
+CLICKHOUSE_URL ?= http://127.0.0.1:8123
+CLICKHOUSE_DATABASE ?= video_counts
+TOPIC ?= video-events
+PARTITIONS ?= 8
+WORKERS ?= 2
+export KAFKA_BROKERS CLICKHOUSE_URL CLICKHOUSE_DATABASE
+
+RELEASE := target/release
+BINARIES := $(RELEASE)/view_counts $(RELEASE)/videocount $(RELEASE)/loadgen
+PYTHON ?= python3
+
+.PHONY: help up down topic schema build run-job stop-job replay test lint unit-test chdb-test bench clean
+
+help: ## This list.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+up: ## Install what is missing, start Kafka, ClickHouse and ZooKeeper, wait until they answer.
+	@services/up.sh
+
+down: ## Stop the services (data stays in var/).
+	@services/down.sh
+
+topic: up ## Create topic TOPIC with PARTITIONS partitions (if missing).
+	@services/kafka/topic.sh "$(TOPIC)" "$(PARTITIONS)"
+
+build: ## Build every binary in release mode.
+	cargo build --release --workspace --bins
+
+schema: up build ## Apply sql/schema.sql to CLICKHOUSE_DATABASE (idempotent).
+	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" schema
+
+run-job: up build ## Start view_counts on TOPIC, feed it demo traffic, print how to query.
+	@services/kafka/topic.sh "$(TOPIC)" "$(PARTITIONS)" >/dev/null
+	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" schema
+	@scripts/run-job.sh
+
+stop-job: ## Stop a view_counts started by run-job (it flushes and records offsets first).
+	@scripts/stop-job.sh
+
+replay: up build ## Recompute all counts from events_raw into fresh tables and swap them in (stops the job first).
+	@scripts/stop-job.sh
+	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" replay --topic "$(TOPIC)"
+
+lint: ## cargo fmt --check and clippy with warnings as errors.
+	cargo fmt --all -- --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
+
+test: up lint ## Every test: unit, integration against the real services, schema on current ClickHouse.
+	cargo test --release --workspace -- --test-threads=1
+	@$(MAKE) --no-print-directory chdb-test
+
+chdb-test: up ## sql/schema.sql on current ClickHouse (chdb), with the local ZooKeeper.
+	@$(PYTHON) -c 'import chdb, pytest' 2>/dev/null || $(PYTHON) -m pip install -q chdb pytest
+	$(PYTHON) -m pytest -q tests/chdb
+
+bench: up build ## Catch-up throughput on 10M events: 1 and 2 workers, with and without events_raw, vs ClickHouse's Kafka engine.
+	@scripts/bench.sh
+
+clean: ## Remove build output (not var/).
+	cargo clean

@@ -1,0 +1,55 @@
+//! One million generated events, late, duplicate and malformed ones among them, through the
+//! real Kafka and ClickHouse: every count table equals the generator's expectation exactly.
+
+mod common;
+
+use common::TestEnv;
+use videocount_loadgen::{Amount, Spec, produce};
+
+#[test]
+fn a_million_events_are_counted_exactly() {
+    let env = TestEnv::new("exact", 8);
+    let spec = Spec { videos: 5000, seed: 7, late_fraction: 0.05, malformed_fraction: 0.01, duplicate_fraction: 0.02 };
+    let expected = produce(common::BROKERS, &env.topic, spec, Amount::Count(1_000_000)).unwrap();
+    assert!(expected.dead_letters.len() >= 7, "every kind of dead letter is produced: {:?}", expected.dead_letters);
+
+    env.run_until_caught_up(&["--workers", "2"]);
+    env.assert_exact(&expected);
+
+    // Every dead letter says why, and where it came from.
+    let unexplained = env.scalar(
+        "SELECT count() FROM dead_letters WHERE reason = '' OR detail = '' OR job != 'view_counts' OR topic = ''",
+    );
+    assert_eq!(unexplained, 0);
+
+    // Running again with nothing new changes nothing.
+    env.run_until_caught_up(&["--workers", "2"]);
+    env.assert_exact(&expected);
+    env.drop();
+}
+
+fn run(topic: &str, database: &str) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_view_counts"))
+        .args(["--brokers", common::BROKERS, "--clickhouse-url", common::CLICKHOUSE_URL])
+        .args(["--topic", topic, "--database", database, "--until-caught-up"])
+        .output()
+        .unwrap();
+    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn a_missing_topic_or_schema_is_a_clear_error() {
+    let env = TestEnv::new("errors", 1);
+    let (ok, stderr) = run("no-such-topic-anywhere", &env.database);
+    assert!(!ok);
+    assert!(stderr.contains("no-such-topic-anywhere") && stderr.contains("make topic"), "{stderr}");
+
+    let (ok, stderr) = run(&env.topic, "no_such_database_here");
+    assert!(!ok);
+    assert!(stderr.contains("make schema"), "{stderr}");
+
+    let (ok, stderr) = run(&env.topic, "bad;name");
+    assert!(!ok);
+    assert!(stderr.contains("database name"), "{stderr}");
+    env.drop();
+}

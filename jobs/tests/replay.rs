@@ -1,0 +1,37 @@
+//! Replay from the raw log equals the live counts, and swaps the tables in whole.
+
+mod common;
+
+use common::TestEnv;
+use videocount_loadgen::{Amount, Spec, produce};
+
+#[test]
+fn replay_equals_live() {
+    let env = TestEnv::new("replay", 4);
+    let spec = Spec { videos: 500, seed: 5, ..Spec::default() };
+    let expected = produce(common::BROKERS, &env.topic, spec, Amount::Count(200_000)).unwrap();
+    env.run_until_caught_up(&["--workers", "2"]);
+    let live = env.counts("event_counts_minute", "minute");
+    env.assert_exact(&expected);
+
+    let report = env
+        .runtime
+        .block_on(videocount_clickhouse::replay::replay_from_raw(&env.clickhouse, "view_counts", &env.topic, false))
+        .expect("replay");
+    assert_eq!(report.events, expected.events);
+
+    assert!(env.counts("event_counts_minute", "minute") == live, "replayed minutes equal live ones");
+    env.assert_exact(&expected);
+    let leftovers = env.scalar(&format!(
+        "SELECT count() FROM system.tables WHERE database = '{}' AND (name LIKE '%_replay_%' OR name LIKE '%_old_%')",
+        env.database
+    ));
+    assert_eq!(leftovers, 0, "no half-built or old tables remain");
+
+    // The job goes on counting into the swapped-in tables.
+    let mut expected = expected;
+    expected.merge(produce(common::BROKERS, &env.topic, Spec { videos: 500, seed: 6, ..Spec::default() }, Amount::Count(30_000)).unwrap());
+    env.run_until_caught_up(&["--workers", "2"]);
+    env.assert_exact(&expected);
+    env.drop();
+}
