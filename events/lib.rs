@@ -12,14 +12,17 @@
 
 use std::borrow::Cow;
 
+use compact_str::CompactString;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// One counted event.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
 pub struct Event {
-    pub video_id: String,
-    pub event_type: String,
+    /// At most 64 bytes; short ids (24 bytes or less) are stored inline, without allocating.
+    pub video_id: CompactString,
+    pub event_type: CompactString,
     /// Event time, epoch milliseconds UTC.
     pub ts_ms: u64,
 }
@@ -240,7 +243,7 @@ pub fn parse_event(
         return Err(Rejection::new(InvalidTs, format!("ts {ts_ms} is after the year 2106")));
     }
 
-    Ok(Event { video_id: video_id.into_owned(), event_type: event_type.into_owned(), ts_ms })
+    Ok(Event { video_id: CompactString::from(video_id.as_ref()), event_type: CompactString::from(event_type.as_ref()), ts_ms })
 }
 
 /// Start of the event's minute, in seconds since the epoch (a ClickHouse `DateTime`).

@@ -348,8 +348,8 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
                             let mut rows: Vec<RawRow> = rows
                                 .into_iter()
                                 .map(|(e, partition, offset)| RawRow {
-                                    video_id: e.video_id,
-                                    event_type: e.event_type,
+                                    video_id: e.video_id.into_string(),
+                                    event_type: e.event_type.into_string(),
                                     ts_ms: e.ts_ms,
                                     partition,
                                     offset,

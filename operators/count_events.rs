@@ -2,20 +2,24 @@
 
 use std::collections::HashMap;
 
+use compact_str::CompactString;
 use videocount_clickhouse::rows::{CountRow, Grain, Insert, counts_block};
 use videocount_events::Event;
+
+/// A fast, non-cryptographic hasher: keys come from our own validated events.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 use crate::flush_epochs::EpochState;
 
 /// Counts of one epoch on one worker, keyed by minute; hours and days are derived at flush.
 #[derive(Debug, Default)]
 pub struct EventCounts {
-    minutes: HashMap<(String, String, u32), u64>,
+    minutes: Map<(CompactString, CompactString, u32), u64>,
 }
 
 impl EventCounts {
-    pub fn add(&mut self, event: &Event) {
-        let key = (event.video_id.clone(), event.event_type.clone(), Grain::Minute.bucket(event.ts_ms));
+    pub fn add(&mut self, event: Event) {
+        let key = (event.video_id, event.event_type, Grain::Minute.bucket(event.ts_ms));
         *self.minutes.entry(key).or_insert(0) += 1;
     }
 
@@ -25,18 +29,17 @@ impl EventCounts {
 
     /// The rows of each grain, unsorted.
     pub fn rows(self) -> [(Grain, Vec<CountRow>); 3] {
-        let mut hours: HashMap<(String, String, u32), u64> = HashMap::new();
-        let mut days: HashMap<(String, String, u32), u64> = HashMap::new();
+        let mut hours: Map<(CompactString, CompactString, u32), u64> = Map::default();
+        let mut days: Map<(CompactString, CompactString, u32), u64> = Map::default();
         for ((video, kind, minute), n) in &self.minutes {
             let ts_ms = u64::from(*minute) * 1000;
             *hours.entry((video.clone(), kind.clone(), Grain::Hour.bucket(ts_ms))).or_insert(0) += n;
             *days.entry((video.clone(), kind.clone(), Grain::Day.bucket(ts_ms))).or_insert(0) += n;
         }
-        [
-            (Grain::Minute, self.minutes.into_iter().collect()),
-            (Grain::Hour, hours.into_iter().collect()),
-            (Grain::Day, days.into_iter().collect()),
-        ]
+        let rows = |map: Map<(CompactString, CompactString, u32), u64>| -> Vec<CountRow> {
+            map.into_iter().map(|((v, k, b), n)| ((v.into_string(), k.into_string(), b), n)).collect()
+        };
+        [(Grain::Minute, rows(self.minutes)), (Grain::Hour, rows(hours)), (Grain::Day, rows(days))]
     }
 
     /// One block per grain for `epoch`; nothing when the epoch counted nothing.
@@ -50,7 +53,7 @@ impl EventCounts {
 
 impl EpochState<(Event, u32, u64)> for EventCounts {
     fn absorb(&mut self, (event, _, _): (Event, u32, u64)) {
-        self.add(&event);
+        self.add(event);
     }
 }
 
@@ -66,12 +69,12 @@ mod tests {
     fn rolls_minutes_up_to_hours_and_days() {
         let mut counts = EventCounts::default();
         let day = 1_795_737_600_000; // 2026-11-27T00:00:00Z
-        counts.add(&event("a", "view", day));
-        counts.add(&event("a", "view", day + 59_999));
-        counts.add(&event("a", "view", day + 60_000));
-        counts.add(&event("a", "view", day + 3_600_000));
-        counts.add(&event("a", "like", day + 1));
-        counts.add(&event("a", "view", day - 1));
+        counts.add(event("a", "view", day));
+        counts.add(event("a", "view", day + 59_999));
+        counts.add(event("a", "view", day + 60_000));
+        counts.add(event("a", "view", day + 3_600_000));
+        counts.add(event("a", "like", day + 1));
+        counts.add(event("a", "view", day - 1));
         let [(_, mut minutes), (_, mut hours), (_, mut days)] = counts.rows();
         minutes.sort();
         hours.sort();

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""`make bench`: catch-up throughput of view_counts on a pre-filled topic.
+
+Fills a topic with N events (default 10M, BENCH_EVENTS to change), then times
+`view_counts --until-caught-up` from an empty checkpoint for 1 and 2 workers, with and
+without events_raw, each into a fresh database, reporting events/s and peak memory. Then
+counts the same topic with ClickHouse's own Kafka engine and a materialized view into a
+minute table, the alternative a user would reach for. Prints a Markdown table.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+CH = os.environ.get("CLICKHOUSE_URL", "http://127.0.0.1:8123")
+EVENTS = int(os.environ.get("BENCH_EVENTS", "10000000"))
+PARTITIONS = int(os.environ.get("BENCH_PARTITIONS", "8"))
+
+
+def sql(query, database=None):
+    url = CH + "/" + (f"?database={database}" if database else "")
+    with urllib.request.urlopen(urllib.request.Request(url, data=query.encode()), timeout=600) as r:
+        return r.read().decode().strip()
+
+
+def run_job(topic, workers, raw):
+    database = f"bench_{uuid.uuid4().hex[:8]}"
+    subprocess.run([f"{BIN}/videocount", "--database", database, "schema"], check=True, stdout=subprocess.DEVNULL)
+    args = [f"{BIN}/view_counts", "--topic", topic, "--database", database, "--workers", str(workers), "--until-caught-up"]
+    if not raw:
+        args.append("--no-events-raw")
+    started = time.monotonic()
+    child = subprocess.Popen(args, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.monotonic() - started
+    if status != 0:
+        sys.exit(f"bench: view_counts failed ({status})")
+    counted = int(sql("SELECT sum(count) FROM event_counts_minute", database))
+    sql(f"DROP DATABASE {database}")
+    return seconds, usage.ru_maxrss / 1024, counted
+
+
+def clickhouse_kafka_engine(topic, expected):
+    database = f"bench_ch_{uuid.uuid4().hex[:8]}"
+    try:
+        sql(f"CREATE DATABASE {database}")
+        sql(
+            "CREATE TABLE counts (video_id String, event_type String, minute DateTime, count UInt64) "
+            "ENGINE = SummingMergeTree ORDER BY (video_id, event_type, minute)",
+            database,
+        )
+        started = time.monotonic()
+        sql(
+            f"CREATE TABLE queue (video_id String, event_type String, ts UInt64) ENGINE = "
+            f"Kafka('127.0.0.1:9092', '{topic}', 'bench-{database}', 'JSONEachRow')",
+            database,
+        )
+        sql(
+            "CREATE MATERIALIZED VIEW consumer TO counts AS SELECT video_id, event_type, "
+            "toStartOfMinute(toDateTime(intDiv(ts, 1000))) AS minute, count() AS count FROM queue "
+            "GROUP BY video_id, event_type, minute",
+            database,
+        )
+        last, last_change = 0, time.monotonic()
+        while True:
+            time.sleep(1)
+            n = int(sql("SELECT sum(count) FROM counts", database) or 0)
+            if n >= expected:
+                return time.monotonic() - started, n, None
+            if n != last:
+                last, last_change = n, time.monotonic()
+            elif time.monotonic() - last_change > 60:
+                return None, n, f"stalled at {n} rows counted"
+    except Exception as e:  # report, do not hide: the comparison row says why it failed
+        return None, 0, str(e)[:200]
+    finally:
+        try:
+            sql(f"DROP DATABASE IF EXISTS {database}")
+        except Exception:
+            pass
+
+
+def main():
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    subprocess.run([os.path.join(ROOT, "services/kafka/topic.sh"), topic, str(PARTITIONS)], check=True, stdout=subprocess.DEVNULL)
+    print(f"bench: producing {EVENTS:,} events to {topic} ({PARTITIONS} partitions)", flush=True)
+    expected_file = f"/tmp/{topic}.json"
+    subprocess.run(
+        [f"{BIN}/loadgen", "--topic", topic, "--events", str(EVENTS), "--videos", "100000",
+         "--malformed-fraction", "0", "--duplicate-fraction", "0", "--expected", expected_file],
+        check=True,
+    )
+    expected = json.load(open(expected_file))["events"]
+    rows = []
+    for workers in (1, 2):
+        for raw in (True, False):
+            seconds, rss, counted = run_job(topic, workers, raw)
+            ok = "exact" if counted == expected else f"WRONG ({counted})"
+            rows.append((f"view_counts, {workers} worker(s), events_raw {'on' if raw else 'off'}", seconds, rss, ok))
+            print(f"bench: {rows[-1][0]}: {expected / seconds:,.0f} events/s, peak RSS {rss:,.0f} MiB, {ok}", flush=True)
+    seconds, counted, error = clickhouse_kafka_engine(topic, expected)
+    best = max(expected / r[1] for r in rows)
+    print()
+    print(f"| run | events/s | seconds | peak memory | counts |")
+    print(f"|---|---:|---:|---:|---|")
+    for name, secs, rss, ok in rows:
+        print(f"| {name} | {expected / secs:,.0f} | {secs:.1f} | {rss:,.0f} MiB | {ok} |")
+    if error:
+        print(f"| ClickHouse Kafka engine + MV | - | - | - | failed: {error} |")
+    else:
+        print(f"| ClickHouse Kafka engine + MV | {expected / seconds:,.0f} | {seconds:.1f} | (server) | {counted:,} rows counted |")
+        print(f"\nview_counts (best) / Kafka engine: {best / (expected / seconds):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
