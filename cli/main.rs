@@ -50,16 +50,20 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = ClickHouseConfig { url: cli.clickhouse_url.clone(), database: cli.database.clone(), ..ClickHouseConfig::default() };
+    let config = ClickHouseConfig {
+        url: cli.clickhouse_url.clone(),
+        database: cli.database.clone(),
+        ..ClickHouseConfig::default()
+    };
     config.validate()?;
     let clickhouse = ClickHouse::new(config);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
             Command::Schema => {
-                schema::apply(&clickhouse)
-                    .await
-                    .with_context(|| format!("applying sql/schema.sql to {} at {}", cli.database, cli.clickhouse_url))?;
+                schema::apply(&clickhouse).await.with_context(|| {
+                    format!("applying sql/schema.sql to {} at {}", cli.database, cli.clickhouse_url)
+                })?;
                 println!("schema applied to database {}", cli.database);
             }
             Command::Replay { topic, job_name, keep_old } => {
@@ -70,7 +74,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "replayed {} events (epochs up to {:?}) into fresh count tables and swapped them in{}",
                     report.events,
                     report.last_committed_epoch,
-                    if report.old_tables.is_empty() { String::new() } else { format!("; old tables kept: {}", report.old_tables.join(", ")) }
+                    if report.old_tables.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; old tables kept: {}", report.old_tables.join(", "))
+                    }
                 );
             }
         }

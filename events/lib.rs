@@ -124,14 +124,12 @@ struct Fields<'a> {
 
 /// `video_id`: 1-64 characters from `[A-Za-z0-9_-]`.
 pub fn valid_video_id(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// `event_type`: 1-32 characters from `[a-z0-9_]`.
 pub fn valid_event_type(s: &str) -> bool {
-    (1..=32).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    (1..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 fn string_field<'a>(raw: &'a RawValue) -> Option<Cow<'a, str>> {
@@ -154,18 +152,14 @@ fn shorten(s: &str) -> String {
 ///
 /// `message_ts_ms` is the Kafka timestamp of the message: the event time when the payload has
 /// no `ts`, and the reference for the too-old / too-far-ahead checks.
-pub fn parse_event(
-    payload: Option<&[u8]>,
-    message_ts_ms: Option<i64>,
-    limits: TimeLimits,
-) -> Result<Event, Rejection> {
+pub fn parse_event(payload: Option<&[u8]>, message_ts_ms: Option<i64>, limits: TimeLimits) -> Result<Event, Rejection> {
     use RejectReason::*;
     let payload = match payload {
         Some(p) if !p.iter().all(u8::is_ascii_whitespace) => p,
         _ => return Err(Rejection::new(EmptyPayload, "message has no payload")),
     };
-    let text = std::str::from_utf8(payload)
-        .map_err(|e| Rejection::new(InvalidJson, format!("payload is not UTF-8: {e}")))?;
+    let text =
+        std::str::from_utf8(payload).map_err(|e| Rejection::new(InvalidJson, format!("payload is not UTF-8: {e}")))?;
     if !text.trim_start().starts_with('{') {
         // Serde would read `[a, b, c]` as a struct too; an event is only ever an object.
         return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
@@ -173,17 +167,14 @@ pub fn parse_event(
             Err(e) => Rejection::new(InvalidJson, e.to_string()),
         });
     }
-    let fields: Fields<'_> =
-        serde_json::from_str(text).map_err(|e| Rejection::new(InvalidJson, e.to_string()))?;
+    let fields: Fields<'_> = serde_json::from_str(text).map_err(|e| Rejection::new(InvalidJson, e.to_string()))?;
 
     let raw_id = fields
         .video_id
         .filter(|raw| raw.get() != "null")
         .ok_or_else(|| Rejection::new(MissingVideoId, "field video_id is required"))?;
     let video_id = string_field(raw_id)
-        .ok_or_else(|| {
-            Rejection::new(InvalidVideoId, format!("expected a string, got {}", shorten(raw_id.get())))
-        })?;
+        .ok_or_else(|| Rejection::new(InvalidVideoId, format!("expected a string, got {}", shorten(raw_id.get()))))?;
     if !valid_video_id(&video_id) {
         return Err(Rejection::new(
             InvalidVideoId,
@@ -209,10 +200,7 @@ pub fn parse_event(
 
     let ts_ms = match fields.ts.filter(|raw| raw.get() != "null") {
         Some(raw) => serde_json::from_str::<u64>(raw.get()).map_err(|_| {
-            Rejection::new(
-                InvalidTs,
-                format!("expected integer epoch milliseconds >= 0, got {}", shorten(raw.get())),
-            )
+            Rejection::new(InvalidTs, format!("expected integer epoch milliseconds >= 0, got {}", shorten(raw.get())))
         })?,
         None => match message_ts_ms {
             Some(ts) if ts >= 0 => ts as u64,
@@ -243,7 +231,11 @@ pub fn parse_event(
         return Err(Rejection::new(InvalidTs, format!("ts {ts_ms} is after the year 2106")));
     }
 
-    Ok(Event { video_id: CompactString::from(video_id.as_ref()), event_type: CompactString::from(event_type.as_ref()), ts_ms })
+    Ok(Event {
+        video_id: CompactString::from(video_id.as_ref()),
+        event_type: CompactString::from(event_type.as_ref()),
+        ts_ms,
+    })
 }
 
 /// Start of the event's minute, in seconds since the epoch (a ClickHouse `DateTime`).
@@ -309,10 +301,7 @@ mod tests {
         assert_eq!(reason("  \n"), EmptyPayload);
         assert_eq!(reason("{\"video_id\":"), InvalidJson);
         assert_eq!(reason("not json"), InvalidJson);
-        assert_eq!(
-            parse_event(Some(&[0xff, 0xfe]), Some(NOW), TimeLimits::default()).unwrap_err().reason,
-            InvalidJson
-        );
+        assert_eq!(parse_event(Some(&[0xff, 0xfe]), Some(NOW), TimeLimits::default()).unwrap_err().reason, InvalidJson);
         assert_eq!(reason("[1,2]"), NotAnObject);
         assert_eq!(reason("42"), NotAnObject);
         assert_eq!(reason("{}"), MissingVideoId);

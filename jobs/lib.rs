@@ -21,10 +21,10 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use timely::dataflow::Stream;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
-use timely::dataflow::Stream;
 use timely::dataflow::operators::{Concatenate, OkErr, Probe};
 use tracing::{info, warn};
 use videocount_clickhouse::checkpoints::{self, Range, commit_block, plan_block};
@@ -33,6 +33,12 @@ use videocount_clickhouse::{ClickHouse, ClickHouseConfig, Writer};
 use videocount_events::{Event, TimeLimits, route};
 use videocount_operators::kafka_source::SourceProgress;
 use videocount_operators::{EventCounts, FlushEpochs, SourceConfig, SourceItem, kafka_source};
+
+/// An event with the partition and offset it was read from.
+type Located = (Event, u32, u64);
+/// What the source emits besides events: a dead letter or an epoch's offset range.
+type Control = Result<DeadLetter, Range>;
+type DeadLetter = Box<DeadLetterRow>;
 
 /// Flags of a counting job; each can also be set from the environment.
 #[derive(Parser, Debug, Clone)]
@@ -176,8 +182,7 @@ fn topic_partitions(brokers: &str, topic: &str) -> anyhow::Result<u32> {
 }
 
 async fn ensure_topic(brokers: &str, topic: &str, partitions: u32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
     let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
     let results = admin.create_topics([&new], &AdminOptions::new()).await?;
     for result in results {
@@ -225,16 +230,22 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
     let partitions = topic_partitions(&args.brokers, &args.topic)?;
     let dlq_topic = args.dlq_topic.clone().unwrap_or_else(|| format!("{}-dlq", args.topic));
     let state = runtime.block_on(async {
-        clickhouse.with_database("default").ping().await.with_context(|| format!("cannot reach ClickHouse at {}", args.clickhouse_url))?;
+        clickhouse
+            .with_database("default")
+            .ping()
+            .await
+            .with_context(|| format!("cannot reach ClickHouse at {}", args.clickhouse_url))?;
         check_schema(&clickhouse).await?;
         ensure_topic(&args.brokers, &dlq_topic, 1).await?;
-        checkpoints::load(&clickhouse, &args.job_name, &args.topic)
-            .await
-            .with_context(|| format!("cannot read the checkpoint (is the schema applied to {}? make schema)", args.database))
+        checkpoints::load(&clickhouse, &args.job_name, &args.topic).await.with_context(|| {
+            format!("cannot read the checkpoint (is the schema applied to {}? make schema)", args.database)
+        })
     })?;
     let peers = (args.workers * args.processes) as u32;
-    if let Some(before) = state.pending_peers.filter(|_| !state.pending.is_empty()) {
-        if before != peers {
+    if let Some(before) = state.pending_peers.filter(|_| !state.pending.is_empty())
+        && before != peers
+    {
+        {
             bail!(
                 "epochs {:?} were interrupted while the job ran with {before} workers in all; restart with \
                  {before} workers in all to finish them (they must be re-run as they were), then change the count",
@@ -265,7 +276,8 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
     let args = Arc::new(args);
 
     let guards = {
-        let (writer, dlq, progress, shutdown) = (writer.clone(), Arc::clone(&dlq), Arc::clone(&progress), Arc::clone(&shutdown));
+        let (writer, dlq, progress, shutdown) =
+            (writer.clone(), Arc::clone(&dlq), Arc::clone(&progress), Arc::clone(&shutdown));
         timely::execute(timely_config, move |worker| -> Result<(), String> {
             let probe = ProbeHandle::new();
             let job = args.job_name.clone();
@@ -288,12 +300,14 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
             let (writer, dlq, dlq_topic) = (writer.clone(), Arc::clone(&dlq), dlq_topic.clone());
             worker.dataflow::<u64, _, _>(|scope| -> Result<(), String> {
                 let items = kafka_source(scope, source_config, probe.clone()).map_err(|e| e.to_string())?;
-                let (events, other): (Stream<'_, u64, Vec<(Event, u32, u64)>>, Stream<'_, u64, Vec<Result<DeadLetterRow, Range>>>) = items.ok_err(|item| match item {
-                    SourceItem::Event(event, partition, offset) => Ok((event, partition, offset)),
-                    SourceItem::DeadLetter(row) => Err(Ok(row)),
-                    SourceItem::Range(range) => Err(Err(range)),
-                });
-                let (dead, ranges): (Stream<'_, u64, Vec<DeadLetterRow>>, Stream<'_, u64, Vec<Range>>) = other.ok_err(|item| item);
+                let (events, other): (Stream<'_, u64, Vec<Located>>, Stream<'_, u64, Vec<Control>>) =
+                    items.ok_err(|item| match item {
+                        SourceItem::Event(event, partition, offset) => Ok((event, partition, offset)),
+                        SourceItem::DeadLetter(row) => Err(Ok(row)),
+                        SourceItem::Range(range) => Err(Err(range)),
+                    });
+                let (dead, ranges): (Stream<'_, u64, Vec<DeadLetter>>, Stream<'_, u64, Vec<Range>>) =
+                    other.ok_err(|item| item);
 
                 let (plan_job, plan_topic) = (job.clone(), topic.clone());
                 let planned = ranges.flush_epochs::<Vec<Range>, _, _>(
@@ -310,17 +324,17 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
                 );
                 let counted = events.clone().flush_epochs::<EventCounts, _, _>(
                     planned.clone(),
-                    Exchange::new(|(event, _, _): &(Event, u32, u64)| route(&event.video_id)),
+                    Exchange::new(|(event, _, _): &Located| route(&event.video_id)),
                     "WriteCounts",
                     writer.clone(),
                     |epoch, counts| counts.into_inserts(epoch),
                 );
-                let dead_written = dead.flush_epochs::<Vec<DeadLetterRow>, _, _>(
+                let dead_written = dead.flush_epochs::<Vec<DeadLetter>, _, _>(
                     planned.clone(),
                     Pipeline,
                     "WriteDeadLetters",
                     writer.clone(),
-                    move |_epoch, mut rows| {
+                    move |_epoch, rows| {
                         if rows.is_empty() {
                             return Vec::new();
                         }
@@ -331,12 +345,13 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
                                 warn!(error = %e, "dead letter not sent to the DLQ topic (it is in the dead_letters table)");
                             }
                         }
+                        let mut rows: Vec<DeadLetterRow> = rows.into_iter().map(|row| *row).collect();
                         vec![dead_letters_block(&mut rows)]
                     },
                 );
                 let mut written = vec![planned.clone(), counted, dead_written];
                 if events_raw {
-                    written.push(events.flush_epochs::<Vec<(Event, u32, u64)>, _, _>(
+                    written.push(events.flush_epochs::<Vec<Located>, _, _>(
                         planned,
                         Pipeline,
                         "WriteRaw",

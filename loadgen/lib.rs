@@ -191,7 +191,10 @@ pub fn produce(brokers: &str, topic: &str, spec: Spec, amount: Amount) -> anyhow
         loop {
             match producer.send(BaseRecord::to(topic).key(&message.key).payload(&message.payload)) {
                 Ok(()) => return Ok(()),
-                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    _,
+                )) => {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err((e, _)) => return Err(e.into()),

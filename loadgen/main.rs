@@ -45,7 +45,9 @@ fn main() -> anyhow::Result<()> {
         (None, Some(r), Some(d)) => Amount::Rate { per_second: r, duration: Duration::from_secs(d) },
         _ => anyhow::bail!("give --events N, or --rate R --duration D"),
     };
-    for (name, f) in [("late", args.late_fraction), ("malformed", args.malformed_fraction), ("duplicate", args.duplicate_fraction)] {
+    for (name, f) in
+        [("late", args.late_fraction), ("malformed", args.malformed_fraction), ("duplicate", args.duplicate_fraction)]
+    {
         anyhow::ensure!((0.0..=1.0).contains(&f), "--{name}-fraction must be within 0..1");
     }
     let spec = Spec {
@@ -66,7 +68,8 @@ fn main() -> anyhow::Result<()> {
     );
     if let Some(path) = args.expected {
         let rows: Vec<_> = expected.minutes.iter().map(|((v, t, m), n)| (v, t, m, n)).collect();
-        let json = serde_json::json!({"events": expected.events, "dead_letters": expected.dead_letters, "minutes": rows});
+        let json =
+            serde_json::json!({"events": expected.events, "dead_letters": expected.dead_letters, "minutes": rows});
         std::fs::write(&path, json.to_string()).with_context(|| format!("writing {path}"))?;
     }
     Ok(())

@@ -91,7 +91,10 @@ mod tests {
                 (key("view", s + 3600), 1)
             ]
         );
-        assert_eq!(hours, vec![(key("like", s), 1), (key("view", s - 3600), 1), (key("view", s), 3), (key("view", s + 3600), 1)]);
+        assert_eq!(
+            hours,
+            vec![(key("like", s), 1), (key("view", s - 3600), 1), (key("view", s), 3), (key("view", s + 3600), 1)]
+        );
         let d = s / 86_400;
         assert_eq!(days, vec![(key("like", d), 1), (key("view", d - 1), 1), (key("view", d), 4)]);
     }

@@ -89,9 +89,9 @@ impl<'scope, D: Clone + 'static> FlushEpochs<'scope, D> for Stream<'scope, u64, 
                 move |(input, frontier), (gate, gate_frontier), output| {
                     input.for_each(|stamp, data| {
                         let Some(&time) = stamp.least() else { return };
-                        let (_, state) = open
-                            .entry(time)
-                            .or_insert_with(|| (stamp.retain_least(output.output_index()).expect("stamp has a time"), S::default()));
+                        let (_, state) = open.entry(time).or_insert_with(|| {
+                            (stamp.retain_least(output.output_index()).expect("stamp has a time"), S::default())
+                        });
                         for item in data.drain(..) {
                             state.absorb(item);
                         }

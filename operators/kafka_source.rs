@@ -35,8 +35,8 @@ use videocount_events::{Event, TimeLimits, parse_event};
 pub enum SourceItem {
     /// A valid event, with the partition and offset it was read from.
     Event(Event, u32, u64),
-    /// A message that is not a valid event.
-    DeadLetter(DeadLetterRow),
+    /// A message that is not a valid event (boxed: rare, and large next to an event).
+    DeadLetter(Box<DeadLetterRow>),
     /// The offsets this epoch covers in one partition.
     Range(Range),
 }
@@ -209,9 +209,8 @@ pub fn kafka_source<'scope>(
     let mut assignment = TopicPartitionList::new();
     let mut pending_epochs: BTreeMap<u64, usize> = BTreeMap::new();
     for &p in &owned {
-        let (low, high) = consumer
-            .fetch_watermarks(&config.topic, p as i32, Duration::from_secs(30))
-            .map_err(kafka_err)?;
+        let (low, high) =
+            consumer.fetch_watermarks(&config.topic, p as i32, Duration::from_secs(30)).map_err(kafka_err)?;
         let (low, high) = (low.max(0) as u64, high.max(0) as u64);
         let pending: VecDeque<(u64, Range)> = config
             .state
@@ -300,7 +299,7 @@ pub fn kafka_source<'scope>(
                         Ok(event) => SourceItem::Event(event, p, offset),
                         Err(rejection) => {
                             config.progress.dead_letters.fetch_add(1, Ordering::Relaxed);
-                            SourceItem::DeadLetter(DeadLetterRow {
+                            SourceItem::DeadLetter(Box::new(DeadLetterRow {
                                 job: config.job.clone(),
                                 topic: config.topic.clone(),
                                 partition: p,
@@ -309,7 +308,7 @@ pub fn kafka_source<'scope>(
                                 detail: rejection.detail,
                                 payload: stored_payload(message.payload()),
                                 message_ts: message_ts.unwrap_or(0).max(0) as u64,
-                            })
+                            }))
                         }
                     };
                     match placement {
@@ -342,7 +341,8 @@ pub fn kafka_source<'scope>(
 
             // Send what was read, each item under its epoch's capability.
             for (epoch, items) in pending_items.drain() {
-                let capability = pending_caps.get(&epoch).or(live.as_ref()).expect("a capability at or before the epoch");
+                let capability =
+                    pending_caps.get(&epoch).or(live.as_ref()).expect("a capability at or before the epoch");
                 let capability = capability.delayed(&epoch);
                 output.session(&capability).give_iterator(items.into_iter());
             }
@@ -356,22 +356,25 @@ pub fn kafka_source<'scope>(
                 last_lag_check = Instant::now();
                 let mut lag = 0;
                 for (p, cursor) in &partitions {
-                    if let Ok((_, high)) = consumer.fetch_watermarks(&config.topic, *p as i32, Duration::from_millis(500)) {
+                    if let Ok((_, high)) =
+                        consumer.fetch_watermarks(&config.topic, *p as i32, Duration::from_millis(500))
+                    {
                         lag += (high.max(0) as u64).saturating_sub(cursor.next());
                     }
                 }
                 config.progress.lag.store(lag, Ordering::Relaxed);
             }
 
-            let caught_up = config.until_caught_up
-                && partitions.values().all(PartitionCursor::caught_up);
+            let caught_up = config.until_caught_up && partitions.values().all(PartitionCursor::caught_up);
             let finishing = pending_caps.is_empty() && (caught_up || stopping);
             if finishing || (!saturated && last_close.elapsed() >= config.epoch_interval) {
                 last_close = Instant::now();
                 let capability = live.as_mut().expect("live capability");
                 let epoch = *capability.time();
                 let mut session = output.session(capability);
-                session.give_iterator(partitions.values_mut().filter_map(PartitionCursor::close_epoch).map(SourceItem::Range));
+                session.give_iterator(
+                    partitions.values_mut().filter_map(PartitionCursor::close_epoch).map(SourceItem::Range),
+                );
                 drop(session);
                 if finishing {
                     info!(worker, last_epoch = epoch, "source finished");

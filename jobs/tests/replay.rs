@@ -30,7 +30,10 @@ fn replay_equals_live() {
 
     // The job goes on counting into the swapped-in tables.
     let mut expected = expected;
-    expected.merge(produce(common::BROKERS, &env.topic, Spec { videos: 500, seed: 6, ..Spec::default() }, Amount::Count(30_000)).unwrap());
+    expected.merge(
+        produce(common::BROKERS, &env.topic, Spec { videos: 500, seed: 6, ..Spec::default() }, Amount::Count(30_000))
+            .unwrap(),
+    );
     env.run_until_caught_up(&["--workers", "2"]);
     env.assert_exact(&expected);
     env.drop();

@@ -56,7 +56,9 @@ pub async fn replay_from_raw(
 ) -> Result<ReplayReport, SinkError> {
     let state = checkpoints::load(clickhouse, job, topic).await?;
     let Some(last) = state.last_committed else {
-        return Err(SinkError::Rejected(format!("job {job} has committed nothing on topic {topic}: nothing to replay")));
+        return Err(SinkError::Rejected(format!(
+            "job {job} has committed nothing on topic {topic}: nothing to replay"
+        )));
     };
     let ends: Vec<EndRow> = clickhouse
         .fetch_all(
@@ -74,11 +76,8 @@ pub async fn replay_from_raw(
     let partitions: Vec<String> = ends.iter().map(|e| e.partition.to_string()).collect();
     let offsets: Vec<String> = ends.iter().map(|e| e.end_offset.to_string()).collect();
     // Numbers only: built from typed rows, nothing from a user is spliced in.
-    let committed = format!(
-        "offset < transform(partition, [{}], [{}], toUInt64(0))",
-        partitions.join(","),
-        offsets.join(",")
-    );
+    let committed =
+        format!("offset < transform(partition, [{}], [{}], toUInt64(0))", partitions.join(","), offsets.join(","));
     let events: Vec<CountRow> = clickhouse
         .fetch_all(clickhouse.client().query(&format!("SELECT count() AS n FROM events_raw WHERE {committed}")))
         .await?;
@@ -127,7 +126,11 @@ pub async fn replay_from_raw(
             clickhouse.execute(&format!("DROP TABLE IF EXISTS {old}")).await?;
         }
     }
-    Ok(ReplayReport { events, last_committed_epoch: Some(last), old_tables: if keep_old { old_tables } else { Vec::new() } })
+    Ok(ReplayReport {
+        events,
+        last_committed_epoch: Some(last),
+        old_tables: if keep_old { old_tables } else { Vec::new() },
+    })
 }
 
 #[cfg(test)]

@@ -37,12 +37,11 @@ pub async fn missing_tables(clickhouse: &ClickHouse) -> Result<Vec<String>, Sink
     }
     let system = clickhouse.with_database("system");
     let present: Vec<Name> = system
-        .fetch_all(system.client().query("SELECT name FROM system.tables WHERE database = ?").bind(clickhouse.database()))
+        .fetch_all(
+            system.client().query("SELECT name FROM system.tables WHERE database = ?").bind(clickhouse.database()),
+        )
         .await?;
-    Ok(table_names(SCHEMA_SQL)
-        .into_iter()
-        .filter(|t| !present.iter().any(|p| &p.name == t))
-        .collect())
+    Ok(table_names(SCHEMA_SQL).into_iter().filter(|t| !present.iter().any(|p| &p.name == t)).collect())
 }
 
 /// The tables `sql/schema.sql` creates.

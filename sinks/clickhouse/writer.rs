@@ -81,7 +81,12 @@ fn backoff() -> ExponentialBuilder {
 
 impl Writer {
     /// Starts `tasks` writer tasks on `runtime` behind a queue of `capacity` batches.
-    pub fn start<S: InsertService>(runtime: &tokio::runtime::Handle, service: S, tasks: usize, capacity: usize) -> Writer {
+    pub fn start<S: InsertService>(
+        runtime: &tokio::runtime::Handle,
+        service: S,
+        tasks: usize,
+        capacity: usize,
+    ) -> Writer {
         let (tx, rx) = mpsc::channel::<Batch>(capacity.max(1));
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let writer = Writer {
@@ -180,7 +185,11 @@ mod tests {
         fn insert(&self, table: &str, _body: Bytes) -> impl Future<Output = Result<(), SinkError>> + Send {
             let result = if self.failures.load(Ordering::SeqCst) > 0 {
                 self.failures.fetch_sub(1, Ordering::SeqCst);
-                Err(if self.retryable { SinkError::Unavailable("down".into()) } else { SinkError::Rejected("no such table".into()) })
+                Err(if self.retryable {
+                    SinkError::Unavailable("down".into())
+                } else {
+                    SinkError::Rejected("no such table".into())
+                })
             } else {
                 self.written.lock().unwrap().push(table.to_owned());
                 Ok(())
