@@ -83,8 +83,10 @@ start_clickhouse() {
     log "starting clickhouse"
     local server=clickhouse-server
     command -v "$server" >/dev/null || server=/usr/sbin/clickhouse-server
-    (cd "$dir" && nohup "$server" --config-file="$dir/config.xml" >"$dir/log/stdout.log" 2>&1 </dev/null &
-        echo $! >"$dir/pid")
+    pushd "$dir" >/dev/null
+    nohup "$server" --config-file="$dir/config.xml" >"$dir/log/stdout.log" 2>&1 </dev/null &
+    echo $! >"$dir/pid"
+    popd >/dev/null
     wait_for clickhouse 90 "$dir/log/error.log" clickhouse_ok
 }
 

@@ -22,6 +22,15 @@ fn a_million_events_are_counted_exactly() {
     );
     assert_eq!(unexplained, 0);
 
+    // The dead-letter topic got each of them too, with its reason.
+    let mut by_reason = std::collections::BTreeMap::new();
+    for payload in common::read_topic(&format!("{}-dlq", env.topic)) {
+        let letter: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(letter["topic"], env.topic.as_str());
+        *by_reason.entry(letter["reason"].as_str().unwrap().to_owned()).or_insert(0u64) += 1;
+    }
+    assert_eq!(by_reason, expected.dead_letters, "dead-letter topic by reason");
+
     // Running again with nothing new changes nothing.
     env.run_until_caught_up(&["--workers", "2"]);
     env.assert_exact(&expected);

@@ -144,6 +144,37 @@ impl TestEnv {
     }
 }
 
+/// Every message payload of a topic (all partitions), read from the start to the high
+/// watermarks.
+pub fn read_topic(topic: &str) -> Vec<Vec<u8>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("group.id", "videocount-tests")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let partitions = metadata.topics()[0].partitions().len() as i32;
+    let mut assignment = TopicPartitionList::new();
+    let mut remaining = 0;
+    for p in 0..partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+        remaining += high;
+        assignment.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut payloads = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while (payloads.len() as i64) < remaining && std::time::Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            payloads.push(message.payload().unwrap_or_default().to_vec());
+        }
+    }
+    payloads
+}
+
 pub fn sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
 }
