@@ -220,6 +220,29 @@ fn dead_letter_json(row: &DeadLetterRow) -> String {
     .to_string()
 }
 
+/// Keeps `progress.lag` (messages not yet read, over all partitions) up to date every 5 s,
+/// off the worker threads: a watermark request is a network round trip.
+fn spawn_lag_monitor(brokers: &str, topic: &str, progress: Arc<SourceProgress>, shutdown: Arc<AtomicBool>) {
+    let Ok(consumer) = ClientConfig::new().set("bootstrap.servers", brokers).create::<BaseConsumer>() else {
+        warn!("no lag monitor: cannot create a Kafka client");
+        return;
+    };
+    let topic = topic.to_owned();
+    std::thread::spawn(move || {
+        while !shutdown.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_secs(5));
+            let positions = progress.positions.lock().map(|p| p.clone()).unwrap_or_default();
+            let mut lag = 0u64;
+            for (partition, next) in positions {
+                if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition as i32, Duration::from_secs(2)) {
+                    lag += (high.max(0) as u64).saturating_sub(next);
+                }
+            }
+            progress.lag.store(lag, Ordering::Relaxed);
+        }
+    });
+}
+
 /// Runs `view_counts` until it is caught up (with `--until-caught-up`) or stopped by a signal.
 pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
     args.validate()?;
@@ -272,6 +295,7 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
         .context("creating the dead-letter producer")?;
     let dlq = Arc::new(dlq);
     let progress = Arc::new(SourceProgress::default());
+    spawn_lag_monitor(&args.brokers, &args.topic, Arc::clone(&progress), Arc::clone(&shutdown));
     let state = Arc::new(state);
     let args = Arc::new(args);
 

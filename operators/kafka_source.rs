@@ -46,8 +46,11 @@ pub enum SourceItem {
 pub struct SourceProgress {
     pub messages: AtomicU64,
     pub dead_letters: AtomicU64,
-    /// Messages between the consumed position and the high watermark, summed over partitions.
+    /// Messages between the consumed position and the high watermark, summed over partitions
+    /// (kept by the job's lag monitor from `positions`).
     pub lag: AtomicU64,
+    /// Per partition, the next offset to read, as of the last closed epoch.
+    pub positions: std::sync::Mutex<BTreeMap<u32, u64>>,
 }
 
 /// Settings of the source.
@@ -248,7 +251,6 @@ pub fn kafka_source<'scope>(
         drop(initial);
         let mut last_close = Instant::now();
         let mut last_position_check = Instant::now();
-        let mut last_lag_check = Instant::now() - Duration::from_secs(60);
         let mut live_items: Vec<SourceItem> = Vec::new();
         let mut pending_items: HashMap<u64, Vec<SourceItem>> = HashMap::new();
         let mut stopping = false;
@@ -350,19 +352,6 @@ pub fn kafka_source<'scope>(
             if !live_items.is_empty() {
                 let capability = live.as_ref().expect("live capability");
                 output.session(capability).give_iterator(live_items.drain(..));
-            }
-
-            if last_lag_check.elapsed() > Duration::from_secs(5) {
-                last_lag_check = Instant::now();
-                let mut lag = 0;
-                for (p, cursor) in &partitions {
-                    if let Ok((_, high)) =
-                        consumer.fetch_watermarks(&config.topic, *p as i32, Duration::from_millis(500))
-                    {
-                        lag += (high.max(0) as u64).saturating_sub(cursor.next());
-                    }
-                }
-                config.progress.lag.store(lag, Ordering::Relaxed);
             }
 
             let caught_up = config.until_caught_up && partitions.values().all(PartitionCursor::caught_up);

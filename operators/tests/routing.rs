@@ -41,7 +41,11 @@ fn each_video_is_counted_on_the_worker_its_hash_names() {
         });
         // Every worker reads events of every video, as sources reading different partitions do.
         for i in 0..300 {
-            input.send(Event { video_id: format!("video{}", (i * 7 + index) % 50).into(), event_type: "view".into(), ts_ms: 0 });
+            input.send(Event {
+                video_id: format!("video{}", (i * 7 + index) % 50).into(),
+                event_type: "view".into(),
+                ts_ms: 0,
+            });
         }
         input.advance_to(1);
         while probe.less_than(&1) {
