@@ -60,6 +60,45 @@ impl EpochState<(Event, u32, u64)> for EventCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// The plain computation: count each event into every grain directly from its time.
+    fn reference(events: &[Event]) -> [BTreeMap<(String, String, u32), u64>; 3] {
+        let mut out: [BTreeMap<(String, String, u32), u64>; 3] = Default::default();
+        for event in events {
+            for (i, grain) in Grain::ALL.iter().enumerate() {
+                let key = (event.video_id.to_string(), event.event_type.to_string(), grain.bucket(event.ts_ms));
+                *out[i].entry(key).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn counts_equal_a_direct_count_in_every_grain(
+            events in proptest::collection::vec(
+                ("[ab]{1,2}", prop_oneof![Just("view"), Just("like")], 1_700_000_000_000u64..1_700_300_000_000),
+                0..300,
+            )
+        ) {
+            let events: Vec<Event> = events
+                .into_iter()
+                .map(|(v, k, ts_ms)| Event { video_id: v.as_str().into(), event_type: k.into(), ts_ms })
+                .collect();
+            let mut counts = EventCounts::default();
+            for event in events.clone() {
+                counts.add(event);
+            }
+            let expected = reference(&events);
+            for (i, (grain, rows)) in counts.rows().into_iter().enumerate() {
+                prop_assert_eq!(grain, Grain::ALL[i]);
+                let got: BTreeMap<_, _> = rows.into_iter().collect();
+                prop_assert_eq!(&got, &expected[i]);
+            }
+        }
+    }
 
     fn event(video: &str, kind: &str, ts_ms: u64) -> Event {
         Event { video_id: video.into(), event_type: kind.into(), ts_ms }

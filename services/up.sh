@@ -77,6 +77,15 @@ clickhouse_ok() { [ "$(curl -fsS --max-time 2 http://127.0.0.1:8123/ping 2>/dev/
 start_clickhouse() {
     local dir="$VAR/clickhouse"
     if clickhouse_ok; then log "clickhouse already running"; return; fi
+    # A server that is still shutting down holds the data directory's lock.
+    if [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+        log "waiting for the previous clickhouse (pid $(cat "$dir/pid")) to exit"
+        local deadline=$((SECONDS + 120))
+        while kill -0 "$(cat "$dir/pid")" 2>/dev/null; do
+            ((SECONDS < deadline)) || die "clickhouse pid $(cat "$dir/pid") neither answers nor exits; stop it by hand"
+            sleep 0.5
+        done
+    fi
     mkdir -p "$dir"/{data,tmp,user_files,format_schemas,log}
     render "$SERVICES/clickhouse/config.xml" "$dir/config.xml"
     cp "$SERVICES/clickhouse/users.xml" "$dir/users.xml"

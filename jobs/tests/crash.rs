@@ -25,9 +25,9 @@ fn three_kills_lose_nothing_and_count_nothing_twice() {
     for kill in 0..3 {
         let mut job = env.spawn(&args);
         sleep_ms(rng.random_range(1500..4000));
-        assert!(job.try_wait().unwrap().is_none(), "job {kill} died on its own");
-        job.kill().unwrap(); // SIGKILL
-        job.wait().unwrap();
+        assert!(job.0.try_wait().unwrap().is_none(), "job {kill} died on its own");
+        job.0.kill().unwrap(); // SIGKILL
+        job.0.wait().unwrap();
     }
     let expected = producer.join().unwrap().unwrap();
     assert!(expected.events >= 2_000_000, "produced {} events", expected.events);
@@ -49,11 +49,11 @@ fn sigterm_flushes_and_records_offsets() {
         assert!(std::time::Instant::now() < deadline, "job did not count the events");
         sleep_ms(200);
     }
-    let pid = job.id().to_string();
+    let pid = job.0.id().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let status = loop {
-        if let Some(status) = job.try_wait().unwrap() {
+        if let Some(status) = job.0.try_wait().unwrap() {
             break status;
         }
         assert!(std::time::Instant::now() < deadline, "job did not stop after SIGTERM");

@@ -17,6 +17,16 @@ use videocount_loadgen::Expected;
 pub const BROKERS: &str = "127.0.0.1:9092";
 pub const CLICKHOUSE_URL: &str = "http://127.0.0.1:8123";
 
+/// A background job, killed on drop.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A topic and a database of one test.
 pub struct TestEnv {
     pub topic: String,
@@ -66,8 +76,10 @@ impl TestEnv {
         assert!(output.status.success(), "job failed: {}", String::from_utf8_lossy(&output.stderr));
     }
 
-    pub fn spawn(&self, extra: &[&str]) -> Child {
-        self.job(extra).stderr(Stdio::null()).spawn().unwrap()
+    /// Starts the job in the background; it is killed when the guard drops (a failed test
+    /// leaves nothing running).
+    pub fn spawn(&self, extra: &[&str]) -> Running {
+        Running(self.job(extra).stderr(Stdio::null()).spawn().unwrap())
     }
 
     pub fn query<T>(&self, sql: &str) -> Vec<T>

@@ -1,0 +1,61 @@
+//! ClickHouse stopped under a running job: the job waits and retries, loses nothing, and
+//! catches up once the server is back.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{TestEnv, sleep_ms};
+use videocount_loadgen::{Amount, Spec, produce};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn clickhouse_up() -> bool {
+    Command::new("curl")
+        .args(["-fsS", "--max-time", "1", "http://127.0.0.1:8123/ping"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn a_clickhouse_outage_delays_counts_but_loses_none() {
+    let env = TestEnv::new("outage", 2);
+    let spec = Spec { videos: 200, seed: 21, ..Spec::default() };
+    let mut expected = produce(common::BROKERS, &env.topic, spec.clone(), Amount::Count(100_000)).unwrap();
+    let mut job = env.spawn(&["--workers", "2", "--epoch-ms", "200"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.scalar("SELECT count() FROM events_raw") < expected.events {
+        assert!(Instant::now() < deadline, "job did not count the first events");
+        sleep_ms(200);
+    }
+
+    // Stop the server the way an operator or a crash would (SIGTERM from outside).
+    let pid = std::fs::read_to_string(root().join("var/clickhouse/pid")).expect("ClickHouse started by make up");
+    let pid = pid.trim();
+    assert!(Command::new("kill").arg(pid).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while clickhouse_up() {
+        assert!(Instant::now() < deadline, "ClickHouse did not stop answering");
+        sleep_ms(200);
+    }
+    expected.merge(produce(common::BROKERS, &env.topic, Spec { seed: 22, ..spec }, Amount::Count(50_000)).unwrap());
+    sleep_ms(3000);
+    assert!(job.0.try_wait().unwrap().is_none(), "the job must wait for ClickHouse, not exit");
+
+    let up = Command::new(root().join("services/up.sh")).output().unwrap();
+    assert!(up.status.success(), "restarting services: {}", String::from_utf8_lossy(&up.stderr));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while env.scalar("SELECT count() FROM events_raw") < expected.events {
+        assert!(Instant::now() < deadline, "job did not catch up after the outage");
+        assert!(job.0.try_wait().unwrap().is_none(), "job exited during the outage");
+        sleep_ms(500);
+    }
+    assert!(Command::new("kill").args(["-TERM", &job.0.id().to_string()]).status().unwrap().success());
+    assert!(job.0.wait().unwrap().success());
+    env.assert_exact(&expected);
+    env.drop();
+}
