@@ -30,6 +30,8 @@ fn find_server() -> Server {
 }
 
 /// Starts the server again as it ran, and records its pid where `make down` looks for it.
+/// The server outlives the test on purpose: it is the shared service, not a test fixture.
+#[allow(clippy::zombie_processes)]
 fn restart(server: &Server) {
     let log = std::fs::File::create(std::env::temp_dir().join("videocount-outage-clickhouse.log")).unwrap();
     let child = Command::new(&server.command[0])
