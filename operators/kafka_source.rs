@@ -254,6 +254,9 @@ pub fn kafka_source<'scope>(
         let mut live_items: Vec<SourceItem> = Vec::new();
         let mut pending_items: HashMap<u64, Vec<SourceItem>> = HashMap::new();
         let mut stopping = false;
+        // Kafka errors (a broker restarting) are logged at most every 5 s, with a count.
+        let mut errors_since_log = 0u64;
+        let mut last_error_log: Option<Instant> = None;
 
         move |output| {
             let Some(live_epoch) = live.as_ref().map(|c| *c.time()) else { return };
@@ -277,7 +280,12 @@ pub fn kafka_source<'scope>(
                     let message = match result {
                         Ok(message) => message,
                         Err(e) => {
-                            warn!(worker, error = %e, "Kafka consumer error");
+                            errors_since_log += 1;
+                            if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                                warn!(worker, error = %e, errors = errors_since_log, "Kafka consumer error; retrying");
+                                errors_since_log = 0;
+                                last_error_log = Some(Instant::now());
+                            }
                             break;
                         }
                     };
