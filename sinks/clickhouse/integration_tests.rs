@@ -1,1 +1,98 @@
-//! Integration tests against the real ClickHouse (see jobs/tests for the whole job).
+//! The exactly-once building blocks against the real ClickHouse that `make up` starts, each test
+//! in a database of its own: a repeated block is dropped, a cut-off block inserts nothing, and
+//! checkpoints read back as written. (The whole job is tested in `jobs/tests`.)
+
+use rand::Rng;
+
+use crate::checkpoints::{self, Range, commit_block, plan_block};
+use crate::rows::{Grain, counts_block};
+use crate::{ClickHouse, ClickHouseConfig, SinkError, schema};
+
+async fn fresh_database(name: &str) -> ClickHouse {
+    let suffix: u32 = rand::rng().random();
+    let clickhouse = ClickHouse::new(ClickHouseConfig {
+        database: format!("test_sink_{name}_{suffix:08x}"),
+        ..ClickHouseConfig::default()
+    });
+    assert_eq!(schema::missing_tables(&clickhouse).await.unwrap().len(), 7, "nothing before the schema");
+    schema::apply(&clickhouse).await.expect("schema applied (is `make up` running?)");
+    schema::apply(&clickhouse).await.expect("the schema applies twice");
+    assert!(schema::missing_tables(&clickhouse).await.unwrap().is_empty());
+    clickhouse
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct Sum {
+    total: u64,
+}
+
+async fn total(clickhouse: &ClickHouse) -> u64 {
+    let rows: Vec<Sum> = clickhouse
+        .fetch_all(clickhouse.client().query("SELECT toUInt64(sum(count)) AS total FROM event_counts_minute"))
+        .await
+        .unwrap();
+    rows[0].total
+}
+
+#[tokio::test]
+async fn a_repeated_block_is_dropped_and_a_cut_off_block_inserts_nothing() {
+    let clickhouse = fresh_database("dedup").await;
+    let rows = || {
+        vec![
+            (("v1".to_string(), "view".to_string(), 1_795_812_360), 3),
+            (("v2".into(), "like".into(), 1_795_812_420), 4),
+        ]
+    };
+    let epoch_7 = counts_block(Grain::Minute, 7, &mut rows());
+    clickhouse.insert_native(&epoch_7.table, epoch_7.body.clone()).await.unwrap();
+    clickhouse.insert_native(&epoch_7.table, epoch_7.body.clone()).await.unwrap();
+    assert_eq!(total(&clickhouse).await, 7, "the re-run of epoch 7 is dropped");
+
+    // The same counts in another epoch are new events, not a repeat.
+    let epoch_8 = counts_block(Grain::Minute, 8, &mut rows());
+    clickhouse.insert_native(&epoch_8.table, epoch_8.body.clone()).await.unwrap();
+    assert_eq!(total(&clickhouse).await, 14);
+
+    // A body cut short (the job killed mid-send) is refused whole, and not worth retrying.
+    let epoch_9 = counts_block(Grain::Minute, 9, &mut rows());
+    let cut = epoch_9.body.slice(..epoch_9.body.len() - 9);
+    let error = clickhouse.insert_native(&epoch_9.table, cut).await.unwrap_err();
+    assert!(matches!(error, SinkError::Rejected(_)), "{error}");
+    assert_eq!(total(&clickhouse).await, 14, "nothing of the cut-off block is counted");
+
+    schema::drop_database(&clickhouse).await.unwrap();
+}
+
+#[tokio::test]
+async fn checkpoints_read_back_as_written() {
+    let clickhouse = fresh_database("checkpoints").await;
+    let empty = checkpoints::load(&clickhouse, "view_counts", "t").await.unwrap();
+    assert_eq!(empty.last_committed, None);
+    assert_eq!(empty.next_epoch, 1);
+    assert!(empty.pending.is_empty() && empty.resume.is_empty());
+
+    let range = |partition, start, end| Range { partition, start, end };
+    for (epoch, mut ranges) in
+        [(1, vec![range(0, 0, 10), range(1, 0, 5)]), (2, vec![range(1, 5, 8)]), (3, vec![range(0, 10, 12)])]
+    {
+        let plan = plan_block("view_counts", "t", epoch, 2, &mut ranges);
+        clickhouse.insert_native(&plan.table, plan.body).await.unwrap();
+    }
+    let commit = commit_block("view_counts", "t", 1, 1_795_812_360);
+    clickhouse.insert_native(&commit.table, commit.body).await.unwrap();
+    // Another job's checkpoint on the same topic is not ours.
+    let mut other = vec![range(0, 0, 99)];
+    let plan = plan_block("other_job", "t", 40, 1, &mut other);
+    clickhouse.insert_native(&plan.table, plan.body).await.unwrap();
+
+    let state = checkpoints::load(&clickhouse, "view_counts", "t").await.unwrap();
+    assert_eq!(state.last_committed, Some(1));
+    assert_eq!(state.next_epoch, 4);
+    assert_eq!(state.pending.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(state.pending[&2], vec![range(1, 5, 8)]);
+    assert_eq!(state.pending_peers, Some(2));
+    assert_eq!(state.resume.get(&0), Some(&12));
+    assert_eq!(state.resume.get(&1), Some(&8));
+
+    schema::drop_database(&clickhouse).await.unwrap();
+}
