@@ -14,6 +14,7 @@
 //! When the queue is full the batch waits in the operator and the frontier waits with it.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -148,5 +149,3 @@ impl<'scope, D: Clone + 'static> FlushEpochs<'scope, D> for Stream<'scope, u64, 
         )
     }
 }
-
-use std::rc::Rc;

@@ -133,10 +133,6 @@ impl Writer {
         self.capacity - self.tx.capacity()
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     pub fn stats(&self) -> &WriterStats {
         &self.stats
     }
