@@ -58,10 +58,16 @@ pub enum RejectReason {
     MissingTimestamp,
     TsTooOld,
     TsInFuture,
+    InvalidValue,
+    InvalidViewerId,
+    InvalidFunction,
+    UnknownFunction,
+    MissingValue,
+    MissingViewerId,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 16] = [
         RejectReason::EmptyPayload,
         RejectReason::InvalidJson,
         RejectReason::NotAnObject,
@@ -72,6 +78,12 @@ impl RejectReason {
         RejectReason::MissingTimestamp,
         RejectReason::TsTooOld,
         RejectReason::TsInFuture,
+        RejectReason::InvalidValue,
+        RejectReason::InvalidViewerId,
+        RejectReason::InvalidFunction,
+        RejectReason::UnknownFunction,
+        RejectReason::MissingValue,
+        RejectReason::MissingViewerId,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +98,12 @@ impl RejectReason {
             RejectReason::MissingTimestamp => "missing timestamp",
             RejectReason::TsTooOld => "ts too old",
             RejectReason::TsInFuture => "ts too far in future",
+            RejectReason::InvalidValue => "invalid value",
+            RejectReason::InvalidViewerId => "invalid viewer_id",
+            RejectReason::InvalidFunction => "invalid function",
+            RejectReason::UnknownFunction => "unknown function",
+            RejectReason::MissingValue => "missing value",
+            RejectReason::MissingViewerId => "missing viewer_id",
         }
     }
 }
@@ -105,7 +123,7 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
         Rejection { reason, detail: detail.into() }
     }
 }
@@ -120,11 +138,39 @@ struct Fields<'a> {
     event_type: Option<&'a RawValue>,
     #[serde(borrow, default)]
     ts: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    value: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    viewer_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    function: Option<&'a RawValue>,
+}
+
+/// An event with the fields that aggregate functions read (`event_stats`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, Deserialize)]
+pub struct StatsEvent {
+    pub event: Event,
+    /// A finite number, when the message has one.
+    pub value: Option<f64>,
+    /// Who caused the event: 1-64 characters of `[A-Za-z0-9_-]`.
+    pub viewer_id: Option<CompactString>,
+    /// The one function this event feeds; without it, the functions configured for its type.
+    pub function: Option<CompactString>,
 }
 
 /// `video_id`: 1-64 characters from `[A-Za-z0-9_-]`.
 pub fn valid_video_id(s: &str) -> bool {
     (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `viewer_id`: the same rule as `video_id`.
+pub fn valid_viewer_id(s: &str) -> bool {
+    valid_video_id(s)
+}
+
+/// A function name (`function` of an event): 1-32 characters from `[a-z0-9_]`.
+pub fn valid_function_name(s: &str) -> bool {
+    valid_event_type(s)
 }
 
 /// `event_type`: 1-32 characters from `[a-z0-9_]`.
@@ -153,6 +199,64 @@ fn shorten(s: &str) -> String {
 /// `message_ts_ms` is the Kafka timestamp of the message: the event time when the payload has
 /// no `ts`, and the reference for the too-old / too-far-ahead checks.
 pub fn parse_event(payload: Option<&[u8]>, message_ts_ms: Option<i64>, limits: TimeLimits) -> Result<Event, Rejection> {
+    parse_with(payload, message_ts_ms, limits, |event, _| Ok(event))
+}
+
+/// Parses a message for `event_stats`: [`parse_event`]'s rules, plus `value` (a finite number),
+/// `viewer_id` and `function` (syntax only: whether the function exists is the job's call).
+pub fn parse_stats_event(
+    payload: Option<&[u8]>,
+    message_ts_ms: Option<i64>,
+    limits: TimeLimits,
+) -> Result<StatsEvent, Rejection> {
+    use RejectReason::*;
+    parse_with(payload, message_ts_ms, limits, |event, fields| {
+        let value = match fields.value.filter(|raw| raw.get() != "null") {
+            None => None,
+            Some(raw) => match serde_json::from_str::<f64>(raw.get()) {
+                Ok(v) if v.is_finite() => Some(v),
+                _ => {
+                    return Err(Rejection::new(
+                        InvalidValue,
+                        format!("expected a finite number, got {}", shorten(raw.get())),
+                    ));
+                }
+            },
+        };
+        let viewer_id = match fields.viewer_id.filter(|raw| raw.get() != "null") {
+            None => None,
+            Some(raw) => match string_field(raw) {
+                Some(id) if valid_viewer_id(&id) => Some(CompactString::from(id.as_ref())),
+                _ => {
+                    return Err(Rejection::new(
+                        InvalidViewerId,
+                        format!("{} is not a string of 1-64 characters of [A-Za-z0-9_-]", shorten(raw.get())),
+                    ));
+                }
+            },
+        };
+        let function = match fields.function.filter(|raw| raw.get() != "null") {
+            None => None,
+            Some(raw) => match string_field(raw) {
+                Some(name) if valid_function_name(&name) => Some(CompactString::from(name.as_ref())),
+                _ => {
+                    return Err(Rejection::new(
+                        InvalidFunction,
+                        format!("{} is not a string of 1-32 characters of [a-z0-9_]", shorten(raw.get())),
+                    ));
+                }
+            },
+        };
+        Ok(StatsEvent { event, value, viewer_id, function })
+    })
+}
+
+fn parse_with<T>(
+    payload: Option<&[u8]>,
+    message_ts_ms: Option<i64>,
+    limits: TimeLimits,
+    rest: impl FnOnce(Event, &Fields<'_>) -> Result<T, Rejection>,
+) -> Result<T, Rejection> {
     use RejectReason::*;
     let payload = match payload {
         Some(p) if !p.iter().all(u8::is_ascii_whitespace) => p,
@@ -231,11 +335,12 @@ pub fn parse_event(payload: Option<&[u8]>, message_ts_ms: Option<i64>, limits: T
         return Err(Rejection::new(InvalidTs, format!("ts {ts_ms} is after the year 2106")));
     }
 
-    Ok(Event {
+    let event = Event {
         video_id: CompactString::from(video_id.as_ref()),
         event_type: CompactString::from(event_type.as_ref()),
         ts_ms,
-    })
+    };
+    rest(event, &fields)
 }
 
 /// Start of the event's minute, in seconds since the epoch (a ClickHouse `DateTime`).
@@ -327,6 +432,35 @@ mod tests {
         assert_eq!(reason(&format!(r#"{{"video_id":"v","ts":{}}}"#, NOW + 600_001)), TsInFuture);
         assert!(parse(&format!(r#"{{"video_id":"v","ts":{}}}"#, NOW + 600_000)).is_ok());
         assert_eq!(reason(r#"{"video_id":"v","video_id":"w"}"#), InvalidJson);
+    }
+
+    fn stats(payload: &str) -> Result<StatsEvent, Rejection> {
+        parse_stats_event(Some(payload.as_bytes()), Some(NOW), TimeLimits::default())
+    }
+
+    #[test]
+    fn stats_fields() {
+        let e = stats(r#"{"video_id":"v","event_type":"watch_time","value":12.5,"viewer_id":"u-1","function":"p99"}"#)
+            .unwrap();
+        assert_eq!(e.value, Some(12.5));
+        assert_eq!(e.viewer_id.as_deref(), Some("u-1"));
+        assert_eq!(e.function.as_deref(), Some("p99"));
+        assert_eq!(e.event.event_type, "watch_time");
+        let bare = stats(r#"{"video_id":"v","value":null}"#).unwrap();
+        assert_eq!((bare.value, bare.viewer_id, bare.function), (None, None, None));
+        assert_eq!(stats(r#"{"video_id":"v","value":-3}"#).unwrap().value, Some(-3.0));
+
+        use RejectReason::*;
+        let reason = |p: &str| stats(p).unwrap_err().reason;
+        assert_eq!(reason(r#"{"video_id":"v","value":"12"}"#), InvalidValue);
+        assert_eq!(reason(r#"{"video_id":"v","value":1e999}"#), InvalidValue);
+        assert_eq!(reason(r#"{"video_id":"v","viewer_id":"a b"}"#), InvalidViewerId);
+        assert_eq!(reason(r#"{"video_id":"v","viewer_id":5}"#), InvalidViewerId);
+        assert_eq!(reason(r#"{"video_id":"v","function":"P99"}"#), InvalidFunction);
+        // The spine's rules come first.
+        assert_eq!(reason(r#"{"value":"x"}"#), MissingVideoId);
+        // view_counts ignores the stats fields.
+        assert!(parse(r#"{"video_id":"v","value":"not a number"}"#).is_ok());
     }
 
     #[test]

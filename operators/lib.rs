@@ -9,6 +9,7 @@
 //! - [`count_events`]: the per-epoch state that counts events per (video, type, minute) and
 //!   rolls the counts up to hours and days.
 
+pub mod aggregate;
 pub mod count_events;
 pub mod flush_epochs;
 pub mod kafka_source;
