@@ -1,8 +1,11 @@
-//! `videocount`: operate a videocount database from the command line.
+//! `videocount`: read counts and stats, and operate a videocount database, from the command
+//! line. Exit codes: 0 answered, 1 failed (ClickHouse unreachable, ...), 2 bad arguments.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use videocount_clickhouse::{ClickHouse, ClickHouseConfig, replay, schema};
+use videocount_operators::aggregate::Registry;
+use videocount_query::{QueryError, Reader, TimeRange, format_time, parse_time};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Operate a videocount ClickHouse database.")]
@@ -17,8 +20,65 @@ struct Cli {
     command: Command,
 }
 
+/// The range of a read: half-open `[from, to)`, in whole minutes.
+#[derive(Args, Debug)]
+struct Range {
+    /// Start (inclusive): RFC 3339 (2026-11-27T10:00:00Z) or epoch milliseconds.
+    #[arg(long, value_parser = parse_time)]
+    from: u64,
+    /// End (exclusive), same forms; default: now.
+    #[arg(long, value_parser = parse_time)]
+    to: Option<u64>,
+    /// Print a JSON object instead of the bare number.
+    #[arg(long)]
+    json: bool,
+}
+
+fn video_id(s: &str) -> Result<String, String> {
+    if videocount_events::valid_video_id(s) {
+        Ok(s.to_owned())
+    } else {
+        Err("a video id is 1-64 characters of [A-Za-z0-9_-]".into())
+    }
+}
+
+fn event_type(s: &str) -> Result<String, String> {
+    if videocount_events::valid_event_type(s) {
+        Ok(s.to_owned())
+    } else {
+        Err("an event type is 1-32 characters of [a-z0-9_]".into())
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Views of a video in a range (getViewsCount).
+    Views {
+        #[arg(value_parser = video_id)]
+        video_id: String,
+        #[command(flatten)]
+        range: Range,
+    },
+    /// Events of one type for a video in a range (getCount).
+    Count {
+        #[arg(value_parser = video_id)]
+        video_id: String,
+        #[arg(value_parser = event_type)]
+        event_type: String,
+        #[command(flatten)]
+        range: Range,
+    },
+    /// A function over a video's events of one type in a range (getStats): count, sum, min,
+    /// max, avg, p1..p99 or uniq. Prints `null` when the range has no data.
+    Stats {
+        #[arg(value_parser = video_id)]
+        video_id: String,
+        #[arg(value_parser = event_type)]
+        event_type: String,
+        function: String,
+        #[command(flatten)]
+        range: Range,
+    },
     /// Create the database and apply sql/schema.sql to it (idempotent).
     Schema,
     /// Recompute every count table from events_raw and swap the results in. Stop the job first.
@@ -44,7 +104,39 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("videocount: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<QueryError>() {
+                Some(QueryError::Invalid(_)) => std::process::ExitCode::from(2),
+                _ => std::process::ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Range {
+    fn resolve(&self) -> Result<TimeRange, QueryError> {
+        TimeRange::new(self.from, self.to.unwrap_or_else(now_ms))
+    }
+}
+
+fn print_number(range: &Range, resolved: TimeRange, value: Option<f64>, fields: serde_json::Value) {
+    if range.json {
+        let mut object = serde_json::json!({
+            "from": format_time(resolved.from_ms),
+            "to": format_time(resolved.to_ms),
+            "value": value,
+        });
+        if let (Some(object), serde_json::Value::Object(fields)) = (object.as_object_mut(), fields) {
+            object.extend(fields);
+        }
+        println!("{object}");
+    } else {
+        match value {
+            Some(v) => println!("{v}"),
+            None => println!("null"),
         }
     }
 }
@@ -57,9 +149,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     config.validate()?;
     let clickhouse = ClickHouse::new(config);
+    let reader = Reader::new(clickhouse.clone(), Registry::builtin());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
+            Command::Views { video_id, range } => {
+                let resolved = range.resolve()?;
+                let count = reader.views(&video_id, resolved).await?;
+                let fields = serde_json::json!({"video_id": video_id, "event_type": "view"});
+                print_number(&range, resolved, Some(count as f64), fields);
+            }
+            Command::Count { video_id, event_type, range } => {
+                let resolved = range.resolve()?;
+                let count = reader.count(&video_id, &event_type, resolved).await?;
+                let fields = serde_json::json!({"video_id": video_id, "event_type": event_type});
+                print_number(&range, resolved, Some(count as f64), fields);
+            }
+            Command::Stats { video_id, event_type, function, range } => {
+                let resolved = range.resolve()?;
+                let answer = reader.stats(&video_id, &event_type, &function, resolved).await?;
+                let fields = serde_json::json!({
+                    "video_id": video_id, "event_type": event_type, "function": function,
+                    "states_merged": answer.states,
+                });
+                print_number(&range, resolved, answer.value, fields);
+            }
             Command::Schema => {
                 schema::apply(&clickhouse).await.with_context(|| {
                     format!("applying sql/schema.sql to {} at {}", cli.database, cli.clickhouse_url)

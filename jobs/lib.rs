@@ -1,4 +1,8 @@
-//! What the jobs share: flags, start-up checks, and the `view_counts` dataflow.
+//! What the jobs share: flags, start-up checks, the source, plan, dead letters and commit of
+//! every epoch ([`run_job`]), and the two dataflows between them: [`ViewCounts`] and
+//! [`EventStats`].
+//!
+//! `view_counts`:
 //!
 //! ```text
 //!  KafkaSource ─┬─ events ──exchange(video_id)──▶ WriteCounts ──────┐
@@ -6,6 +10,9 @@
 //!               ├─ dead letters ───────────────▶ WriteDeadLetters ─┼─exchange(0)─▶ Commit ─▶ probe
 //!               └─ ranges ──exchange(0)──▶ WritePlan ──(gate)──────┘
 //! ```
+//!
+//! `event_stats` replaces WriteCounts and WriteRaw with a fast and a slow stream
+//! (`videocount_operators::aggregate_events`), both written before the commit.
 //!
 //! An epoch's rows are written only after its plan (the offset ranges) is, and its commit
 //! only after all of its rows are: the timely frontier carries that order.
@@ -21,16 +28,20 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use timely::dataflow::Stream;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::{Concatenate, OkErr, Probe};
+use timely::dataflow::{Scope, Stream};
 use tracing::{info, warn};
 use videocount_clickhouse::checkpoints::{self, Range, commit_block, plan_block};
 use videocount_clickhouse::rows::{DeadLetterRow, RawRow, dead_letters_block, raw_block};
 use videocount_clickhouse::{ClickHouse, ClickHouseConfig, Writer};
-use videocount_events::{Event, TimeLimits, route};
+use videocount_events::{Event, Rejection, TimeLimits, parse_event, parse_stats_event, route};
+use videocount_operators::aggregate::{FunctionsConfig, Registry, Speed};
+use videocount_operators::aggregate_events::{
+    LocatedInput, Partial, StatsEpoch, StatsInput, pre_aggregate_fast, pre_aggregate_slow,
+};
 use videocount_operators::kafka_source::SourceProgress;
 use videocount_operators::{EventCounts, FlushEpochs, SourceConfig, SourceItem, kafka_source};
 
@@ -39,6 +50,8 @@ type Located = (Event, u32, u64);
 /// What the source emits besides events: a dead letter or an epoch's offset range.
 type Control = Result<DeadLetter, Range>;
 type DeadLetter = Box<DeadLetterRow>;
+/// A job's event with the partition and offset it was read from.
+type Sourced<D> = (<D as Dataflow>::Event, u32, u64);
 
 /// Flags of a counting job; each can also be set from the environment.
 #[derive(Parser, Debug, Clone)]
@@ -104,9 +117,23 @@ pub struct JobArgs {
     /// Raw librdkafka consumer option KEY=VALUE (repeatable).
     #[arg(long = "kafka-option", value_parser = parse_key_value)]
     pub kafka_options: Vec<(String, String)>,
-    /// Name under which the job keeps its checkpoint.
-    #[arg(long, env = "VIDEOCOUNT_JOB_NAME", default_value = "view_counts")]
-    pub job_name: String,
+    /// Name under which the job keeps its checkpoint (default: the job's own name).
+    #[arg(long, env = "VIDEOCOUNT_JOB_NAME")]
+    pub job_name: Option<String>,
+}
+
+/// Flags of `event_stats`: the common ones and its own.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about = "Maintains aggregate functions of video events from Kafka in ClickHouse, exactly once.")]
+pub struct EventStatsArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// The functions applied per event type (TOML; see config/functions.toml).
+    #[arg(long, env = "VIDEOCOUNT_FUNCTIONS", default_value = "config/functions.toml")]
+    pub functions: std::path::PathBuf,
+    /// Testing aid: the slow stream sleeps this long before finishing each epoch.
+    #[arg(long, env = "VIDEOCOUNT_SLOW_STREAM_DELAY_MS", default_value_t = 0, hide = true)]
+    pub slow_stream_delay_ms: u64,
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -134,7 +161,7 @@ impl JobArgs {
 
     fn timely_config(&self) -> anyhow::Result<timely::Config> {
         let mut args = vec![
-            "view_counts".to_owned(),
+            "videocount".to_owned(),
             "-w".into(),
             self.workers.to_string(),
             "-n".into(),
@@ -159,7 +186,9 @@ impl JobArgs {
         if self.processes > 1 && self.hostfile.is_none() {
             bail!("--processes > 1 needs --hostfile");
         }
-        if !videocount_clickhouse::config::valid_identifier(&self.job_name) {
+        if let Some(name) = &self.job_name
+            && !videocount_clickhouse::config::valid_identifier(name)
+        {
             bail!("--job-name must be 1-64 characters of [A-Za-z0-9_]");
         }
         Ok(())
@@ -243,9 +272,155 @@ fn spawn_lag_monitor(brokers: &str, topic: &str, progress: Arc<SourceProgress>, 
     });
 }
 
+/// The part of a job between its source and its commit.
+pub trait Dataflow: Send + Sync + 'static {
+    /// What the source makes of a valid message.
+    type Event: timely::ExchangeData + Clone;
+    /// The default `--job-name`.
+    const NAME: &'static str;
+    /// Parses one message; must depend on its arguments only (a re-run parses alike).
+    fn parse(
+        &self,
+        payload: Option<&[u8]>,
+        message_ts_ms: Option<i64>,
+        limits: TimeLimits,
+    ) -> Result<Self::Event, Rejection>;
+    /// The writes of an epoch's events, each gated on `planned`; the epoch commits once the
+    /// frontier of every returned stream has passed it.
+    fn build<'scope>(
+        &self,
+        scope: Scope<'scope, u64>,
+        events: Stream<'scope, u64, Vec<(Self::Event, u32, u64)>>,
+        planned: Stream<'scope, u64, Vec<()>>,
+        writer: &Writer,
+    ) -> Vec<Stream<'scope, u64, Vec<()>>>;
+}
+
+/// `view_counts`: counts per (video, type, minute/hour/day), and the raw event log.
+#[derive(Debug)]
+pub struct ViewCounts {
+    pub events_raw: bool,
+}
+
+impl Dataflow for ViewCounts {
+    type Event = Event;
+    const NAME: &'static str = "view_counts";
+
+    fn parse(&self, payload: Option<&[u8]>, ts: Option<i64>, limits: TimeLimits) -> Result<Event, Rejection> {
+        parse_event(payload, ts, limits)
+    }
+
+    fn build<'scope>(
+        &self,
+        _scope: Scope<'scope, u64>,
+        events: Stream<'scope, u64, Vec<Located>>,
+        planned: Stream<'scope, u64, Vec<()>>,
+        writer: &Writer,
+    ) -> Vec<Stream<'scope, u64, Vec<()>>> {
+        let counted = events.clone().flush_epochs::<EventCounts, _, _>(
+            planned.clone(),
+            Exchange::new(|(event, _, _): &Located| route(&event.video_id)),
+            "WriteCounts",
+            writer.clone(),
+            |epoch, counts| counts.into_inserts(epoch),
+        );
+        let mut written = vec![counted];
+        if self.events_raw {
+            written.push(events.flush_epochs::<Vec<Located>, _, _>(
+                planned,
+                Pipeline,
+                "WriteRaw",
+                writer.clone(),
+                |_epoch, rows| {
+                    if rows.is_empty() {
+                        return Vec::new();
+                    }
+                    let mut rows: Vec<RawRow> = rows
+                        .into_iter()
+                        .map(|(e, partition, offset)| RawRow {
+                            video_id: e.video_id.into_string(),
+                            event_type: e.event_type.into_string(),
+                            ts_ms: e.ts_ms,
+                            partition,
+                            offset,
+                        })
+                        .collect();
+                    vec![raw_block(&mut rows)]
+                },
+            ));
+        }
+        written
+    }
+}
+
+/// `event_stats`: states of aggregate functions per (video, type, aggregate, minute/hour/day),
+/// on a fast stream (exact functions) and a slow one (sketches).
+#[derive(Debug)]
+pub struct EventStats {
+    pub functions: FunctionsConfig,
+    pub slow_stream_delay: Duration,
+}
+
+impl Dataflow for EventStats {
+    type Event = StatsInput;
+    const NAME: &'static str = "event_stats";
+
+    fn parse(&self, payload: Option<&[u8]>, ts: Option<i64>, limits: TimeLimits) -> Result<StatsInput, Rejection> {
+        let event = parse_stats_event(payload, ts, limits)?;
+        let aggregates = self.functions.resolve(&event)?;
+        Ok(StatsInput { event, aggregates })
+    }
+
+    fn build<'scope>(
+        &self,
+        _scope: Scope<'scope, u64>,
+        events: Stream<'scope, u64, Vec<LocatedInput>>,
+        planned: Stream<'scope, u64, Vec<()>>,
+        writer: &Writer,
+    ) -> Vec<Stream<'scope, u64, Vec<()>>> {
+        let registry = self.functions.registry().clone();
+        let fast = pre_aggregate_fast(events.clone(), registry.clone(), registry.mask(Speed::Fast));
+        let slow = pre_aggregate_slow(events, registry.clone(), registry.mask(Speed::Slow), self.slow_stream_delay);
+        [(fast, "WriteFastStats"), (slow, "WriteSlowStats")]
+            .into_iter()
+            .map(|(partials, name)| {
+                let registry = registry.clone();
+                let label = name.to_owned();
+                partials.flush_epochs::<StatsEpoch, _, _>(
+                    planned.clone(),
+                    Exchange::new(|partial: &Partial| route(&partial.key.0)),
+                    name,
+                    writer.clone(),
+                    move |epoch, states| match states.into_inserts(&registry, epoch) {
+                        Ok(inserts) => inserts,
+                        // A state this binary encoded and cannot decode is a bug; losing the
+                        // epoch silently would be worse than stopping here.
+                        Err(e) => panic!("{label}: epoch {epoch}: {e}"),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
 /// Runs `view_counts` until it is caught up (with `--until-caught-up`) or stopped by a signal.
 pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
+    let dataflow = ViewCounts { events_raw: !args.no_events_raw };
+    run_job(args, dataflow)
+}
+
+/// Runs `event_stats` until it is caught up (with `--until-caught-up`) or stopped by a signal.
+pub fn run_event_stats(args: EventStatsArgs) -> anyhow::Result<()> {
+    let functions = FunctionsConfig::load(&args.functions, Registry::builtin())?;
+    info!(functions = %args.functions.display(), aggregates = ?functions.registry(), "functions loaded");
+    let dataflow = EventStats { functions, slow_stream_delay: Duration::from_millis(args.slow_stream_delay_ms) };
+    run_job(args.job, dataflow)
+}
+
+/// Runs a job: checks, checkpoint, source, plan, dead letters, `dataflow`'s writes, commit.
+pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()> {
     args.validate()?;
+    let job_name = args.job_name.get_or_insert_with(|| D::NAME.to_owned()).clone();
     let timely_config = args.timely_config()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let clickhouse = ClickHouse::new(args.clickhouse_config());
@@ -260,7 +435,7 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot reach ClickHouse at {}", args.clickhouse_url))?;
         check_schema(&clickhouse).await?;
         ensure_topic(&args.brokers, &dlq_topic, 1).await?;
-        checkpoints::load(&clickhouse, &args.job_name, &args.topic).await.with_context(|| {
+        checkpoints::load(&clickhouse, &job_name, &args.topic).await.with_context(|| {
             format!("cannot read the checkpoint (is the schema applied to {}? make schema)", args.database)
         })
     })?;
@@ -279,7 +454,7 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
     info!(
         topic = %args.topic, partitions, database = %args.database, workers = peers,
         last_committed = ?state.last_committed, pending_epochs = state.pending.len(),
-        "view_counts starting"
+        "{job_name} starting"
     );
 
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -298,13 +473,14 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
     spawn_lag_monitor(&args.brokers, &args.topic, Arc::clone(&progress), Arc::clone(&shutdown));
     let state = Arc::new(state);
     let args = Arc::new(args);
+    let dataflow = Arc::new(dataflow);
 
     let guards = {
         let (writer, dlq, progress, shutdown) =
             (writer.clone(), Arc::clone(&dlq), Arc::clone(&progress), Arc::clone(&shutdown));
         timely::execute(timely_config, move |worker| -> Result<(), String> {
             let probe = ProbeHandle::new();
-            let job = args.job_name.clone();
+            let job = job_name.clone();
             let topic = args.topic.clone();
             let source_config = SourceConfig {
                 job: job.clone(),
@@ -320,11 +496,15 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
                 shutdown: Arc::clone(&shutdown),
                 progress: Arc::clone(&progress),
             };
-            let events_raw = !args.no_events_raw;
             let (writer, dlq, dlq_topic) = (writer.clone(), Arc::clone(&dlq), dlq_topic.clone());
+            let dataflow = Arc::clone(&dataflow);
             worker.dataflow::<u64, _, _>(|scope| -> Result<(), String> {
-                let items = kafka_source(scope, source_config, probe.clone()).map_err(|e| e.to_string())?;
-                let (events, other): (Stream<'_, u64, Vec<Located>>, Stream<'_, u64, Vec<Control>>) =
+                let parser = Arc::clone(&dataflow);
+                let parse = move |payload: Option<&[u8]>, ts: Option<i64>, limits: TimeLimits| {
+                    parser.parse(payload, ts, limits)
+                };
+                let items = kafka_source(scope, source_config, probe.clone(), parse).map_err(|e| e.to_string())?;
+                let (events, other): (Stream<'_, u64, Vec<Sourced<D>>>, Stream<'_, u64, Vec<Control>>) =
                     items.ok_err(|item| match item {
                         SourceItem::Event(event, partition, offset) => Ok((event, partition, offset)),
                         SourceItem::DeadLetter(row) => Err(Ok(row)),
@@ -346,13 +526,6 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
                         vec![plan_block(&plan_job, &plan_topic, epoch, peers, &mut ranges)]
                     },
                 );
-                let counted = events.clone().flush_epochs::<EventCounts, _, _>(
-                    planned.clone(),
-                    Exchange::new(|(event, _, _): &Located| route(&event.video_id)),
-                    "WriteCounts",
-                    writer.clone(),
-                    |epoch, counts| counts.into_inserts(epoch),
-                );
                 let dead_written = dead.flush_epochs::<Vec<DeadLetter>, _, _>(
                     planned.clone(),
                     Pipeline,
@@ -373,31 +546,8 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
                         vec![dead_letters_block(&mut rows)]
                     },
                 );
-                let mut written = vec![planned.clone(), counted, dead_written];
-                if events_raw {
-                    written.push(events.flush_epochs::<Vec<Located>, _, _>(
-                        planned,
-                        Pipeline,
-                        "WriteRaw",
-                        writer.clone(),
-                        |_epoch, rows| {
-                            if rows.is_empty() {
-                                return Vec::new();
-                            }
-                            let mut rows: Vec<RawRow> = rows
-                                .into_iter()
-                                .map(|(e, partition, offset)| RawRow {
-                                    video_id: e.video_id.into_string(),
-                                    event_type: e.event_type.into_string(),
-                                    ts_ms: e.ts_ms,
-                                    partition,
-                                    offset,
-                                })
-                                .collect();
-                            vec![raw_block(&mut rows)]
-                        },
-                    ));
-                }
+                let mut written = vec![planned.clone(), dead_written];
+                written.extend(dataflow.build(scope, events, planned, &writer));
                 scope
                     .concatenate(written)
                     .flush_epochs::<Vec<()>, _, _>(

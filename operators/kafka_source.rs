@@ -28,13 +28,13 @@ use timely::dataflow::{Scope, Stream};
 use tracing::{info, warn};
 use videocount_clickhouse::checkpoints::{JobState, Range};
 use videocount_clickhouse::rows::{DeadLetterRow, stored_payload};
-use videocount_events::{Event, TimeLimits, parse_event};
+use videocount_events::{Event, Rejection, TimeLimits};
 
 /// What the source emits.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SourceItem {
+#[derive(Clone, Debug, PartialEq)]
+pub enum SourceItem<E = Event> {
     /// A valid event, with the partition and offset it was read from.
-    Event(Event, u32, u64),
+    Event(E, u32, u64),
     /// A message that is not a valid event (boxed: rare, and large next to an event).
     DeadLetter(Box<DeadLetterRow>),
     /// The offsets this epoch covers in one partition.
@@ -197,11 +197,20 @@ impl PartitionCursor {
 }
 
 /// Builds the source for this worker. See the module documentation.
-pub fn kafka_source<'scope>(
+///
+/// `parse` turns a message (payload, Kafka timestamp, limits) into an event or a rejection:
+/// `videocount_events::parse_event` for `view_counts`. It must depend on nothing but its
+/// arguments, so that a re-run epoch parses exactly as the first run did.
+pub fn kafka_source<'scope, E, F>(
     scope: Scope<'scope, u64>,
     config: SourceConfig,
     probe: ProbeHandle<u64>,
-) -> Result<Stream<'scope, u64, Vec<SourceItem>>, SourceError> {
+    mut parse: F,
+) -> Result<Stream<'scope, u64, Vec<SourceItem<E>>>, SourceError>
+where
+    E: Clone + 'static,
+    F: FnMut(Option<&[u8]>, Option<i64>, TimeLimits) -> Result<E, Rejection> + 'static,
+{
     let worker = scope.index();
     let peers = scope.peers();
     let kafka_err = |source| SourceError::Kafka { topic: config.topic.clone(), source };
@@ -243,7 +252,7 @@ pub fn kafka_source<'scope>(
         "source assigned"
     );
 
-    Ok(source::<_, CapacityContainerBuilder<Vec<SourceItem>>, _, _>(scope, "KafkaSource", move |initial, info| {
+    Ok(source::<_, CapacityContainerBuilder<Vec<SourceItem<E>>>, _, _>(scope, "KafkaSource", move |initial, info| {
         let activator = scope.activator_for(info.address);
         let mut live: Option<Capability<u64>> = Some(initial.delayed(&config.state.next_epoch));
         let mut pending_caps: BTreeMap<u64, Capability<u64>> =
@@ -251,8 +260,8 @@ pub fn kafka_source<'scope>(
         drop(initial);
         let mut last_close = Instant::now();
         let mut last_position_check = Instant::now();
-        let mut live_items: Vec<SourceItem> = Vec::new();
-        let mut pending_items: HashMap<u64, Vec<SourceItem>> = HashMap::new();
+        let mut live_items: Vec<SourceItem<E>> = Vec::new();
+        let mut pending_items: HashMap<u64, Vec<SourceItem<E>>> = HashMap::new();
         let mut stopping = false;
         // Kafka errors (a broker restarting) are logged at most every 5 s, with a count.
         let mut errors_since_log = 0u64;
@@ -305,7 +314,7 @@ pub fn kafka_source<'scope>(
                         break;
                     }
                     let message_ts = message.timestamp().to_millis();
-                    let item = match parse_event(message.payload(), message_ts, config.limits) {
+                    let item = match parse(message.payload(), message_ts, config.limits) {
                         Ok(event) => SourceItem::Event(event, p, offset),
                         Err(rejection) => {
                             config.progress.dead_letters.fetch_add(1, Ordering::Relaxed);

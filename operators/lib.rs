@@ -10,6 +10,7 @@
 //!   rolls the counts up to hours and days.
 
 pub mod aggregate;
+pub mod aggregate_events;
 pub mod count_events;
 pub mod flush_epochs;
 pub mod kafka_source;

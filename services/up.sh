@@ -56,7 +56,9 @@ install_packages() {
     fi
 }
 
-zookeeper_ok() { [ "$( (exec 3<>/dev/tcp/127.0.0.1/2181 && printf ruok >&3 && cat <&3) 2>/dev/null)" = imok ]; }
+# `ruok` answers imok while ZooKeeper is still loading its data; `stat` shows a Mode only once
+# it serves requests (ClickHouse gives up on Replicated tables it cannot attach before that).
+zookeeper_ok() { (exec 3<>/dev/tcp/127.0.0.1/2181 && printf stat >&3 && cat <&3) 2>/dev/null | grep -q '^Mode:'; }
 
 start_zookeeper() {
     local dir="$VAR/zookeeper"

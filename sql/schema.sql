@@ -51,6 +51,74 @@ PARTITION BY toYear(day)
 ORDER BY (video_id, event_type, day)
 SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
 
+-- event_stats: the states of aggregate functions per (video, event type, aggregate, minute),
+-- one row per epoch that touched the key (merge the rows of a key; never read one alone).
+-- `aggregate` is the stored state: 'moments' answers count, sum, min, max and avg;
+-- 'quantiles' (a DDSketch) answers p1..p99; 'uniq' (a HyperLogLog) answers uniq.
+-- Every row also has plain columns over the events that fed it: `count` (events),
+-- `value_count`, `sum`, `min` and `max` (of their values; min is inf and max -inf without
+-- values), so the exact functions are plain SQL over aggregate = 'moments':
+--   count = sum(count), sum = sum(sum), min = min(min), max = max(max),
+--   avg = sum(sum) / sum(value_count).
+-- `state` holds the encoded state; percentiles and uniq are merged by the project's query code
+-- (`videocount stats`, the query library). Hour and day tables hold the same states rolled up.
+CREATE TABLE IF NOT EXISTS stats_minute
+(
+    video_id String,
+    event_type String,
+    aggregate String,
+    minute DateTime('UTC'),
+    count UInt64,
+    value_count UInt64,
+    sum Float64,
+    min Float64,
+    max Float64,
+    state String,
+    epoch UInt64
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_minute', '{replica}')
+PARTITION BY toYYYYMM(minute)
+ORDER BY (video_id, event_type, aggregate, minute)
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+
+CREATE TABLE IF NOT EXISTS stats_hour
+(
+    video_id String,
+    event_type String,
+    aggregate String,
+    hour DateTime('UTC'),
+    count UInt64,
+    value_count UInt64,
+    sum Float64,
+    min Float64,
+    max Float64,
+    state String,
+    epoch UInt64
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_hour', '{replica}')
+PARTITION BY toYYYYMM(hour)
+ORDER BY (video_id, event_type, aggregate, hour)
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+
+CREATE TABLE IF NOT EXISTS stats_day
+(
+    video_id String,
+    event_type String,
+    aggregate String,
+    day Date,
+    count UInt64,
+    value_count UInt64,
+    sum Float64,
+    min Float64,
+    max Float64,
+    state String,
+    epoch UInt64
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_day', '{replica}')
+PARTITION BY toYear(day)
+ORDER BY (video_id, event_type, aggregate, day)
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+
 -- The raw event log: every counted event once, for replays and ad-hoc slicing.
 -- ts is epoch milliseconds UTC; `toDateTime(intDiv(ts, 1000))` gives a DateTime.
 -- The job's --no-events-raw flag switches it off.

@@ -61,6 +61,27 @@ impl NativeBlock {
         self.check(n);
     }
 
+    /// A `String` column of arbitrary bytes (ClickHouse strings are byte strings).
+    pub fn column_bytes<'a>(&mut self, name: &str, values: impl Iterator<Item = &'a [u8]>) {
+        self.header(name, "String");
+        let mut n = 0;
+        for v in values {
+            put_string(&mut self.buf, v);
+            n += 1;
+        }
+        self.check(n);
+    }
+
+    pub fn column_f64(&mut self, name: &str, values: impl Iterator<Item = f64>) {
+        self.header(name, "Float64");
+        let mut n = 0;
+        for v in values {
+            self.buf.put_f64_le(v);
+            n += 1;
+        }
+        self.check(n);
+    }
+
     pub fn column_u64(&mut self, name: &str, values: impl Iterator<Item = u64>) {
         self.header(name, "UInt64");
         let mut n = 0;

@@ -34,6 +34,24 @@ impl Grain {
         }
     }
 
+    /// The `event_stats` table of this grain.
+    pub fn stats_table(self) -> &'static str {
+        match self {
+            Grain::Minute => "stats_minute",
+            Grain::Hour => "stats_hour",
+            Grain::Day => "stats_day",
+        }
+    }
+
+    /// The time column of this grain's tables.
+    pub fn column(self) -> &'static str {
+        match self {
+            Grain::Minute => "minute",
+            Grain::Hour => "hour",
+            Grain::Day => "day",
+        }
+    }
+
     /// The bucket of an event time in epoch milliseconds: seconds for minutes and hours (a
     /// `DateTime`), days for days (a `Date`).
     pub fn bucket(self, ts_ms: u64) -> u32 {
@@ -62,6 +80,48 @@ pub fn counts_block(grain: Grain, epoch: u64, rows: &mut [CountRow]) -> Insert {
     block.column_u64("count", rows.iter().map(|r| r.1));
     block.column_u64("epoch", rows.iter().map(|_| epoch));
     Insert { table: grain.table().into(), rows: block.rows(), body: block.finish() }
+}
+
+/// One row of a `stats_*` table: a state of one (video, event type, aggregate, bucket) with
+/// the plain summary columns of the events that fed it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatsRow {
+    pub video_id: String,
+    pub event_type: String,
+    pub aggregate: String,
+    /// Seconds for minutes and hours, days for days (as [`Grain::bucket`]).
+    pub bucket: u32,
+    pub count: u64,
+    pub value_count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    pub state: Vec<u8>,
+}
+
+/// States of one grain for one epoch. Sorts `rows` in place by key.
+pub fn stats_block(grain: Grain, epoch: u64, rows: &mut [StatsRow]) -> Insert {
+    rows.sort_unstable_by(|a, b| {
+        (&a.video_id, &a.event_type, &a.aggregate, a.bucket).cmp(&(&b.video_id, &b.event_type, &b.aggregate, b.bucket))
+    });
+    let mut block = NativeBlock::new(11, rows.len());
+    block.column_str("video_id", rows.iter().map(|r| r.video_id.as_str()));
+    block.column_str("event_type", rows.iter().map(|r| r.event_type.as_str()));
+    block.column_str("aggregate", rows.iter().map(|r| r.aggregate.as_str()));
+    match grain {
+        Grain::Minute | Grain::Hour => {
+            block.column_u32(grain.column(), "DateTime('UTC')", rows.iter().map(|r| r.bucket))
+        }
+        Grain::Day => block.column_u16("day", "Date", rows.iter().map(|r| r.bucket as u16)),
+    }
+    block.column_u64("count", rows.iter().map(|r| r.count));
+    block.column_u64("value_count", rows.iter().map(|r| r.value_count));
+    block.column_f64("sum", rows.iter().map(|r| r.sum));
+    block.column_f64("min", rows.iter().map(|r| r.min));
+    block.column_f64("max", rows.iter().map(|r| r.max));
+    block.column_bytes("state", rows.iter().map(|r| r.state.as_slice()));
+    block.column_u64("epoch", rows.iter().map(|_| epoch));
+    Insert { table: grain.stats_table().into(), rows: block.rows(), body: block.finish() }
 }
 
 /// One row of `events_raw`.

@@ -1,0 +1,358 @@
+//! The read API as a library: `getViewsCount`, `getCount` and `getStats` of the design notes.
+//!
+//! A range is half-open, `[from, to)` in epoch milliseconds, and is answered in whole minutes:
+//! a minute belongs to the range when its start does. The range is cut into whole days, whole
+//! hours and the remaining minutes ([`segments`]), so a one-year range reads at most 365 day
+//! buckets, 46 hour buckets and 118 minute buckets per key, whatever the data.
+//!
+//! Counts are summed in ClickHouse. Stats merge the stored states of the function's aggregate
+//! with the same code the job uses (`videocount_operators::aggregate`), then finish them.
+
+use clickhouse::Row;
+use serde::Deserialize;
+use videocount_clickhouse::rows::Grain;
+use videocount_clickhouse::{ClickHouse, SinkError};
+use videocount_events::{DEFAULT_EVENT_TYPE, valid_event_type, valid_video_id};
+use videocount_operators::aggregate::{Function, Registry};
+
+/// The longest range a query may ask for.
+pub const MAX_RANGE_MS: u64 = 10 * 366 * 86_400_000;
+
+/// Why a query cannot be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The caller's input is wrong: says which argument and which rule.
+    #[error("{0}")]
+    Invalid(String),
+    /// ClickHouse failed or is unreachable.
+    #[error("ClickHouse: {0}")]
+    Store(#[from] SinkError),
+    /// A stored state could not be decoded.
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+/// A half-open range `[from_ms, to_ms)` of epoch milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimeRange {
+    pub from_ms: u64,
+    pub to_ms: u64,
+}
+
+impl TimeRange {
+    /// Checks the order and the length of the range.
+    pub fn new(from_ms: u64, to_ms: u64) -> Result<Self, QueryError> {
+        if from_ms > to_ms {
+            return Err(QueryError::Invalid(format!("from ({from_ms}) is after to ({to_ms})")));
+        }
+        if to_ms - from_ms > MAX_RANGE_MS {
+            return Err(QueryError::Invalid("the range is longer than 10 years".into()));
+        }
+        if to_ms / 1000 > u64::from(u32::MAX) {
+            return Err(QueryError::Invalid("to is after the year 2106".into()));
+        }
+        Ok(TimeRange { from_ms, to_ms })
+    }
+}
+
+/// Parses a time: RFC 3339 (`2026-11-27T10:00:00Z`, any offset) or epoch milliseconds.
+pub fn parse_time(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse::<u64>().map_err(|_| format!("{text:?} is too large for epoch milliseconds"));
+    }
+    let ts: jiff::Timestamp = text
+        .parse()
+        .map_err(|e| format!("{text:?} is neither RFC 3339 (2026-11-27T10:00:00Z) nor epoch milliseconds: {e}"))?;
+    u64::try_from(ts.as_millisecond()).map_err(|_| format!("{text:?} is before 1970"))
+}
+
+/// Formats epoch milliseconds as RFC 3339 UTC.
+pub fn format_time(ms: u64) -> String {
+    jiff::Timestamp::from_millisecond(ms as i64).map(|t| t.to_string()).unwrap_or_else(|_| ms.to_string())
+}
+
+/// A run of buckets of one grain: `[start, end)` in seconds (days too, at midnight).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub grain: Grain,
+    pub start_s: u64,
+    pub end_s: u64,
+}
+
+fn ceil_to(x: u64, step: u64) -> u64 {
+    x.div_ceil(step) * step
+}
+
+fn floor_to(x: u64, step: u64) -> u64 {
+    x / step * step
+}
+
+/// The minutes of `range` as whole days, whole hours and the remaining minutes.
+pub fn segments(range: TimeRange) -> Vec<Segment> {
+    let first = ceil_to(range.from_ms, 60_000) / 1000;
+    let end = ceil_to(range.to_ms, 60_000) / 1000;
+    let mut out = Vec::new();
+    if first >= end {
+        return out;
+    }
+    let push = |out: &mut Vec<Segment>, grain, start_s, end_s| {
+        if start_s < end_s {
+            out.push(Segment { grain, start_s, end_s });
+        }
+    };
+    let hours_and_minutes = |out: &mut Vec<Segment>, start: u64, end: u64| {
+        let (h0, h1) = (ceil_to(start, 3600), floor_to(end, 3600));
+        if h0 < h1 {
+            push(out, Grain::Minute, start, h0);
+            push(out, Grain::Hour, h0, h1);
+            push(out, Grain::Minute, h1, end);
+        } else {
+            push(out, Grain::Minute, start, end);
+        }
+    };
+    let (d0, d1) = (ceil_to(first, 86_400), floor_to(end, 86_400));
+    if d0 < d1 {
+        hours_and_minutes(&mut out, first, d0);
+        push(&mut out, Grain::Day, d0, d1);
+        hours_and_minutes(&mut out, d1, end);
+    } else {
+        hours_and_minutes(&mut out, first, end);
+    }
+    out
+}
+
+/// The bind values of a segment's condition: dates for the day table, seconds otherwise.
+enum Bounds {
+    Dates(String, String),
+    Seconds(u64, u64),
+}
+
+impl Bounds {
+    fn bind(self, query: clickhouse::query::Query) -> clickhouse::query::Query {
+        match self {
+            Bounds::Dates(start, end) => query.bind(start).bind(end),
+            Bounds::Seconds(start, end) => query.bind(start).bind(end),
+        }
+    }
+}
+
+/// The SQL condition selecting a segment's buckets, and its two bind values.
+fn bucket_condition(segment: &Segment) -> (String, Bounds) {
+    match segment.grain {
+        Grain::Day => {
+            let date = |s: u64| format_time(s * 1000)[..10].to_owned();
+            ("day >= toDate(?) AND day < toDate(?)".into(), Bounds::Dates(date(segment.start_s), date(segment.end_s)))
+        }
+        grain => {
+            let column = grain.column();
+            (
+                format!("{column} >= toDateTime(?, 'UTC') AND {column} < toDateTime(?, 'UTC')"),
+                Bounds::Seconds(segment.start_s, segment.end_s),
+            )
+        }
+    }
+}
+
+fn check_ids(video_id: &str, event_type: &str) -> Result<(), QueryError> {
+    if !valid_video_id(video_id) {
+        return Err(QueryError::Invalid(format!("video_id {video_id:?} is not 1-64 characters of [A-Za-z0-9_-]")));
+    }
+    if !valid_event_type(event_type) {
+        return Err(QueryError::Invalid(format!("event_type {event_type:?} is not 1-32 characters of [a-z0-9_]")));
+    }
+    Ok(())
+}
+
+/// The answer to a stats query.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatsAnswer {
+    /// `None` when the range holds no data for the function.
+    pub value: Option<f64>,
+    /// How many stored states were merged.
+    pub states: usize,
+}
+
+/// Reads counts and stats from one database.
+#[derive(Clone, Debug)]
+pub struct Reader {
+    clickhouse: ClickHouse,
+    registry: Registry,
+}
+
+impl Reader {
+    pub fn new(clickhouse: ClickHouse, registry: Registry) -> Self {
+        Reader { clickhouse, registry }
+    }
+
+    /// Resolves a function name, or says which names exist.
+    pub fn function(&self, name: &str) -> Result<Function, QueryError> {
+        self.registry.function(name).ok_or_else(|| {
+            QueryError::Invalid(format!("unknown function {name:?}: use count, sum, min, max, avg, p1..p99 or uniq"))
+        })
+    }
+
+    /// `getViewsCount`: events of type `view`.
+    pub async fn views(&self, video_id: &str, range: TimeRange) -> Result<u64, QueryError> {
+        self.count(video_id, DEFAULT_EVENT_TYPE, range).await
+    }
+
+    /// `getCount`: events of `event_type` (as counted by `view_counts`).
+    pub async fn count(&self, video_id: &str, event_type: &str, range: TimeRange) -> Result<u64, QueryError> {
+        check_ids(video_id, event_type)?;
+        let segments = segments(range);
+        if segments.is_empty() {
+            return Ok(0);
+        }
+        let parts: Vec<(String, Segment)> = segments
+            .iter()
+            .map(|s| {
+                let (condition, _) = bucket_condition(s);
+                let table = s.grain.table();
+                (format!("SELECT count FROM {table} WHERE video_id = ? AND event_type = ? AND {condition}"), *s)
+            })
+            .collect();
+        let sql = format!(
+            "SELECT toUInt64(sum(count)) AS total FROM ({})",
+            parts.iter().map(|(sql, _)| sql.as_str()).collect::<Vec<_>>().join(" UNION ALL ")
+        );
+        let mut query = self.clickhouse.client().query(&sql);
+        for (_, segment) in &parts {
+            query = bucket_condition(segment).1.bind(query.bind(video_id).bind(event_type));
+        }
+        #[derive(Row, Deserialize)]
+        struct Total {
+            total: u64,
+        }
+        let rows: Vec<Total> = self.clickhouse.fetch_all(query).await?;
+        Ok(rows.first().map_or(0, |r| r.total))
+    }
+
+    /// `getStats`: `function` over the events of `event_type` (as kept by `event_stats`).
+    pub async fn stats(
+        &self,
+        video_id: &str,
+        event_type: &str,
+        function: &str,
+        range: TimeRange,
+    ) -> Result<StatsAnswer, QueryError> {
+        check_ids(video_id, event_type)?;
+        let function = self.function(function)?;
+        let aggregate = self.registry.get(function.aggregate);
+        let segments = segments(range);
+        if segments.is_empty() {
+            return Ok(StatsAnswer { value: None, states: 0 });
+        }
+        let parts: Vec<String> = segments
+            .iter()
+            .map(|s| {
+                let (condition, _) = bucket_condition(s);
+                let table = s.grain.stats_table();
+                format!(
+                    "SELECT state, {column} AS bucket, epoch FROM {table} \
+                     WHERE video_id = ? AND event_type = ? AND aggregate = ? AND {condition}",
+                    column = if s.grain == Grain::Day {
+                        "toDateTime(day, 'UTC')".to_owned()
+                    } else {
+                        s.grain.column().to_owned()
+                    }
+                )
+            })
+            .collect();
+        // A fixed order, so that the same rows always merge to the same answer.
+        let sql = format!("SELECT state FROM ({}) ORDER BY bucket, epoch, state", parts.join(" UNION ALL "));
+        let mut query = self.clickhouse.client().query(&sql);
+        for segment in &segments {
+            query = bucket_condition(segment).1.bind(query.bind(video_id).bind(event_type).bind(aggregate.name()));
+        }
+        #[derive(Row, Deserialize)]
+        struct Stored {
+            #[serde(with = "serde_bytes")]
+            state: Vec<u8>,
+        }
+        let rows: Vec<Stored> = self.clickhouse.fetch_all(query).await?;
+        let mut merged = aggregate.create();
+        for row in &rows {
+            let state = aggregate.decode(&row.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
+            aggregate.merge(&mut merged, &state);
+        }
+        let value = if rows.is_empty() { None } else { aggregate.finish(&merged, &function.name) };
+        Ok(StatsAnswer { value, states: rows.len() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn minutes_of(range: TimeRange) -> Vec<u64> {
+        let first = range.from_ms.div_ceil(60_000);
+        let end = range.to_ms.div_ceil(60_000);
+        (first..end).map(|m| m * 60).collect()
+    }
+
+    fn expand(segments: &[Segment]) -> Vec<u64> {
+        let mut out = Vec::new();
+        for s in segments {
+            let step = match s.grain {
+                Grain::Minute => 60,
+                Grain::Hour => 3600,
+                Grain::Day => 86_400,
+            };
+            assert_eq!(s.start_s % step, 0, "{s:?} is aligned");
+            assert_eq!(s.end_s % step, 0, "{s:?} is aligned");
+            let mut t = s.start_s;
+            while t < s.end_s {
+                out.extend((t..t + step).step_by(60));
+                t += step;
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn segments_cover_each_minute_once(from in 0u64..4_000_000_000_000, len in prop_oneof![0u64..200_000, 0u64..100_000_000, 0u64..40_000_000_000]) {
+            let range = TimeRange { from_ms: from, to_ms: from + len };
+            let segments = segments(range);
+            prop_assert_eq!(expand(&segments), minutes_of(range));
+            // At most: 2 x (59 minutes + 23 hours) around the days.
+            let buckets: u64 = segments.iter().filter(|s| s.grain != Grain::Day).map(|s| (s.end_s - s.start_s) / if s.grain == Grain::Hour { 3600 } else { 60 }).sum();
+            prop_assert!(buckets <= 2 * (59 + 23));
+        }
+    }
+
+    #[test]
+    fn a_year_reads_few_buckets() {
+        let from = parse_time("2025-03-10T10:17:30Z").unwrap();
+        let to = parse_time("2026-03-10T10:17:30Z").unwrap();
+        let segments = segments(TimeRange::new(from, to).unwrap());
+        assert_eq!(
+            segments.iter().map(|s| s.grain).collect::<Vec<_>>(),
+            [Grain::Minute, Grain::Hour, Grain::Day, Grain::Hour, Grain::Minute]
+        );
+    }
+
+    #[test]
+    fn times_parse_in_both_forms() {
+        assert_eq!(parse_time("1795812377123"), Ok(1_795_812_377_123));
+        assert_eq!(parse_time("2026-11-27T00:00:00Z"), Ok(1_795_737_600_000));
+        assert_eq!(parse_time("2026-11-27T01:00:00+01:00"), Ok(1_795_737_600_000));
+        assert_eq!(parse_time("2026-11-27T00:00:00.5Z"), Ok(1_795_737_600_500));
+        assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("").is_err());
+        assert!(parse_time("-5").is_err());
+        assert!(parse_time("1969-12-31T00:00:00Z").is_err());
+        assert_eq!(format_time(1_795_737_600_000), "2026-11-27T00:00:00Z");
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        assert!(TimeRange::new(2, 1).is_err());
+        assert!(TimeRange::new(0, MAX_RANGE_MS + 1).is_err());
+        assert!(TimeRange::new(5, 5).is_ok());
+        assert!(segments(TimeRange::new(5, 5).unwrap()).is_empty());
+    }
+}
