@@ -504,8 +504,8 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                     parser.parse(payload, ts, limits)
                 };
                 let items = kafka_source(scope, source_config, probe.clone(), parse).map_err(|e| e.to_string())?;
-                let (events, other): (Stream<'_, u64, Vec<Sourced<D>>>, Stream<'_, u64, Vec<Control>>) =
-                    items.ok_err(|item| match item {
+                let (events, other) =
+                    items.ok_err::<Vec<Sourced<D>>, Sourced<D>, Vec<Control>, Control, _>(|item| match item {
                         SourceItem::Event(event, partition, offset) => Ok((event, partition, offset)),
                         SourceItem::DeadLetter(row) => Err(Ok(row)),
                         SourceItem::Range(range) => Err(Err(range)),
