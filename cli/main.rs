@@ -69,7 +69,8 @@ enum Command {
         range: Range,
     },
     /// A function over a video's events of one type in a range (getStats): count, sum, min,
-    /// max, avg, p1..p99 or uniq. Prints `null` when the range has no data.
+    /// max, avg, p1..p99 or uniq. Prints `null` where a function has no value without data
+    /// (sum, min, max, avg, pNN); count and uniq of nothing are 0.
     Stats {
         #[arg(value_parser = video_id)]
         video_id: String,

@@ -167,7 +167,8 @@ fn check_ids(video_id: &str, event_type: &str) -> Result<(), QueryError> {
 /// The answer to a stats query.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StatsAnswer {
-    /// `None` when the range holds no data for the function.
+    /// `None` when the function has no value without data (sum, min, max, avg, pNN of no
+    /// values); `count` and `uniq` of nothing are 0.
     pub value: Option<f64>,
     /// How many stored states were merged.
     pub states: usize,
@@ -241,7 +242,8 @@ impl Reader {
         let aggregate = self.registry.get(function.aggregate);
         let segments = segments(range);
         if segments.is_empty() {
-            return Ok(StatsAnswer { value: None, states: 0 });
+            let empty = aggregate.create();
+            return Ok(StatsAnswer { value: aggregate.finish(&empty, &function.name), states: 0 });
         }
         let parts: Vec<String> = segments
             .iter()
@@ -276,7 +278,7 @@ impl Reader {
             let state = aggregate.decode(&row.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
             aggregate.merge(&mut merged, &state);
         }
-        let value = if rows.is_empty() { None } else { aggregate.finish(&merged, &function.name) };
+        let value = aggregate.finish(&merged, &function.name);
         Ok(StatsAnswer { value, states: rows.len() })
     }
 }

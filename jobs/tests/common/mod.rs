@@ -58,9 +58,20 @@ impl TestEnv {
         TestEnv { topic, database, clickhouse, runtime }
     }
 
-    /// The job binary with this test's topic and database.
+    /// The `view_counts` binary with this test's topic and database.
     pub fn job(&self, extra: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_view_counts"));
+        self.job_binary(env!("CARGO_BIN_EXE_view_counts"), extra)
+    }
+
+    /// The `event_stats` binary with this test's topic and database, and the repository's
+    /// functions config.
+    pub fn stats_job(&self, extra: &[&str]) -> Command {
+        let functions = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/functions.toml");
+        self.job_binary(env!("CARGO_BIN_EXE_event_stats"), &[&["--functions", functions], extra].concat())
+    }
+
+    fn job_binary(&self, binary: &str, extra: &[&str]) -> Command {
+        let mut command = Command::new(binary);
         command
             .args(["--brokers", BROKERS, "--topic", &self.topic, "--clickhouse-url", CLICKHOUSE_URL])
             .args(["--database", &self.database])
@@ -80,6 +91,27 @@ impl TestEnv {
     /// leaves nothing running).
     pub fn spawn(&self, extra: &[&str]) -> Running {
         Running(self.job(extra).stderr(Stdio::null()).spawn().unwrap())
+    }
+
+    /// Runs `command` (a job) until it is caught up; panics with its stderr if it fails.
+    pub fn run_command_until_caught_up(mut command: Command) {
+        let output = command.arg("--until-caught-up").output().unwrap();
+        assert!(output.status.success(), "job failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// `videocount` with this test's database: (exit code, stdout, stderr).
+    pub fn videocount(&self, args: &[&str]) -> (i32, String, String) {
+        let output = Command::new(tool("videocount"))
+            .args(["--clickhouse-url", CLICKHOUSE_URL, "--database", &self.database])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        )
     }
 
     pub fn query<T>(&self, sql: &str) -> Vec<T>
@@ -185,6 +217,37 @@ pub fn read_topic(topic: &str) -> Vec<Vec<u8>> {
         }
     }
     payloads
+}
+
+/// A binary of another crate of the workspace, built next to this crate's binaries by
+/// `cargo test --workspace`.
+pub fn tool(name: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_view_counts")).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo test --workspace` (or cargo build -p videocount-cli)",
+        path.display()
+    );
+    path
+}
+
+/// Produces `(key, payload)` messages and waits until Kafka acknowledged all of them.
+pub fn produce_keyed(topic: &str, messages: &[(String, String)]) {
+    use rdkafka::producer::{BaseRecord, Producer};
+    let producer = videocount_loadgen::producer(BROKERS).unwrap();
+    for (key, payload) in messages {
+        let mut record = BaseRecord::to(topic).key(key.as_str()).payload(payload.as_str());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    record = back;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
 }
 
 pub fn sleep_ms(ms: u64) {
