@@ -316,3 +316,140 @@ fn bad_arguments_exit_2_with_a_message() {
     assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
     env.drop();
 }
+
+/// Per (video, type, aggregate, bucket) of a stats table: the plain columns, summed.
+type Summary = BTreeMap<(String, String, String, u32), (u64, u64, f64, f64, f64)>;
+
+fn summary(env: &TestEnv, database: &str, table: &str, bucket: &str) -> Summary {
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Row {
+        video_id: String,
+        event_type: String,
+        aggregate: String,
+        bucket: u32,
+        count: u64,
+        value_count: u64,
+        sum: f64,
+        min: f64,
+        max: f64,
+    }
+    let rows: Vec<Row> = env.query(&format!(
+        "SELECT video_id, event_type, aggregate, toUInt32({bucket}) AS bucket, sum(count) AS count, \
+         sum(value_count) AS value_count, sum(sum) AS sum, min(min) AS min, max(max) AS max \
+         FROM {database}.{table} GROUP BY video_id, event_type, aggregate, bucket"
+    ));
+    rows.into_iter()
+        .map(|r| ((r.video_id, r.event_type, r.aggregate, r.bucket), (r.count, r.value_count, r.sum, r.min, r.max)))
+        .collect()
+}
+
+#[test]
+fn kills_at_random_moments_change_no_stat() {
+    let env = TestEnv::new("statscrash", 6);
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let (events, _) = generate(9, 400_000, now_ms);
+    let topic = env.topic.clone();
+    let messages: Vec<(String, String)> = events.iter().map(|e| (e.video.clone(), e.payload())).collect();
+    let producer = std::thread::spawn(move || produce_keyed(&topic, &messages));
+
+    let mut rng = rand::rng();
+    let args = ["--workers", "2", "--epoch-ms", "200"];
+    for kill in 0..3 {
+        let mut job = TestEnv::spawn_command(env.stats_job(&args));
+        common::sleep_ms(rng.random_range(1500..4000));
+        assert!(job.0.try_wait().unwrap().is_none(), "job {kill} died on its own");
+        job.0.kill().unwrap(); // SIGKILL
+        job.0.wait().unwrap();
+    }
+    producer.join().unwrap();
+    TestEnv::run_command_until_caught_up(env.stats_job(&args));
+
+    // The same topic counted in one clean run, into a second database.
+    let clean = format!("{}_clean", env.database);
+    let clean_clickhouse = env.clickhouse.with_database(&clean);
+    env.runtime.block_on(videocount_clickhouse::schema::apply(&clean_clickhouse)).unwrap();
+    TestEnv::run_command_until_caught_up(env.stats_job_on(&clean, &["--workers", "1"]));
+
+    for (table, bucket) in [("stats_minute", "minute"), ("stats_hour", "hour"), ("stats_day", "day")] {
+        let crashed = summary(&env, &env.database, table, bucket);
+        let clean = summary(&env, &clean, table, bucket);
+        assert_eq!(crashed.len(), clean.len(), "{table}: keys");
+        for (key, (c, vc, sum, min, max)) in &crashed {
+            let (c2, vc2, sum2, min2, max2) = clean[key];
+            assert_eq!((c, vc, min, max), (&c2, &vc2, &min2, &max2), "{table} {key:?}");
+            assert!((sum - sum2).abs() <= 1e-9 * sum2.abs(), "{table} {key:?}: sum {sum} vs {sum2}");
+        }
+    }
+    // Every event counted once, against the generator.
+    let day_counts = summary(&env, &env.database, "stats_day", "day");
+    for (video, event_type) in [("v0", "watch_time"), ("v1", "view"), ("v5", "like")] {
+        let stored: u64 = day_counts
+            .iter()
+            .filter(|((v, t, a, _), _)| v == video && t == event_type && a == "moments")
+            .map(|(_, (count, ..))| count)
+            .sum();
+        let expected = events.iter().filter(|e| e.video == video && e.event_type == event_type).count();
+        assert_eq!(stored as usize, expected, "{video} {event_type}");
+    }
+    // Sketch answers equal the clean run's.
+    let range =
+        ["--from", &(now_ms - 4 * DAY_MS).to_string(), "--to", &(now_ms + 3_600_000).to_string()].map(str::to_owned);
+    for (video, event_type, function) in
+        [("v0", "watch_time", "p50"), ("v0", "watch_time", "p99"), ("v1", "latency", "p95"), ("v0", "view", "uniq")]
+    {
+        let ask = |database: &str| {
+            let output = std::process::Command::new(common::tool("videocount"))
+                .args(["--clickhouse-url", common::CLICKHOUSE_URL, "--database", database])
+                .args(["stats", video, event_type, function])
+                .args(&range)
+                .output()
+                .unwrap();
+            assert!(output.status.success());
+            String::from_utf8_lossy(&output.stdout).trim().parse::<f64>().unwrap()
+        };
+        let (crashed, clean) = (ask(&env.database), ask(&clean));
+        let tolerance = if function == "uniq" { 0.005 * clean } else { 0.0 };
+        assert!((crashed - clean).abs() <= tolerance, "{video} {event_type} {function}: {crashed} vs clean {clean}");
+    }
+    env.runtime.block_on(videocount_clickhouse::schema::drop_database(&clean_clickhouse)).ok();
+    env.drop();
+}
+
+#[test]
+fn a_stalled_slow_stream_does_not_delay_fast_results() {
+    let env = TestEnv::new("statsstall", 2);
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let messages: Vec<(String, String)> = (0..20_000u64)
+        .map(|i| {
+            let video = format!("v{}", i % 7);
+            let payload = format!(
+                r#"{{"video_id":"{video}","event_type":"watch_time","value":{},"ts":{}}}"#,
+                i % 100,
+                now_ms - i
+            );
+            (video, payload)
+        })
+        .collect();
+    produce_keyed(&env.topic, &messages);
+    // The sketch threads sleep 6 s before finishing each epoch.
+    let _job = TestEnv::spawn_command(env.stats_job(&["--slow-stream-delay-ms", "6000", "--epoch-ms", "300"]));
+    let counted =
+        |aggregate: &str| env.scalar(&format!("SELECT sum(count) FROM stats_minute WHERE aggregate = '{aggregate}'"));
+    let started = std::time::Instant::now();
+    while counted("moments") < 20_000 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "fast results did not arrive");
+        common::sleep_ms(50);
+    }
+    let fast_after = started.elapsed();
+    let slow_then = counted("quantiles");
+    assert!(slow_then < 20_000, "the slow stream was not behind ({slow_then}): the test shows nothing");
+    while counted("quantiles") < 20_000 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(90), "slow results did not arrive");
+        common::sleep_ms(100);
+    }
+    let slow_after = started.elapsed();
+    eprintln!("fast results after {fast_after:?}, slow results after {slow_after:?}");
+    assert_eq!(counted("moments"), 20_000, "nothing counted twice");
+    assert_eq!(counted("quantiles"), 20_000, "nothing counted twice");
+    env.drop();
+}

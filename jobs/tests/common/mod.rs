@@ -66,15 +66,26 @@ impl TestEnv {
     /// The `event_stats` binary with this test's topic and database, and the repository's
     /// functions config.
     pub fn stats_job(&self, extra: &[&str]) -> Command {
+        self.stats_job_on(&self.database, extra)
+    }
+
+    /// `event_stats` on this test's topic, writing to `database`.
+    pub fn stats_job_on(&self, database: &str, extra: &[&str]) -> Command {
         let functions = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/functions.toml");
-        self.job_binary(env!("CARGO_BIN_EXE_event_stats"), &[&["--functions", functions], extra].concat())
+        let mut command = self.job_binary_on(env!("CARGO_BIN_EXE_event_stats"), database, extra);
+        command.args(["--functions", functions]);
+        command
     }
 
     fn job_binary(&self, binary: &str, extra: &[&str]) -> Command {
+        self.job_binary_on(binary, &self.database, extra)
+    }
+
+    fn job_binary_on(&self, binary: &str, database: &str, extra: &[&str]) -> Command {
         let mut command = Command::new(binary);
         command
             .args(["--brokers", BROKERS, "--topic", &self.topic, "--clickhouse-url", CLICKHOUSE_URL])
-            .args(["--database", &self.database])
+            .args(["--database", database])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());
@@ -91,6 +102,11 @@ impl TestEnv {
     /// leaves nothing running).
     pub fn spawn(&self, extra: &[&str]) -> Running {
         Running(self.job(extra).stderr(Stdio::null()).spawn().unwrap())
+    }
+
+    /// Starts `command` (a job) in the background, killed when the guard drops.
+    pub fn spawn_command(mut command: Command) -> Running {
+        Running(command.stderr(Stdio::null()).spawn().unwrap())
     }
 
     /// Runs `command` (a job) until it is caught up; panics with its stderr if it fails.
