@@ -11,7 +11,7 @@ WORKERS ?= 2
 export KAFKA_BROKERS CLICKHOUSE_URL CLICKHOUSE_DATABASE
 
 RELEASE := target/release
-BINARIES := $(RELEASE)/view_counts $(RELEASE)/videocount $(RELEASE)/loadgen
+BINARIES := $(RELEASE)/view_counts $(RELEASE)/event_stats $(RELEASE)/videocount $(RELEASE)/loadgen
 PYTHON ?= python3
 
 .PHONY: help up down topic schema build run-job stop-job replay test lint unit-test chdb-test bench clean
@@ -34,12 +34,12 @@ build: ## Build every binary in release mode.
 schema: up build ## Apply sql/schema.sql to CLICKHOUSE_DATABASE (idempotent).
 	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" schema
 
-run-job: up build ## Start view_counts on TOPIC, feed it demo traffic, print how to query.
+run-job: up build ## Start view_counts and event_stats on TOPIC, feed them demo traffic, print how to query.
 	@services/kafka/topic.sh "$(TOPIC)" "$(PARTITIONS)" >/dev/null
 	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" schema
 	@scripts/run-job.sh
 
-stop-job: ## Stop a view_counts started by run-job (it flushes and records offsets first).
+stop-job: ## Stop the jobs started by run-job (each flushes and records offsets first).
 	@scripts/stop-job.sh
 
 replay: up build ## Recompute all counts from events_raw into fresh tables and swap them in (stops the job first).

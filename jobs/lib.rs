@@ -122,15 +122,19 @@ pub struct JobArgs {
     pub job_name: Option<String>,
 }
 
+/// The functions config the repository ships, built into `event_stats`.
+pub const DEFAULT_FUNCTIONS: &str = include_str!("../config/functions.toml");
+
 /// Flags of `event_stats`: the common ones and its own.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about = "Maintains aggregate functions of video events from Kafka in ClickHouse, exactly once.")]
 pub struct EventStatsArgs {
     #[command(flatten)]
     pub job: JobArgs,
-    /// The functions applied per event type (TOML; see config/functions.toml).
-    #[arg(long, env = "VIDEOCOUNT_FUNCTIONS", default_value = "config/functions.toml")]
-    pub functions: std::path::PathBuf,
+    /// The functions applied per event type (TOML). Default: config/functions.toml as built
+    /// into the binary.
+    #[arg(long, env = "VIDEOCOUNT_FUNCTIONS")]
+    pub functions: Option<std::path::PathBuf>,
     /// Testing aid: the slow stream sleeps this long before finishing each epoch.
     #[arg(long, env = "VIDEOCOUNT_SLOW_STREAM_DELAY_MS", default_value_t = 0, hide = true)]
     pub slow_stream_delay_ms: u64,
@@ -411,8 +415,13 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
 
 /// Runs `event_stats` until it is caught up (with `--until-caught-up`) or stopped by a signal.
 pub fn run_event_stats(args: EventStatsArgs) -> anyhow::Result<()> {
-    let functions = FunctionsConfig::load(&args.functions, Registry::builtin())?;
-    info!(functions = %args.functions.display(), aggregates = ?functions.registry(), "functions loaded");
+    let functions = match &args.functions {
+        Some(path) => FunctionsConfig::load(path, Registry::builtin())?,
+        None => FunctionsConfig::parse(DEFAULT_FUNCTIONS, Registry::builtin())
+            .map_err(|e| anyhow::anyhow!("the built-in config/functions.toml: {e}"))?,
+    };
+    let source = args.functions.as_ref().map_or("built-in config/functions.toml".into(), |p| p.display().to_string());
+    info!(functions = %source, aggregates = ?functions.registry(), "functions loaded");
     let dataflow = EventStats { functions, slow_stream_delay: Duration::from_millis(args.slow_stream_delay_ms) };
     run_job(args.job, dataflow)
 }

@@ -1,6 +1,6 @@
 //! Generated traffic with a known answer: events spread Zipf-like over videos, several event
-//! types, some late (hours to days old), some malformed or out of the time window, and the
-//! counts a correct job must produce.
+//! types, viewer ids and watch-time values, some late (hours to days old), some malformed or
+//! out of the time window, and the counts a correct job must produce.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -135,10 +135,20 @@ impl Generator {
         } else {
             self.now_ms - self.rng.random_range(0..3_600_000)
         };
-        let payload = if kind == "view" && self.rng.random_bool(0.3) {
-            format!(r#"{{"video_id":"{video}","ts":{ts},"client":"web"}}"#)
+        // What event_stats reads: a viewer on most events, a value on every watch_time (seconds
+        // watched, most short, a few long).
+        let viewer = if self.rng.random_bool(0.8) {
+            format!(r#","viewer_id":"u{}""#, self.rng.random_range(0..self.spec.videos.max(1) * 20))
         } else {
-            format!(r#"{{"video_id":"{video}","event_type":"{kind}","ts":{ts}}}"#)
+            String::new()
+        };
+        let payload = if kind == "view" && self.rng.random_bool(0.3) {
+            format!(r#"{{"video_id":"{video}","ts":{ts},"client":"web"{viewer}}}"#)
+        } else if kind == "watch_time" {
+            let seconds = (self.rng.random::<f64>().powi(3) * 36_000.0).round() / 10.0;
+            format!(r#"{{"video_id":"{video}","event_type":"{kind}","ts":{ts},"value":{seconds}{viewer}}}"#)
+        } else {
+            format!(r#"{{"video_id":"{video}","event_type":"{kind}","ts":{ts}{viewer}}}"#)
         };
         Message { key: video.clone(), payload: payload.into_bytes(), dead: None, event: Some((video, kind.into(), ts)) }
     }

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""`make bench`: catch-up throughput of view_counts on a pre-filled topic.
+"""`make bench`: catch-up throughput of the jobs on a pre-filled topic.
 
 Fills a topic with N events (default 10M, BENCH_EVENTS to change), then times
 `view_counts --until-caught-up` from an empty checkpoint for 1 and 2 workers, with and
-without events_raw, each into a fresh database, reporting events/s and peak memory. Then
-counts the same topic with ClickHouse's own Kafka engine and a materialized view into a
-minute table, the alternative a user would reach for. Prints a Markdown table.
+without events_raw, and `event_stats` (default functions) for 1 and 2 workers, each into a
+fresh database, reporting events/s and peak memory, and checking the counts. Then counts the
+same topic with ClickHouse's own Kafka engine and a materialized view into a minute table, the
+alternative a user would reach for. Prints a Markdown table. BENCH_ONLY=view_counts or
+BENCH_ONLY=event_stats runs one job's rows only (and skips the Kafka engine for event_stats).
 """
 
 import json
@@ -29,10 +31,10 @@ def sql(query, database=None):
         return r.read().decode().strip()
 
 
-def run_job(topic, workers, raw):
+def run_job(topic, workers, raw, job="view_counts"):
     database = f"bench_{uuid.uuid4().hex[:8]}"
     subprocess.run([f"{BIN}/videocount", "--database", database, "schema"], check=True, stdout=subprocess.DEVNULL)
-    args = [f"{BIN}/view_counts", "--topic", topic, "--database", database, "--workers", str(workers), "--until-caught-up"]
+    args = [f"{BIN}/{job}", "--topic", topic, "--database", database, "--workers", str(workers), "--until-caught-up"]
     if not raw:
         args.append("--no-events-raw")
     started = time.monotonic()
@@ -40,8 +42,12 @@ def run_job(topic, workers, raw):
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.monotonic() - started
     if status != 0:
-        sys.exit(f"bench: view_counts failed ({status})")
-    counted = int(sql("SELECT sum(count) FROM event_counts_minute", database))
+        sys.exit(f"bench: {job} failed ({status})")
+    if job == "view_counts":
+        counted = int(sql("SELECT sum(count) FROM event_counts_minute", database))
+    else:
+        # Every valid loadgen event feeds the `moments` state (count) of its type.
+        counted = int(sql("SELECT sum(count) FROM stats_minute WHERE aggregate = 'moments'", database))
     sql(f"DROP DATABASE {database}")
     return seconds, usage.ru_maxrss / 1024, counted
 
@@ -97,20 +103,28 @@ def main():
         check=True,
     )
     expected = json.load(open(expected_file))["events"]
+    only = os.environ.get("BENCH_ONLY")
+    runs = []
+    if only in (None, "", "view_counts"):
+        runs += [("view_counts", w, raw, f"view_counts, {w} worker(s), events_raw {'on' if raw else 'off'}")
+                 for w in (1, 2) for raw in (True, False)]
+    if only in (None, "", "event_stats"):
+        runs += [("event_stats", w, False, f"event_stats (default functions), {w} worker(s)") for w in (1, 2)]
     rows = []
-    for workers in (1, 2):
-        for raw in (True, False):
-            seconds, rss, counted = run_job(topic, workers, raw)
-            ok = "exact" if counted == expected else f"WRONG ({counted})"
-            rows.append((f"view_counts, {workers} worker(s), events_raw {'on' if raw else 'off'}", seconds, rss, ok))
-            print(f"bench: {rows[-1][0]}: {expected / seconds:,.0f} events/s, peak RSS {rss:,.0f} MiB, {ok}", flush=True)
-    seconds, counted, error = clickhouse_kafka_engine(topic, expected)
-    best = max(expected / r[1] for r in rows)
+    for job, workers, raw, name in runs:
+        seconds, rss, counted = run_job(topic, workers, raw, job)
+        ok = "exact" if counted == expected else f"WRONG ({counted})"
+        rows.append((name, seconds, rss, ok))
+        print(f"bench: {name}: {expected / seconds:,.0f} events/s, peak RSS {rss:,.0f} MiB, {ok}", flush=True)
     print()
     print(f"| run | events/s | seconds | peak memory | counts |")
     print(f"|---|---:|---:|---:|---|")
     for name, secs, rss, ok in rows:
         print(f"| {name} | {expected / secs:,.0f} | {secs:.1f} | {rss:,.0f} MiB | {ok} |")
+    if only == "event_stats":
+        return
+    seconds, counted, error = clickhouse_kafka_engine(topic, expected)
+    best = max(expected / r[1] for r in rows if r[0].startswith("view_counts"))
     if error:
         print(f"| ClickHouse Kafka engine + MV | - | - | - | failed: {error} |")
     else:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Starts view_counts in the background on $TOPIC, feeds it demo traffic and shows a count.
+# Starts view_counts and event_stats in the background on $TOPIC, feeds them demo traffic and
+# shows a few answers.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VAR="$ROOT/var"
@@ -8,15 +9,18 @@ TOPIC=${TOPIC:-video-events}
 DB=${CLICKHOUSE_DATABASE:-video_counts}
 WORKERS=${WORKERS:-2}
 mkdir -p "$VAR"
+cd "$ROOT"
 
-if [ -f "$VAR/view_counts.pid" ] && kill -0 "$(cat "$VAR/view_counts.pid")" 2>/dev/null; then
-    echo "run-job: view_counts already running (pid $(cat "$VAR/view_counts.pid"))"
-else
-    nohup "$BIN/view_counts" --topic "$TOPIC" --database "$DB" --workers "$WORKERS" \
-        >"$VAR/view_counts.log" 2>&1 </dev/null &
-    echo $! >"$VAR/view_counts.pid"
-    echo "run-job: view_counts started (pid $!, log var/view_counts.log)"
-fi
+for job in view_counts event_stats; do
+    if [ -f "$VAR/$job.pid" ] && kill -0 "$(cat "$VAR/$job.pid")" 2>/dev/null; then
+        echo "run-job: $job already running (pid $(cat "$VAR/$job.pid"))"
+    else
+        nohup "$BIN/$job" --topic "$TOPIC" --database "$DB" --workers "$WORKERS" \
+            >"$VAR/$job.log" 2>&1 </dev/null &
+        echo $! >"$VAR/$job.pid"
+        echo "run-job: $job started (pid $!, log var/$job.log)"
+    fi
+done
 
 echo "run-job: producing 20,000 demo events per second for 10 seconds"
 "$BIN/loadgen" --topic "$TOPIC" --rate 20000 --duration 10 --videos 500 --seed "$RANDOM"
@@ -25,12 +29,18 @@ q() { curl -sS --max-time 10 "${CLICKHOUSE_URL:-http://127.0.0.1:8123}/?database
 echo
 echo "Top videos by views in the last 24 hours:"
 q "SELECT video_id, sum(count) AS views FROM event_counts_hour WHERE event_type = 'view' AND hour >= now() - INTERVAL 1 DAY GROUP BY video_id ORDER BY views DESC LIMIT 5 FORMAT PrettyCompact"
+from=$(( ($(date +%s) - 86400) * 1000 ))
+echo "vid000001 in the last 24 hours (videocount):"
+echo "  views:               $("$BIN/videocount" --database "$DB" views vid000001 --from "$from")"
+echo "  median watch time:   $("$BIN/videocount" --database "$DB" stats vid000001 watch_time p50 --from "$from")"
+echo "  distinct viewers:    $("$BIN/videocount" --database "$DB" stats vid000001 view uniq --from "$from")"
 cat <<MSG
 
-view_counts keeps running on topic $TOPIC (database $DB). Try:
-  clickhouse-client --database $DB --query "SELECT sum(count) FROM event_counts_minute WHERE video_id = 'vid000001' AND event_type = 'view'"
-  curl -sS '${CLICKHOUSE_URL:-http://127.0.0.1:8123}/?database=$DB' --data-binary "SELECT reason, count() FROM dead_letters GROUP BY reason"
+view_counts and event_stats keep running on topic $TOPIC (database $DB). Try:
+  target/release/videocount --database $DB stats vid000001 watch_time p99 --from 2026-01-01T00:00:00Z --json
+  target/release/videocount --database $DB count vid000002 like --from $from
+  clickhouse-client --database $DB --query "SELECT job, reason, count() FROM dead_letters GROUP BY job, reason"
   target/release/loadgen --topic $TOPIC --rate 5000 --duration 60     # more traffic
-  tail -f var/view_counts.log                                           # what the job is doing
+  tail -f var/view_counts.log var/event_stats.log                      # what the jobs are doing
   make stop-job                                                         # flush, record offsets, stop
 MSG
