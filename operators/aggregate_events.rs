@@ -132,22 +132,23 @@ impl StatsEpoch {
         }
         let mut partials = self.partials;
         partials.sort_unstable_by(|a, b| (&a.key, a.partition).cmp(&(&b.key, b.partition)));
-        let mut minutes: BTreeMap<StatsKey, Merged> = BTreeMap::new();
+        // Sorted: the partials of one key are adjacent, in partition order.
+        let mut minutes: Vec<(StatsKey, Merged)> = Vec::new();
         for partial in partials {
             let aggregate = registry.get(partial.key.2);
             let state = aggregate.decode(&partial.state).map_err(|e| e.to_string())?;
-            match minutes.get_mut(&partial.key) {
-                Some(merged) => {
+            match minutes.last_mut() {
+                Some((key, merged)) if *key == partial.key => {
                     merged.summary.merge(&partial.summary);
                     aggregate.merge(&mut merged.state, &state);
                 }
-                None => {
-                    minutes.insert(partial.key, Merged { summary: partial.summary, state });
-                }
+                _ => minutes.push((partial.key, Merged { summary: partial.summary, state })),
             }
         }
-        let mut hours: BTreeMap<StatsKey, Merged> = BTreeMap::new();
-        let mut days: BTreeMap<StatsKey, Merged> = BTreeMap::new();
+        // Minutes are visited in key order, so each hour and day merges its minutes in the
+        // same order on every run, whatever the map's iteration order.
+        let mut hours: Map<StatsKey, Merged> = Map::default();
+        let mut days: Map<StatsKey, Merged> = Map::default();
         for (key, minute) in &minutes {
             let ts_ms = u64::from(key.3) * 1000;
             for (rollup, grain) in [(&mut hours, Grain::Hour), (&mut days, Grain::Day)] {
@@ -160,7 +161,7 @@ impl StatsEpoch {
                 aggregate.merge(&mut merged.state, &minute.state);
             }
         }
-        let rows = |merged: BTreeMap<StatsKey, Merged>| -> Vec<StatsRow> {
+        let rows = |merged: Vec<(StatsKey, Merged)>| -> Vec<StatsRow> {
             merged
                 .into_iter()
                 .map(|((video_id, event_type, id, bucket), Merged { summary, state })| {
@@ -180,10 +181,14 @@ impl StatsEpoch {
                 })
                 .collect()
         };
-        Ok([(Grain::Minute, minutes), (Grain::Hour, hours), (Grain::Day, days)]
-            .into_iter()
-            .map(|(grain, merged)| stats_block(grain, epoch, &mut rows(merged)))
-            .collect())
+        Ok([
+            (Grain::Minute, minutes),
+            (Grain::Hour, hours.into_iter().collect()),
+            (Grain::Day, days.into_iter().collect()),
+        ]
+        .into_iter()
+        .map(|(grain, merged)| stats_block(grain, epoch, &mut rows(merged)))
+        .collect())
     }
 }
 
