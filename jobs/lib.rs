@@ -40,9 +40,10 @@ use videocount_clickhouse::{ClickHouse, ClickHouseConfig, Writer};
 use videocount_events::{Event, Rejection, TimeLimits, parse_event, parse_stats_event, route};
 use videocount_operators::aggregate::{FunctionsConfig, Registry, Speed};
 use videocount_operators::aggregate_events::{
-    LocatedInput, Partial, StatsEpoch, StatsInput, pre_aggregate_fast, pre_aggregate_slow,
+    LocatedInput, Partial, SlowStream, StatsEpoch, StatsInput, pre_aggregate_fast, pre_aggregate_slow,
 };
 use videocount_operators::kafka_source::SourceProgress;
+use videocount_operators::kafka_source::Throttle;
 use videocount_operators::{EventCounts, FlushEpochs, SourceConfig, SourceItem, kafka_source};
 
 /// An event with the partition and offset it was read from.
@@ -111,7 +112,8 @@ pub struct JobArgs {
     /// Capacity of the internal write queue, in batches (one batch: one epoch of one operator).
     #[arg(long, env = "VIDEOCOUNT_QUEUE_CAPACITY", default_value_t = 32)]
     pub queue_capacity: usize,
-    /// The source pauses while this many epochs are not yet committed.
+    /// The source pauses while this many epochs are not yet written (event_stats: by its fast
+    /// stream; view_counts: written and committed).
     #[arg(long, env = "VIDEOCOUNT_MAX_EPOCHS_IN_FLIGHT", default_value_t = 8)]
     pub max_epochs_in_flight: u64,
     /// Raw librdkafka consumer option KEY=VALUE (repeatable).
@@ -135,6 +137,17 @@ pub struct EventStatsArgs {
     /// into the binary.
     #[arg(long, env = "VIDEOCOUNT_FUNCTIONS")]
     pub functions: Option<std::path::PathBuf>,
+    /// The source pauses while this many epochs are not yet committed (the slow stream may lag
+    /// the fast one by this much; its backlog beyond --slow-stream-memory-mb goes to disk).
+    #[arg(long, env = "VIDEOCOUNT_MAX_SLOW_EPOCHS_BEHIND", default_value_t = 120)]
+    pub max_slow_epochs_behind: u64,
+    /// Memory for the slow stream's backlog per worker, in MiB; beyond it, batches wait in an
+    /// embedded database (redb) in --spill-dir.
+    #[arg(long, env = "VIDEOCOUNT_SLOW_STREAM_MEMORY_MB", default_value_t = 256)]
+    pub slow_stream_memory_mb: usize,
+    /// Directory of the slow stream's spill files (one per worker, removed at start and exit).
+    #[arg(long, env = "VIDEOCOUNT_SPILL_DIR")]
+    pub spill_dir: Option<std::path::PathBuf>,
     /// Testing aid: the slow stream sleeps this long before finishing each epoch.
     #[arg(long, env = "VIDEOCOUNT_SLOW_STREAM_DELAY_MS", default_value_t = 0, hide = true)]
     pub slow_stream_delay_ms: u64,
@@ -297,7 +310,18 @@ pub trait Dataflow: Send + Sync + 'static {
         events: Stream<'scope, u64, Vec<(Self::Event, u32, u64)>>,
         planned: Stream<'scope, u64, Vec<()>>,
         writer: &Writer,
-    ) -> Vec<Stream<'scope, u64, Vec<()>>>;
+    ) -> Writes<'scope>;
+    /// How many epochs the commit may lag behind the source (default: --max-epochs-in-flight).
+    fn max_commit_lag(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// A dataflow's writes: the source waits for `fast` within --max-epochs-in-flight, and for the
+/// commit (which also waits for `slow`) within [`Dataflow::max_commit_lag`].
+pub struct Writes<'scope> {
+    pub fast: Vec<Stream<'scope, u64, Vec<()>>>,
+    pub slow: Vec<Stream<'scope, u64, Vec<()>>>,
 }
 
 /// `view_counts`: counts per (video, type, minute/hour/day), and the raw event log.
@@ -320,7 +344,7 @@ impl Dataflow for ViewCounts {
         events: Stream<'scope, u64, Vec<Located>>,
         planned: Stream<'scope, u64, Vec<()>>,
         writer: &Writer,
-    ) -> Vec<Stream<'scope, u64, Vec<()>>> {
+    ) -> Writes<'scope> {
         let counted = events.clone().flush_epochs::<EventCounts, _, _>(
             planned.clone(),
             Exchange::new(|(event, _, _): &Located| route(&event.video_id)),
@@ -353,7 +377,7 @@ impl Dataflow for ViewCounts {
                 },
             ));
         }
-        written
+        Writes { fast: written, slow: Vec::new() }
     }
 }
 
@@ -362,7 +386,8 @@ impl Dataflow for ViewCounts {
 #[derive(Debug)]
 pub struct EventStats {
     pub functions: FunctionsConfig,
-    pub slow_stream_delay: Duration,
+    pub slow: SlowStream,
+    pub max_slow_epochs_behind: u64,
 }
 
 impl Dataflow for EventStats {
@@ -381,11 +406,11 @@ impl Dataflow for EventStats {
         events: Stream<'scope, u64, Vec<LocatedInput>>,
         planned: Stream<'scope, u64, Vec<()>>,
         writer: &Writer,
-    ) -> Vec<Stream<'scope, u64, Vec<()>>> {
+    ) -> Writes<'scope> {
         let registry = self.functions.registry().clone();
         let fast = pre_aggregate_fast(events.clone(), registry.clone(), registry.mask(Speed::Fast));
-        let slow = pre_aggregate_slow(events, registry.clone(), registry.mask(Speed::Slow), self.slow_stream_delay);
-        [(fast, "WriteFastStats"), (slow, "WriteSlowStats")]
+        let slow = pre_aggregate_slow(events, registry.clone(), registry.mask(Speed::Slow), self.slow.clone());
+        let mut written = [(fast, "WriteFastStats"), (slow, "WriteSlowStats")]
             .into_iter()
             .map(|(partials, name)| {
                 let registry = registry.clone();
@@ -403,7 +428,13 @@ impl Dataflow for EventStats {
                     },
                 )
             })
-            .collect()
+            .collect::<Vec<_>>();
+        let slow = written.pop().into_iter().collect();
+        Writes { fast: written, slow }
+    }
+
+    fn max_commit_lag(&self) -> Option<u64> {
+        Some(self.max_slow_epochs_behind)
     }
 }
 
@@ -422,7 +453,28 @@ pub fn run_event_stats(args: EventStatsArgs) -> anyhow::Result<()> {
     };
     let source = args.functions.as_ref().map_or("built-in config/functions.toml".into(), |p| p.display().to_string());
     info!(functions = %source, aggregates = ?functions.registry(), "functions loaded");
-    let dataflow = EventStats { functions, slow_stream_delay: Duration::from_millis(args.slow_stream_delay_ms) };
+    let peers = (args.job.workers * args.job.processes) as u64;
+    // Each epoch writes up to two blocks per worker into each stats table (fast and slow); all
+    // epochs not yet committed must stay inside ClickHouse's dedup window (5000 blocks).
+    if args.max_slow_epochs_behind * 2 * peers > 4000 {
+        bail!(
+            "--max-slow-epochs-behind {} with {peers} workers could re-run more blocks than ClickHouse \
+             remembers for deduplication; use at most {}",
+            args.max_slow_epochs_behind,
+            4000 / (2 * peers)
+        );
+    }
+    let slow = SlowStream {
+        delay_per_epoch: Duration::from_millis(args.slow_stream_delay_ms),
+        memory_budget: args.slow_stream_memory_mb << 20,
+        spill_dir: args.spill_dir.clone().unwrap_or_else(std::env::temp_dir),
+        name: format!(
+            "{}-{}",
+            args.job.job_name.as_deref().unwrap_or(EventStats::NAME),
+            args.job.topic.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        ),
+    };
+    let dataflow = EventStats { functions, slow, max_slow_epochs_behind: args.max_slow_epochs_behind };
     run_job(args.job, dataflow)
 }
 
@@ -482,6 +534,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
     spawn_lag_monitor(&args.brokers, &args.topic, Arc::clone(&progress), Arc::clone(&shutdown));
     let state = Arc::new(state);
     let args = Arc::new(args);
+    let max_commit_lag = dataflow.max_commit_lag().unwrap_or(args.max_epochs_in_flight);
     let dataflow = Arc::new(dataflow);
 
     let guards = {
@@ -489,6 +542,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
             (writer.clone(), Arc::clone(&dlq), Arc::clone(&progress), Arc::clone(&shutdown));
         timely::execute(timely_config, move |worker| -> Result<(), String> {
             let probe = ProbeHandle::new();
+            let written_probe = ProbeHandle::new();
             let job = job_name.clone();
             let topic = args.topic.clone();
             let source_config = SourceConfig {
@@ -501,6 +555,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                 limits: TimeLimits { max_age_ms: args.max_age_secs * 1000, max_ahead_ms: args.max_ahead_secs * 1000 },
                 until_caught_up: args.until_caught_up,
                 max_epochs_in_flight: args.max_epochs_in_flight,
+                max_commit_lag: max_commit_lag.max(args.max_epochs_in_flight),
                 state: Arc::clone(&state),
                 shutdown: Arc::clone(&shutdown),
                 progress: Arc::clone(&progress),
@@ -512,7 +567,8 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                 let parse = move |payload: Option<&[u8]>, ts: Option<i64>, limits: TimeLimits| {
                     parser.parse(payload, ts, limits)
                 };
-                let items = kafka_source(scope, source_config, probe.clone(), parse).map_err(|e| e.to_string())?;
+                let throttle = Throttle { written: written_probe.clone(), committed: probe.clone() };
+                let items = kafka_source(scope, source_config, throttle, parse).map_err(|e| e.to_string())?;
                 let (events, other) =
                     items.ok_err::<Vec<Sourced<D>>, Sourced<D>, Vec<Control>, Control, _>(|item| match item {
                         SourceItem::Event(event, partition, offset) => Ok((event, partition, offset)),
@@ -555,8 +611,12 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                         vec![dead_letters_block(&mut rows)]
                     },
                 );
-                let mut written = vec![planned.clone(), dead_written];
-                written.extend(dataflow.build(scope, events, planned, &writer));
+                let Writes { fast, slow } = dataflow.build(scope, events, planned.clone(), &writer);
+                let mut written = vec![planned, dead_written];
+                written.extend(fast);
+                // The source keeps within --max-epochs-in-flight of these.
+                scope.concatenate(written.clone()).probe_with(&written_probe);
+                written.extend(slow);
                 scope
                     .concatenate(written)
                     .flush_epochs::<Vec<()>, _, _>(

@@ -14,19 +14,25 @@
 //!
 //! The slow stream (sketches) is folded on a thread of its own per worker, so a slow sketch
 //! never holds up the worker thread and the fast stream's results are written as soon as their
-//! epoch is complete.
+//! epoch is complete. An epoch's commit needs both streams: while the slow one is behind, its
+//! backlog waits in an embedded database (redb) rather than in memory, once over a budget.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use compact_str::CompactString;
+use redb::{Database, Durability, TableDefinition};
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::Stream;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
+use tracing::info;
 use videocount_clickhouse::rows::{Grain, Insert, StatsRow, stats_block};
 use videocount_events::StatsEvent;
 
@@ -231,20 +237,110 @@ pub fn pre_aggregate_fast<'scope>(
     )
 }
 
+/// Settings of the slow stream.
+#[derive(Clone, Debug)]
+pub struct SlowStream {
+    /// Testing aid: the sketch thread sleeps this long before finishing each epoch, so tests
+    /// can show that a stalled slow stream does not hold up the fast one.
+    pub delay_per_epoch: Duration,
+    /// Bytes of backlog a worker's sketch thread may hold in memory; further batches wait in
+    /// the spill file until the thread gets to them.
+    pub memory_budget: usize,
+    /// Directory of the spill files.
+    pub spill_dir: PathBuf,
+    /// Names the spill files (`<name>-worker<i>.redb`): the job and topic.
+    pub name: String,
+}
+
+impl Default for SlowStream {
+    fn default() -> Self {
+        SlowStream {
+            delay_per_epoch: Duration::ZERO,
+            memory_budget: 256 << 20,
+            spill_dir: std::env::temp_dir(),
+            name: "videocount".into(),
+        }
+    }
+}
+
+/// The slow stream's batches that wait on disk, by sequence number. The file is scratch: after
+/// a crash the uncommitted epochs are read again from Kafka, so it is removed at start.
+const SPILLED: TableDefinition<u64, &[u8]> = TableDefinition::new("slow_stream_backlog");
+
+/// A batch for the sketch thread: in memory (with its estimated size), or in the spill file.
+enum Batch {
+    Inline(Vec<(StatsInput, u32)>, usize),
+    Spilled(u64),
+}
+
 enum ToSketcher {
-    Events(u64, Vec<(StatsInput, u32)>),
+    Events(u64, Batch),
     Close(u64),
+}
+
+/// A worker's spill file; removed when dropped.
+struct Spill {
+    path: PathBuf,
+    db: Database,
+}
+
+impl Spill {
+    fn open(config: &SlowStream, worker: usize) -> Result<Spill, String> {
+        let path = config.spill_dir.join(format!("{}-worker{worker}.redb", config.name));
+        // Scratch only: whatever an earlier run left is re-read from Kafka.
+        let _ = std::fs::remove_file(&path);
+        let db = Database::builder()
+            .set_cache_size(16 << 20)
+            .create(&path)
+            .map_err(|e| format!("creating the spill file {}: {e}", path.display()))?;
+        Ok(Spill { path, db })
+    }
+
+    fn put(&self, seq: u64, events: &[(StatsInput, u32)]) -> Result<(), String> {
+        let bytes = postcard::to_allocvec(events).map_err(|e| e.to_string())?;
+        let mut tx = self.db.begin_write().map_err(|e| e.to_string())?;
+        // Scratch data: no fsync.
+        tx.set_durability(Durability::None).map_err(|e| e.to_string())?;
+        tx.open_table(SPILLED).map_err(|e| e.to_string())?.insert(seq, bytes.as_slice()).map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())
+    }
+
+    fn take(&self, seq: u64) -> Result<Vec<(StatsInput, u32)>, String> {
+        let mut tx = self.db.begin_write().map_err(|e| e.to_string())?;
+        tx.set_durability(Durability::None).map_err(|e| e.to_string())?;
+        let events = {
+            let mut table = tx.open_table(SPILLED).map_err(|e| e.to_string())?;
+            let bytes = table.remove(seq).map_err(|e| e.to_string())?.ok_or_else(|| format!("batch {seq} missing"))?;
+            postcard::from_bytes(bytes.value()).map_err(|e| e.to_string())?
+        };
+        tx.commit().map_err(|e| e.to_string())?;
+        Ok(events)
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A rough size of a batch in memory: the events and their strings.
+fn batch_bytes(events: &[(StatsInput, u32)]) -> usize {
+    events.len() * (std::mem::size_of::<(StatsInput, u32)>() + 16)
 }
 
 /// The slow stream: folds the aggregates of `mask` on a thread of its own per worker.
 ///
-/// `delay_per_epoch` makes that thread sleep before finishing each epoch: for tests that show
-/// a stalled slow stream does not hold up the fast one.
+/// The operator hands each batch to the thread in order and keeps the epoch's capability until
+/// the thread returns the epoch's partial states, so the worker thread never waits for a
+/// sketch. While the thread's backlog is over `memory_budget`, batches go through an embedded
+/// redb file instead of memory: the fast stream and the source can run ahead of a stalled slow
+/// stream (up to the job's commit lag) without growing the heap.
 pub fn pre_aggregate_slow<'scope>(
     events: Stream<'scope, u64, Vec<LocatedInput>>,
     registry: Registry,
     mask: u32,
-    delay_per_epoch: Duration,
+    config: SlowStream,
 ) -> Stream<'scope, u64, Vec<Partial>> {
     let scope = events.scope();
     let worker = scope.worker();
@@ -255,27 +351,46 @@ pub fn pre_aggregate_slow<'scope>(
         move |_initial, info| {
             let wake = worker.sync_activator_for(info.address.to_vec());
             let (to_sketcher, inbox) = mpsc::channel::<ToSketcher>();
-            let (done, finished) = mpsc::channel::<(u64, Vec<Partial>)>();
+            let (done, finished) = mpsc::channel::<(u64, Result<Vec<Partial>, String>)>();
+            let in_memory = Arc::new(AtomicUsize::new(0));
+            let spill = match Spill::open(&config, index) {
+                Ok(spill) => Arc::new(spill),
+                Err(e) => panic!("slow stream of worker {index}: {e}"),
+            };
+            let (thread_memory, thread_spill, delay) = (Arc::clone(&in_memory), Arc::clone(&spill), config.delay_per_epoch);
             std::thread::Builder::new()
                 .name(format!("sketcher-{index}"))
                 .spawn(move || {
-                    let mut open: BTreeMap<u64, EpochPartials> = BTreeMap::new();
+                    let mut open: BTreeMap<u64, Result<EpochPartials, String>> = BTreeMap::new();
                     // Ends when the operator (the sender) is dropped.
                     while let Ok(message) = inbox.recv() {
                         match message {
-                            ToSketcher::Events(epoch, events) => {
-                                let partials =
-                                    open.entry(epoch).or_insert_with(|| EpochPartials::new(registry.clone(), mask));
-                                for (input, partition) in &events {
-                                    partials.absorb(input, *partition);
+                            ToSketcher::Events(epoch, batch) => {
+                                let events = match batch {
+                                    Batch::Inline(events, bytes) => {
+                                        thread_memory.fetch_sub(bytes, Ordering::Relaxed);
+                                        Ok(events)
+                                    }
+                                    Batch::Spilled(seq) => thread_spill.take(seq),
+                                };
+                                let entry =
+                                    open.entry(epoch).or_insert_with(|| Ok(EpochPartials::new(registry.clone(), mask)));
+                                match (entry, events) {
+                                    (Ok(partials), Ok(events)) => {
+                                        for (input, partition) in &events {
+                                            partials.absorb(input, *partition);
+                                        }
+                                    }
+                                    (entry, Err(e)) => *entry = Err(e),
+                                    (Err(_), _) => {}
                                 }
                             }
                             ToSketcher::Close(epoch) => {
-                                if !delay_per_epoch.is_zero() {
-                                    std::thread::sleep(delay_per_epoch);
+                                if !delay.is_zero() {
+                                    std::thread::sleep(delay);
                                 }
-                                let partials = open.remove(&epoch).map(EpochPartials::finish).unwrap_or_default();
-                                if done.send((epoch, partials)).is_err() {
+                                let partials = open.remove(&epoch).unwrap_or_else(|| Ok(EpochPartials::new(registry.clone(), mask)));
+                                if done.send((epoch, partials.map(EpochPartials::finish))).is_err() {
                                     return;
                                 }
                                 let _ = wake.activate();
@@ -285,6 +400,8 @@ pub fn pre_aggregate_slow<'scope>(
                 })
                 .expect("spawning a sketch thread");
             let mut waiting: BTreeMap<u64, (Capability<u64>, bool)> = BTreeMap::new();
+            let mut next_seq = 0u64;
+            let mut spilling = false;
             move |(input, frontier), output| {
                 input.for_each(|stamp, data| {
                     let Some(&time) = stamp.least() else { return };
@@ -299,10 +416,31 @@ pub fn pre_aggregate_slow<'scope>(
                     waiting.entry(time).or_insert_with(|| {
                         (stamp.retain_least(output.output_index()).expect("stamp has a time"), false)
                     });
-                    // The thread outlives the operator's inputs; a send fails only if it died,
-                    // and then the epoch's capability is never released: the job stops
-                    // committing instead of losing the epoch.
-                    let _ = to_sketcher.send(ToSketcher::Events(time, wanted));
+                    let bytes = batch_bytes(&wanted);
+                    let over_budget = in_memory.load(Ordering::Relaxed) + bytes > config.memory_budget;
+                    if over_budget != spilling {
+                        spilling = over_budget;
+                        if spilling {
+                            info!(worker = index, path = %spill.path.display(), "slow stream behind: its backlog goes to disk");
+                        } else {
+                            info!(worker = index, "slow stream backlog back within its memory budget");
+                        }
+                    }
+                    let batch = if over_budget {
+                        next_seq += 1;
+                        if let Err(e) = spill.put(next_seq, &wanted) {
+                            // A full disk must not lose the epoch: stop with the reason.
+                            panic!("slow stream of worker {index}: spilling a batch: {e}");
+                        }
+                        Batch::Spilled(next_seq)
+                    } else {
+                        in_memory.fetch_add(bytes, Ordering::Relaxed);
+                        Batch::Inline(wanted, bytes)
+                    };
+                    // The thread lives as long as this operator; if it died, the epoch's
+                    // capability is never released and the job stops committing instead of
+                    // losing the epoch.
+                    let _ = to_sketcher.send(ToSketcher::Events(time, batch));
                 });
                 for (epoch, (_, closed)) in waiting.iter_mut() {
                     if frontier.less_equal(epoch) {
@@ -313,7 +451,8 @@ pub fn pre_aggregate_slow<'scope>(
                         let _ = to_sketcher.send(ToSketcher::Close(*epoch));
                     }
                 }
-                while let Ok((epoch, mut partials)) = finished.try_recv() {
+                while let Ok((epoch, partials)) = finished.try_recv() {
+                    let mut partials = partials.unwrap_or_else(|e| panic!("slow stream of worker {index}: epoch {epoch}: {e}"));
                     if let Some((capability, _)) = waiting.remove(&epoch) {
                         output.session(&capability).give_container(&mut partials);
                     }

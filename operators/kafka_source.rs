@@ -68,12 +68,23 @@ pub struct SourceConfig {
     pub limits: TimeLimits,
     /// Stop at the high watermarks seen at start.
     pub until_caught_up: bool,
-    /// Stop reading while this many epochs are open (not yet committed).
+    /// Stop reading while this many epochs are not yet written (by [`Throttle::written`]).
     pub max_epochs_in_flight: u64,
+    /// Stop reading while this many epochs are not yet committed (by [`Throttle::committed`]).
+    pub max_commit_lag: u64,
     pub state: Arc<JobState>,
     /// Set by SIGINT/SIGTERM: close the current epoch and stop.
     pub shutdown: Arc<AtomicBool>,
     pub progress: Arc<SourceProgress>,
+}
+
+/// What the source waits on before it reads ahead: the frontier of the writes that must keep
+/// up with it (`written`), and the frontier of the commits (`committed`), which may lag further
+/// behind when a slow stream keeps its backlog out of memory.
+#[derive(Clone)]
+pub struct Throttle {
+    pub written: ProbeHandle<u64>,
+    pub committed: ProbeHandle<u64>,
 }
 
 /// A source that cannot start.
@@ -204,7 +215,7 @@ impl PartitionCursor {
 pub fn kafka_source<'scope, E, F>(
     scope: Scope<'scope, u64>,
     config: SourceConfig,
-    probe: ProbeHandle<u64>,
+    throttle: Throttle,
     mut parse: F,
 ) -> Result<Stream<'scope, u64, Vec<SourceItem<E>>>, SourceError>
 where
@@ -276,7 +287,8 @@ where
                 stopping = true;
             }
             // Back-pressure: wait while too many epochs are not yet committed.
-            let saturated = probe.less_than(&live_epoch.saturating_sub(config.max_epochs_in_flight));
+            let saturated = throttle.written.less_than(&live_epoch.saturating_sub(config.max_epochs_in_flight))
+                || throttle.committed.less_than(&live_epoch.saturating_sub(config.max_commit_lag));
 
             let mut more = false;
             if replaying || (!stopping && !saturated) {

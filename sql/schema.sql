@@ -62,6 +62,7 @@ SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
 --   avg = sum(sum) / sum(value_count).
 -- `state` holds the encoded state; percentiles and uniq are merged by the project's query code
 -- (`videocount stats`, the query library). Hour and day tables hold the same states rolled up.
+-- The dedup window is larger here: uncommitted epochs may lag further behind (the slow stream).
 CREATE TABLE IF NOT EXISTS stats_minute
 (
     video_id String,
@@ -79,7 +80,7 @@ CREATE TABLE IF NOT EXISTS stats_minute
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_minute', '{replica}')
 PARTITION BY toYYYYMM(minute)
 ORDER BY (video_id, event_type, aggregate, minute)
-SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 5000, index_granularity = 8192;
 
 CREATE TABLE IF NOT EXISTS stats_hour
 (
@@ -98,7 +99,7 @@ CREATE TABLE IF NOT EXISTS stats_hour
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_hour', '{replica}')
 PARTITION BY toYYYYMM(hour)
 ORDER BY (video_id, event_type, aggregate, hour)
-SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 5000, index_granularity = 8192;
 
 CREATE TABLE IF NOT EXISTS stats_day
 (
@@ -117,7 +118,7 @@ CREATE TABLE IF NOT EXISTS stats_day
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_day', '{replica}')
 PARTITION BY toYear(day)
 ORDER BY (video_id, event_type, aggregate, day)
-SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 5000, index_granularity = 8192;
 
 -- The raw event log: every counted event once, for replays and ad-hoc slicing.
 -- ts is epoch milliseconds UTC; `toDateTime(intDiv(ts, 1000))` gives a DateTime.
