@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use videocount_clickhouse::{ClickHouse, ClickHouseConfig, replay, schema};
 use videocount_operators::aggregate::Registry;
+use videocount_query::compact::compact;
 use videocount_query::{QueryError, Reader, TimeRange, format_time, parse_time};
 
 #[derive(Parser, Debug)]
@@ -82,6 +83,19 @@ enum Command {
     },
     /// Create the database and apply sql/schema.sql to it (idempotent).
     Schema,
+    /// Merge the event_stats states of closed buckets into one row each (event_stats does this
+    /// every --compact-every-secs itself).
+    Compact {
+        /// Topic event_stats reads.
+        #[arg(long, env = "VIDEOCOUNT_TOPIC", default_value = "video-events")]
+        topic: String,
+        /// Checkpoint name of the job.
+        #[arg(long, env = "VIDEOCOUNT_JOB_NAME", default_value = "event_stats")]
+        job_name: String,
+        /// Buckets whose end is less than this many seconds ago are left open.
+        #[arg(long, default_value_t = 120)]
+        grace_secs: u64,
+    },
     /// Recompute every count table from events_raw and swap the results in. Stop the job first.
     Replay {
         /// Topic whose committed events are replayed.
@@ -174,6 +188,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "states_merged": answer.states,
                 });
                 print_number(&range, resolved, answer.value, fields);
+            }
+            Command::Compact { topic, job_name, grace_secs } => {
+                let now = now_ms() / 1000;
+                let report = compact(&clickhouse, &Registry::builtin(), &job_name, &topic, now, grace_secs)
+                    .await
+                    .with_context(|| format!("compacting the stats of {job_name} on {topic} in {}", cli.database))?;
+                if report.is_empty() {
+                    println!("nothing to compact");
+                }
+                for table in report {
+                    println!(
+                        "{}: {} buckets from {} states, through epoch {}",
+                        table.table, table.buckets, table.states, table.through_epoch
+                    );
+                }
             }
             Command::Schema => {
                 schema::apply(&clickhouse).await.with_context(|| {

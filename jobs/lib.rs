@@ -45,6 +45,7 @@ use videocount_operators::aggregate_events::{
 use videocount_operators::kafka_source::SourceProgress;
 use videocount_operators::kafka_source::Throttle;
 use videocount_operators::{EventCounts, FlushEpochs, SourceConfig, SourceItem, kafka_source};
+use videocount_query::compact::compact;
 
 /// An event with the partition and offset it was read from.
 type Located = (Event, u32, u64);
@@ -148,6 +149,13 @@ pub struct EventStatsArgs {
     /// Directory of the slow stream's spill files (one per worker, removed at start and exit).
     #[arg(long, env = "VIDEOCOUNT_SPILL_DIR")]
     pub spill_dir: Option<std::path::PathBuf>,
+    /// Compact the states of closed buckets this often, in seconds (0: never; see
+    /// `videocount compact`).
+    #[arg(long, env = "VIDEOCOUNT_COMPACT_EVERY_SECS", default_value_t = 300)]
+    pub compact_every_secs: u64,
+    /// A bucket is closed for compaction once its end is this many seconds in the past.
+    #[arg(long, env = "VIDEOCOUNT_COMPACT_GRACE_SECS", default_value_t = 120)]
+    pub compact_grace_secs: u64,
     /// Testing aid: the slow stream sleeps this long before finishing each epoch.
     #[arg(long, env = "VIDEOCOUNT_SLOW_STREAM_DELAY_MS", default_value_t = 0, hide = true)]
     pub slow_stream_delay_ms: u64,
@@ -474,8 +482,68 @@ pub fn run_event_stats(args: EventStatsArgs) -> anyhow::Result<()> {
             args.job.topic.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
         ),
     };
+    let stop = Arc::new(AtomicBool::new(false));
+    let compactor = (args.compact_every_secs > 0).then(|| {
+        spawn_compactor(
+            &args.job,
+            functions.registry().clone(),
+            Duration::from_secs(args.compact_every_secs),
+            args.compact_grace_secs,
+            Arc::clone(&stop),
+        )
+    });
     let dataflow = EventStats { functions, slow, max_slow_epochs_behind: args.max_slow_epochs_behind };
-    run_job(args.job, dataflow)
+    let result = run_job(args.job, dataflow);
+    stop.store(true, Ordering::Relaxed);
+    if let Some(Ok(thread)) = compactor {
+        let _ = thread.join();
+    }
+    result
+}
+
+/// Compacts `event_stats`' closed buckets every `every`, on a thread of its own (see
+/// `videocount_query::compact`). Failures are logged and retried at the next round.
+fn spawn_compactor(
+    args: &JobArgs,
+    registry: Registry,
+    every: Duration,
+    grace_secs: u64,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let clickhouse = ClickHouse::new(args.clickhouse_config());
+    let job = args.job_name.clone().unwrap_or_else(|| EventStats::NAME.to_owned());
+    let topic = args.topic.clone();
+    std::thread::Builder::new().name("compactor".into()).spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            warn!("no compaction: cannot start a runtime");
+            return;
+        };
+        let mut next = Instant::now() + every;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            if Instant::now() < next {
+                continue;
+            }
+            next = Instant::now() + every;
+            let started = Instant::now();
+            let now = u64::from(now_secs());
+            match runtime.block_on(compact(&clickhouse, &registry, &job, &topic, now, grace_secs)) {
+                Ok(report) => {
+                    for table in report {
+                        info!(
+                            table = table.table,
+                            buckets = table.buckets,
+                            states = table.states,
+                            through_epoch = table.through_epoch,
+                            seconds = started.elapsed().as_secs_f64(),
+                            "compacted"
+                        );
+                    }
+                }
+                Err(e) => warn!(error = %e, "compaction failed; retrying next round"),
+            }
+        }
+    })
 }
 
 /// Runs a job: checks, checkpoint, source, plan, dead letters, `dataflow`'s writes, commit.

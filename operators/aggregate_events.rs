@@ -193,7 +193,7 @@ impl StatsEpoch {
             (Grain::Day, days.into_iter().collect()),
         ]
         .into_iter()
-        .map(|(grain, merged)| stats_block(grain, epoch, &mut rows(merged)))
+        .map(|(grain, merged)| stats_block(grain, epoch, false, &mut rows(merged)))
         .collect())
     }
 }

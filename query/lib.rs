@@ -6,7 +6,10 @@
 //! buckets, 46 hour buckets and 118 minute buckets per key, whatever the data.
 //!
 //! Counts are summed in ClickHouse. Stats merge the stored states of the function's aggregate
-//! with the same code the job uses (`videocount_operators::aggregate`), then finish them.
+//! with the same code the job uses (`videocount_operators::aggregate`), then finish them; per
+//! bucket, the newest compacted state and the states of later epochs ([`compact`]).
+
+pub mod compact;
 
 use clickhouse::Row;
 use serde::Deserialize;
@@ -247,40 +250,61 @@ impl Reader {
         }
         let parts: Vec<String> = segments
             .iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(i, s)| {
                 let (condition, _) = bucket_condition(s);
                 let table = s.grain.stats_table();
                 format!(
-                    "SELECT state, {column} AS bucket, epoch FROM {table} \
-                     WHERE video_id = ? AND event_type = ? AND aggregate = ? AND {condition}",
-                    column = if s.grain == Grain::Day {
-                        "toDateTime(day, 'UTC')".to_owned()
-                    } else {
-                        s.grain.column().to_owned()
-                    }
+                    "SELECT state, toUInt32({i}) AS segment, toUInt32({column}) AS bucket, epoch, compacted \
+                     FROM {table} WHERE video_id = ? AND event_type = ? AND aggregate = ? AND {condition} \
+                     AND (compacted = 1 OR state != '')",
+                    column = s.grain.column()
                 )
             })
             .collect();
         // A fixed order, so that the same rows always merge to the same answer.
-        let sql = format!("SELECT state FROM ({}) ORDER BY bucket, epoch, state", parts.join(" UNION ALL "));
+        let sql = format!(
+            "SELECT state, segment, bucket, epoch, compacted FROM ({}) ORDER BY segment, bucket, compacted DESC, epoch",
+            parts.join(" UNION ALL ")
+        );
         let mut query = self.clickhouse.client().query(&sql);
         for segment in &segments {
             query = bucket_condition(segment).1.bind(query.bind(video_id).bind(event_type).bind(aggregate.name()));
         }
-        #[derive(Row, Deserialize)]
-        struct Stored {
-            #[serde(with = "serde_bytes")]
-            state: Vec<u8>,
-        }
-        let rows: Vec<Stored> = self.clickhouse.fetch_all(query).await?;
+        let rows: Vec<StoredState> = self.clickhouse.fetch_all(query).await?;
         let mut merged = aggregate.create();
-        for row in &rows {
-            let state = aggregate.decode(&row.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
-            aggregate.merge(&mut merged, &state);
+        let mut states = 0;
+        for group in rows.chunk_by(|a, b| (a.segment, a.bucket) == (b.segment, b.bucket)) {
+            for row in live_states(group) {
+                let state = aggregate.decode(&row.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
+                aggregate.merge(&mut merged, &state);
+                states += 1;
+            }
         }
         let value = aggregate.finish(&merged, &function.name);
-        Ok(StatsAnswer { value, states: rows.len() })
+        Ok(StatsAnswer { value, states })
     }
+}
+
+/// A stored state row of one bucket, as the readers fetch it.
+#[derive(Row, Deserialize, Clone, Debug)]
+pub(crate) struct StoredState {
+    #[serde(with = "serde_bytes")]
+    pub state: Vec<u8>,
+    pub segment: u32,
+    pub bucket: u32,
+    pub epoch: u64,
+    pub compacted: u8,
+}
+
+/// The rows of one bucket that count, in merge order: the newest compacted state, then the
+/// states of later epochs. `group` is ordered by compacted (descending), then epoch.
+pub(crate) fn live_states(group: &[StoredState]) -> impl Iterator<Item = &StoredState> {
+    let newest_compacted = group.iter().filter(|r| r.compacted == 1).max_by_key(|r| r.epoch);
+    let through = newest_compacted.map(|r| r.epoch);
+    newest_compacted.into_iter().chain(
+        group.iter().filter(move |r| r.compacted == 0 && !r.state.is_empty() && through.is_none_or(|c| r.epoch > c)),
+    )
 }
 
 #[cfg(test)]
@@ -348,6 +372,26 @@ mod tests {
         assert!(parse_time("-5").is_err());
         assert!(parse_time("1969-12-31T00:00:00Z").is_err());
         assert_eq!(format_time(1_795_737_600_000), "2026-11-27T00:00:00Z");
+    }
+
+    #[test]
+    fn a_bucket_counts_its_newest_compaction_and_later_epochs() {
+        let row = |epoch, compacted, state: &[u8]| StoredState {
+            state: state.to_vec(),
+            segment: 0,
+            bucket: 60,
+            epoch,
+            compacted,
+        };
+        let epochs = |group: &[StoredState]| live_states(group).map(|r| (r.epoch, r.compacted)).collect::<Vec<_>>();
+        // As written: every state.
+        assert_eq!(epochs(&[row(3, 0, b"a"), row(5, 0, b"b")]), [(3, 0), (5, 0)]);
+        // Compacted through 5, its UPDATE still pending, and a later epoch: 5 and 7 only.
+        let group = [row(5, 1, b"c"), row(3, 0, b"a"), row(5, 0, b"b"), row(7, 0, b"d")];
+        assert_eq!(epochs(&group), [(5, 1), (7, 0)]);
+        // Two compactions (late data in between): the newest one; emptied states never count.
+        let group = [row(5, 1, b"c"), row(9, 1, b"e"), row(3, 0, b""), row(7, 0, b""), row(11, 0, b"f")];
+        assert_eq!(epochs(&group), [(9, 1), (11, 0)]);
     }
 
     #[test]

@@ -62,6 +62,10 @@ SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
 --   avg = sum(sum) / sum(value_count).
 -- `state` holds the encoded state; percentiles and uniq are merged by the project's query code
 -- (`videocount stats`, the query library). Hour and day tables hold the same states rolled up.
+-- Compaction (run by event_stats) merges the states of a closed bucket into one row with
+-- `compacted = 1` (its count, sum... columns are 0, so plain SQL is unaffected) and empties
+-- the `state` of the rows it merged; a reader merges the newest compacted row of a bucket
+-- with the rows of later epochs.
 -- The dedup window is larger here: uncommitted epochs may lag further behind (the slow stream).
 CREATE TABLE IF NOT EXISTS stats_minute
 (
@@ -75,7 +79,8 @@ CREATE TABLE IF NOT EXISTS stats_minute
     min Float64,
     max Float64,
     state String,
-    epoch UInt64
+    epoch UInt64,
+    compacted UInt8
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_minute', '{replica}')
 PARTITION BY toYYYYMM(minute)
@@ -94,7 +99,8 @@ CREATE TABLE IF NOT EXISTS stats_hour
     min Float64,
     max Float64,
     state String,
-    epoch UInt64
+    epoch UInt64,
+    compacted UInt8
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_hour', '{replica}')
 PARTITION BY toYYYYMM(hour)
@@ -113,7 +119,8 @@ CREATE TABLE IF NOT EXISTS stats_day
     min Float64,
     max Float64,
     state String,
-    epoch UInt64
+    epoch UInt64,
+    compacted UInt8
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_day', '{replica}')
 PARTITION BY toYear(day)

@@ -203,7 +203,8 @@ fn stats_over_ranges_equal_the_reference() {
     messages.extend(refused.iter().map(|(key, payload, _, _)| (key.clone(), payload.clone())));
     produce_keyed(&env.topic, &messages);
 
-    TestEnv::run_command_until_caught_up(env.stats_job(&["--workers", "2"]));
+    // Short epochs: many epochs write to each bucket, as in a long live run.
+    TestEnv::run_command_until_caught_up(env.stats_job(&["--workers", "2", "--epoch-ms", "10"]));
     // view_counts on the same topic, with its own offsets: `videocount views` and `count`.
     env.run_until_caught_up(&[]);
 
@@ -225,30 +226,78 @@ fn stats_over_ranges_equal_the_reference() {
         ("like", &["count", "uniq"]),
         ("latency", &["p95"]),
     ];
-    for (name, from, to) in ranges {
-        for video in ["v0", "v3"] {
-            for (event_type, functions) in queries {
-                for function in functions {
-                    let what = format!("{name}: {video} {event_type} {function} [{from}, {to})");
-                    let got = stats(&env, video, event_type, function, from, to);
-                    check(&what, function, got, reference(&events, video, event_type, function, from, to));
+    let check_every_range = |when: &str| {
+        for (name, from, to) in ranges {
+            for video in ["v0", "v3"] {
+                for (event_type, functions) in queries {
+                    for function in functions {
+                        let what = format!("{when}, {name}: {video} {event_type} {function} [{from}, {to})");
+                        let got = stats(&env, video, event_type, function, from, to);
+                        check(&what, function, got, reference(&events, video, event_type, function, from, to));
+                    }
                 }
+                // view_counts counts every event of a type, whatever function it names.
+                let in_range = |ts_ms: u64| (from..to).contains(&(ts_ms / 60_000 * 60_000));
+                let all = |event_type: &str| {
+                    let selected = events.iter().filter(|e| e.video == video && e.event_type == event_type);
+                    let refused_here = refused.iter().filter(|(key, _, _, t)| key == video && *t == event_type);
+                    selected.filter(|e| in_range(e.ts_ms)).count()
+                        + refused_here.filter(|_| in_range(now_ms - 1000)).count()
+                };
+                let (from, to) = (from.to_string(), to.to_string());
+                let (code, out, err) = env.videocount(&["views", video, "--from", &from, "--to", &to]);
+                assert_eq!((code, out.parse::<usize>().ok()), (0, Some(all("view"))), "{name}: views {video}: {err}");
+                let (code, out, err) = env.videocount(&["count", video, "latency", "--from", &from, "--to", &to]);
+                assert_eq!(
+                    (code, out.parse::<usize>().ok()),
+                    (0, Some(all("latency"))),
+                    "{name}: count {video}: {err}"
+                );
             }
-            // view_counts counts every event of a type, whatever function it names.
-            let in_range = |ts_ms: u64| (from..to).contains(&(ts_ms / 60_000 * 60_000));
-            let all = |event_type: &str| {
-                let selected = events.iter().filter(|e| e.video == video && e.event_type == event_type);
-                let refused_here = refused.iter().filter(|(key, _, _, t)| key == video && *t == event_type);
-                selected.filter(|e| in_range(e.ts_ms)).count()
-                    + refused_here.filter(|_| in_range(now_ms - 1000)).count()
-            };
-            let (from, to) = (from.to_string(), to.to_string());
-            let (code, out, err) = env.videocount(&["views", video, "--from", &from, "--to", &to]);
-            assert_eq!((code, out.parse::<usize>().ok()), (0, Some(all("view"))), "{name}: views {video}: {err}");
-            let (code, out, err) = env.videocount(&["count", video, "latency", "--from", &from, "--to", &to]);
-            assert_eq!((code, out.parse::<usize>().ok()), (0, Some(all("latency"))), "{name}: count {video}: {err}");
         }
+    };
+    check_every_range("as written");
+    let states_merged = || {
+        let (from, to) = ((now_ms - 4 * DAY_MS).to_string(), (now_ms + 3_600_000).to_string());
+        let (code, out, err) = env.videocount(&["stats", "v0", "view", "uniq", "--from", &from, "--to", &to, "--json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["states_merged"].as_u64().unwrap()
+    };
+    let before = states_merged();
+    eprintln!("states merged for v0's views over everything: {before} before compaction");
+
+    // Compaction: the same answers from far fewer states, during and after the UPDATE.
+    let (code, out, err) = env.videocount(&["compact", "--topic", &env.topic, "--grace-secs", "0"]);
+    assert_eq!(code, 0, "compact failed: {err}");
+    assert!(out.contains("stats_day"), "compaction report: {out}");
+    check_every_range("compacting");
+    let started = std::time::Instant::now();
+    while env.scalar("SELECT count() FROM system.mutations WHERE database = currentDatabase() AND is_done = 0") > 0 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "compaction's UPDATE did not finish");
+        common::sleep_ms(200);
     }
+    check_every_range("compacted");
+    let after = states_merged();
+    eprintln!("states merged for v0's views over everything: {after} after compaction");
+    assert!(after * 2 < before, "states merged for v0's views: {before} before compaction, {after} after");
+    // Every closed bucket is down to one state.
+    let cutoff = now_ms / 1000;
+    for (table, closed) in [
+        ("stats_minute", format!("minute <= toDateTime({}, 'UTC')", cutoff - 60 - 1)),
+        ("stats_hour", format!("hour <= toDateTime({}, 'UTC')", cutoff - 3600 - 1)),
+        ("stats_day", format!("day <= toDate(toDateTime({}, 'UTC'))", cutoff - 86_400 - 1)),
+    ] {
+        let most = env.scalar(&format!(
+            "SELECT max(n) FROM (SELECT count() AS n FROM {table} WHERE state != '' AND {closed} \
+             GROUP BY video_id, event_type, aggregate, {})",
+            &table[6..]
+        ));
+        assert_eq!(most, 1, "{table}: states per closed bucket after compaction");
+    }
+    // A second compaction finds nothing new to merge, and changes no answer.
+    let (code, out, err) = env.videocount(&["compact", "--topic", &env.topic, "--grace-secs", "0"]);
+    assert_eq!(code, 0, "compact failed: {err}");
+    assert_eq!(out, "nothing to compact");
     // The everything range of v0's views has enough distinct viewers for a dense sketch.
     let everything = (now_ms - 4 * DAY_MS, now_ms + 3_600_000);
     assert!(reference(&events, "v0", "view", "uniq", everything.0, everything.1).unwrap() > 10_000.0);

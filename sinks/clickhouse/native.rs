@@ -102,6 +102,16 @@ impl NativeBlock {
         self.check(n);
     }
 
+    pub fn column_u8(&mut self, name: &str, values: impl Iterator<Item = u8>) {
+        self.header(name, "UInt8");
+        let mut n = 0;
+        for v in values {
+            self.buf.put_u8(v);
+            n += 1;
+        }
+        self.check(n);
+    }
+
     pub fn column_u16(&mut self, name: &str, ty: &str, values: impl Iterator<Item = u16>) {
         self.header(name, ty);
         let mut n = 0;

@@ -99,12 +99,13 @@ pub struct StatsRow {
     pub state: Vec<u8>,
 }
 
-/// States of one grain for one epoch. Sorts `rows` in place by key.
-pub fn stats_block(grain: Grain, epoch: u64, rows: &mut [StatsRow]) -> Insert {
+/// States of one grain for one epoch (`compacted`: rows that replace the states of earlier
+/// epochs, see `videocount_query::compact`). Sorts `rows` in place by key.
+pub fn stats_block(grain: Grain, epoch: u64, compacted: bool, rows: &mut [StatsRow]) -> Insert {
     rows.sort_unstable_by(|a, b| {
         (&a.video_id, &a.event_type, &a.aggregate, a.bucket).cmp(&(&b.video_id, &b.event_type, &b.aggregate, b.bucket))
     });
-    let mut block = NativeBlock::new(11, rows.len());
+    let mut block = NativeBlock::new(12, rows.len());
     block.column_str("video_id", rows.iter().map(|r| r.video_id.as_str()));
     block.column_str("event_type", rows.iter().map(|r| r.event_type.as_str()));
     block.column_str("aggregate", rows.iter().map(|r| r.aggregate.as_str()));
@@ -121,6 +122,7 @@ pub fn stats_block(grain: Grain, epoch: u64, rows: &mut [StatsRow]) -> Insert {
     block.column_f64("max", rows.iter().map(|r| r.max));
     block.column_bytes("state", rows.iter().map(|r| r.state.as_slice()));
     block.column_u64("epoch", rows.iter().map(|_| epoch));
+    block.column_u8("compacted", rows.iter().map(|_| u8::from(compacted)));
     Insert { table: grain.stats_table().into(), rows: block.rows(), body: block.finish() }
 }
 

@@ -135,6 +135,14 @@ impl ClickHouse {
             .map_err(classify)
     }
 
+    /// Runs a statement with bound values that returns nothing.
+    pub async fn execute_query(&self, query: clickhouse::query::Query) -> Result<(), SinkError> {
+        tokio::time::timeout(self.timeout(), query.execute())
+            .await
+            .map_err(|_| SinkError::Unavailable(format!("no answer within {:?}", self.timeout())))?
+            .map_err(classify)
+    }
+
     /// Fetches typed rows, with the request timeout.
     pub async fn fetch_all<T>(&self, query: clickhouse::query::Query) -> Result<Vec<T>, SinkError>
     where
