@@ -472,10 +472,14 @@ pub fn run_event_stats(args: EventStatsArgs) -> anyhow::Result<()> {
             4000 / (2 * peers)
         );
     }
+    let spill_dir = args.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&spill_dir)
+        .and_then(|()| tempfile_probe(&spill_dir))
+        .with_context(|| format!("--spill-dir {} is not a writable directory", spill_dir.display()))?;
     let slow = SlowStream {
         delay_per_epoch: Duration::from_millis(args.slow_stream_delay_ms),
         memory_budget: args.slow_stream_memory_mb << 20,
-        spill_dir: args.spill_dir.clone().unwrap_or_else(std::env::temp_dir),
+        spill_dir,
         name: format!(
             "{}-{}",
             args.job.job_name.as_deref().unwrap_or(EventStats::NAME),
@@ -499,6 +503,13 @@ pub fn run_event_stats(args: EventStatsArgs) -> anyhow::Result<()> {
         let _ = thread.join();
     }
     result
+}
+
+/// Checks that `dir` takes a file (the slow stream's spill files go there).
+fn tempfile_probe(dir: &std::path::Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".videocount-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
 }
 
 /// Compacts `event_stats`' closed buckets every `every`, on a thread of its own (see

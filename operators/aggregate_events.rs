@@ -64,44 +64,57 @@ pub struct Partial {
     pub state: Vec<u8>,
 }
 
-/// The states an epoch builds on one worker, per partition.
+/// The events of an epoch on one worker, folded into one state per (partition, key).
+///
+/// Events are folded in (partition, offset) order at [`EpochPartials::finish`], not in arrival
+/// order: a re-run epoch must repeat every floating-point addition and sketch update in the
+/// same order, and arrival order within a partition is not guaranteed across runs (the source
+/// may seek back and re-read). Holding an epoch's events costs memory for one epoch only.
 pub struct EpochPartials {
     registry: Registry,
     mask: u32,
-    states: Map<(u32, StatsKey), (Moments, State)>,
+    events: Vec<LocatedInput>,
 }
 
 impl EpochPartials {
     /// Folds only the aggregates in `mask` (one stream's share).
     pub fn new(registry: Registry, mask: u32) -> Self {
-        EpochPartials { registry, mask, states: Map::default() }
+        EpochPartials { registry, mask, events: Vec::new() }
     }
 
-    pub fn absorb(&mut self, input: &StatsInput, partition: u32) {
-        let mut wanted = input.aggregates & self.mask;
-        let event = &input.event;
-        let sample = Sample { value: event.value, viewer_id: event.viewer_id.as_deref() };
-        let minute = Grain::Minute.bucket(event.event.ts_ms);
-        while wanted != 0 {
-            let id = wanted.trailing_zeros() as AggregateId;
-            wanted &= wanted - 1;
-            let aggregate = self.registry.get(id);
-            let key = (event.event.video_id.clone(), event.event.event_type.clone(), id, minute);
-            let (summary, state) =
-                self.states.entry((partition, key)).or_insert_with(|| (Moments::default(), aggregate.create()));
-            summary.add(event.value);
-            aggregate.update(state, sample);
+    pub fn absorb(&mut self, located: LocatedInput) {
+        if located.0.aggregates & self.mask != 0 {
+            self.events.push(located);
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.states.is_empty()
+        self.events.is_empty()
     }
 
-    /// The encoded partial states, for the exchange to the videos' owners.
+    /// Folds the events in (partition, offset) order and encodes the partial states, for the
+    /// exchange to the videos' owners.
     pub fn finish(self) -> Vec<Partial> {
-        let registry = self.registry;
-        self.states
+        let EpochPartials { registry, mask, mut events } = self;
+        events.sort_unstable_by_key(|(_, partition, offset)| (*partition, *offset));
+        let mut states: Map<(u32, StatsKey), (Moments, State)> = Map::default();
+        for (input, partition, _) in &events {
+            let mut wanted = input.aggregates & mask;
+            let event = &input.event;
+            let sample = Sample { value: event.value, viewer_id: event.viewer_id.as_deref() };
+            let minute = Grain::Minute.bucket(event.event.ts_ms);
+            while wanted != 0 {
+                let id = wanted.trailing_zeros() as AggregateId;
+                wanted &= wanted - 1;
+                let aggregate = registry.get(id);
+                let key = (event.event.video_id.clone(), event.event.event_type.clone(), id, minute);
+                let (summary, state) =
+                    states.entry((*partition, key)).or_insert_with(|| (Moments::default(), aggregate.create()));
+                summary.add(event.value);
+                aggregate.update(state, sample);
+            }
+        }
+        states
             .into_iter()
             .map(|((partition, key), (summary, state))| {
                 let encoded = registry.get(key.2).encode(&state);
@@ -212,16 +225,15 @@ pub fn pre_aggregate_fast<'scope>(
             move |(input, frontier), output| {
                 input.for_each(|stamp, data| {
                     let Some(&time) = stamp.least() else { return };
-                    let mut wanted = data.iter().filter(|(input, _, _)| input.aggregates & mask != 0).peekable();
-                    if wanted.peek().is_none() {
+                    if !data.iter().any(|(input, _, _)| input.aggregates & mask != 0) {
                         return;
                     }
                     let (_, partials) = open.entry(time).or_insert_with(|| {
                         let capability = stamp.retain_least(output.output_index()).expect("stamp has a time");
                         (capability, EpochPartials::new(registry.clone(), mask))
                     });
-                    for (input, partition, _) in wanted {
-                        partials.absorb(input, *partition);
+                    for located in data.drain(..) {
+                        partials.absorb(located);
                     }
                 });
                 while let Some((&epoch, _)) = open.first_key_value() {
@@ -269,7 +281,7 @@ const SPILLED: TableDefinition<u64, &[u8]> = TableDefinition::new("slow_stream_b
 
 /// A batch for the sketch thread: in memory (with its estimated size), or in the spill file.
 enum Batch {
-    Inline(Vec<(StatsInput, u32)>, usize),
+    Inline(Vec<LocatedInput>, usize),
     Spilled(u64),
 }
 
@@ -296,7 +308,7 @@ impl Spill {
         Ok(Spill { path, db })
     }
 
-    fn put(&self, seq: u64, events: &[(StatsInput, u32)]) -> Result<(), String> {
+    fn put(&self, seq: u64, events: &[LocatedInput]) -> Result<(), String> {
         let bytes = postcard::to_allocvec(events).map_err(|e| e.to_string())?;
         let mut tx = self.db.begin_write().map_err(|e| e.to_string())?;
         // Scratch data: no fsync.
@@ -305,7 +317,7 @@ impl Spill {
         tx.commit().map_err(|e| e.to_string())
     }
 
-    fn take(&self, seq: u64) -> Result<Vec<(StatsInput, u32)>, String> {
+    fn take(&self, seq: u64) -> Result<Vec<LocatedInput>, String> {
         let mut tx = self.db.begin_write().map_err(|e| e.to_string())?;
         tx.set_durability(Durability::None).map_err(|e| e.to_string())?;
         let events = {
@@ -325,8 +337,8 @@ impl Drop for Spill {
 }
 
 /// A rough size of a batch in memory: the events and their strings.
-fn batch_bytes(events: &[(StatsInput, u32)]) -> usize {
-    events.len() * (std::mem::size_of::<(StatsInput, u32)>() + 16)
+fn batch_bytes(events: &[LocatedInput]) -> usize {
+    events.len() * (std::mem::size_of::<LocatedInput>() + 16)
 }
 
 /// The slow stream: folds the aggregates of `mask` on a thread of its own per worker.
@@ -377,8 +389,8 @@ pub fn pre_aggregate_slow<'scope>(
                                     open.entry(epoch).or_insert_with(|| Ok(EpochPartials::new(registry.clone(), mask)));
                                 match (entry, events) {
                                     (Ok(partials), Ok(events)) => {
-                                        for (input, partition) in &events {
-                                            partials.absorb(input, *partition);
+                                        for located in events {
+                                            partials.absorb(located);
                                         }
                                     }
                                     (entry, Err(e)) => *entry = Err(e),
@@ -405,11 +417,8 @@ pub fn pre_aggregate_slow<'scope>(
             move |(input, frontier), output| {
                 input.for_each(|stamp, data| {
                     let Some(&time) = stamp.least() else { return };
-                    let wanted: Vec<(StatsInput, u32)> = data
-                        .drain(..)
-                        .filter(|(input, _, _)| input.aggregates & mask != 0)
-                        .map(|(input, partition, _)| (input, partition))
-                        .collect();
+                    let wanted: Vec<LocatedInput> =
+                        data.drain(..).filter(|(input, _, _)| input.aggregates & mask != 0).collect();
                     if wanted.is_empty() {
                         return;
                     }
@@ -480,8 +489,8 @@ mod tests {
         }
     }
 
-    /// Two partitions' events, folded by two "workers", merged by the owner in either
-    /// arrival order: the blocks are byte-identical, and equal to the rows of one pass.
+    /// Three partitions' events, folded by two "workers", merged by the owner in either
+    /// arrival order, and with events arriving in any order: the blocks are byte-identical.
     #[test]
     fn blocks_do_not_depend_on_arrival_order() {
         let registry = Registry::builtin();
@@ -501,14 +510,24 @@ mod tests {
                 )
             })
             .collect();
-        let fold = |partitions: &[u32]| {
+        let fold = |partitions: &[u32], reversed: bool| {
             let mut partials = EpochPartials::new(registry.clone(), all);
-            for (input, p) in events.iter().filter(|(_, p)| partitions.contains(p)) {
-                partials.absorb(input, *p);
+            // Arrival order within a partition must not matter: feed each run reversed.
+            let mut mine: Vec<LocatedInput> = events
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, p))| partitions.contains(p))
+                .map(|(offset, (input, p))| (input.clone(), *p, offset as u64))
+                .collect();
+            if reversed {
+                mine.reverse();
+            }
+            for located in mine {
+                partials.absorb(located);
             }
             partials.finish()
         };
-        let (left, right) = (fold(&[0, 2]), fold(&[1]));
+        let (left, right) = (fold(&[0, 2], false), fold(&[1], false));
         let blocks = |first: &[Partial], second: &[Partial]| {
             let mut epoch = StatsEpoch::default();
             for p in first.iter().chain(second).rev() {
@@ -518,6 +537,8 @@ mod tests {
         };
         let one = blocks(&left, &right);
         assert_eq!(one, blocks(&right, &left));
+        // Events arriving in another order within their partitions: the same blocks.
+        assert_eq!(one, blocks(&fold(&[0, 2], true), &fold(&[1], true)));
         assert_eq!(one.len(), 3);
         assert_eq!(one[0].table, "stats_minute");
         // 400 events 7 s apart over two videos: minutes per video, three aggregates each.
