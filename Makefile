@@ -51,6 +51,8 @@ lint: ## cargo fmt --check and clippy with warnings as errors.
 	cargo clippy --release --workspace --all-targets -- -D warnings
 
 test: up lint ## Every test: unit, integration against the real services, schema on current ClickHouse.
+	@# The integration tests run the binaries of other crates too (videocount, event_stats).
+	cargo build --release --workspace --bins
 	cargo test --release --workspace -- --test-threads=1
 	@$(MAKE) --no-print-directory chdb-test
 
