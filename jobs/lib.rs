@@ -319,6 +319,11 @@ pub trait Dataflow: Send + Sync + 'static {
         planned: Stream<'scope, u64, Vec<()>>,
         writer: &Writer,
     ) -> Writes<'scope>;
+    /// A fingerprint of the settings the written blocks depend on, beyond the flags the
+    /// checkpoint already checks: a re-run of interrupted epochs needs the same one.
+    fn fingerprint(&self) -> u64 {
+        0
+    }
     /// How many epochs the commit may lag behind the source (default: --max-epochs-in-flight).
     fn max_commit_lag(&self) -> Option<u64> {
         None
@@ -444,6 +449,10 @@ impl Dataflow for EventStats {
     fn max_commit_lag(&self) -> Option<u64> {
         Some(self.max_slow_epochs_behind)
     }
+
+    fn fingerprint(&self) -> u64 {
+        self.functions.fingerprint()
+    }
 }
 
 /// Runs `view_counts` until it is caught up (with `--until-caught-up`) or stopped by a signal.
@@ -567,6 +576,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
 
     let partitions = topic_partitions(&args.brokers, &args.topic)?;
     let dlq_topic = args.dlq_topic.clone().unwrap_or_else(|| format!("{}-dlq", args.topic));
+    let fingerprint = dataflow.fingerprint();
     let state = runtime.block_on(async {
         clickhouse
             .with_database("default")
@@ -575,9 +585,22 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
             .with_context(|| format!("cannot reach ClickHouse at {}", args.clickhouse_url))?;
         check_schema(&clickhouse).await?;
         ensure_topic(&args.brokers, &dlq_topic, 1).await?;
-        checkpoints::load(&clickhouse, &job_name, &args.topic).await.with_context(|| {
+        let state = checkpoints::load(&clickhouse, &job_name, &args.topic).await.with_context(|| {
             format!("cannot read the checkpoint (is the schema applied to {}? make schema)", args.database)
-        })
+        })?;
+        if let Some((&first_pending, _)) = state.pending.first_key_value() {
+            let recorded = checkpoints::run_fingerprint(&clickhouse, &job_name, &args.topic, first_pending).await?;
+            if recorded.is_some_and(|recorded| recorded != fingerprint) {
+                bail!(
+                    "epochs {:?} were interrupted under other settings (for event_stats: another functions \
+                     config); restart with the settings they ran with to finish them, then change them",
+                    state.pending.keys().collect::<Vec<_>>()
+                );
+            }
+        }
+        let run = checkpoints::run_block(&job_name, &args.topic, state.next_epoch, fingerprint, now_secs());
+        clickhouse.insert_native(&run.table, run.body).await.context("recording the run")?;
+        anyhow::Ok(state)
     })?;
     let peers = (args.workers * args.processes) as u32;
     if let Some(before) = state.pending_peers.filter(|_| !state.pending.is_empty())

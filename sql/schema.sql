@@ -176,6 +176,20 @@ CREATE TABLE IF NOT EXISTS checkpoint_ranges
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/checkpoint_ranges', '{replica}')
 ORDER BY (job, topic, epoch, partition);
 
+-- Job runs: the first epoch each run of a job planned, and a fingerprint of the settings its
+-- output depends on (event_stats: its functions config). A run re-running interrupted epochs
+-- must have the fingerprint of the run that planned them, or it would write other blocks.
+CREATE TABLE IF NOT EXISTS job_runs
+(
+    job String,
+    topic String,
+    first_epoch UInt64,
+    fingerprint UInt64,
+    started_at DateTime('UTC')
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/job_runs', '{replica}')
+ORDER BY (job, topic, first_epoch);
+
 -- Job checkpoints: an epoch whose rows are all written. Epochs planned but not committed are
 -- re-run over exactly their ranges on restart.
 CREATE TABLE IF NOT EXISTS checkpoint_commits

@@ -529,3 +529,52 @@ fn a_stalled_slow_stream_does_not_delay_fast_results() {
     std::fs::remove_dir_all(&spill_dir).ok();
     env.drop();
 }
+
+#[test]
+fn interrupted_epochs_need_the_functions_they_ran_with() {
+    let env = TestEnv::new("statsconfig", 2);
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let messages: Vec<(String, String)> = (0..5_000u64)
+        .map(|i| {
+            let video = format!("v{}", i % 5);
+            (
+                video.clone(),
+                format!(r#"{{"video_id":"{video}","event_type":"watch_time","value":{i},"ts":{}}}"#, now_ms - i),
+            )
+        })
+        .collect();
+    produce_keyed(&env.topic, &messages);
+    // The slow stream stalls, so nothing commits; the fast rows land; then kill -9.
+    let mut job = TestEnv::spawn_command(env.stats_job(&["--slow-stream-delay-ms", "60000"]));
+    let counted =
+        |aggregate: &str| env.scalar(&format!("SELECT sum(count) FROM stats_minute WHERE aggregate = '{aggregate}'"));
+    let started = std::time::Instant::now();
+    while counted("moments") < 5_000 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "fast results did not arrive");
+        common::sleep_ms(50);
+    }
+    job.0.kill().unwrap();
+    job.0.wait().unwrap();
+    assert_eq!(env.scalar("SELECT count() FROM checkpoint_commits"), 0, "the test needs interrupted epochs");
+
+    // Another functions config: refused with the reason, nothing written.
+    let other = std::env::temp_dir().join(format!("{}-functions.toml", env.database));
+    std::fs::write(&other, "default = [\"count\"]\n[event_types]\nwatch_time = [\"count\", \"sum\"]\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_event_stats"))
+        .args(["--brokers", common::BROKERS, "--topic", &env.topic, "--clickhouse-url", common::CLICKHOUSE_URL])
+        .args(["--database", &env.database, "--until-caught-up"])
+        .arg("--functions")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "a changed config must not re-run interrupted epochs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("interrupted under other settings"), "{stderr}");
+    std::fs::remove_file(&other).ok();
+
+    // The config they ran with finishes them, exactly once.
+    TestEnv::run_command_until_caught_up(env.stats_job(&[]));
+    assert_eq!(counted("moments"), 5_000);
+    assert_eq!(counted("quantiles"), 5_000);
+    env.drop();
+}

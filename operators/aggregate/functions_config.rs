@@ -63,6 +63,19 @@ impl FunctionsConfig {
         Ok(FunctionsConfig { registry, default, event_types })
     }
 
+    /// A hash of what the config means (defaults and functions per type, in a canonical
+    /// order): equal for configs that feed the same functions.
+    pub fn fingerprint(&self) -> u64 {
+        let names = |functions: &[Function]| functions.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(",");
+        let mut types: Vec<(&String, &Vec<Function>)> = self.event_types.iter().collect();
+        types.sort_by(|a, b| a.0.cmp(b.0));
+        let mut canonical = format!("default={}", names(&self.default));
+        for (event_type, functions) in types {
+            canonical.push_str(&format!(";{event_type}={}", names(functions)));
+        }
+        xxhash_rust::xxh3::xxh3_64(canonical.as_bytes())
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
@@ -146,6 +159,16 @@ mod tests {
         assert_eq!(reason(r#"{"video_id":"v","function":"p99"}"#), RejectReason::MissingValue);
         assert_eq!(reason(r#"{"video_id":"v","function":"uniq","value":1}"#), RejectReason::MissingViewerId);
         assert_eq!(reason(r#"{"video_id":"v","event_type":"watch_time"}"#), RejectReason::MissingValue);
+    }
+
+    #[test]
+    fn fingerprints_follow_meaning_not_layout() {
+        let parse = |text: &str| FunctionsConfig::parse(text, Registry::builtin()).unwrap().fingerprint();
+        let a = parse("default = [\"count\"]\n[event_types]\nview = [\"count\", \"uniq\"]\nlike = [\"count\"]");
+        let b =
+            parse("# comment\ndefault = [ \"count\" ]\n[event_types]\nlike = [\"count\"]\nview = [\"count\",\"uniq\"]");
+        assert_eq!(a, b);
+        assert_ne!(a, parse("default = [\"count\"]\n[event_types]\nview = [\"count\"]\nlike = [\"count\"]"));
     }
 
     #[test]

@@ -136,6 +136,45 @@ pub fn plan_block(job: &str, topic: &str, epoch: u64, peers: u32, ranges: &mut [
 }
 
 /// The commit of one epoch, written once all its rows are.
+/// The settings fingerprint of the run that planned `epoch` (the latest run that started at or
+/// before it), if runs were recorded.
+pub async fn run_fingerprint(
+    clickhouse: &ClickHouse,
+    job: &str,
+    topic: &str,
+    epoch: u64,
+) -> Result<Option<u64>, SinkError> {
+    #[derive(Row, Deserialize)]
+    struct Run {
+        fingerprint: u64,
+    }
+    let runs: Vec<Run> = clickhouse
+        .fetch_all(
+            clickhouse
+                .client()
+                .query(
+                    "SELECT fingerprint FROM job_runs WHERE job = ? AND topic = ? AND first_epoch <= ? \
+                     ORDER BY first_epoch DESC LIMIT 1",
+                )
+                .bind(job)
+                .bind(topic)
+                .bind(epoch),
+        )
+        .await?;
+    Ok(runs.first().map(|r| r.fingerprint))
+}
+
+/// Records a run that plans epochs from `first_epoch` on with settings `fingerprint`.
+pub fn run_block(job: &str, topic: &str, first_epoch: u64, fingerprint: u64, now_secs: u32) -> Insert {
+    let mut block = NativeBlock::new(5, 1);
+    block.column_str("job", [job].into_iter());
+    block.column_str("topic", [topic].into_iter());
+    block.column_u64("first_epoch", [first_epoch].into_iter());
+    block.column_u64("fingerprint", [fingerprint].into_iter());
+    block.column_u32("started_at", "DateTime('UTC')", [now_secs].into_iter());
+    Insert { table: "job_runs".into(), rows: 1, body: block.finish() }
+}
+
 pub fn commit_block(job: &str, topic: &str, epoch: u64, now_secs: u32) -> Insert {
     let mut block = NativeBlock::new(4, 1);
     block.column_str("job", [job].into_iter());
