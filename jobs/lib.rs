@@ -39,9 +39,7 @@ use videocount_clickhouse::rows::{DeadLetterRow, RawRow, dead_letters_block, raw
 use videocount_clickhouse::{ClickHouse, ClickHouseConfig, Writer};
 use videocount_events::{Event, Rejection, TimeLimits, parse_event, parse_stats_event, route};
 use videocount_operators::aggregate::{FunctionsConfig, Registry, Speed};
-use videocount_operators::aggregate_events::{
-    LocatedInput, Partial, SlowStream, StatsEpoch, StatsInput, pre_aggregate_fast, pre_aggregate_slow,
-};
+use videocount_operators::aggregate_events::{LocatedInput, Partial, PreAggregate, SlowStream, StatsEpoch, StatsInput};
 use videocount_operators::kafka_source::SourceProgress;
 use videocount_operators::kafka_source::Throttle;
 use videocount_operators::{EventCounts, FlushEpochs, SourceConfig, SourceItem, kafka_source};
@@ -421,8 +419,8 @@ impl Dataflow for EventStats {
         writer: &Writer,
     ) -> Writes<'scope> {
         let registry = self.functions.registry().clone();
-        let fast = pre_aggregate_fast(events.clone(), registry.clone(), registry.mask(Speed::Fast));
-        let slow = pre_aggregate_slow(events, registry.clone(), registry.mask(Speed::Slow), self.slow.clone());
+        let fast = events.clone().pre_aggregate_fast(registry.clone(), registry.mask(Speed::Fast));
+        let slow = events.pre_aggregate_slow(registry.clone(), registry.mask(Speed::Slow), self.slow.clone());
         let mut written = [(fast, "WriteFastStats"), (slow, "WriteSlowStats")]
             .into_iter()
             .map(|(partials, name)| {

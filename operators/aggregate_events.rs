@@ -211,8 +211,40 @@ impl StatsEpoch {
     }
 }
 
-/// The fast stream: folds the aggregates of `mask` on the worker thread.
-pub fn pre_aggregate_fast<'scope>(
+/// Folds a stream of events into partial states per (partition, key) and epoch, for the
+/// videos' owners to merge ([`StatsEpoch`]).
+pub trait PreAggregate<'scope> {
+    /// The fast stream: folds the aggregates of `mask` on the worker thread, and emits an
+    /// epoch's partial states once the input frontier has passed it.
+    fn pre_aggregate_fast(self, registry: Registry, mask: u32) -> Stream<'scope, u64, Vec<Partial>>;
+
+    /// The slow stream: folds the aggregates of `mask` on a thread of its own per worker.
+    ///
+    /// The operator hands each batch to the thread in order and keeps the epoch's capability
+    /// until the thread returns the epoch's partial states, so the worker thread never waits
+    /// for a sketch. While the thread's backlog is over `config.memory_budget`, batches go
+    /// through an embedded redb file instead of memory: the fast stream and the source can run
+    /// ahead of a stalled slow stream (up to the job's commit lag) without growing the heap.
+    fn pre_aggregate_slow(self, registry: Registry, mask: u32, config: SlowStream)
+    -> Stream<'scope, u64, Vec<Partial>>;
+}
+
+impl<'scope> PreAggregate<'scope> for Stream<'scope, u64, Vec<LocatedInput>> {
+    fn pre_aggregate_fast(self, registry: Registry, mask: u32) -> Stream<'scope, u64, Vec<Partial>> {
+        pre_aggregate_fast(self, registry, mask)
+    }
+
+    fn pre_aggregate_slow(
+        self,
+        registry: Registry,
+        mask: u32,
+        config: SlowStream,
+    ) -> Stream<'scope, u64, Vec<Partial>> {
+        pre_aggregate_slow(self, registry, mask, config)
+    }
+}
+
+fn pre_aggregate_fast<'scope>(
     events: Stream<'scope, u64, Vec<LocatedInput>>,
     registry: Registry,
     mask: u32,
@@ -341,14 +373,7 @@ fn batch_bytes(events: &[LocatedInput]) -> usize {
     events.len() * (std::mem::size_of::<LocatedInput>() + 16)
 }
 
-/// The slow stream: folds the aggregates of `mask` on a thread of its own per worker.
-///
-/// The operator hands each batch to the thread in order and keeps the epoch's capability until
-/// the thread returns the epoch's partial states, so the worker thread never waits for a
-/// sketch. While the thread's backlog is over `memory_budget`, batches go through an embedded
-/// redb file instead of memory: the fast stream and the source can run ahead of a stalled slow
-/// stream (up to the job's commit lag) without growing the heap.
-pub fn pre_aggregate_slow<'scope>(
+fn pre_aggregate_slow<'scope>(
     events: Stream<'scope, u64, Vec<LocatedInput>>,
     registry: Registry,
     mask: u32,

@@ -8,6 +8,10 @@
 //!   capability until they are written.
 //! - [`count_events`]: the per-epoch state that counts events per (video, type, minute) and
 //!   rolls the counts up to hours and days.
+//! - [`aggregate`]: aggregate functions as an open set (one trait, one file per aggregate),
+//!   and the functions config of `event_stats`.
+//! - [`aggregate_events`]: `event_stats`' fast and slow streams (`PreAggregate`) and the
+//!   per-epoch merge of partial states into minute, hour and day rows.
 
 pub mod aggregate;
 pub mod aggregate_events;
