@@ -223,32 +223,27 @@ pub fn parse_stats_event(
                 }
             },
         };
-        let viewer_id = match fields.viewer_id.filter(|raw| raw.get() != "null") {
-            None => None,
-            Some(raw) => match string_field(raw) {
-                Some(id) if valid_viewer_id(&id) => Some(CompactString::from(id.as_ref())),
-                _ => {
-                    return Err(Rejection::new(
-                        InvalidViewerId,
-                        format!("{} is not a string of 1-64 characters of [A-Za-z0-9_-]", shorten(raw.get())),
-                    ));
-                }
-            },
-        };
-        let function = match fields.function.filter(|raw| raw.get() != "null") {
-            None => None,
-            Some(raw) => match string_field(raw) {
-                Some(name) if valid_function_name(&name) => Some(CompactString::from(name.as_ref())),
-                _ => {
-                    return Err(Rejection::new(
-                        InvalidFunction,
-                        format!("{} is not a string of 1-32 characters of [a-z0-9_]", shorten(raw.get())),
-                    ));
-                }
-            },
-        };
+        let viewer_id =
+            optional_string(fields.viewer_id, valid_viewer_id, InvalidViewerId, "1-64 characters of [A-Za-z0-9_-]")?;
+        let function =
+            optional_string(fields.function, valid_function_name, InvalidFunction, "1-32 characters of [a-z0-9_]")?;
         Ok(StatsEvent { event, value, viewer_id, function })
     })
+}
+
+/// An optional string field: absent or null is `None`; anything but a string passing `valid`
+/// is a `reason` rejection that names the `rule`.
+fn optional_string(
+    raw: Option<&RawValue>,
+    valid: fn(&str) -> bool,
+    reason: RejectReason,
+    rule: &str,
+) -> Result<Option<CompactString>, Rejection> {
+    let Some(raw) = raw.filter(|raw| raw.get() != "null") else { return Ok(None) };
+    match string_field(raw) {
+        Some(text) if valid(&text) => Ok(Some(CompactString::from(text.as_ref()))),
+        _ => Err(Rejection::new(reason, format!("{} is not a string of {rule}", shorten(raw.get())))),
+    }
 }
 
 fn parse_with<T>(

@@ -208,12 +208,12 @@ impl Reader {
         if segments.is_empty() {
             return Ok(0);
         }
-        let parts: Vec<(String, Segment)> = segments
+        let parts: Vec<(String, Bounds)> = segments
             .iter()
             .map(|s| {
-                let (condition, _) = bucket_condition(s);
+                let (condition, bounds) = bucket_condition(s);
                 let table = s.grain.table();
-                (format!("SELECT count FROM {table} WHERE video_id = ? AND event_type = ? AND {condition}"), *s)
+                (format!("SELECT count FROM {table} WHERE video_id = ? AND event_type = ? AND {condition}"), bounds)
             })
             .collect();
         let sql = format!(
@@ -221,8 +221,8 @@ impl Reader {
             parts.iter().map(|(sql, _)| sql.as_str()).collect::<Vec<_>>().join(" UNION ALL ")
         );
         let mut query = self.clickhouse.client().query(&sql);
-        for (_, segment) in &parts {
-            query = bucket_condition(segment).1.bind(query.bind(video_id).bind(event_type));
+        for (_, bounds) in parts {
+            query = bounds.bind(query.bind(video_id).bind(event_type));
         }
         #[derive(Row, Deserialize)]
         struct Total {
@@ -248,28 +248,29 @@ impl Reader {
             let empty = aggregate.create();
             return Ok(StatsAnswer { value: aggregate.finish(&empty, &function.name), states: 0 });
         }
-        let parts: Vec<String> = segments
+        let (parts, bounds): (Vec<String>, Vec<Bounds>) = segments
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let (condition, _) = bucket_condition(s);
+                let (condition, bounds) = bucket_condition(s);
                 let table = s.grain.stats_table();
-                format!(
+                let sql = format!(
                     "SELECT state, toUInt32({i}) AS segment, toUInt32({column}) AS bucket, epoch, compacted \
                      FROM {table} WHERE video_id = ? AND event_type = ? AND aggregate = ? AND {condition} \
                      AND (compacted = 1 OR state != '')",
                     column = s.grain.column()
-                )
+                );
+                (sql, bounds)
             })
-            .collect();
+            .unzip();
         // A fixed order, so that the same rows always merge to the same answer.
         let sql = format!(
             "SELECT state, segment, bucket, epoch, compacted FROM ({}) ORDER BY segment, bucket, compacted DESC, epoch",
             parts.join(" UNION ALL ")
         );
         let mut query = self.clickhouse.client().query(&sql);
-        for segment in &segments {
-            query = bucket_condition(segment).1.bind(query.bind(video_id).bind(event_type).bind(aggregate.name()));
+        for bounds in bounds {
+            query = bounds.bind(query.bind(video_id).bind(event_type).bind(aggregate.name()));
         }
         let rows: Vec<StoredState> = self.clickhouse.fetch_all(query).await?;
         let mut merged = aggregate.create();
