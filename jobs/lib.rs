@@ -123,9 +123,6 @@ pub struct JobArgs {
     pub job_name: Option<String>,
 }
 
-/// The functions config the repository ships, built into `event_stats`.
-pub const DEFAULT_FUNCTIONS: &str = include_str!("../config/functions.toml");
-
 /// Flags of `event_stats`: the common ones and its own.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about = "Maintains aggregate functions of video events from Kafka in ClickHouse, exactly once.")]
@@ -461,11 +458,7 @@ pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
 
 /// Runs `event_stats` until it is caught up (with `--until-caught-up`) or stopped by a signal.
 pub fn run_event_stats(args: EventStatsArgs) -> anyhow::Result<()> {
-    let functions = match &args.functions {
-        Some(path) => FunctionsConfig::load(path, Registry::builtin())?,
-        None => FunctionsConfig::parse(DEFAULT_FUNCTIONS, Registry::builtin())
-            .map_err(|e| anyhow::anyhow!("the built-in config/functions.toml: {e}"))?,
-    };
+    let functions = FunctionsConfig::load_or_default(args.functions.as_deref())?;
     let source = args.functions.as_ref().map_or("built-in config/functions.toml".into(), |p| p.display().to_string());
     info!(functions = %source, aggregates = ?functions.registry(), "functions loaded");
     let peers = (args.job.workers * args.job.processes) as u64;

@@ -33,7 +33,21 @@ pub struct FunctionsConfig {
     event_types: HashMap<String, Vec<Function>>,
 }
 
+/// The functions config the repository ships (`config/functions.toml`), built into the binaries
+/// that need it (`event_stats`, `ingest`).
+pub const DEFAULT_FUNCTIONS: &str = include_str!("../../config/functions.toml");
+
 impl FunctionsConfig {
+    /// The config in `path`, or the built-in [`DEFAULT_FUNCTIONS`] without one, with the
+    /// built-in functions.
+    pub fn load_or_default(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            Some(path) => Self::load(path, Registry::builtin()),
+            None => Self::parse(DEFAULT_FUNCTIONS, Registry::builtin())
+                .map_err(|detail| ConfigError::Invalid { path: "built-in config/functions.toml".into(), detail }),
+        }
+    }
+
     pub fn load(path: &Path, registry: Registry) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;

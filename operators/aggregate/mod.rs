@@ -19,7 +19,7 @@ use std::any::Any;
 use std::sync::Arc;
 
 pub use distinct::Distinct;
-pub use functions_config::{ConfigError, FunctionsConfig};
+pub use functions_config::{ConfigError, DEFAULT_FUNCTIONS, FunctionsConfig};
 pub use moments::{Moments, MomentsAggregate};
 pub use quantiles::Quantiles;
 

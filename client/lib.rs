@@ -1,0 +1,644 @@
+//! The client of the videocount ingestion service (the design notes' "partitioner service
+//! client"): async and non-blocking, for players, apps and backends.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), videocount_client::ClientError> {
+//! use videocount_client::{Client, ClientConfig};
+//! let client = Client::new(ClientConfig::new(["http://127.0.0.1:8080"]))?;
+//! let ack = client.count_view("dQw4w9WgXcQ")?; // buffered; returns at once
+//! ack.await?; // resolves once Kafka acknowledged the batch that carried it
+//! client.close().await; // sends what is buffered
+//! # Ok(()) }
+//! ```
+//!
+//! - **Buffering and batching.** Single events wait in a buffer and leave as one
+//!   `POST /v1/events` when `batch_size` events are there or `linger` has passed since the
+//!   first; at most `max_in_flight` batches are on the wire. The buffer holds at most
+//!   `max_buffered` unresolved events: beyond that a call returns [`ClientError::BufferFull`]
+//!   at once (back-pressure the caller sees, never a silent drop).
+//! - **Timeouts.** `connect_timeout` per connection, `request_timeout` per request.
+//! - **Retries.** Connection errors, timeouts, 429, 500, 502, 503 and 504 are retried with
+//!   exponential backoff and full jitter (a delay drawn uniformly from zero to
+//!   `min(max_delay, base * 2^attempt)`), at least the service's `Retry-After`, until
+//!   `max_elapsed`. A 503 that names the failed items of a batch retries only those. 400, 401,
+//!   413 and other answers are final: the ack says why.
+//! - **Circuit breaker** per service address ([`CircuitBreaker`]): after repeated failures the
+//!   address gets no calls for a while, then one probe.
+//! - **Load balancing.** Several addresses spread batches round-robin over the healthy ones;
+//!   a background task asks each `GET /readyz` every `health_interval`.
+//! - [`Client::flush`] waits until everything sent before it is resolved; [`Client::close`]
+//!   flushes and stops. Dropping the client also sends what is buffered, while the runtime
+//!   lives.
+//!
+//! **Delivery guarantee.** An `Ok` ack means Kafka acknowledged the event: it is counted exactly
+//! once downstream. A retry after an answer that was lost on the way back (the service or Kafka
+//! failed after writing) can write an event twice; see the README's "Write path guarantees".
+
+mod breaker;
+mod transport;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+use url::Url;
+
+pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+pub use transport::{BoxFuture, HttpTransport, Reply, Transport, TransportError};
+
+/// One event, as `POST /v1/events` takes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub video_id: String,
+    pub event_type: String,
+    /// Event time, epoch milliseconds; the service's clock when absent.
+    #[serde(rename = "ts", skip_serializing_if = "Option::is_none")]
+    pub ts_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub viewer_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+}
+
+impl Event {
+    pub fn new(video_id: impl Into<String>, event_type: impl Into<String>) -> Self {
+        Event {
+            video_id: video_id.into(),
+            event_type: event_type.into(),
+            ts_ms: None,
+            value: None,
+            viewer_id: None,
+            function: None,
+        }
+    }
+
+    pub fn view(video_id: impl Into<String>) -> Self {
+        Event::new(video_id, "view")
+    }
+
+    pub fn at(mut self, ts_ms: u64) -> Self {
+        self.ts_ms = Some(ts_ms);
+        self
+    }
+
+    pub fn value(mut self, value: f64) -> Self {
+        self.value = Some(value);
+        self
+    }
+
+    pub fn viewer(mut self, viewer_id: impl Into<String>) -> Self {
+        self.viewer_id = Some(viewer_id.into());
+        self
+    }
+
+    pub fn function(mut self, function: impl Into<String>) -> Self {
+        self.function = Some(function.into());
+        self
+    }
+}
+
+/// How long to keep retrying and how far apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// The first retry waits up to this long; each further one up to twice as long.
+    pub base: Duration,
+    /// No single wait is longer.
+    pub max_delay: Duration,
+    /// After this long since the first try the events fail with [`ClientError::GaveUp`];
+    /// `None` retries for as long as the client lives.
+    pub max_elapsed: Option<Duration>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            base: Duration::from_millis(50),
+            max_delay: Duration::from_secs(5),
+            max_elapsed: Some(Duration::from_secs(300)),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `attempt` (1 is the first retry): full jitter, uniform in
+    /// `[0, min(max_delay, base * 2^(attempt - 1))]`.
+    pub fn delay(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
+        let ceiling = self.base.saturating_mul(1 << attempt.saturating_sub(1).min(30)).min(self.max_delay);
+        ceiling.mul_f64(rng.random::<f64>())
+    }
+}
+
+/// Settings of a [`Client`]; [`ClientConfig::new`] gives the defaults.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Base URLs of the ingestion services, e.g. `http://10.0.0.5:8080`.
+    pub endpoints: Vec<String>,
+    /// Events per `POST /v1/events` (the service takes up to 10,000).
+    pub batch_size: usize,
+    /// Bytes of JSON per batch at most (the service takes up to 4 MiB).
+    pub max_batch_bytes: usize,
+    /// How long a single event may wait for others to fill its batch.
+    pub linger: Duration,
+    /// Unresolved events at most; beyond that, [`ClientError::BufferFull`].
+    pub max_buffered: usize,
+    /// Batches on the wire at most.
+    pub max_in_flight: usize,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub retry: RetryPolicy,
+    pub breaker: BreakerConfig,
+    /// How often each address's `/readyz` is asked; `None`: never, all count as healthy.
+    pub health_interval: Option<Duration>,
+    /// Sent as `Authorization: Bearer ...` when set.
+    pub auth_token: Option<String>,
+}
+
+impl ClientConfig {
+    pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
+        ClientConfig {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            batch_size: 1000,
+            max_batch_bytes: 3 << 20,
+            linger: Duration::from_millis(10),
+            max_buffered: 100_000,
+            max_in_flight: 8,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+            retry: RetryPolicy::default(),
+            breaker: BreakerConfig::default(),
+            health_interval: Some(Duration::from_secs(5)),
+            auth_token: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid client configuration: {0}")]
+    Config(String),
+    #[error("{limit} events are waiting already (max_buffered); slow down or raise the limit")]
+    BufferFull { limit: usize },
+    #[error("the client was closed before the event was sent")]
+    Closed,
+    /// The service refused the event itself; sending it again will not help.
+    #[error("rejected ({reason}): {message}")]
+    Rejected { reason: String, field: Option<String>, message: String },
+    /// An answer that is final for the whole batch (401, 413, 415, ...).
+    #[error("HTTP {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("gave up after {attempts} attempts over {elapsed:?}; last error: {last}")]
+    GaveUp { attempts: u32, elapsed: Duration, last: String },
+}
+
+/// Resolves when the event's batch is acknowledged (`Ok`) or has failed for good.
+#[derive(Debug)]
+pub struct Ack(oneshot::Receiver<Result<(), ClientError>>);
+
+impl Future for Ack {
+    type Output = Result<(), ClientError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(ClientError::Closed)))
+    }
+}
+
+/// One event on its way: its JSON and who waits for it.
+struct Pending {
+    json: String,
+    ack: oneshot::Sender<Result<(), ClientError>>,
+}
+
+enum Command {
+    Send(Pending),
+    /// Send the buffer now and answer once every batch so far is resolved.
+    Flush(oneshot::Sender<()>),
+}
+
+struct Endpoint {
+    url: Url,
+    breaker: CircuitBreaker,
+    healthy: AtomicBool,
+}
+
+struct Shared {
+    config: ClientConfig,
+    transport: Arc<dyn Transport>,
+    endpoints: Vec<Endpoint>,
+    next: AtomicUsize,
+    in_flight: Semaphore,
+    /// Events accepted by `send` and not yet resolved.
+    outstanding: AtomicUsize,
+}
+
+pub struct Client {
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+    batcher: Option<tokio::task::JoinHandle<()>>,
+    health: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("endpoints", &self.shared.config.endpoints).finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client over HTTP. Spawns its tasks on the current tokio runtime.
+    pub fn new(config: ClientConfig) -> Result<Client, ClientError> {
+        let transport = HttpTransport::new(config.connect_timeout, config.auth_token.clone())
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        Client::with_transport(config, Arc::new(transport))
+    }
+
+    /// A client over another transport (tests use a scripted one).
+    pub fn with_transport(config: ClientConfig, transport: Arc<dyn Transport>) -> Result<Client, ClientError> {
+        if config.endpoints.is_empty() {
+            return Err(ClientError::Config("no service address given".into()));
+        }
+        if config.batch_size == 0 || config.batch_size > 10_000 {
+            return Err(ClientError::Config(format!("batch_size {} is not in 1..=10000", config.batch_size)));
+        }
+        if config.max_in_flight == 0 {
+            return Err(ClientError::Config("max_in_flight must be at least 1".into()));
+        }
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|text| {
+                let mut url = Url::parse(text).map_err(|e| ClientError::Config(format!("address {text:?}: {e}")))?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err(ClientError::Config(format!("address {text:?}: expected http:// or https://")));
+                }
+                if !url.path().ends_with('/') {
+                    url.set_path(&format!("{}/", url.path()));
+                }
+                Ok(Endpoint { url, breaker: CircuitBreaker::new(config.breaker), healthy: AtomicBool::new(true) })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let shared = Arc::new(Shared {
+            in_flight: Semaphore::new(config.max_in_flight),
+            config,
+            transport,
+            endpoints,
+            next: AtomicUsize::new(0),
+            outstanding: AtomicUsize::new(0),
+        });
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let batcher = tokio::spawn(batch(shared.clone(), receiver));
+        let health = shared.config.health_interval.map(|every| tokio::spawn(check_health(shared.clone(), every)));
+        Ok(Client { shared, commands, batcher: Some(batcher), health })
+    }
+
+    /// `countViewEvent`: one view of `video_id`.
+    pub fn count_view(&self, video_id: &str) -> Result<Ack, ClientError> {
+        self.send(Event::view(video_id))
+    }
+
+    /// `countEvent`: one event of `event_type` on `video_id`.
+    pub fn count_event(&self, video_id: &str, event_type: &str) -> Result<Ack, ClientError> {
+        self.send(Event::new(video_id, event_type))
+    }
+
+    /// `processEvent`: a value for one function of `event_type` on `video_id`.
+    pub fn process_event(
+        &self,
+        video_id: &str,
+        event_type: &str,
+        function: &str,
+        value: f64,
+    ) -> Result<Ack, ClientError> {
+        self.send(Event::new(video_id, event_type).function(function).value(value))
+    }
+
+    /// Buffers one event; the ack resolves when its batch is answered for good.
+    pub fn send(&self, event: Event) -> Result<Ack, ClientError> {
+        let mut acks = self.enqueue(std::iter::once(event))?;
+        Ok(acks.pop().expect("one event in, one ack out"))
+    }
+
+    /// `processEvents`: sends `events` (in batches of `batch_size`) and answers per event, in
+    /// order.
+    pub async fn process_events(&self, events: Vec<Event>) -> Vec<Result<(), ClientError>> {
+        let acks = match self.enqueue(events.into_iter()) {
+            Ok(acks) => acks,
+            Err(e) => return vec![Err(e)],
+        };
+        let _ = self.flush_command();
+        let mut results = Vec::with_capacity(acks.len());
+        for ack in acks {
+            results.push(ack.await);
+        }
+        results
+    }
+
+    fn enqueue(&self, events: impl ExactSizeIterator<Item = Event>) -> Result<Vec<Ack>, ClientError> {
+        let n = events.len();
+        let limit = self.shared.config.max_buffered;
+        let before = self.shared.outstanding.fetch_add(n, Ordering::AcqRel);
+        if before + n > limit && n > 0 {
+            self.shared.outstanding.fetch_sub(n, Ordering::AcqRel);
+            return Err(ClientError::BufferFull { limit });
+        }
+        let mut acks = Vec::with_capacity(n);
+        for event in events {
+            let json = serde_json::to_string(&event).expect("an Event always serializes");
+            let (tx, rx) = oneshot::channel();
+            if self.commands.send(Command::Send(Pending { json, ack: tx })).is_err() {
+                self.shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+                return Err(ClientError::Closed);
+            }
+            acks.push(Ack(rx));
+        }
+        Ok(acks)
+    }
+
+    fn flush_command(&self) -> Option<oneshot::Receiver<()>> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Flush(tx)).ok().map(|_| rx)
+    }
+
+    /// Sends what is buffered and waits until every event sent before this call is resolved.
+    pub async fn flush(&self) {
+        if let Some(done) = self.flush_command() {
+            let _ = done.await;
+        }
+    }
+
+    /// Flushes, then stops the client's tasks.
+    pub async fn close(mut self) {
+        self.flush().await;
+        if let Some(health) = self.health.take() {
+            health.abort();
+        }
+        let batcher = self.batcher.take();
+        drop(self);
+        if let Some(batcher) = batcher {
+            let _ = batcher.await;
+        }
+    }
+
+    /// The breaker state of each address, in the order given.
+    pub fn breaker_states(&self) -> Vec<BreakerState> {
+        self.shared.endpoints.iter().map(|e| e.breaker.state()).collect()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(health) = self.health.take() {
+            health.abort();
+        }
+        // The batcher sees the channel close, sends what is buffered and finishes on its own.
+    }
+}
+
+/// The batcher: collects single events into batches and hands each to [`deliver`].
+async fn batch(shared: Arc<Shared>, mut commands: mpsc::UnboundedReceiver<Command>) {
+    let config = &shared.config;
+    let mut buffer: Vec<Pending> = Vec::new();
+    let mut bytes = 0;
+    let mut deadline: Option<Instant> = None;
+    let mut batches = JoinSet::new();
+    let dispatch = |buffer: &mut Vec<Pending>, bytes: &mut usize, batches: &mut JoinSet<()>| {
+        if !buffer.is_empty() {
+            batches.spawn(deliver(shared.clone(), std::mem::take(buffer)));
+        }
+        *bytes = 0;
+    };
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(Command::Send(pending)) => {
+                    if !buffer.is_empty() && bytes + pending.json.len() + 1 > config.max_batch_bytes {
+                        dispatch(&mut buffer, &mut bytes, &mut batches);
+                    }
+                    if buffer.is_empty() {
+                        deadline = Some(Instant::now() + config.linger);
+                    }
+                    bytes += pending.json.len() + 1;
+                    buffer.push(pending);
+                    if buffer.len() >= config.batch_size {
+                        dispatch(&mut buffer, &mut bytes, &mut batches);
+                        deadline = None;
+                    }
+                }
+                Some(Command::Flush(done)) => {
+                    dispatch(&mut buffer, &mut bytes, &mut batches);
+                    deadline = None;
+                    while batches.join_next().await.is_some() {}
+                    let _ = done.send(());
+                }
+                None => {
+                    dispatch(&mut buffer, &mut bytes, &mut batches);
+                    while batches.join_next().await.is_some() {}
+                    return;
+                }
+            },
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                dispatch(&mut buffer, &mut bytes, &mut batches);
+                deadline = None;
+            }
+            Some(_) = batches.join_next(), if !batches.is_empty() => {}
+        }
+    }
+}
+
+/// What the service says about a batch: which items it refused, and on a 503 which items
+/// Kafka did not take.
+#[derive(Debug, Default, Deserialize)]
+struct BatchReply {
+    #[serde(default)]
+    rejected: Vec<RejectedItem>,
+    failed: Option<Vec<usize>>,
+    message: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RejectedItem {
+    index: usize,
+    reason: String,
+    field: Option<String>,
+    message: String,
+}
+
+impl BatchReply {
+    fn parse(reply: &Reply) -> BatchReply {
+        serde_json::from_slice(&reply.body).unwrap_or_default()
+    }
+
+    fn message(&self, reply: &Reply) -> String {
+        self.message.clone().unwrap_or_else(|| String::from_utf8_lossy(&reply.body).chars().take(200).collect())
+    }
+}
+
+fn resolve(shared: &Shared, pending: Pending, result: Result<(), ClientError>) {
+    shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+    let _ = pending.ack.send(result);
+}
+
+/// Sends one batch until it is answered for good, retrying what is worth retrying.
+async fn deliver(shared: Arc<Shared>, mut items: Vec<Pending>) {
+    let _permit = shared.in_flight.acquire().await.expect("the semaphore is never closed");
+    let config = &shared.config;
+    let started = Instant::now();
+    let mut attempts = 0;
+    loop {
+        let (at_least, last_error) = match pick(&shared) {
+            Err(wait) => (Some(wait), "every service address is refusing calls (circuit open)".to_owned()),
+            Ok(endpoint) => {
+                attempts += 1;
+                let body = batch_body(&items);
+                let answer =
+                    tokio::time::timeout(config.request_timeout, shared.transport.post_events(&endpoint.url, body))
+                        .await;
+                match answer {
+                    Err(_) => {
+                        endpoint.breaker.on_failure();
+                        (None, format!("no answer from {} within {:?}", endpoint.url, config.request_timeout))
+                    }
+                    Ok(Err(e)) => {
+                        endpoint.breaker.on_failure();
+                        (None, format!("{}: {e}", endpoint.url))
+                    }
+                    Ok(Ok(reply)) => {
+                        let parsed = BatchReply::parse(&reply);
+                        match reply.status {
+                            200..=299 => {
+                                endpoint.breaker.on_success();
+                                settle(&shared, items, &parsed, &[], true);
+                                return;
+                            }
+                            429 | 500 | 502 | 503 | 504 => {
+                                if reply.status != 429 {
+                                    endpoint.breaker.on_failure();
+                                }
+                                let message =
+                                    format!("{}: HTTP {}: {}", endpoint.url, reply.status, parsed.message(&reply));
+                                if let Some(failed) = &parsed.failed {
+                                    items = settle(&shared, items, &parsed, failed, true);
+                                    if items.is_empty() {
+                                        return;
+                                    }
+                                }
+                                (reply.retry_after.map(|d| d.min(config.retry.max_delay)), message)
+                            }
+                            status => {
+                                endpoint.breaker.on_success();
+                                let error = ClientError::Status { status, message: parsed.message(&reply) };
+                                // A 400 for a batch lists every item with its reason.
+                                let rest = settle(&shared, items, &parsed, &[], false);
+                                rest.into_iter().for_each(|p| resolve(&shared, p, Err(error.clone())));
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let elapsed = started.elapsed();
+        if config.retry.max_elapsed.is_some_and(|max| elapsed >= max) {
+            warn!(events = items.len(), attempts, error = %last_error, "giving up on a batch");
+            let error = ClientError::GaveUp { attempts, elapsed, last: last_error };
+            items.into_iter().for_each(|p| resolve(&shared, p, Err(error.clone())));
+            return;
+        }
+        let delay = config.retry.delay(attempts.max(1), &mut rand::rng()).max(at_least.unwrap_or_default());
+        debug!(events = items.len(), attempts, ?delay, error = %last_error, "retrying a batch");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Resolves the items of an answered batch: the rejected ones with their reasons. Returns the
+/// ones in `retry`, and the unlisted ones unless `others_ok` (then they are acknowledged).
+fn settle(shared: &Shared, items: Vec<Pending>, reply: &BatchReply, retry: &[usize], others_ok: bool) -> Vec<Pending> {
+    let mut rejected: Vec<Option<&RejectedItem>> = (0..items.len()).map(|_| None).collect();
+    for item in &reply.rejected {
+        if let Some(slot) = rejected.get_mut(item.index) {
+            *slot = Some(item);
+        }
+    }
+    let mut again = vec![false; items.len()];
+    for &i in retry {
+        if let Some(slot) = again.get_mut(i) {
+            *slot = true;
+        }
+    }
+    let mut rest = Vec::new();
+    for (i, pending) in items.into_iter().enumerate() {
+        if let Some(item) = rejected[i] {
+            let error = ClientError::Rejected {
+                reason: item.reason.clone(),
+                field: item.field.clone(),
+                message: item.message.clone(),
+            };
+            resolve(shared, pending, Err(error));
+        } else if again[i] || !others_ok {
+            rest.push(pending);
+        } else {
+            resolve(shared, pending, Ok(()));
+        }
+    }
+    rest
+}
+
+fn batch_body(items: &[Pending]) -> Bytes {
+    let mut body = Vec::with_capacity(items.iter().map(|p| p.json.len() + 1).sum::<usize>() + 2);
+    body.push(b'[');
+    for (i, pending) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(pending.json.as_bytes());
+    }
+    body.push(b']');
+    Bytes::from(body)
+}
+
+/// The next address to call: round-robin over the healthy ones whose breaker lets a call
+/// through, then over any whose breaker does (health checks lag). `Err` is the shortest wait
+/// until a breaker lets a call through.
+fn pick(shared: &Shared) -> Result<&Endpoint, Duration> {
+    let endpoints = &shared.endpoints;
+    let start = shared.next.fetch_add(1, Ordering::Relaxed);
+    let mut wait = Duration::MAX;
+    for healthy_only in [true, false] {
+        for i in 0..endpoints.len() {
+            let endpoint = &endpoints[(start + i) % endpoints.len()];
+            if healthy_only && !endpoint.healthy.load(Ordering::Relaxed) {
+                continue;
+            }
+            match endpoint.breaker.try_acquire() {
+                Ok(()) => return Ok(endpoint),
+                Err(w) => wait = wait.min(w),
+            }
+        }
+    }
+    Err(wait)
+}
+
+async fn check_health(shared: Arc<Shared>, every: Duration) {
+    loop {
+        for endpoint in &shared.endpoints {
+            let ready = tokio::time::timeout(shared.config.request_timeout, shared.transport.ready(&endpoint.url))
+                .await
+                .unwrap_or(false);
+            if endpoint.healthy.swap(ready, Ordering::Relaxed) != ready {
+                info!(address = %endpoint.url, ready, "service readiness changed");
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}

@@ -1,0 +1,448 @@
+//! The HTTP API: routes, validation of what comes in, and the answers.
+//!
+//! Every event goes through the same checks as in the jobs ([`parse_stats_event`] with the
+//! service's clock as the message time, then the functions config), so an event answered 202
+//! is counted and never becomes a dead letter downstream.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use videocount_events::{RejectReason, Rejection, TimeLimits, parse_stats_event};
+use videocount_operators::aggregate::FunctionsConfig;
+
+use crate::metrics::{EndpointLabels, Metrics, ReasonLabels, RequestLabels};
+use crate::publish::{Outgoing, PublishError, Publisher};
+
+/// Events per `POST /v1/events` at most.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+/// Bytes per request body at most.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+pub struct AppState {
+    pub publisher: Publisher,
+    pub functions: FunctionsConfig,
+    pub limits: TimeLimits,
+    pub metrics: Arc<Metrics>,
+    pub auth_token: Option<String>,
+}
+
+pub fn router(state: Arc<AppState>, request_timeout: Duration) -> Router {
+    let v1 = Router::new()
+        .route("/v1/videos/{video_id}/views", post(count_view))
+        .route("/v1/videos/{video_id}/events/{event_type}", post(count_event))
+        .route("/v1/videos/{video_id}/events/{event_type}/{function}", post(process_event))
+        .route("/v1/events", post(process_events))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not found", "body", "no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, request_timeout))
+        .with_state(state)
+}
+
+/// A JSON answer with a status.
+struct Json(Value);
+
+impl IntoResponse for Json {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// An error answer: `{"error": reason, "field": ..., "message": ...}`, and `Retry-After` on 503.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: Value,
+    retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &str, field: &str, message: impl Into<String>) -> Self {
+        ApiError { status, body: json!({"error": error, "field": field, "message": message.into()}), retry_after: None }
+    }
+
+    fn rejected(rejection: &Rejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, rejection.reason.as_str(), field(rejection.reason), &rejection.detail)
+    }
+
+    fn unavailable(error: &PublishError, body: Value) -> Self {
+        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, body, retry_after: Some(error.retry_after()) }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body)).into_response();
+        if let Some(wait) = self.retry_after {
+            let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// The field of an event a reject reason is about.
+fn field(reason: RejectReason) -> &'static str {
+    use RejectReason::*;
+    match reason {
+        EmptyPayload | InvalidJson | NotAnObject => "body",
+        MissingVideoId | InvalidVideoId => "video_id",
+        InvalidEventType => "event_type",
+        InvalidTs | MissingTimestamp | TsTooOld | TsInFuture => "ts",
+        InvalidValue | MissingValue => "value",
+        InvalidViewerId | MissingViewerId => "viewer_id",
+        InvalidFunction | UnknownFunction => "function",
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The canonical form of an accepted event on the topic (`ts` always set).
+#[derive(Serialize)]
+struct Canonical<'a> {
+    video_id: &'a str,
+    event_type: &'a str,
+    ts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    viewer_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    function: Option<&'a str>,
+}
+
+impl AppState {
+    /// One event's JSON checked as the jobs will check it, turned into its message.
+    fn validate(&self, json: &[u8], now_ms: i64) -> Result<Outgoing, Rejection> {
+        let event = parse_stats_event(Some(json), Some(now_ms), self.limits)?;
+        self.functions.resolve(&event)?;
+        let payload = serde_json::to_vec(&Canonical {
+            video_id: &event.event.video_id,
+            event_type: &event.event.event_type,
+            ts: event.event.ts_ms,
+            value: event.value,
+            viewer_id: event.viewer_id.as_deref(),
+            function: event.function.as_deref(),
+        })
+        .expect("the canonical event always serializes");
+        Ok(Outgoing { key: event.event.video_id, payload, timestamp_ms: now_ms })
+    }
+
+    fn count_rejection(&self, reason: RejectReason) {
+        self.metrics.events_rejected.get_or_create(&ReasonLabels { reason: reason.as_str().to_owned() }).inc();
+    }
+}
+
+/// The optional body of the single-event calls.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SingleBody<'a> {
+    #[serde(borrow)]
+    value: Option<&'a RawValue>,
+    #[serde(borrow)]
+    viewer_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    ts: Option<&'a RawValue>,
+}
+
+/// The event the path and the body describe, as event-format JSON.
+#[derive(Serialize)]
+struct Assembled<'a> {
+    video_id: &'a str,
+    event_type: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    function: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    viewer_id: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ts: Option<&'a RawValue>,
+}
+
+fn media_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body too large",
+                "body",
+                format!("a request body is at most {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            ApiError::new(rejection.status(), "bad body", "body", rejection.body_text())
+        }
+    })
+}
+
+async fn count_view(
+    State(state): State<Arc<AppState>>,
+    Path(video_id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    single(&state, &video_id, "view", None, &headers, body_bytes(body)?).await
+}
+
+async fn count_event(
+    State(state): State<Arc<AppState>>,
+    Path((video_id, event_type)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    single(&state, &video_id, &event_type, None, &headers, body_bytes(body)?).await
+}
+
+async fn process_event(
+    State(state): State<Arc<AppState>>,
+    Path((video_id, event_type, function)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    single(&state, &video_id, &event_type, Some(&function), &headers, body_bytes(body)?).await
+}
+
+async fn single(
+    state: &AppState,
+    video_id: &str,
+    event_type: &str,
+    function: Option<&str>,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let has_body = !body.iter().all(u8::is_ascii_whitespace);
+    let fields = if has_body {
+        if media_type(headers).as_deref() != Some("application/json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported media type",
+                "body",
+                "a body must be Content-Type: application/json",
+            ));
+        }
+        serde_json::from_slice::<SingleBody<'_>>(&body).map_err(|e| {
+            state.count_rejection(RejectReason::InvalidJson);
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                RejectReason::InvalidJson.as_str(),
+                "body",
+                format!("expected an object with value, viewer_id, ts (each optional): {e}"),
+            )
+        })?
+    } else {
+        SingleBody { value: None, viewer_id: None, ts: None }
+    };
+    let assembled =
+        Assembled { video_id, event_type, function, value: fields.value, viewer_id: fields.viewer_id, ts: fields.ts };
+    let json = serde_json::to_vec(&assembled).expect("path strings and raw JSON always serialize");
+    let outgoing = state.validate(&json, now_ms()).map_err(|rejection| {
+        state.count_rejection(rejection.reason);
+        ApiError::rejected(&rejection)
+    })?;
+    match state.publisher.publish(std::slice::from_ref(&outgoing)).await {
+        Ok(()) => {
+            state.metrics.events_accepted.inc();
+            Ok((StatusCode::ACCEPTED, axum::Json(json!({"accepted": 1}))).into_response())
+        }
+        Err(error) => {
+            state.metrics.events_failed.inc();
+            Err(ApiError::unavailable(&error, json!({"error": "kafka unavailable", "message": error.to_string()})))
+        }
+    }
+}
+
+/// `POST /v1/events`: a JSON array (`application/json`) or one event per line
+/// (`application/x-ndjson`).
+async fn process_events(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let items: Vec<&[u8]> = match media_type(&headers).as_deref() {
+        Some("application/json") => {
+            let items: Vec<&RawValue> = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    RejectReason::InvalidJson.as_str(),
+                    "body",
+                    format!("expected a JSON array of events: {e}"),
+                )
+            })?;
+            items.into_iter().map(|raw| raw.get().as_bytes()).collect()
+        }
+        Some("application/x-ndjson" | "application/ndjson") => body
+            .split(|b| *b == b'\n')
+            .map(<[u8]>::trim_ascii)
+            .filter(|line| !line.is_empty())
+            .take(MAX_BATCH_EVENTS + 1)
+            .collect(),
+        other => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported media type",
+                "body",
+                format!(
+                    "expected Content-Type application/json (an array) or application/x-ndjson, got {}",
+                    other.unwrap_or("none")
+                ),
+            ));
+        }
+    };
+    if items.len() > MAX_BATCH_EVENTS {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too many events",
+            "body",
+            format!("a request carries at most {MAX_BATCH_EVENTS} events"),
+        ));
+    }
+    if items.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "no events", "body", "the body holds no events"));
+    }
+
+    let now = now_ms();
+    let mut accepted = Vec::with_capacity(items.len());
+    let mut indexes = Vec::with_capacity(items.len());
+    let mut rejected = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        match state.validate(item, now) {
+            Ok(outgoing) => {
+                accepted.push(outgoing);
+                indexes.push(index);
+            }
+            Err(rejection) => {
+                state.count_rejection(rejection.reason);
+                rejected.push(json!({
+                    "index": index,
+                    "reason": rejection.reason.as_str(),
+                    "field": field(rejection.reason),
+                    "message": rejection.detail,
+                }));
+            }
+        }
+    }
+    if accepted.is_empty() {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            body: json!({
+                "error": "every event was rejected",
+                "field": "body",
+                "message": format!("{} events, none valid; see rejected", items.len()),
+                "accepted": 0,
+                "rejected": rejected,
+            }),
+            retry_after: None,
+        });
+    }
+    match state.publisher.publish(&accepted).await {
+        Ok(()) => {
+            state.metrics.events_accepted.inc_by(accepted.len() as u64);
+            Ok((StatusCode::ACCEPTED, axum::Json(json!({"accepted": accepted.len(), "rejected": rejected})))
+                .into_response())
+        }
+        Err(error) => {
+            let failed: Vec<usize> = match &error {
+                PublishError::CircuitOpen { .. } => indexes.clone(),
+                PublishError::Kafka { failed, .. } => failed.iter().map(|&i| indexes[i]).collect(),
+            };
+            let ok = accepted.len() - failed.len();
+            state.metrics.events_accepted.inc_by(ok as u64);
+            state.metrics.events_failed.inc_by(failed.len() as u64);
+            Err(ApiError::unavailable(
+                &error,
+                json!({
+                    "error": "kafka unavailable",
+                    "message": error.to_string(),
+                    "accepted": ok,
+                    "failed": failed,
+                    "rejected": rejected,
+                }),
+            ))
+        }
+    }
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    match state.publisher.ready(Duration::from_secs(2)).await {
+        Ok(()) => Json(json!({"status": "ready", "topic": state.publisher.topic()})).into_response(),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "not ready", "reason": reason})))
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let metrics = &state.metrics;
+    metrics.producer_queue.set(state.publisher.queued());
+    metrics.producer_queue_capacity.set(state.publisher.queue_capacity() as i64);
+    metrics.breaker_state.set(match state.publisher.breaker_state() {
+        videocount_client::BreakerState::Closed => 0,
+        videocount_client::BreakerState::Open => 1,
+        videocount_client::BreakerState::HalfOpen => 2,
+    });
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
+        .into_response()
+}
+
+/// Bearer-token check of the `/v1` routes, when the service has a token.
+async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.auth_token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !constant_time_eq::constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "authorization",
+                "a valid bearer token is required",
+            )
+            .into_response();
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+/// Counts each request by route and status and times it.
+async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let endpoint =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let metrics = &state.metrics;
+    metrics
+        .latency
+        .get_or_create(&EndpointLabels { endpoint: endpoint.clone() })
+        .observe(started.elapsed().as_secs_f64());
+    metrics.requests.get_or_create(&RequestLabels { endpoint, status: response.status().as_u16() }).inc();
+    response
+}

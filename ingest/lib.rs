@@ -1,0 +1,144 @@
+//! `ingest`: the write API of videocount. It validates video events sent over HTTP and writes
+//! them to the Kafka topic keyed by `video_id` (one video, one partition), answering
+//! `202 Accepted` only once Kafka has acknowledged them.
+//!
+//! - `POST /v1/videos/{video_id}/views`: one view (`countViewEvent`).
+//! - `POST /v1/videos/{video_id}/events/{event_type}`: one event (`countEvent`).
+//! - `POST /v1/videos/{video_id}/events/{event_type}/{function}` with
+//!   `{"value": 12.5, "viewer_id": "...", "ts": ...}`: a value for one function (`processEvent`).
+//! - `POST /v1/events`: a JSON array or NDJSON of events (`processEvents`), at most
+//!   10,000 events and 4 MiB; the answer lists each rejected item with its index and reason.
+//! - `GET /healthz`, `GET /readyz` (Kafka reachable, topic has leaders), `GET /metrics`.
+
+pub mod api;
+pub mod metrics;
+pub mod publish;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing::{info, warn};
+use videocount_client::BreakerConfig;
+use videocount_events::TimeLimits;
+use videocount_operators::aggregate::FunctionsConfig;
+
+use crate::api::AppState;
+use crate::publish::{Publisher, PublisherConfig};
+
+/// Flags of `ingest`; each also from the environment.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about = "The videocount write API: HTTP in, Kafka out; 202 only after Kafka acknowledged.")]
+pub struct IngestArgs {
+    /// Address to listen on. Anything but loopback needs --auth-token.
+    #[arg(long, env = "VIDEOCOUNT_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// The topic the jobs read.
+    #[arg(long, env = "VIDEOCOUNT_TOPIC", default_value = "video-events")]
+    pub topic: String,
+    /// Bearer token required on the /v1 routes.
+    #[arg(long, env = "VIDEOCOUNT_INGEST_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// The functions config `event_stats` runs with (default: the built-in
+    /// config/functions.toml); events it would refuse are refused here with a 400.
+    #[arg(long, env = "VIDEOCOUNT_FUNCTIONS")]
+    pub functions: Option<PathBuf>,
+    /// Kafka must acknowledge an event within this many milliseconds, or the request gets 503.
+    #[arg(long, env = "VIDEOCOUNT_INGEST_DELIVERY_TIMEOUT_MS", default_value_t = 5_000)]
+    pub delivery_timeout_ms: u64,
+    /// No request takes longer (503 after it); must exceed --delivery-timeout-ms.
+    #[arg(long, env = "VIDEOCOUNT_INGEST_REQUEST_TIMEOUT_MS", default_value_t = 15_000)]
+    pub request_timeout_ms: u64,
+    /// Messages the producer queue holds; beyond, requests get 503 at once.
+    #[arg(long, env = "VIDEOCOUNT_INGEST_QUEUE_CAPACITY", default_value_t = 1_000_000)]
+    pub queue_capacity: usize,
+    /// Requests in a row that Kafka failed before the circuit opens.
+    #[arg(long, env = "VIDEOCOUNT_INGEST_BREAKER_FAILURES", default_value_t = 3)]
+    pub breaker_failures: u32,
+    /// How long an open circuit answers 503 at once before it lets a probe through.
+    #[arg(long, env = "VIDEOCOUNT_INGEST_BREAKER_OPEN_MS", default_value_t = 2_000)]
+    pub breaker_open_ms: u64,
+    /// Raw librdkafka producer setting KEY=VALUE (repeatable), e.g. -X linger.ms=20.
+    #[arg(short = 'X', value_parser = parse_key_value)]
+    pub kafka_options: Vec<(String, String)>,
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))?;
+    Ok((key.trim().to_owned(), value.trim().to_owned()))
+}
+
+/// Checks the flags, connects the producer and serves until SIGINT/SIGTERM; then finishes the
+/// requests in flight and waits for Kafka's acknowledgements.
+pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
+    if args.auth_token.is_none() && !args.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to listen on {} without --auth-token (VIDEOCOUNT_INGEST_TOKEN): without a token only \
+             loopback addresses are allowed",
+            args.listen
+        );
+    }
+    if args.auth_token.as_deref().is_some_and(str::is_empty) {
+        anyhow::bail!("--auth-token is empty");
+    }
+    if args.request_timeout_ms <= args.delivery_timeout_ms {
+        anyhow::bail!(
+            "--request-timeout-ms ({}) must exceed --delivery-timeout-ms ({}): a request must outlive its deliveries",
+            args.request_timeout_ms,
+            args.delivery_timeout_ms
+        );
+    }
+    let functions = FunctionsConfig::load_or_default(args.functions.as_deref())?;
+    let publisher = Publisher::new(PublisherConfig {
+        brokers: args.brokers.clone(),
+        topic: args.topic.clone(),
+        delivery_timeout: Duration::from_millis(args.delivery_timeout_ms),
+        queue_capacity: args.queue_capacity,
+        breaker: BreakerConfig {
+            failures_to_open: args.breaker_failures.max(1),
+            open_for: Duration::from_millis(args.breaker_open_ms),
+        },
+        options: args.kafka_options.clone(),
+    })
+    .context("cannot create the Kafka producer")?;
+    match publisher.ready(Duration::from_secs(5)).await {
+        Ok(()) => info!(brokers = %args.brokers, topic = %args.topic, "Kafka is ready"),
+        Err(reason) => warn!(%reason, "Kafka is not ready yet; requests get 503 until it is"),
+    }
+    let state = Arc::new(AppState {
+        publisher,
+        functions,
+        limits: TimeLimits::default(),
+        metrics: metrics::Metrics::new(),
+        auth_token: args.auth_token.clone(),
+    });
+    let app = api::router(state.clone(), Duration::from_millis(args.request_timeout_ms));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    info!(address = %listener.local_addr()?, auth = args.auth_token.is_some(), "listening");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server failed")?;
+    info!("stopping: waiting for Kafka to acknowledge what is queued");
+    let flushed = tokio::task::spawn_blocking(move || state.publisher.flush(Duration::from_secs(30))).await?;
+    if let Err(e) = flushed {
+        warn!(error = %e, "not everything queued was acknowledged before exit");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate.recv() => {}
+    }
+    info!("shutdown signal received");
+}

@@ -1,0 +1,96 @@
+//! The service's Prometheus metrics (`GET /metrics`, OpenMetrics text). Names are
+//! `videocount_ingest_*`; README lists them.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The route template, e.g. `/v1/videos/{video_id}/views`.
+    pub endpoint: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<EndpointLabels, Histogram>,
+    pub events_accepted: Counter,
+    pub events_rejected: Family<ReasonLabels, Counter>,
+    /// Valid events Kafka did not take (answered 503; the client retries them).
+    pub events_failed: Counter,
+    pub producer_queue: Gauge,
+    pub producer_queue_capacity: Gauge,
+    /// 0 closed, 1 open, 2 half open.
+    pub breaker_state: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("videocount_ingest");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "HTTP requests by route and status", requests.clone());
+        let latency = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
+            // 0.25 ms .. 8 s, doubling.
+            Histogram::new((0..16).map(|i| 0.000_25 * f64::from(1u32 << i)))
+        });
+        registry.register("request_duration_seconds", "Request latency by route", latency.clone());
+        let events_accepted = Counter::default();
+        registry.register("events_accepted", "Events Kafka acknowledged", events_accepted.clone());
+        let events_rejected = Family::<ReasonLabels, Counter>::default();
+        registry.register("events_rejected", "Events refused as invalid, by reason", events_rejected.clone());
+        let events_failed = Counter::default();
+        registry.register("events_failed", "Valid events Kafka did not take (503)", events_failed.clone());
+        let producer_queue = Gauge::default();
+        registry.register(
+            "producer_queue_messages",
+            "Messages waiting in the producer or for Kafka's acknowledgement",
+            producer_queue.clone(),
+        );
+        let producer_queue_capacity = Gauge::default();
+        registry.register(
+            "producer_queue_capacity_messages",
+            "The producer queue's capacity",
+            producer_queue_capacity.clone(),
+        );
+        let breaker_state = Gauge::default();
+        registry.register(
+            "kafka_breaker_state",
+            "Circuit breaker: 0 closed, 1 open, 2 half open",
+            breaker_state.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            requests,
+            latency,
+            events_accepted,
+            events_rejected,
+            events_failed,
+            producer_queue,
+            producer_queue_capacity,
+            breaker_state,
+        })
+    }
+
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String never fails");
+        text
+    }
+}
