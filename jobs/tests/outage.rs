@@ -3,49 +3,11 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{TestEnv, sleep_ms};
+use common::{Server, TestEnv, sleep_ms};
 use videocount_loadgen::{Amount, Spec, produce};
-
-/// The ClickHouse server our tests talk to: its pid, command line and working directory.
-/// Taken from the running process, so the restart uses the same data whichever checkout's
-/// `make up` started it.
-struct Server {
-    pid: String,
-    command: Vec<String>,
-    cwd: PathBuf,
-}
-
-fn find_server() -> Server {
-    let output = Command::new("pgrep").args(["-f", "clickhouse-server --config-file="]).output().unwrap();
-    let pid = String::from_utf8_lossy(&output.stdout).lines().next().expect("a running clickhouse-server").to_owned();
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    let command =
-        cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
-    Server { pid, command, cwd }
-}
-
-/// Starts the server again as it ran, and records its pid where `make down` looks for it.
-/// The server outlives the test on purpose: it is the shared service, not a test fixture.
-#[allow(clippy::zombie_processes)]
-fn restart(server: &Server) {
-    let log = std::fs::File::create(std::env::temp_dir().join("videocount-outage-clickhouse.log")).unwrap();
-    let child = Command::new(&server.command[0])
-        .args(&server.command[1..])
-        .current_dir(&server.cwd)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let config = server.command.iter().find_map(|a| a.strip_prefix("--config-file=")).unwrap();
-    let pid_file = PathBuf::from(config).with_file_name("pid");
-    std::fs::write(pid_file, child.id().to_string()).unwrap();
-}
 
 fn clickhouse_up() -> bool {
     Command::new("curl")
@@ -67,19 +29,14 @@ fn a_clickhouse_outage_delays_counts_but_loses_none() {
     }
 
     // Stop the server the way an operator would (SIGTERM) and wait until it is gone.
-    let server = find_server();
-    assert!(Command::new("kill").arg(&server.pid).status().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while PathBuf::from(format!("/proc/{}", server.pid)).exists() {
-        assert!(Instant::now() < deadline, "ClickHouse did not stop");
-        sleep_ms(200);
-    }
+    let server = Server::clickhouse();
+    server.stop();
     assert!(!clickhouse_up());
     expected.merge(produce(common::BROKERS, &env.topic, Spec { seed: 22, ..spec }, Amount::Count(50_000)).unwrap());
     sleep_ms(3000);
     assert!(job.0.try_wait().unwrap().is_none(), "the job must wait for ClickHouse, not exit");
 
-    restart(&server);
+    server.restart();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !clickhouse_up() {
         assert!(Instant::now() < deadline, "ClickHouse did not come back");

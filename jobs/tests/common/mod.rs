@@ -27,6 +27,26 @@ impl Drop for Running {
     }
 }
 
+/// A running `ingest` service on a free loopback port, killed on drop.
+pub struct Ingest {
+    pub url: String,
+    pub process: Running,
+}
+
+impl Ingest {
+    /// Whether `GET /readyz` answers 200.
+    pub fn ready(&self) -> bool {
+        Command::new("curl")
+            .args(["-fsS", "-o", "/dev/null", "--max-time", "3", &format!("{}/readyz", self.url)])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// A topic and a database of one test.
 pub struct TestEnv {
     pub topic: String,
@@ -90,6 +110,26 @@ impl TestEnv {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());
         command
+    }
+
+    /// `ingest` writing to this test's topic, once it is ready.
+    pub fn ingest(&self, extra: &[&str]) -> Ingest {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let child = Command::new(tool("ingest"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--brokers", BROKERS, "--topic", &self.topic])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let ingest = Ingest { url, process: Running(child) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !ingest.ready() {
+            assert!(std::time::Instant::now() < deadline, "ingest did not become ready");
+            sleep_ms(100);
+        }
+        ingest
     }
 
     /// Runs the job until it is caught up; panics with its stderr if it fails.
@@ -207,6 +247,20 @@ impl TestEnv {
 /// Every message payload of a topic (all partitions), read from the start to the high
 /// watermarks.
 pub fn read_topic(topic: &str) -> Vec<Vec<u8>> {
+    read_messages(topic).into_iter().map(|m| m.payload).collect()
+}
+
+/// One message as read back from a topic.
+#[derive(Clone, Debug)]
+pub struct ReadMessage {
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Every message of a topic (all partitions), read from the start to the high watermarks.
+pub fn read_messages(topic: &str) -> Vec<ReadMessage> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Message, Offset, TopicPartitionList};
     let consumer: BaseConsumer = ClientConfig::new()
@@ -225,14 +279,19 @@ pub fn read_topic(topic: &str) -> Vec<Vec<u8>> {
         assignment.add_partition_offset(topic, p, Offset::Beginning).unwrap();
     }
     consumer.assign(&assignment).unwrap();
-    let mut payloads = Vec::new();
+    let mut messages = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while (payloads.len() as i64) < remaining && std::time::Instant::now() < deadline {
+    while (messages.len() as i64) < remaining && std::time::Instant::now() < deadline {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
-            payloads.push(message.payload().unwrap_or_default().to_vec());
+            messages.push(ReadMessage {
+                partition: message.partition(),
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().unwrap_or_default().to_vec(),
+                timestamp_ms: message.timestamp().to_millis(),
+            });
         }
     }
-    payloads
+    messages
 }
 
 /// A binary of another crate of the workspace, built next to this crate's binaries by
@@ -268,4 +327,73 @@ pub fn produce_keyed(topic: &str, messages: &[(String, String)]) {
 
 pub fn sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// A shared service (ClickHouse, Kafka) that a test stops and starts again as it ran: its pid,
+/// command line and working directory are taken from the running process, so the restart uses
+/// the same data whichever checkout's `make up` started it.
+pub struct Server {
+    pub pid: String,
+    command: Vec<String>,
+    cwd: std::path::PathBuf,
+    /// Where `make down` looks for the pid.
+    pid_file: std::path::PathBuf,
+    name: &'static str,
+}
+
+impl Server {
+    fn find(name: &'static str, pattern: &str, pid_file: impl Fn(&[String]) -> std::path::PathBuf) -> Server {
+        let output = Command::new("pgrep").args(["-f", pattern]).output().unwrap();
+        let pid = String::from_utf8_lossy(&output.stdout).lines().next().expect("a running server").to_owned();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let command: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+        let pid_file = pid_file(&command);
+        Server { pid, command, cwd, pid_file, name }
+    }
+
+    pub fn clickhouse() -> Server {
+        Server::find("clickhouse", "clickhouse-server --config-file=", |command| {
+            let config = command.iter().find_map(|a| a.strip_prefix("--config-file=")).unwrap();
+            std::path::PathBuf::from(config).with_file_name("pid")
+        })
+    }
+
+    /// The broker: `java ... kafka.Kafka .../server.properties`.
+    pub fn kafka() -> Server {
+        Server::find("kafka", "kafka\\.Kafka ", |command| {
+            std::path::PathBuf::from(command.last().unwrap()).with_file_name("pid")
+        })
+    }
+
+    /// SIGTERM, as an operator would stop it, and waits until the process is gone.
+    pub fn stop(&self) {
+        assert!(Command::new("kill").arg(&self.pid).status().unwrap().success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while std::path::Path::new(&format!("/proc/{}", self.pid)).exists() {
+            assert!(std::time::Instant::now() < deadline, "{} did not stop", self.name);
+            sleep_ms(200);
+        }
+    }
+
+    /// Starts the server again as it ran. It outlives the test on purpose: it is the shared
+    /// service, not a test fixture.
+    #[allow(clippy::zombie_processes)]
+    pub fn restart(&self) {
+        let log_path = std::env::temp_dir().join(format!("videocount-test-{}.log", self.name));
+        let log = std::fs::File::create(log_path).unwrap();
+        let child = Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .current_dir(&self.cwd)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        std::fs::write(&self.pid_file, child.id().to_string()).unwrap();
+    }
 }
