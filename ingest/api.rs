@@ -51,8 +51,7 @@ pub fn router(state: Arc<AppState>, request_timeout: Duration) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not found", "body", "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(state.clone(), track))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, request_timeout))
+        .layer(middleware::from_fn_with_state((state.clone(), request_timeout), track))
         .with_state(state)
 }
 
@@ -432,12 +431,22 @@ async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: N
     next.run(request).await
 }
 
-/// Counts each request by route and status and times it.
-async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+/// Bounds each request by the request timeout, counts it by route and status and times it.
+async fn track(State((state, timeout)): State<(Arc<AppState>, Duration)>, request: Request, next: Next) -> Response {
     let endpoint =
         request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let started = std::time::Instant::now();
-    let response = next.run(request).await;
+    // The delivery timeout ends every wait on Kafka well before this; it is the last resort.
+    let response = match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            body: json!({"error": "timeout", "field": "body",
+                         "message": format!("no answer within {timeout:?}; the events may or may not be written")}),
+            retry_after: Some(Duration::from_secs(1)),
+        }
+        .into_response(),
+    };
     let metrics = &state.metrics;
     metrics
         .latency

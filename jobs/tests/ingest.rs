@@ -76,7 +76,13 @@ fn every_endpoint_writes_what_it_accepted_keyed_by_video() {
 
     let a = post(&env, &format!("{base}/v1/videos/vid-1/views"), None, "", None);
     assert_eq!((a.status, &a.body), (202, &json!({"accepted": 1})));
-    let a = post(&env, &format!("{base}/v1/videos/vid-1/events/like"), JSON, format!(r#"{{"viewer_id":"u1","ts":{ts}}}"#), None);
+    let a = post(
+        &env,
+        &format!("{base}/v1/videos/vid-1/events/like"),
+        JSON,
+        format!(r#"{{"viewer_id":"u1","ts":{ts}}}"#),
+        None,
+    );
     assert_eq!(a.status, 202, "{}", a.body);
     let a = post(
         &env,
@@ -100,7 +106,8 @@ fn every_endpoint_writes_what_it_accepted_keyed_by_video() {
         json!([{"index": 2, "reason": "invalid video_id", "field": "video_id",
                 "message": "\"not valid!\" is not 1-64 characters of [A-Za-z0-9_-]"}])
     );
-    let ndjson = format!("{{\"video_id\":\"vid-5\",\"event_type\":\"like\",\"ts\":{ts}}}\n\n{{\"video_id\":\"vid-5\"}}\n");
+    let ndjson =
+        format!("{{\"video_id\":\"vid-5\",\"event_type\":\"like\",\"ts\":{ts}}}\n\n{{\"video_id\":\"vid-5\"}}\n");
     let a = post(&env, &format!("{base}/v1/events"), Some("application/x-ndjson"), ndjson, None);
     assert_eq!((a.status, a.body["accepted"].as_u64()), (202, Some(2)));
 
@@ -323,7 +330,8 @@ fn events_sent_through_the_client_are_counted_exactly_by_both_jobs() {
     let (from, to) = ((now - 4 * 3600 * 1000).to_string(), (now + 60_000).to_string());
     for video in ["v0", "v7", "v29"] {
         let stat = |event_type: &str, function: &str| -> f64 {
-            let (code, out, err) = env.videocount(&["stats", video, event_type, function, "--from", &from, "--to", &to]);
+            let (code, out, err) =
+                env.videocount(&["stats", video, event_type, function, "--from", &from, "--to", &to]);
             assert_eq!(code, 0, "{err}");
             out.parse().unwrap()
         };
