@@ -11,13 +11,13 @@ WORKERS ?= 2
 export KAFKA_BROKERS CLICKHOUSE_URL CLICKHOUSE_DATABASE
 
 RELEASE := target/release
-BINARIES := $(RELEASE)/view_counts $(RELEASE)/event_stats $(RELEASE)/videocount $(RELEASE)/loadgen
+BINARIES := $(RELEASE)/view_counts $(RELEASE)/event_stats $(RELEASE)/videocount $(RELEASE)/loadgen $(RELEASE)/ingest
 PYTHON ?= python3
 
-.PHONY: help up down topic schema build run-job stop-job replay test lint unit-test chdb-test bench clean
+.PHONY: help up down topic schema build run-job stop-job replay test lint unit-test chdb-test bench bench-ingest clean
 
 help: ## This list.
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 up: ## Install what is missing, start Kafka, ClickHouse and ZooKeeper, wait until they answer.
 	@services/up.sh
@@ -34,12 +34,12 @@ build: ## Build every binary in release mode.
 schema: up build ## Apply sql/schema.sql to CLICKHOUSE_DATABASE (idempotent).
 	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" schema
 
-run-job: up build ## Start view_counts and event_stats on TOPIC, feed them demo traffic, print how to query.
+run-job: up build ## Start view_counts, event_stats and ingest on TOPIC, feed them demo traffic, print how to query.
 	@services/kafka/topic.sh "$(TOPIC)" "$(PARTITIONS)" >/dev/null
 	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" schema
 	@scripts/run-job.sh
 
-stop-job: ## Stop the jobs started by run-job (each flushes and records offsets first).
+stop-job: ## Stop what run-job started (each job flushes and records offsets first).
 	@scripts/stop-job.sh
 
 replay: up build ## Recompute all counts from events_raw into fresh tables and swap them in (stops the job first).
@@ -51,7 +51,7 @@ lint: ## cargo fmt --check and clippy with warnings as errors.
 	cargo clippy --release --workspace --all-targets -- -D warnings
 
 test: up lint ## Every test: unit, integration against the real services, schema on current ClickHouse.
-	@# The integration tests run the binaries of other crates too (videocount, event_stats).
+	@# The integration tests run the binaries of other crates too (videocount, event_stats, ingest).
 	cargo build --release --workspace --bins
 	cargo test --release --workspace -- --test-threads=1
 	@$(MAKE) --no-print-directory chdb-test
@@ -62,6 +62,9 @@ chdb-test: up ## sql/schema.sql on current ClickHouse (chdb), with the local Zoo
 
 bench: up build ## Catch-up throughput on 10M events: 1 and 2 workers, with and without events_raw, vs ClickHouse's Kafka engine.
 	@scripts/bench.sh
+
+bench-ingest: up build ## The ingest service on loopback: events/s in batches, requests/s of single events, p50/p99.
+	@scripts/bench-ingest.sh
 
 clean: ## Remove build output (not var/).
 	cargo clean

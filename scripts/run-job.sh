@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Starts view_counts and event_stats in the background on $TOPIC, feeds them demo traffic and
-# shows a few answers.
+# Starts view_counts, event_stats and the ingest service in the background on $TOPIC, feeds
+# them demo traffic (Kafka directly and over HTTP) and shows a few answers.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VAR="$ROOT/var"
@@ -8,15 +8,20 @@ BIN="$ROOT/target/release"
 TOPIC=${TOPIC:-video-events}
 DB=${CLICKHOUSE_DATABASE:-video_counts}
 WORKERS=${WORKERS:-2}
+INGEST_LISTEN=${VIDEOCOUNT_INGEST_LISTEN:-127.0.0.1:8080}
 mkdir -p "$VAR"
 cd "$ROOT"
 
-for job in view_counts event_stats; do
+for job in view_counts event_stats ingest; do
     if [ -f "$VAR/$job.pid" ] && kill -0 "$(cat "$VAR/$job.pid")" 2>/dev/null; then
         echo "run-job: $job already running (pid $(cat "$VAR/$job.pid"))"
     else
-        nohup "$BIN/$job" --topic "$TOPIC" --database "$DB" --workers "$WORKERS" \
-            >"$VAR/$job.log" 2>&1 </dev/null &
+        if [ "$job" = ingest ]; then
+            args=(--topic "$TOPIC" --listen "$INGEST_LISTEN")
+        else
+            args=(--topic "$TOPIC" --database "$DB" --workers "$WORKERS")
+        fi
+        nohup "$BIN/$job" "${args[@]}" >"$VAR/$job.log" 2>&1 </dev/null &
         echo $! >"$VAR/$job.pid"
         echo "run-job: $job started (pid $!, log var/$job.log)"
     fi
@@ -24,6 +29,13 @@ done
 
 echo "run-job: producing 20,000 demo events per second for 10 seconds"
 "$BIN/loadgen" --topic "$TOPIC" --rate 20000 --duration 10 --videos 500 --seed "$RANDOM"
+for _ in $(seq 1 50); do curl -fsS -o /dev/null "http://$INGEST_LISTEN/readyz" 2>/dev/null && break; sleep 0.2; done
+echo "run-job: sending events over HTTP to the ingest service at http://$INGEST_LISTEN"
+curl -fsS -X POST "http://$INGEST_LISTEN/v1/videos/vid000001/views"; echo
+curl -fsS -X POST "http://$INGEST_LISTEN/v1/videos/vid000001/events/watch_time/p50" \
+    -H 'content-type: application/json' -d '{"value": 312.5, "viewer_id": "demo-viewer"}'; echo
+curl -fsS -X POST "http://$INGEST_LISTEN/v1/events" -H 'content-type: application/json' \
+    -d '[{"video_id":"vid000002","event_type":"like","viewer_id":"demo"},{"video_id":"bad id"}]'; echo
 sleep 3
 q() { curl -sS --max-time 10 "${CLICKHOUSE_URL:-http://127.0.0.1:8123}/?database=$DB" --data-binary "$1"; }
 echo
@@ -36,11 +48,14 @@ echo "  median watch time:   $("$BIN/videocount" --database "$DB" stats vid00000
 echo "  distinct viewers:    $("$BIN/videocount" --database "$DB" stats vid000001 view uniq --from "$from")"
 cat <<MSG
 
-view_counts and event_stats keep running on topic $TOPIC (database $DB). Try:
+view_counts and event_stats keep running on topic $TOPIC (database $DB); the ingest service
+(the write API) listens on http://$INGEST_LISTEN. Try:
+  curl -X POST http://$INGEST_LISTEN/v1/videos/vid000003/views
+  curl http://$INGEST_LISTEN/metrics
   target/release/videocount --database $DB stats vid000001 watch_time p99 --from 2026-01-01T00:00:00Z --json
   target/release/videocount --database $DB count vid000002 like --from $from
   clickhouse-client --database $DB --query "SELECT job, reason, count() FROM dead_letters GROUP BY job, reason"
   target/release/loadgen --topic $TOPIC --rate 5000 --duration 60     # more traffic
-  tail -f var/view_counts.log var/event_stats.log                      # what the jobs are doing
+  tail -f var/view_counts.log var/event_stats.log var/ingest.log       # what they are doing
   make stop-job                                                         # flush, record offsets, stop
 MSG

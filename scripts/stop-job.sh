@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Stops the jobs started by run-job.sh: SIGTERM, so each flushes and records its offsets.
+# Stops what run-job.sh started: SIGTERM, so each job flushes and records its offsets and the
+# ingest service answers the requests in flight.
 set -uo pipefail
 VAR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/var"
-for job in view_counts event_stats; do
+for job in ingest view_counts event_stats; do
     PIDFILE="$VAR/$job.pid"
     [ -f "$PIDFILE" ] || continue
     pid=$(cat "$PIDFILE")

@@ -172,6 +172,9 @@ fn every_endpoint_writes_what_it_accepted_keyed_by_video() {
     env.drop();
 }
 
+/// path, content type, body, status, error, field
+type Case = (String, Option<&'static str>, String, u16, &'static str, &'static str);
+
 #[test]
 fn every_bad_input_gets_its_status_and_writes_nothing() {
     let env = TestEnv::new("ingest_bad", 2);
@@ -183,7 +186,7 @@ fn every_bad_input_gets_its_status_and_writes_nothing() {
     assert!(too_large.len() > 4 << 20);
     let all_bad = json!([{"video_id": ""}, {"event_type": "view"}, "text"]).to_string();
     #[rustfmt::skip]
-    let cases: Vec<(String, Option<&str>, String, u16, &str, &str)> = vec![
+    let cases: Vec<Case> = vec![
         // path, content type, body, status, error, field
         ("/v1/videos/bad%20id/views".into(), None, "".into(), 400, "invalid video_id", "video_id"),
         (format!("/v1/videos/{long_id}/views"), None, "".into(), 400, "invalid video_id", "video_id"),
