@@ -332,9 +332,10 @@ impl Client {
     /// `processEvents`: sends `events` (in batches of `batch_size`) and answers per event, in
     /// order.
     pub async fn process_events(&self, events: Vec<Event>) -> Vec<Result<(), ClientError>> {
+        let n = events.len();
         let acks = match self.enqueue(events.into_iter()) {
             Ok(acks) => acks,
-            Err(e) => return vec![Err(e)],
+            Err(e) => return vec![Err(e); n],
         };
         let _ = self.flush_command();
         let mut results = Vec::with_capacity(acks.len());
