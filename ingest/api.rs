@@ -148,6 +148,7 @@ impl AppState {
 
     fn count_rejection(&self, reason: RejectReason) {
         self.metrics.events_rejected.get_or_create(&ReasonLabels { reason: reason.as_str().to_owned() }).inc();
+        self.metrics.events_rejected_all.inc();
     }
 }
 
@@ -387,7 +388,7 @@ async fn process_events(
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    match state.publisher.ready(Duration::from_secs(2)).await {
+    match state.publisher.ready_cached(Duration::from_secs(2)).await {
         Ok(()) => Json(json!({"status": "ready", "topic": state.publisher.topic()})).into_response(),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "not ready", "reason": reason})))
             .into_response(),

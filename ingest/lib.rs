@@ -118,6 +118,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         metrics: metrics::Metrics::new(),
         auth_token: args.auth_token.clone(),
     });
+    tokio::spawn(log_progress(state.clone()));
     let app = api::router(state.clone(), Duration::from_millis(args.request_timeout_ms));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -130,6 +131,30 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         warn!(error = %e, "not everything queued was acknowledged before exit");
     }
     Ok(())
+}
+
+/// Every 10 s while traffic flows: what was accepted, refused and failed since the last line.
+async fn log_progress(state: Arc<AppState>) {
+    let metrics = &state.metrics;
+    let totals = || (metrics.events_accepted.get(), metrics.events_rejected_all.get(), metrics.events_failed.get());
+    let mut last = totals();
+    let mut every = tokio::time::interval(Duration::from_secs(10));
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let now = totals();
+        if now != last {
+            info!(
+                accepted_per_s = (now.0 - last.0) / 10,
+                rejected = now.1 - last.1,
+                failed = now.2 - last.2,
+                producer_queue = state.publisher.queued(),
+                breaker = ?state.publisher.breaker_state(),
+                "progress"
+            );
+            last = now;
+        }
+    }
 }
 
 async fn shutdown_signal() {

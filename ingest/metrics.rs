@@ -33,6 +33,8 @@ pub struct Metrics {
     pub latency: Family<EndpointLabels, Histogram>,
     pub events_accepted: Counter,
     pub events_rejected: Family<ReasonLabels, Counter>,
+    /// The sum of `events_rejected` over reasons, for the progress log (not exported).
+    pub events_rejected_all: Counter,
     /// Valid events Kafka did not take (answered 503; the client retries them).
     pub events_failed: Counter,
     pub producer_queue: Gauge,
@@ -81,6 +83,7 @@ impl Metrics {
             latency,
             events_accepted,
             events_rejected,
+            events_rejected_all: Counter::default(),
             events_failed,
             producer_queue,
             producer_queue_capacity,

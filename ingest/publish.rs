@@ -57,6 +57,9 @@ pub struct Publisher {
     producer: FutureProducer,
     config: PublisherConfig,
     breaker: CircuitBreaker,
+    /// The last readiness answer and when it was found: health checks of many clients cost
+    /// the brokers one metadata request per second, and concurrent checks share one.
+    readiness: tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
 }
 
 impl Publisher {
@@ -79,7 +82,7 @@ impl Publisher {
         kafka.set("partitioner", "murmur2_random");
         let producer = kafka.create()?;
         let breaker = CircuitBreaker::new(config.breaker);
-        Ok(Publisher { producer, config, breaker })
+        Ok(Publisher { producer, config, breaker, readiness: tokio::sync::Mutex::new(None) })
     }
 
     pub fn topic(&self) -> &str {
@@ -131,6 +134,19 @@ impl Publisher {
         self.breaker.on_failure();
         warn!(failed = failed.len(), of = events.len(), error = %message, "Kafka did not take events");
         Err(PublishError::Kafka { failed, message, retry_after: self.config.breaker.open_for })
+    }
+
+    /// [`ready`](Self::ready), answered from the last check when it is younger than a second.
+    pub async fn ready_cached(&self, timeout: Duration) -> Result<(), String> {
+        let mut last = self.readiness.lock().await;
+        if let Some((at, answer)) = &*last
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return answer.clone();
+        }
+        let answer = self.ready(timeout).await;
+        *last = Some((tokio::time::Instant::now(), answer.clone()));
+        answer
     }
 
     /// Whether the topic's partitions have leaders, asked of the brokers within `timeout`.
