@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use videocount_client::BreakerConfig;
 use videocount_events::TimeLimits;
 use videocount_operators::aggregate::FunctionsConfig;
+use videocount_operators::kafka_source::parse_kafka_option;
 
 use crate::api::AppState;
 use crate::publish::{Publisher, PublisherConfig};
@@ -65,13 +66,8 @@ pub struct IngestArgs {
     #[arg(long, env = "VIDEOCOUNT_INGEST_BREAKER_OPEN_MS", default_value_t = 2_000)]
     pub breaker_open_ms: u64,
     /// Raw librdkafka producer setting KEY=VALUE (repeatable), e.g. -X linger.ms=20.
-    #[arg(short = 'X', value_parser = parse_key_value)]
+    #[arg(short = 'X', value_parser = parse_kafka_option)]
     pub kafka_options: Vec<(String, String)>,
-}
-
-fn parse_key_value(text: &str) -> Result<(String, String), String> {
-    let (key, value) = text.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))?;
-    Ok((key.trim().to_owned(), value.trim().to_owned()))
 }
 
 /// Checks the flags, connects the producer and serves until SIGINT/SIGTERM; then finishes the

@@ -41,7 +41,7 @@ use videocount_events::{Event, Rejection, TimeLimits, parse_event, parse_stats_e
 use videocount_operators::aggregate::{FunctionsConfig, Registry, Speed};
 use videocount_operators::aggregate_events::{LocatedInput, Partial, PreAggregate, SlowStream, StatsEpoch, StatsInput};
 use videocount_operators::kafka_source::SourceProgress;
-use videocount_operators::kafka_source::Throttle;
+use videocount_operators::kafka_source::{Throttle, parse_kafka_option};
 use videocount_operators::{EventCounts, FlushEpochs, SourceConfig, SourceItem, kafka_source};
 use videocount_query::compact::compact;
 
@@ -116,7 +116,7 @@ pub struct JobArgs {
     #[arg(long, env = "VIDEOCOUNT_MAX_EPOCHS_IN_FLIGHT", default_value_t = 8)]
     pub max_epochs_in_flight: u64,
     /// Raw librdkafka consumer option KEY=VALUE (repeatable).
-    #[arg(long = "kafka-option", value_parser = parse_key_value)]
+    #[arg(long = "kafka-option", value_parser = parse_kafka_option)]
     pub kafka_options: Vec<(String, String)>,
     /// Name under which the job keeps its checkpoint (default: the job's own name).
     #[arg(long, env = "VIDEOCOUNT_JOB_NAME")]
@@ -154,11 +154,6 @@ pub struct EventStatsArgs {
     /// Testing aid: the slow stream sleeps this long before finishing each epoch.
     #[arg(long, env = "VIDEOCOUNT_SLOW_STREAM_DELAY_MS", default_value_t = 0, hide = true)]
     pub slow_stream_delay_ms: u64,
-}
-
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
-    Ok((k.trim().to_owned(), v.trim().to_owned()))
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).

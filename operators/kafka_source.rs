@@ -53,6 +53,12 @@ pub struct SourceProgress {
     pub positions: std::sync::Mutex<BTreeMap<u32, u64>>,
 }
 
+/// A raw librdkafka setting as given on a command line, `KEY=VALUE` (both trimmed).
+pub fn parse_kafka_option(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))?;
+    Ok((key.trim().to_owned(), value.trim().to_owned()))
+}
+
 /// Settings of the source.
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
