@@ -46,22 +46,13 @@ pub fn router(state: Arc<AppState>, request_timeout: Duration) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .merge(v1)
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not found", "body", "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state((state.clone(), request_timeout), track))
         .with_state(state)
-}
-
-/// A JSON answer with a status.
-struct Json(Value);
-
-impl IntoResponse for Json {
-    fn into_response(self) -> Response {
-        axum::Json(self.0).into_response()
-    }
 }
 
 /// An error answer: `{"error": reason, "field": ..., "message": ...}`, and `Retry-After` on 503.
@@ -144,6 +135,20 @@ impl AppState {
         })
         .expect("the canonical event always serializes");
         Ok(Outgoing { key: event.event.video_id, payload, timestamp_ms: now_ms })
+    }
+
+    /// Writes `events` and counts the outcome. On failure, also the indexes (into `events`)
+    /// Kafka did not take; the others were written.
+    async fn publish(&self, events: &[Outgoing]) -> Result<(), (PublishError, Vec<usize>)> {
+        let result = self.publisher.publish(events).await;
+        let failed: Vec<usize> = match &result {
+            Ok(()) => Vec::new(),
+            Err(PublishError::CircuitOpen { .. }) => (0..events.len()).collect(),
+            Err(PublishError::Kafka { failed, .. }) => failed.clone(),
+        };
+        self.metrics.events_accepted.inc_by((events.len() - failed.len()) as u64);
+        self.metrics.events_failed.inc_by(failed.len() as u64);
+        result.map_err(|error| (error, failed))
     }
 
     fn count_rejection(&self, reason: RejectReason) {
@@ -263,13 +268,9 @@ async fn single(
         state.count_rejection(rejection.reason);
         ApiError::rejected(&rejection)
     })?;
-    match state.publisher.publish(std::slice::from_ref(&outgoing)).await {
-        Ok(()) => {
-            state.metrics.events_accepted.inc();
-            Ok((StatusCode::ACCEPTED, axum::Json(json!({"accepted": 1}))).into_response())
-        }
-        Err(error) => {
-            state.metrics.events_failed.inc();
+    match state.publish(std::slice::from_ref(&outgoing)).await {
+        Ok(()) => Ok((StatusCode::ACCEPTED, axum::Json(json!({"accepted": 1}))).into_response()),
+        Err((error, _)) => {
             Err(ApiError::unavailable(&error, json!({"error": "kafka unavailable", "message": error.to_string()})))
         }
     }
@@ -359,26 +360,17 @@ async fn process_events(
             retry_after: None,
         });
     }
-    match state.publisher.publish(&accepted).await {
-        Ok(()) => {
-            state.metrics.events_accepted.inc_by(accepted.len() as u64);
-            Ok((StatusCode::ACCEPTED, axum::Json(json!({"accepted": accepted.len(), "rejected": rejected})))
-                .into_response())
-        }
-        Err(error) => {
-            let failed: Vec<usize> = match &error {
-                PublishError::CircuitOpen { .. } => indexes.clone(),
-                PublishError::Kafka { failed, .. } => failed.iter().map(|&i| indexes[i]).collect(),
-            };
-            let ok = accepted.len() - failed.len();
-            state.metrics.events_accepted.inc_by(ok as u64);
-            state.metrics.events_failed.inc_by(failed.len() as u64);
+    match state.publish(&accepted).await {
+        Ok(()) => Ok((StatusCode::ACCEPTED, axum::Json(json!({"accepted": accepted.len(), "rejected": rejected})))
+            .into_response()),
+        Err((error, failed)) => {
+            let failed: Vec<usize> = failed.iter().map(|&i| indexes[i]).collect();
             Err(ApiError::unavailable(
                 &error,
                 json!({
                     "error": "kafka unavailable",
                     "message": error.to_string(),
-                    "accepted": ok,
+                    "accepted": accepted.len() - failed.len(),
                     "failed": failed,
                     "rejected": rejected,
                 }),
@@ -389,7 +381,7 @@ async fn process_events(
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     match state.publisher.ready_cached(Duration::from_secs(2)).await {
-        Ok(()) => Json(json!({"status": "ready", "topic": state.publisher.topic()})).into_response(),
+        Ok(()) => axum::Json(json!({"status": "ready", "topic": state.publisher.topic()})).into_response(),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "not ready", "reason": reason})))
             .into_response(),
     }

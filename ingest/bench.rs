@@ -70,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for worker in 0..args.concurrency {
+    for _ in 0..args.concurrency {
         let (http, stop, url, mode, batch_size, videos, bodies) =
             (http.clone(), stop.clone(), args.url.clone(), args.mode, args.batch_size, args.videos, bodies.clone());
         tasks.push(tokio::spawn(async move {
@@ -98,7 +98,6 @@ async fn main() -> anyhow::Result<()> {
                     tally.errors += 1;
                 }
             }
-            let _ = worker;
             tally
         }));
     }

@@ -229,33 +229,26 @@ async fn the_breaker_stops_calls_then_lets_one_probe_through() {
     assert_eq!(client.breaker_states(), [BreakerState::Closed], "the successful probe closed it");
 }
 
-#[tokio::test(start_paused = true)]
-async fn retry_after_is_waited_for() {
-    let fake = Fake::new(|_, before| {
+/// A service that answers `status` with `Retry-After: retry_after` once, then accepts.
+fn once_then_accepted(status: u16, retry_after: Duration) -> Arc<Fake> {
+    Fake::new(move |_, before| {
         if before.is_empty() {
-            (
-                Duration::ZERO,
-                Ok(Reply { status: 503, retry_after: Some(Duration::from_secs(3)), body: Bytes::from_static(b"{}") }),
-            )
+            (Duration::ZERO, Ok(Reply { status, retry_after: Some(retry_after), body: Bytes::from_static(b"{}") }))
         } else {
             accepted()
         }
-    });
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_waited_for() {
+    let fake = once_then_accepted(503, Duration::from_secs(3));
     let client = Client::with_transport(settings(&["http://a"]), fake.clone()).unwrap();
     assert_eq!(send_all(&client, ["v".to_owned()]).await, [Ok(())]);
     let calls = fake.calls();
     assert!(calls[1].at - calls[0].at >= Duration::from_secs(1), "Retry-After beyond max_delay is capped at it");
 
-    let fake = Fake::new(|_, before| {
-        if before.is_empty() {
-            (
-                Duration::ZERO,
-                Ok(Reply { status: 429, retry_after: Some(Duration::from_secs(1)), body: Bytes::from_static(b"{}") }),
-            )
-        } else {
-            accepted()
-        }
-    });
+    let fake = once_then_accepted(429, Duration::from_secs(1));
     let mut config = settings(&["http://a"]);
     config.retry.max_delay = Duration::from_secs(30);
     let client = Client::with_transport(config, fake.clone()).unwrap();
