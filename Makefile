@@ -11,10 +11,10 @@ WORKERS ?= 2
 export KAFKA_BROKERS CLICKHOUSE_URL CLICKHOUSE_DATABASE
 
 RELEASE := target/release
-BINARIES := $(RELEASE)/view_counts $(RELEASE)/event_stats $(RELEASE)/videocount $(RELEASE)/loadgen $(RELEASE)/ingest
+BINARIES := $(RELEASE)/view_counts $(RELEASE)/event_stats $(RELEASE)/videocount $(RELEASE)/loadgen $(RELEASE)/ingest $(RELEASE)/query
 PYTHON ?= python3
 
-.PHONY: help up down topic schema build run-job stop-job replay test lint unit-test chdb-test bench bench-ingest clean
+.PHONY: help up down topic schema build ui run-job stop-job replay test lint unit-test chdb-test bench bench-ingest bench-query clean
 
 help: ## This list.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -31,10 +31,13 @@ topic: up ## Create topic TOPIC with PARTITIONS partitions (if missing).
 build: ## Build every binary in release mode.
 	cargo build --release --workspace --bins
 
+ui: ## Bundle the browser UI into ui/dist (npm ci, esbuild; the query service serves it).
+	@services/ui.sh
+
 schema: up build ## Apply sql/schema.sql to CLICKHOUSE_DATABASE (idempotent).
 	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" schema
 
-run-job: up build ## Start view_counts, event_stats and ingest on TOPIC, feed them demo traffic, print how to query.
+run-job: up build ui ## Start view_counts, event_stats, ingest and query on TOPIC, feed them demo traffic, print the UI address.
 	@services/kafka/topic.sh "$(TOPIC)" "$(PARTITIONS)" >/dev/null
 	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" schema
 	@scripts/run-job.sh
@@ -50,8 +53,8 @@ lint: ## cargo fmt --check and clippy with warnings as errors.
 	cargo fmt --all -- --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
 
-test: up lint ## Every test: unit, integration against the real services, schema on current ClickHouse.
-	@# The integration tests run the binaries of other crates too (videocount, event_stats, ingest).
+test: up lint ui ## Every test: unit, integration against the real services, the UI in Chromium, schema on current ClickHouse.
+	@# The integration tests run the binaries of other crates too (videocount, event_stats, ingest, query).
 	cargo build --release --workspace --bins
 	cargo test --release --workspace -- --test-threads=1
 	@$(MAKE) --no-print-directory chdb-test
@@ -65,6 +68,9 @@ bench: up build ## Catch-up throughput on 10M events: 1 and 2 workers, with and 
 
 bench-ingest: up build ## The ingest service on loopback: events/s in batches, requests/s of single events, p50/p99.
 	@scripts/bench-ingest.sh
+
+bench-query: up build ## The query service over a loaded year of 10,000 videos: p50/p99/p999 and requests/s, 100 clients, vs plain SQL.
+	@scripts/bench-query.sh
 
 clean: ## Remove build output (not var/).
 	cargo clean

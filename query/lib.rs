@@ -1,7 +1,9 @@
 //! The read API as a library: `getViewsCount`, `getCount` and `getStats` of the design notes.
 //!
-//! A range is half-open, `[from, to)` in epoch milliseconds, and is answered in whole minutes:
-//! a minute belongs to the range when its start does. The range is cut into whole days, whole
+//! A range is half-open, `[from, to)` in epoch milliseconds. Stats (and counts of a reader with
+//! [`Edges::WholeMinutes`], the default) are answered in whole minutes: a minute belongs to the
+//! range when its start does. A reader with [`Edges::Raw`] counts the partial minutes at both
+//! ends from `events_raw`, so counts are exact to the millisecond ([`CountPlan`]). The range is cut into whole days, whole
 //! hours and the remaining minutes ([`segments`]), so a one-year range reads at most 365 day
 //! buckets, 46 hour buckets and 118 minute buckets per key, whatever the data.
 //!
@@ -13,7 +15,7 @@ pub mod compact;
 
 use clickhouse::Row;
 use serde::Deserialize;
-use videocount_clickhouse::rows::Grain;
+pub use videocount_clickhouse::rows::Grain;
 use videocount_clickhouse::{ClickHouse, SinkError};
 use videocount_events::{DEFAULT_EVENT_TYPE, valid_event_type, valid_video_id};
 use videocount_operators::aggregate::{Function, Registry};
@@ -83,11 +85,11 @@ pub struct Segment {
     pub end_s: u64,
 }
 
-fn ceil_to(x: u64, step: u64) -> u64 {
+pub(crate) fn ceil_to(x: u64, step: u64) -> u64 {
     x.div_ceil(step) * step
 }
 
-fn floor_to(x: u64, step: u64) -> u64 {
+pub(crate) fn floor_to(x: u64, step: u64) -> u64 {
     x / step * step
 }
 
@@ -123,6 +125,62 @@ pub fn segments(range: TimeRange) -> Vec<Segment> {
         hours_and_minutes(&mut out, first, end);
     }
     out
+}
+
+/// Points a series answers at most.
+pub const MAX_SERIES_POINTS: u64 = 20_000;
+
+/// The width of a bucket of `grain`, in seconds.
+pub fn grain_seconds(grain: Grain) -> u64 {
+    match grain {
+        Grain::Minute => 60,
+        Grain::Hour => 3600,
+        Grain::Day => 86_400,
+    }
+}
+
+/// How counts treat the partial minutes at the two ends of a range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Edges {
+    /// Whole minutes from the rollups, the partial minutes from `events_raw`: exact to the
+    /// millisecond. Needs the job's raw log (on unless `--no-events-raw`).
+    Raw,
+    /// Whole minutes only: a minute counts when its start is in the range.
+    WholeMinutes,
+}
+
+/// The pieces a count range is read from: whole minutes `[start_s, end_s)` from the rollups
+/// and millisecond ranges from `events_raw`. Together they cover the range once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CountPlan {
+    pub minutes: (u64, u64),
+    pub raw: Vec<(u64, u64)>,
+}
+
+impl CountPlan {
+    pub fn new(range: TimeRange, edges: Edges) -> CountPlan {
+        let up = ceil_to(range.from_ms, 60_000);
+        match edges {
+            Edges::WholeMinutes => {
+                CountPlan { minutes: (up / 1000, ceil_to(range.to_ms, 60_000) / 1000), raw: Vec::new() }
+            }
+            Edges::Raw => {
+                let down = floor_to(range.to_ms, 60_000);
+                if up <= down {
+                    let raw = [(range.from_ms, up), (down, range.to_ms)].into_iter().filter(|(a, b)| a < b).collect();
+                    CountPlan { minutes: (up / 1000, down / 1000), raw }
+                } else {
+                    let raw = if range.from_ms < range.to_ms { vec![(range.from_ms, range.to_ms)] } else { Vec::new() };
+                    CountPlan { minutes: (up / 1000, up / 1000), raw }
+                }
+            }
+        }
+    }
+
+    /// The whole minutes as a range.
+    pub fn minute_range(&self) -> TimeRange {
+        TimeRange { from_ms: self.minutes.0 * 1000, to_ms: self.minutes.1.max(self.minutes.0) * 1000 }
+    }
 }
 
 /// The bind values of a segment's condition: dates for the day table, seconds otherwise.
@@ -182,11 +240,23 @@ pub struct StatsAnswer {
 pub struct Reader {
     clickhouse: ClickHouse,
     registry: Registry,
+    edges: Edges,
 }
 
 impl Reader {
+    /// A reader answering counts in whole minutes; see [`Reader::with_edges`].
     pub fn new(clickhouse: ClickHouse, registry: Registry) -> Self {
-        Reader { clickhouse, registry }
+        Reader { clickhouse, registry, edges: Edges::WholeMinutes }
+    }
+
+    /// How counts treat the partial minutes at the ends of a range.
+    pub fn with_edges(mut self, edges: Edges) -> Self {
+        self.edges = edges;
+        self
+    }
+
+    pub fn edges(&self) -> Edges {
+        self.edges
     }
 
     /// Resolves a function name, or says which names exist.
@@ -201,14 +271,18 @@ impl Reader {
         self.count(video_id, DEFAULT_EVENT_TYPE, range).await
     }
 
-    /// `getCount`: events of `event_type` (as counted by `view_counts`).
+    /// `getCount`: events of `event_type` (as counted by `view_counts`), with the reader's
+    /// [`Edges`] rule.
     pub async fn count(&self, video_id: &str, event_type: &str, range: TimeRange) -> Result<u64, QueryError> {
         check_ids(video_id, event_type)?;
-        let segments = segments(range);
-        if segments.is_empty() {
-            return Ok(0);
-        }
-        let parts: Vec<(String, Bounds)> = segments
+        self.count_plan(video_id, event_type, &CountPlan::new(range, self.edges)).await
+    }
+
+    /// Counts the pieces of a plan: its whole minutes from the rollups, its raw ranges from
+    /// `events_raw`. One query, whatever the plan.
+    pub async fn count_plan(&self, video_id: &str, event_type: &str, plan: &CountPlan) -> Result<u64, QueryError> {
+        check_ids(video_id, event_type)?;
+        let mut parts: Vec<(String, Bounds)> = segments(plan.minute_range())
             .iter()
             .map(|s| {
                 let (condition, bounds) = bucket_condition(s);
@@ -216,6 +290,17 @@ impl Reader {
                 (format!("SELECT count FROM {table} WHERE video_id = ? AND event_type = ? AND {condition}"), bounds)
             })
             .collect();
+        for &(from_ms, to_ms) in &plan.raw {
+            parts.push((
+                "SELECT toUInt64(count()) AS count FROM events_raw \
+                 WHERE video_id = ? AND event_type = ? AND ts >= ? AND ts < ?"
+                    .into(),
+                Bounds::Seconds(from_ms, to_ms),
+            ));
+        }
+        if parts.is_empty() {
+            return Ok(0);
+        }
         let sql = format!(
             "SELECT toUInt64(sum(count)) AS total FROM ({})",
             parts.iter().map(|(sql, _)| sql.as_str()).collect::<Vec<_>>().join(" UNION ALL ")
@@ -230,6 +315,119 @@ impl Reader {
         }
         let rows: Vec<Total> = self.clickhouse.fetch_all(query).await?;
         Ok(rows.first().map_or(0, |r| r.total))
+    }
+
+    /// The counts of `event_type` per bucket of `step` (whole buckets: the first is the one
+    /// `from` falls in, the last the one before `to`), zeros included, oldest first.
+    pub async fn series(
+        &self,
+        video_id: &str,
+        event_type: &str,
+        range: TimeRange,
+        step: Grain,
+    ) -> Result<Vec<(u64, u64)>, QueryError> {
+        check_ids(video_id, event_type)?;
+        let width = grain_seconds(step);
+        let first = floor_to(range.from_ms / 1000, width);
+        let end = ceil_to(range.to_ms.div_ceil(1000), width);
+        let points = (end - first) / width;
+        if points > MAX_SERIES_POINTS {
+            return Err(QueryError::Invalid(format!(
+                "{points} points of one {} each; at most {MAX_SERIES_POINTS}: choose a coarser step or a shorter range",
+                step.column()
+            )));
+        }
+        if points == 0 {
+            return Ok(Vec::new());
+        }
+        let (condition, bounds) = bucket_condition(&Segment { grain: step, start_s: first, end_s: end });
+        let bucket = match step {
+            Grain::Day => "toUInt64(toUInt32(day)) * 86400",
+            Grain::Hour => "toUInt64(toUInt32(hour))",
+            Grain::Minute => "toUInt64(toUInt32(minute))",
+        };
+        let sql = format!(
+            "SELECT {bucket} AS bucket, toUInt64(sum(count)) AS total FROM {table} \
+             WHERE video_id = ? AND event_type = ? AND {condition} GROUP BY bucket ORDER BY bucket",
+            table = step.table()
+        );
+        let query = bounds.bind(self.clickhouse.client().query(&sql).bind(video_id).bind(event_type));
+        #[derive(Row, Deserialize)]
+        struct Point {
+            bucket: u64,
+            total: u64,
+        }
+        let rows: Vec<Point> = self.clickhouse.fetch_all(query).await?;
+        let mut out: Vec<(u64, u64)> = (0..points).map(|i| (first + i * width, 0)).collect();
+        for row in rows {
+            if let Some(slot) = row.bucket.checked_sub(first).map(|d| (d / width) as usize).and_then(|i| out.get_mut(i))
+            {
+                slot.1 += row.total;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The `limit` videos with the most events of `event_type` in the range (whole minutes: a
+    /// minute counts when its start is in the range), most first, ties by video_id.
+    pub async fn top(&self, event_type: &str, range: TimeRange, limit: u32) -> Result<Vec<(String, u64)>, QueryError> {
+        if !valid_event_type(event_type) {
+            return Err(QueryError::Invalid(format!("event_type {event_type:?} is not 1-32 characters of [a-z0-9_]")));
+        }
+        let segments = segments(range);
+        if segments.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let parts: Vec<(String, Bounds)> = segments
+            .iter()
+            .map(|s| {
+                let (condition, bounds) = bucket_condition(s);
+                let table = s.grain.table();
+                (format!("SELECT video_id, count FROM {table} WHERE event_type = ? AND {condition}"), bounds)
+            })
+            .collect();
+        let sql = format!(
+            "SELECT video_id, toUInt64(sum(count)) AS total FROM ({}) GROUP BY video_id \
+             ORDER BY total DESC, video_id LIMIT ?",
+            parts.iter().map(|(sql, _)| sql.as_str()).collect::<Vec<_>>().join(" UNION ALL ")
+        );
+        let mut query = self.clickhouse.client().query(&sql);
+        for (_, bounds) in parts {
+            query = bounds.bind(query.bind(event_type));
+        }
+        #[derive(Row, Deserialize)]
+        struct Top {
+            video_id: String,
+            total: u64,
+        }
+        let rows: Vec<Top> = self.clickhouse.fetch_all(query.bind(limit)).await?;
+        Ok(rows.into_iter().map(|r| (r.video_id, r.total)).collect())
+    }
+
+    /// Answers `Ok` when ClickHouse answers and the database has the count tables.
+    pub async fn ready(&self) -> Result<(), QueryError> {
+        let query = self
+            .clickhouse
+            .client()
+            .query("SELECT toUInt64(count()) AS total FROM system.tables WHERE database = ? AND name = 'event_counts_minute'")
+            .bind(self.clickhouse.database());
+        #[derive(Row, Deserialize)]
+        struct Total {
+            total: u64,
+        }
+        let rows: Vec<Total> = self.clickhouse.fetch_all(query).await?;
+        if rows.first().map_or(0, |r| r.total) == 0 {
+            return Err(QueryError::Invalid(format!(
+                "database {:?} has no event_counts_minute table: run `videocount schema`",
+                self.clickhouse.database()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The ClickHouse handle the reader uses.
+    pub fn clickhouse(&self) -> &ClickHouse {
+        &self.clickhouse
     }
 
     /// `getStats`: `function` over the events of `event_type` (as kept by `event_stats`).
@@ -349,6 +547,41 @@ mod tests {
             let buckets: u64 = segments.iter().filter(|s| s.grain != Grain::Day).map(|s| (s.end_s - s.start_s) / if s.grain == Grain::Hour { 3600 } else { 60 }).sum();
             prop_assert!(buckets <= 2 * (59 + 23));
         }
+    }
+
+    proptest! {
+        #[test]
+        fn a_raw_edge_plan_covers_each_millisecond_once(from in 0u64..4_000_000_000_000, len in prop_oneof![0u64..200_000, 0u64..100_000_000]) {
+            let range = TimeRange { from_ms: from, to_ms: from + len };
+            let plan = CountPlan::new(range, Edges::Raw);
+            let mut pieces = plan.raw.clone();
+            let minutes = plan.minute_range();
+            prop_assert_eq!(minutes.from_ms % 60_000, 0);
+            prop_assert_eq!(minutes.to_ms % 60_000, 0);
+            if minutes.from_ms < minutes.to_ms {
+                pieces.push((minutes.from_ms, minutes.to_ms));
+            }
+            pieces.sort_unstable();
+            let mut at = range.from_ms;
+            for (a, b) in pieces {
+                prop_assert_eq!(a, at);
+                prop_assert!(a < b);
+                at = b;
+            }
+            prop_assert_eq!(at, range.to_ms);
+            prop_assert!(plan.raw.iter().all(|(a, b)| b - a < 60_000));
+        }
+    }
+
+    #[test]
+    fn a_whole_minute_plan_counts_minutes_starting_in_the_range() {
+        let plan = CountPlan::new(TimeRange { from_ms: 60_001, to_ms: 180_001 }, Edges::WholeMinutes);
+        assert_eq!(plan, CountPlan { minutes: (120, 240), raw: vec![] });
+        let plan = CountPlan::new(TimeRange { from_ms: 60_001, to_ms: 180_001 }, Edges::Raw);
+        assert_eq!(plan, CountPlan { minutes: (120, 180), raw: vec![(60_001, 120_000), (180_000, 180_001)] });
+        let plan = CountPlan::new(TimeRange { from_ms: 60_001, to_ms: 60_002 }, Edges::Raw);
+        assert_eq!(plan.raw, vec![(60_001, 60_002)]);
+        assert!(plan.minute_range().from_ms >= plan.minute_range().to_ms);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Starts view_counts, event_stats and the ingest service in the background on $TOPIC, feeds
-# them demo traffic (Kafka directly and over HTTP) and shows a few answers.
+# Starts view_counts, event_stats, the ingest service and the query service (with the UI) in
+# the background on $TOPIC, feeds them demo traffic (Kafka directly and over HTTP) and shows a
+# few answers.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VAR="$ROOT/var"
@@ -9,15 +10,18 @@ TOPIC=${TOPIC:-video-events}
 DB=${CLICKHOUSE_DATABASE:-video_counts}
 WORKERS=${WORKERS:-2}
 INGEST_LISTEN=${VIDEOCOUNT_INGEST_LISTEN:-127.0.0.1:8080}
+QUERY_LISTEN=${VIDEOCOUNT_QUERY_LISTEN:-127.0.0.1:8081}
 mkdir -p "$VAR"
 cd "$ROOT"
 
-for job in view_counts event_stats ingest; do
+for job in view_counts event_stats ingest query; do
     if [ -f "$VAR/$job.pid" ] && kill -0 "$(cat "$VAR/$job.pid")" 2>/dev/null; then
         echo "run-job: $job already running (pid $(cat "$VAR/$job.pid"))"
     else
         if [ "$job" = ingest ]; then
             args=(--topic "$TOPIC" --listen "$INGEST_LISTEN")
+        elif [ "$job" = query ]; then
+            args=(--database "$DB" --listen "$QUERY_LISTEN" --ui-dir "$ROOT/ui/dist" --ingest-url "http://$INGEST_LISTEN")
         else
             args=(--topic "$TOPIC" --database "$DB" --workers "$WORKERS")
         fi
@@ -42,6 +46,8 @@ echo
 echo "Top videos by views in the last 24 hours:"
 q "SELECT video_id, sum(count) AS views FROM event_counts_hour WHERE event_type = 'view' AND hour >= now() - INTERVAL 1 DAY GROUP BY video_id ORDER BY views DESC LIMIT 5 FORMAT PrettyCompact"
 from=$(( ($(date +%s) - 86400) * 1000 ))
+echo "vid000001 in the last 24 hours (query service, exact to the millisecond):"
+curl -fsS "http://$QUERY_LISTEN/v1/videos/vid000001/views?from=$from"; echo
 echo "vid000001 in the last 24 hours (videocount):"
 echo "  views:               $("$BIN/videocount" --database "$DB" views vid000001 --from "$from")"
 echo "  median watch time:   $("$BIN/videocount" --database "$DB" stats vid000001 watch_time p50 --from "$from")"
@@ -49,13 +55,21 @@ echo "  distinct viewers:    $("$BIN/videocount" --database "$DB" stats vid00000
 cat <<MSG
 
 view_counts and event_stats keep running on topic $TOPIC (database $DB); the ingest service
-(the write API) listens on http://$INGEST_LISTEN. Try:
+(the write API) listens on http://$INGEST_LISTEN and the query service (the read API) on
+http://$QUERY_LISTEN.
+
+  UI: http://$QUERY_LISTEN/      (search vid000001)
+
+Try:
+  curl "http://$QUERY_LISTEN/v1/videos/vid000001/events/watch_time/stats/p99?from=$from"
+  curl "http://$QUERY_LISTEN/v1/top?limit=5"
+  curl http://$QUERY_LISTEN/openapi.json
   curl -X POST http://$INGEST_LISTEN/v1/videos/vid000003/views
   curl http://$INGEST_LISTEN/metrics
   target/release/videocount --database $DB stats vid000001 watch_time p99 --from 2026-01-01T00:00:00Z --json
   target/release/videocount --database $DB count vid000002 like --from $from
   clickhouse-client --database $DB --query "SELECT job, reason, count() FROM dead_letters GROUP BY job, reason"
   target/release/loadgen --topic $TOPIC --rate 5000 --duration 60     # more traffic
-  tail -f var/view_counts.log var/event_stats.log var/ingest.log       # what they are doing
+  tail -f var/view_counts.log var/event_stats.log var/ingest.log var/query.log
   make stop-job                                                         # flush, record offsets, stop
 MSG

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Stops what run-job.sh started: SIGTERM, so each job flushes and records its offsets and the
-# ingest service answers the requests in flight.
+# services answer the requests in flight.
 set -uo pipefail
 VAR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/var"
-for job in ingest view_counts event_stats; do
+for job in query ingest view_counts event_stats; do
     PIDFILE="$VAR/$job.pid"
     [ -f "$PIDFILE" ] || continue
     pid=$(cat "$PIDFILE")

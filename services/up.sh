@@ -40,6 +40,9 @@ install_packages() {
     command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
     command -v mvn >/dev/null || missing+=(maven)
     command -v curl >/dev/null || missing+=(curl)
+    # The UI is bundled with npm and tested in Debian's Chromium (never a downloaded browser).
+    command -v npm >/dev/null || missing+=(npm)
+    command -v chromium >/dev/null || missing+=(chromium)
     if ((${#missing[@]})); then
         log "installing Debian packages: ${missing[*]}"
         apt-get update -qq

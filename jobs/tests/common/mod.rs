@@ -43,6 +43,41 @@ impl Ingest {
     }
 }
 
+/// A running `query` service on a free loopback port, killed on drop.
+pub struct QueryService {
+    pub url: String,
+    pub process: Running,
+    http: reqwest::Client,
+}
+
+/// An answer of the query service: status, `Retry-After`, JSON body.
+pub struct Answer {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub body: serde_json::Value,
+}
+
+impl QueryService {
+    /// `GET path` (with its query string), parsed as JSON.
+    pub fn get(&self, runtime: &tokio::runtime::Runtime, path: &str) -> Answer {
+        runtime.block_on(async {
+            let response = self.http.get(format!("{}{path}", self.url)).send().await.unwrap();
+            let status = response.status().as_u16();
+            let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap_or_default().to_owned());
+            let text = response.text().await.unwrap();
+            let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+            Answer { status, retry_after, body }
+        })
+    }
+
+    /// `GET path`, which must answer 200; its JSON.
+    pub fn ok(&self, runtime: &tokio::runtime::Runtime, path: &str) -> serde_json::Value {
+        let answer = self.get(runtime, path);
+        assert_eq!(answer.status, 200, "GET {path}: {}", answer.body);
+        answer.body
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -130,6 +165,36 @@ impl TestEnv {
             sleep_ms(100);
         }
         ingest
+    }
+
+    /// `query` reading this test's database and serving the built UI, once it answers.
+    pub fn query_service(&self, extra: &[&str]) -> QueryService {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let ui = concat!(env!("CARGO_MANIFEST_DIR"), "/../ui/dist");
+        let child = Command::new(tool("query"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--clickhouse-url", CLICKHOUSE_URL])
+            .args(["--database", &self.database, "--ui-dir", ui])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let service = QueryService {
+            url,
+            process: Running(child),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !Command::new("curl")
+            .args(["-fsS", "-o", "/dev/null", "--max-time", "3", &format!("{}/healthz", service.url)])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            assert!(std::time::Instant::now() < deadline, "query did not start");
+            sleep_ms(100);
+        }
+        service
     }
 
     /// Runs the job until it is caught up; panics with its stderr if it fails.

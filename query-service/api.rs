@@ -1,0 +1,421 @@
+//! The HTTP API: routes, validation of the parameters, and the answers.
+//!
+//! Every value a caller gives is checked before any query (ids by their character rules,
+//! functions by name, times by parsing, ranges by order and length) and reaches ClickHouse
+//! only as a bound value, never spliced into SQL text.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+use tower_http::services::{ServeDir, ServeFile};
+use videocount_clickhouse::SinkError;
+use videocount_events::{DEFAULT_EVENT_TYPE, valid_event_type, valid_video_id};
+use videocount_query::{CountPlan, Edges, Grain, QueryError, Reader, TimeRange, format_time, parse_time};
+
+use crate::hot::HotCache;
+use crate::live::{self, IngestRate};
+use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
+
+/// The OpenAPI description of every route.
+pub const OPENAPI: &str = include_str!("openapi.json");
+/// Videos `/v1/top` answers at most.
+pub const MAX_TOP: u32 = 1000;
+
+pub struct AppState {
+    pub reader: Reader,
+    pub hot: Option<Arc<HotCache>>,
+    pub metrics: Arc<Metrics>,
+    pub ingest: Arc<IngestRate>,
+}
+
+/// The routes; `ui_dir` (the built UI) is served at `/`.
+pub fn router(state: Arc<AppState>, request_timeout: Duration, ui_dir: Option<PathBuf>) -> Router {
+    let api = Router::new()
+        .route("/v1/videos/{video_id}/views", get(views))
+        .route("/v1/videos/{video_id}/events/{event_type}/count", get(count))
+        .route("/v1/videos/{video_id}/events/{event_type}/stats/{function}", get(stats))
+        .route("/v1/videos/{video_id}/events/{event_type}/series", get(series))
+        .route("/v1/top", get(top))
+        .route("/v1/live", get(live_panel))
+        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/v1/{*rest}", get(no_route))
+        .layer(middleware::from_fn_with_state((state.clone(), request_timeout), track))
+        .with_state(state);
+    match ui_dir {
+        Some(dir) => {
+            let index = dir.join("index.html");
+            api.fallback_service(ServeDir::new(dir).fallback(ServeFile::new(index)))
+        }
+        None => api.fallback(no_route),
+    }
+}
+
+async fn no_route() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not found", "path", "no such route; GET /openapi.json lists them")
+}
+
+/// An error answer: `{"error": ..., "field": ..., "message": ...}`, and `Retry-After` on 503.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: Value,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &str, field: &str, message: impl Into<String>) -> Self {
+        ApiError { status, body: json!({"error": error, "field": field, "message": message.into()}), retry_after: None }
+    }
+
+    fn invalid(field: &str, message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid argument", field, message)
+    }
+
+    /// A failed query: the caller's fault (400, naming `field`), ClickHouse unavailable (503)
+    /// or anything else (500).
+    fn from_query(state: &AppState, error: QueryError, field: &str) -> Self {
+        match error {
+            QueryError::Invalid(message) => ApiError::invalid(field, message),
+            QueryError::Store(SinkError::Unavailable(message)) => {
+                state.metrics.clickhouse_errors.inc();
+                ApiError {
+                    retry_after: Some(1),
+                    ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "clickhouse unavailable", "", message)
+                }
+            }
+            other => {
+                state.metrics.clickhouse_errors.inc();
+                tracing::error!(error = %other, "query failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "", other.to_string())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The query string, or a 400 naming what is wrong with it.
+struct Params(HashMap<String, String>);
+
+impl Params {
+    fn new(query: Result<Query<HashMap<String, String>>, QueryRejection>, allowed: &[&str]) -> Result<Self, ApiError> {
+        let Query(map) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+        if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(ApiError::invalid(
+                unknown,
+                format!("unknown parameter {unknown:?}; this route takes {}", allowed.join(", ")),
+            ));
+        }
+        Ok(Params(map))
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    fn time(&self, name: &str) -> Result<Option<u64>, ApiError> {
+        self.get(name).map(|text| parse_time(text).map_err(|message| ApiError::invalid(name, message))).transpose()
+    }
+
+    /// `[from, to)`: `from` required unless `default_span` is given; `to` defaults to now.
+    fn range(&self, default_span: Option<u64>) -> Result<TimeRange, ApiError> {
+        let to = self.time("to")?.unwrap_or_else(now_ms);
+        let from = match (self.time("from")?, default_span) {
+            (Some(from), _) => from,
+            (None, Some(span)) => to.saturating_sub(span),
+            (None, None) => return Err(ApiError::invalid("from", "from is required: RFC 3339 or epoch milliseconds")),
+        };
+        TimeRange::new(from, to).map_err(|e| ApiError::invalid("range", e.to_string()))
+    }
+}
+
+fn check_video(video_id: &str) -> Result<(), ApiError> {
+    if valid_video_id(video_id) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("video_id", format!("{video_id:?} is not 1-64 characters of [A-Za-z0-9_-]")))
+    }
+}
+
+fn check_type(event_type: &str) -> Result<(), ApiError> {
+    if valid_event_type(event_type) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("event_type", format!("{event_type:?} is not 1-32 characters of [a-z0-9_]")))
+    }
+}
+
+fn echo(range: TimeRange) -> Value {
+    json!({"from": format_time(range.from_ms), "to": format_time(range.to_ms),
+           "from_ms": range.from_ms, "to_ms": range.to_ms})
+}
+
+/// Counts `[from, to)`: the recent whole minutes from the hot cache when it holds them, the
+/// rest (older minutes, hours and days, and the partial minutes at the edges) in one query.
+async fn count_range(state: &AppState, video_id: &str, event_type: &str, range: TimeRange) -> Result<Value, ApiError> {
+    let plan = CountPlan::new(range, state.reader.edges());
+    let mut rest = plan.clone();
+    let mut from_memory = 0;
+    let (start, end) = plan.minutes;
+    if let Some(hot) = &state.hot
+        && end > hot.horizon_s()
+        && let Some((horizon, total)) =
+            hot.count(video_id, event_type, start, end).await.map_err(|e| ApiError::from_query(state, e, "range"))?
+    {
+        from_memory = total;
+        rest.minutes.1 = end.min(horizon).max(start);
+    }
+    let stored = state
+        .reader
+        .count_plan(video_id, event_type, &rest)
+        .await
+        .map_err(|e| ApiError::from_query(state, e, "range"))?;
+    let edges = match state.reader.edges() {
+        Edges::Raw => "raw",
+        Edges::WholeMinutes => "whole_minutes",
+    };
+    Ok(json!({
+        "video_id": video_id,
+        "event_type": event_type,
+        "range": echo(range),
+        "value": from_memory + stored,
+        "edges": edges,
+    }))
+}
+
+async fn views(
+    State(state): State<Arc<AppState>>,
+    Path(video_id): Path<String>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
+    check_video(&video_id)?;
+    let range = Params::new(query, &["from", "to"])?.range(None)?;
+    Ok(axum::Json(count_range(&state, &video_id, DEFAULT_EVENT_TYPE, range).await?))
+}
+
+async fn count(
+    State(state): State<Arc<AppState>>,
+    Path((video_id, event_type)): Path<(String, String)>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
+    check_video(&video_id)?;
+    check_type(&event_type)?;
+    let range = Params::new(query, &["from", "to"])?.range(None)?;
+    Ok(axum::Json(count_range(&state, &video_id, &event_type, range).await?))
+}
+
+async fn stats(
+    State(state): State<Arc<AppState>>,
+    Path((video_id, event_type, function)): Path<(String, String, String)>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
+    check_video(&video_id)?;
+    check_type(&event_type)?;
+    state.reader.function(&function).map_err(|e| ApiError::invalid("function", e.to_string()))?;
+    let range = Params::new(query, &["from", "to"])?.range(None)?;
+    let answer = state
+        .reader
+        .stats(&video_id, &event_type, &function, range)
+        .await
+        .map_err(|e| ApiError::from_query(&state, e, "range"))?;
+    let minutes = CountPlan::new(range, Edges::WholeMinutes).minute_range();
+    Ok(axum::Json(json!({
+        "video_id": video_id,
+        "event_type": event_type,
+        "function": function,
+        "range": echo(range),
+        "minutes": echo(minutes),
+        "value": answer.value,
+        "states": answer.states,
+    })))
+}
+
+/// The step a range gets when the caller names none: about 30 to 1,500 points.
+pub fn default_step(range: TimeRange) -> Grain {
+    let span = range.to_ms - range.from_ms;
+    if span <= 24 * 3_600_000 {
+        Grain::Minute
+    } else if span <= 60 * 86_400_000 {
+        Grain::Hour
+    } else {
+        Grain::Day
+    }
+}
+
+async fn series(
+    State(state): State<Arc<AppState>>,
+    Path((video_id, event_type)): Path<(String, String)>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
+    check_video(&video_id)?;
+    check_type(&event_type)?;
+    let params = Params::new(query, &["from", "to", "step"])?;
+    let range = params.range(None)?;
+    let step = match params.get("step") {
+        None => default_step(range),
+        Some("minute") => Grain::Minute,
+        Some("hour") => Grain::Hour,
+        Some("day") => Grain::Day,
+        Some(other) => return Err(ApiError::invalid("step", format!("{other:?} is not minute, hour or day"))),
+    };
+    let points = state
+        .reader
+        .series(&video_id, &event_type, range, step)
+        .await
+        .map_err(|e| ApiError::from_query(&state, e, "step"))?;
+    let total: u64 = points.iter().map(|p| p.1).sum();
+    let points: Vec<Value> =
+        points.into_iter().map(|(t, n)| json!({"t": format_time(t * 1000), "t_ms": t * 1000, "count": n})).collect();
+    Ok(axum::Json(json!({
+        "video_id": video_id,
+        "event_type": event_type,
+        "range": echo(range),
+        "step": step.column(),
+        "total": total,
+        "points": points,
+    })))
+}
+
+async fn top(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let params = Params::new(query, &["event_type", "from", "to", "limit"])?;
+    let event_type = params.get("event_type").unwrap_or(DEFAULT_EVENT_TYPE).to_owned();
+    check_type(&event_type)?;
+    let limit =
+        match params.get("limit") {
+            None => 10,
+            Some(text) => text.parse::<u32>().ok().filter(|n| (1..=MAX_TOP).contains(n)).ok_or_else(|| {
+                ApiError::invalid("limit", format!("{text:?} is not a whole number from 1 to {MAX_TOP}"))
+            })?,
+        };
+    let range = params.range(Some(3_600_000))?;
+    let videos =
+        state.reader.top(&event_type, range, limit).await.map_err(|e| ApiError::from_query(&state, e, "range"))?;
+    let videos: Vec<Value> = videos.into_iter().map(|(id, n)| json!({"video_id": id, "count": n})).collect();
+    Ok(axum::Json(json!({
+        "event_type": event_type,
+        "range": echo(range),
+        "minutes": echo(CountPlan::new(range, Edges::WholeMinutes).minute_range()),
+        "videos": videos,
+    })))
+}
+
+async fn live_panel(State(state): State<Arc<AppState>>) -> Result<axum::Json<Value>, ApiError> {
+    let clickhouse = state.reader.clickhouse();
+    let (jobs, dead) = tokio::join!(live::jobs(clickhouse), live::dead_letters(clickhouse, 10));
+    let jobs = jobs.map_err(|e| ApiError::from_query(&state, e, ""))?;
+    let dead = dead.map_err(|e| ApiError::from_query(&state, e, ""))?;
+    Ok(axum::Json(json!({
+        "now": format_time(now_ms()),
+        "ingest": state.ingest.snapshot(),
+        "jobs": jobs,
+        "dead_letters": dead,
+    })))
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    match state.reader.ready().await {
+        Ok(()) => {
+            axum::Json(json!({"status": "ready", "database": state.reader.clickhouse().database()})).into_response()
+        }
+        Err(reason) => {
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "not ready", "reason": reason.to_string()})))
+                .into_response()
+        }
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let metrics = &state.metrics;
+    if let Some(hot) = &state.hot {
+        metrics.hot_keys.set(hot.len() as i64);
+        metrics.hot_age.set(hot.age().map_or(-1.0, |age| age.as_secs_f64()));
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
+        .into_response()
+}
+
+/// Bounds each request by the request timeout, counts it by route and status and times it.
+async fn track(State((state, timeout)): State<(Arc<AppState>, Duration)>, request: Request, next: Next) -> Response {
+    let endpoint =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = std::time::Instant::now();
+    // ClickHouse's own timeout ends every query well before this; it is the last resort.
+    let response = match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "", format!("no answer within {timeout:?}"))
+        }
+        .into_response(),
+    };
+    let metrics = &state.metrics;
+    metrics
+        .latency
+        .get_or_create(&EndpointLabels { endpoint: endpoint.clone() })
+        .observe(started.elapsed().as_secs_f64());
+    metrics.requests.get_or_create(&RequestLabels { endpoint, status: response.status().as_u16() }).inc();
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_lists_every_route() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        let paths = doc["paths"].as_object().expect("paths");
+        for route in [
+            "/v1/videos/{video_id}/views",
+            "/v1/videos/{video_id}/events/{event_type}/count",
+            "/v1/videos/{video_id}/events/{event_type}/stats/{function}",
+            "/v1/videos/{video_id}/events/{event_type}/series",
+            "/v1/top",
+            "/v1/live",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/openapi.json",
+        ] {
+            assert!(paths.contains_key(route), "{route} is described");
+        }
+        assert_eq!(paths.len(), 10, "no route described that does not exist");
+    }
+
+    #[test]
+    fn the_default_step_keeps_charts_readable() {
+        let range = |hours: u64| TimeRange { from_ms: 0, to_ms: hours * 3_600_000 };
+        assert_eq!(default_step(range(1)), Grain::Minute);
+        assert_eq!(default_step(range(24)), Grain::Minute);
+        assert_eq!(default_step(range(24 * 7)), Grain::Hour);
+        assert_eq!(default_step(range(24 * 365)), Grain::Day);
+    }
+}

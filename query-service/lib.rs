@@ -1,0 +1,136 @@
+//! `query`: the read API of videocount over HTTP, and the browser UI.
+//!
+//! - `GET /v1/videos/{video_id}/views?from=&to=` (`getViewsCount`),
+//!   `GET /v1/videos/{video_id}/events/{event_type}/count?from=&to=` (`getCount`): exact to the
+//!   millisecond (whole minutes from the rollups, the partial minutes from `events_raw`).
+//! - `GET /v1/videos/{video_id}/events/{event_type}/stats/{function}?from=&to=` (`getStats`):
+//!   in whole minutes.
+//! - `GET /v1/videos/{video_id}/events/{event_type}/series?from=&to=&step=` and
+//!   `GET /v1/top?event_type=&from=&to=&limit=`, for charts; `GET /v1/live` for the live panel.
+//! - `GET /openapi.json`, `/healthz`, `/readyz`, `/metrics`; the UI at `/`.
+//!
+//! Recent minutes come from the hot cache ([`hot`]), the rest from ClickHouse.
+
+pub mod api;
+pub mod hot;
+pub mod live;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing::{info, warn};
+use videocount_clickhouse::{ClickHouse, ClickHouseConfig};
+use videocount_operators::aggregate::Registry;
+use videocount_query::{Edges, Reader};
+
+use crate::api::AppState;
+use crate::hot::{HotCache, HotConfig};
+use crate::live::IngestRate;
+
+/// Flags of `query`; each also from the environment.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about = "The videocount read API over HTTP, and the browser UI.")]
+pub struct QueryArgs {
+    /// Address to listen on.
+    #[arg(long, env = "VIDEOCOUNT_QUERY_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: SocketAddr,
+    /// ClickHouse HTTP endpoint.
+    #[arg(long, env = "CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
+    pub clickhouse_url: String,
+    /// Database holding the tables of sql/schema.sql.
+    #[arg(long, env = "CLICKHOUSE_DATABASE", default_value = "video_counts")]
+    pub database: String,
+    /// A ClickHouse query taking longer fails; the request gets 503 with Retry-After.
+    #[arg(long, env = "VIDEOCOUNT_QUERY_CLICKHOUSE_TIMEOUT_MS", default_value_t = 2_000)]
+    pub clickhouse_timeout_ms: u64,
+    /// Count in whole minutes instead of reading the partial minutes at the range's edges from
+    /// events_raw: for jobs run with --no-events-raw.
+    #[arg(long, env = "VIDEOCOUNT_QUERY_NO_RAW_EDGES")]
+    pub no_raw_edges: bool,
+    /// Whole hours before the current one that the hot cache holds (besides the current one).
+    #[arg(long, env = "VIDEOCOUNT_QUERY_HOT_HOURS", default_value_t = 2)]
+    pub hot_hours: u64,
+    /// Read every cached key again this often: the cache's answers are at most this much older
+    /// than ClickHouse's.
+    #[arg(long, env = "VIDEOCOUNT_QUERY_HOT_REFRESH_MS", default_value_t = 1_000)]
+    pub hot_refresh_ms: u64,
+    /// Keys (video, event type) the hot cache holds at most; others read ClickHouse.
+    #[arg(long, env = "VIDEOCOUNT_QUERY_HOT_KEYS", default_value_t = 10_000)]
+    pub hot_keys: usize,
+    /// Serve every count from ClickHouse.
+    #[arg(long, env = "VIDEOCOUNT_QUERY_NO_HOT_CACHE")]
+    pub no_hot_cache: bool,
+    /// The built UI (`make ui`), served at /.
+    #[arg(long, env = "VIDEOCOUNT_UI_DIR", default_value = "ui/dist")]
+    pub ui_dir: PathBuf,
+    /// The ingest service, whose /metrics gives the live panel its ingest rate.
+    #[arg(long, env = "VIDEOCOUNT_INGEST_URL")]
+    pub ingest_url: Option<String>,
+}
+
+/// Checks the flags and serves until SIGINT/SIGTERM.
+pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
+    if args.clickhouse_timeout_ms == 0 || args.hot_refresh_ms == 0 {
+        anyhow::bail!("--clickhouse-timeout-ms and --hot-refresh-ms must be above 0");
+    }
+    let config = ClickHouseConfig {
+        url: args.clickhouse_url.clone(),
+        database: args.database.clone(),
+        request_timeout: Duration::from_millis(args.clickhouse_timeout_ms),
+        ..ClickHouseConfig::default()
+    };
+    config.validate()?;
+    let clickhouse = ClickHouse::new(config);
+    let edges = if args.no_raw_edges { Edges::WholeMinutes } else { Edges::Raw };
+    let reader = Reader::new(clickhouse.clone(), Registry::builtin()).with_edges(edges);
+    match reader.ready().await {
+        Ok(()) => info!(url = %args.clickhouse_url, database = %args.database, "ClickHouse is ready"),
+        Err(error) => warn!(%error, "ClickHouse is not ready yet; requests get 503 until it is"),
+    }
+    let metrics = metrics::Metrics::new();
+    let hot = (!args.no_hot_cache).then(|| {
+        let config = HotConfig {
+            window_hours: args.hot_hours,
+            refresh: Duration::from_millis(args.hot_refresh_ms),
+            max_keys: args.hot_keys,
+            ..HotConfig::default()
+        };
+        Arc::new(HotCache::new(clickhouse.clone(), config, metrics.hot.clone()))
+    });
+    if let Some(hot) = &hot {
+        tokio::spawn(hot.clone().run());
+    }
+    let ingest = Arc::new(IngestRate::new(args.ingest_url.clone()));
+    tokio::spawn(ingest.clone().run(Duration::from_secs(2)));
+    let ui_dir = if args.ui_dir.join("index.html").is_file() {
+        Some(args.ui_dir.clone())
+    } else {
+        warn!(dir = %args.ui_dir.display(), "no built UI there (run `make ui`); / answers 404");
+        None
+    };
+    let state = Arc::new(AppState { reader, hot, metrics, ingest });
+    let request_timeout = Duration::from_millis(args.clickhouse_timeout_ms * 2 + 1_000);
+    let app = api::router(state, request_timeout, ui_dir);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    info!(address = %listener.local_addr()?, ui = %format!("http://{}/", listener.local_addr()?), "listening");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server failed")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate.recv() => {}
+    }
+    info!("shutdown signal received");
+}
