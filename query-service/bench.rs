@@ -1,1 +1,236 @@
-fn main() {}
+//! `query_bench`: the read-path benchmark. `make bench-query` runs it.
+//!
+//! - `query_bench load`: fills a database with a year of events for 10,000 videos, generated
+//!   inside ClickHouse: `events_raw` first (skewed over the videos: a few are popular), then the
+//!   minute, hour and day tables as exact GROUP BYs of it, month by month.
+//! - `query_bench run`: 100 concurrent clients over random ranges (log-uniform lengths from a
+//!   minute to a year; half end now) against the query service, per read call; then the same
+//!   counts as plain SQL over `events_raw`. Prints one JSON line per run: p50/p99/p999 and
+//!   requests/s.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use rand::{Rng, SeedableRng};
+use videocount_clickhouse::{ClickHouse, ClickHouseConfig, schema};
+
+#[derive(Parser, Debug)]
+#[command(about = "Loads a year of data and measures the read API against it.")]
+struct Args {
+    #[arg(long, env = "CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
+    clickhouse_url: String,
+    #[arg(long, default_value = "bench_query")]
+    database: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Creates the tables and loads a year of events (skipped when the database holds them).
+    Load {
+        #[arg(long, default_value_t = 10_000)]
+        videos: u64,
+        /// Events over the year, all videos together.
+        #[arg(long, default_value_t = 50_000_000)]
+        events: u64,
+    },
+    /// Measures one read call.
+    Run {
+        #[arg(long, default_value = "http://127.0.0.1:18091")]
+        url: String,
+        #[arg(long, value_enum)]
+        call: Call,
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 10_000)]
+        videos: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Call {
+    /// `GET /v1/videos/{id}/views`.
+    Views,
+    /// `GET /v1/videos/{id}/events/like/count`.
+    Count,
+    /// `GET /v1/videos/{id}/events/watch_time/stats/p50`.
+    Stats,
+    /// Views as plain SQL over events_raw, straight to ClickHouse.
+    RawSql,
+}
+
+const DAY_MS: u64 = 86_400_000;
+const YEAR_MS: u64 = 365 * DAY_MS;
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+async fn load(clickhouse: &ClickHouse, videos: u64, events: u64) -> anyhow::Result<()> {
+    schema::apply(clickhouse).await?;
+    let have: Vec<u64> = clickhouse
+        .fetch_all(clickhouse.client().query("SELECT toUInt64(count()) FROM events_raw"))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if have.first().copied().unwrap_or(0) > 0 {
+        println!("load: {} already holds {} raw events; keeping them", clickhouse.database(), have[0]);
+        return Ok(());
+    }
+    let now = now_ms();
+    let start = Instant::now();
+    // The video of event n: the product of two uniform draws, so low ids are popular.
+    let months = 12;
+    let per_month = events / months;
+    for month in 0..months {
+        let offset = month * per_month;
+        let sql = format!(
+            "INSERT INTO events_raw (video_id, event_type, ts, partition, offset) \
+             SELECT concat('vid', substring(toString(1000000 + (cityHash64(number, 1) % {side}) * \
+                    (cityHash64(number, 2) % {side}) % {videos}), 2)) AS video_id, \
+                    multiIf(cityHash64(number, 3) % 100 < 80, 'view', cityHash64(number, 3) % 100 < 95, 'like', 'share'), \
+                    {now} - {year} + ({month} * {year} / {months}) + cityHash64(number, 4) % ({year} / {months}), \
+                    toUInt32(number % 8), number \
+             FROM numbers({offset}, {per_month})",
+            side = (videos as f64).sqrt().ceil() as u64 + 1,
+            year = YEAR_MS,
+        );
+        clickhouse.execute(&sql).await?;
+        println!("load: month {}/{months} of events_raw ({:.0?})", month + 1, start.elapsed());
+    }
+    for (table, bucket) in [
+        ("event_counts_minute", "toStartOfMinute(toDateTime(intDiv(ts, 1000), 'UTC'))"),
+        ("event_counts_hour", "toStartOfHour(toDateTime(intDiv(ts, 1000), 'UTC'))"),
+        ("event_counts_day", "toDate(toDateTime(intDiv(ts, 1000), 'UTC'))"),
+    ] {
+        for month in 0..=months {
+            let from = now - YEAR_MS + month * YEAR_MS / months;
+            let to = from + YEAR_MS / months;
+            let sql = format!(
+                "INSERT INTO {table} SELECT video_id, event_type, {bucket} AS b, count() AS count, 0 AS epoch \
+                 FROM events_raw WHERE ts >= {from} AND ts < {to} GROUP BY video_id, event_type, b"
+            );
+            clickhouse.execute(&sql).await?;
+        }
+        println!("load: {table} ({:.0?})", start.elapsed());
+    }
+    clickhouse.execute("OPTIMIZE TABLE event_counts_day FINAL").await.ok();
+    println!("load: done in {:.0?}", start.elapsed());
+    Ok(())
+}
+
+/// A random range: length log-uniform from a minute to a year; half end now, the others at a
+/// random point of the year.
+fn random_range(rng: &mut impl Rng, now: u64) -> (u64, u64) {
+    let length = (60_000f64 * (YEAR_MS as f64 / 60_000f64).powf(rng.random::<f64>())) as u64;
+    let to = if rng.random::<bool>() { now } else { now - rng.random_range(0..=YEAR_MS - length) };
+    (to - length, to)
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    errors: u64,
+}
+
+async fn run(clickhouse: ClickHouse, url: String, call: Call, clients: usize, seconds: u64, videos: u64) {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(clients).tcp_nodelay(true).build().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (http, stop, url, clickhouse) = (http.clone(), stop.clone(), url.clone(), clickhouse.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            let mut rng = rand::rngs::SmallRng::from_os_rng();
+            while !stop.load(Ordering::Relaxed) {
+                // Popular videos are asked for more, as they are watched more.
+                let video = format!("vid{:06}", rng.random_range(0..videos).min(rng.random_range(0..videos)));
+                let (from, to) = random_range(&mut rng, now_ms());
+                let sent = Instant::now();
+                let ok = match call {
+                    Call::RawSql => {
+                        let query = clickhouse
+                            .client()
+                            .query(
+                                "SELECT toUInt64(count()) FROM events_raw WHERE video_id = ? AND event_type = 'view' \
+                                 AND ts >= ? AND ts < ?",
+                            )
+                            .bind(&video)
+                            .bind(from)
+                            .bind(to);
+                        clickhouse.fetch_all::<u64>(query).await.is_ok()
+                    }
+                    _ => {
+                        let path = match call {
+                            Call::Views => format!("/v1/videos/{video}/views"),
+                            Call::Count => format!("/v1/videos/{video}/events/like/count"),
+                            _ => format!("/v1/videos/{video}/events/watch_time/stats/p50"),
+                        };
+                        let response = http.get(format!("{url}{path}?from={from}&to={to}")).send().await;
+                        match response {
+                            Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                            _ => false,
+                        }
+                    }
+                };
+                tally.latencies_us.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                if !ok {
+                    tally.errors += 1;
+                }
+            }
+            tally
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Tally::default();
+    for task in tasks {
+        let tally = task.await.unwrap();
+        all.latencies_us.extend(tally.latencies_us);
+        all.errors += tally.errors;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.latencies_us.sort_unstable();
+    let quantile = |q: f64| {
+        let n = all.latencies_us.len();
+        if n == 0 { 0.0 } else { f64::from(all.latencies_us[((n as f64 * q) as usize).min(n - 1)]) / 1000.0 }
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "call": format!("{call:?}").to_lowercase(),
+            "clients": clients,
+            "requests": all.latencies_us.len(),
+            "errors": all.errors,
+            "requests_per_second": (all.latencies_us.len() as f64 / elapsed).round(),
+            "p50_ms": quantile(0.5),
+            "p99_ms": quantile(0.99),
+            "p999_ms": quantile(0.999),
+        })
+    );
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = ClickHouseConfig {
+        url: args.clickhouse_url.clone(),
+        database: args.database.clone(),
+        request_timeout: Duration::from_secs(1800),
+        ..ClickHouseConfig::default()
+    };
+    config.validate()?;
+    let clickhouse = ClickHouse::new(config);
+    match args.command {
+        Command::Load { videos, events } => load(&clickhouse, videos, events).await,
+        Command::Run { url, call, clients, seconds, videos } => {
+            run(clickhouse, url, call, clients, seconds, videos).await;
+            Ok(())
+        }
+    }
+}
