@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -19,9 +19,10 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use videocount_events::{RejectReason, Rejection, TimeLimits, parse_stats_event};
+use videocount_http::Tracking;
 use videocount_operators::aggregate::FunctionsConfig;
 
-use crate::metrics::{EndpointLabels, Metrics, ReasonLabels, RequestLabels};
+use crate::metrics::{Metrics, ReasonLabels};
 use crate::publish::{Outgoing, PublishError, Publisher};
 
 /// Events per `POST /v1/events` at most.
@@ -51,7 +52,14 @@ pub fn router(state: Arc<AppState>, request_timeout: Duration) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not found", "body", "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state((state.clone(), request_timeout), track))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(Tracking {
+                metrics: state.metrics.http.clone(),
+                deadline: request_timeout,
+                late_message: "; the events may or may not be written".into(),
+            }),
+            videocount_http::track,
+        ))
         .with_state(state)
 }
 
@@ -422,29 +430,4 @@ async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: N
         }
     }
     next.run(request).await
-}
-
-/// Bounds each request by the request timeout, counts it by route and status and times it.
-async fn track(State((state, timeout)): State<(Arc<AppState>, Duration)>, request: Request, next: Next) -> Response {
-    let endpoint =
-        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let started = std::time::Instant::now();
-    // The delivery timeout ends every wait on Kafka well before this; it is the last resort.
-    let response = match tokio::time::timeout(timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            body: json!({"error": "timeout", "field": "body",
-                         "message": format!("no answer within {timeout:?}; the events may or may not be written")}),
-            retry_after: Some(Duration::from_secs(1)),
-        }
-        .into_response(),
-    };
-    let metrics = &state.metrics;
-    metrics
-        .latency
-        .get_or_create(&EndpointLabels { endpoint: endpoint.clone() })
-        .observe(started.elapsed().as_secs_f64());
-    metrics.requests.get_or_create(&RequestLabels { endpoint, status: response.status().as_u16() }).inc();
-    response
 }

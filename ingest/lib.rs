@@ -120,7 +120,10 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     info!(address = %listener.local_addr()?, auth = args.auth_token.is_some(), "listening");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server failed")?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(videocount_http::shutdown_signal())
+        .await
+        .context("HTTP server failed")?;
     info!("stopping: waiting for Kafka to acknowledge what is queued");
     let flushed = tokio::task::spawn_blocking(move || state.publisher.flush(Duration::from_secs(30))).await?;
     if let Err(e) = flushed {
@@ -151,15 +154,4 @@ async fn log_progress(state: Arc<AppState>) {
             last = now;
         }
     }
-}
-
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = interrupt => {}
-        _ = terminate.recv() => {}
-    }
-    info!("shutdown signal received");
 }

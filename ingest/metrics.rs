@@ -7,20 +7,8 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    /// The route template, e.g. `/v1/videos/{video_id}/views`.
-    pub endpoint: String,
-    pub status: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointLabels {
-    pub endpoint: String,
-}
+use videocount_http::RequestMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -29,8 +17,7 @@ pub struct ReasonLabels {
 
 pub struct Metrics {
     pub registry: Registry,
-    pub requests: Family<RequestLabels, Counter>,
-    pub latency: Family<EndpointLabels, Histogram>,
+    pub http: RequestMetrics,
     pub events_accepted: Counter,
     pub events_rejected: Family<ReasonLabels, Counter>,
     /// The sum of `events_rejected` over reasons, for the progress log (not exported).
@@ -46,13 +33,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("videocount_ingest");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "HTTP requests by route and status", requests.clone());
-        let latency = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
-            // 0.25 ms .. 8 s, doubling.
-            Histogram::new((0..16).map(|i| 0.000_25 * f64::from(1u32 << i)))
-        });
-        registry.register("request_duration_seconds", "Request latency by route", latency.clone());
+        let http = RequestMetrics::register(&mut registry);
         let events_accepted = Counter::default();
         registry.register("events_accepted", "Events Kafka acknowledged", events_accepted.clone());
         let events_rejected = Family::<ReasonLabels, Counter>::default();
@@ -79,8 +60,7 @@ impl Metrics {
         );
         Arc::new(Metrics {
             registry,
-            requests,
-            latency,
+            http,
             events_accepted,
             events_rejected,
             events_rejected_all: Counter::default(),

@@ -11,20 +11,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 use tower_http::services::{ServeDir, ServeFile};
 use videocount_clickhouse::SinkError;
 use videocount_events::{DEFAULT_EVENT_TYPE, valid_event_type, valid_video_id};
+use videocount_http::Tracking;
 use videocount_query::{CountPlan, Edges, Grain, QueryError, Reader, TimeRange, format_time, parse_time};
 
 use crate::hot::HotCache;
 use crate::live::{self, IngestRate};
-use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
+use crate::metrics::Metrics;
 
 /// The OpenAPI description of every route.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -52,7 +53,14 @@ pub fn router(state: Arc<AppState>, request_timeout: Duration, ui_dir: Option<Pa
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/v1/{*rest}", get(no_route))
-        .layer(middleware::from_fn_with_state((state.clone(), request_timeout), track))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(Tracking {
+                metrics: state.metrics.http.clone(),
+                deadline: request_timeout,
+                late_message: String::new(),
+            }),
+            videocount_http::track,
+        ))
         .with_state(state);
     match ui_dir {
         Some(dir) => {
@@ -360,29 +368,6 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
         .into_response()
-}
-
-/// Bounds each request by the request timeout, counts it by route and status and times it.
-async fn track(State((state, timeout)): State<(Arc<AppState>, Duration)>, request: Request, next: Next) -> Response {
-    let endpoint =
-        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let started = std::time::Instant::now();
-    // ClickHouse's own timeout ends every query well before this; it is the last resort.
-    let response = match tokio::time::timeout(timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => ApiError {
-            retry_after: Some(1),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "", format!("no answer within {timeout:?}"))
-        }
-        .into_response(),
-    };
-    let metrics = &state.metrics;
-    metrics
-        .latency
-        .get_or_create(&EndpointLabels { endpoint: endpoint.clone() })
-        .observe(started.elapsed().as_secs_f64());
-    metrics.requests.get_or_create(&RequestLabels { endpoint, status: response.status().as_u16() }).inc();
-    response
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub struct HotConfig {
 
 impl Default for HotConfig {
     fn default() -> Self {
-        HotConfig { window_hours: 2, refresh: Duration::from_secs(1), idle: Duration::from_secs(600), max_keys: 10_000 }
+        HotConfig { window_hours: 2, refresh: Duration::from_secs(1), idle: Duration::from_secs(600), max_keys: 1_000 }
     }
 }
 

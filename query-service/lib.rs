@@ -59,8 +59,9 @@ pub struct QueryArgs {
     /// than ClickHouse's.
     #[arg(long, env = "VIDEOCOUNT_QUERY_HOT_REFRESH_MS", default_value_t = 1_000)]
     pub hot_refresh_ms: u64,
-    /// Keys (video, event type) the hot cache holds at most; others read ClickHouse.
-    #[arg(long, env = "VIDEOCOUNT_QUERY_HOT_KEYS", default_value_t = 10_000)]
+    /// Keys (video, event type) the hot cache holds at most; others read ClickHouse. Each
+    /// refresh reads all of them (500 a query), so this bounds the cache's load on ClickHouse.
+    #[arg(long, env = "VIDEOCOUNT_QUERY_HOT_KEYS", default_value_t = 1_000)]
     pub hot_keys: usize,
     /// Serve every count from ClickHouse.
     #[arg(long, env = "VIDEOCOUNT_QUERY_NO_HOT_CACHE")]
@@ -85,7 +86,9 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
         ..ClickHouseConfig::default()
     };
     config.validate()?;
-    let clickhouse = ClickHouse::new(config);
+    // Reads here touch a few granules each: one thread per query serves many clients better
+    // than every query spreading over all cores.
+    let clickhouse = ClickHouse::new(config).with_setting("max_threads", "1");
     let edges = if args.no_raw_edges { Edges::WholeMinutes } else { Edges::Raw };
     let reader = Reader::new(clickhouse.clone(), Registry::builtin()).with_edges(edges);
     match reader.ready().await {
@@ -120,17 +123,9 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     info!(address = %listener.local_addr()?, ui = %format!("http://{}/", listener.local_addr()?), "listening");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("HTTP server failed")?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(videocount_http::shutdown_signal())
+        .await
+        .context("HTTP server failed")?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = interrupt => {}
-        _ = terminate.recv() => {}
-    }
-    info!("shutdown signal received");
 }

@@ -3,31 +3,16 @@
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use videocount_http::RequestMetrics;
 
 use crate::hot::HotStats;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    /// The route template, e.g. `/v1/videos/{video_id}/views`.
-    pub endpoint: String,
-    pub status: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointLabels {
-    pub endpoint: String,
-}
-
 pub struct Metrics {
     pub registry: Registry,
-    pub requests: Family<RequestLabels, Counter>,
-    pub latency: Family<EndpointLabels, Histogram>,
+    pub http: RequestMetrics,
     /// Queries ClickHouse failed (answered 503 or 500).
     pub clickhouse_errors: Counter,
     pub hot: HotStats,
@@ -39,13 +24,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("videocount_query");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "HTTP requests by route and status", requests.clone());
-        let latency = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
-            // 0.125 ms .. 4 s, doubling.
-            Histogram::new((0..16).map(|i| 0.000_125 * f64::from(1u32 << i)))
-        });
-        registry.register("request_duration_seconds", "Request latency by route", latency.clone());
+        let http = RequestMetrics::register(&mut registry);
         let clickhouse_errors = Counter::default();
         registry.register("clickhouse_errors", "Queries ClickHouse failed", clickhouse_errors.clone());
         let hot = HotStats::default();
@@ -61,7 +40,7 @@ impl Metrics {
             "Seconds since the last hot cache refresh that worked (-1 before the first)",
             hot_age.clone(),
         );
-        Arc::new(Metrics { registry, requests, latency, clickhouse_errors, hot, hot_keys, hot_age })
+        Arc::new(Metrics { registry, http, clickhouse_errors, hot, hot_keys, hot_age })
     }
 
     pub fn encode(&self) -> String {

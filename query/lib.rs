@@ -282,21 +282,27 @@ impl Reader {
     /// `events_raw`. One query, whatever the plan.
     pub async fn count_plan(&self, video_id: &str, event_type: &str, plan: &CountPlan) -> Result<u64, QueryError> {
         check_ids(video_id, event_type)?;
-        let mut parts: Vec<(String, Bounds)> = segments(plan.minute_range())
-            .iter()
-            .map(|s| {
-                let (condition, bounds) = bucket_condition(s);
-                let table = s.grain.table();
-                (format!("SELECT count FROM {table} WHERE video_id = ? AND event_type = ? AND {condition}"), bounds)
-            })
-            .collect();
-        for &(from_ms, to_ms) in &plan.raw {
-            parts.push((
-                "SELECT toUInt64(count()) AS count FROM events_raw \
-                 WHERE video_id = ? AND event_type = ? AND ts >= ? AND ts < ?"
-                    .into(),
-                Bounds::Seconds(from_ms, to_ms),
-            ));
+        // One subquery per table, its buckets' conditions joined by OR: each subquery costs a
+        // look at every part of its table, so fewer is faster.
+        let mut parts: Vec<(String, Vec<Bounds>)> = Vec::new();
+        for grain in [Grain::Day, Grain::Hour, Grain::Minute] {
+            let (conditions, bounds): (Vec<String>, Vec<Bounds>) =
+                segments(plan.minute_range()).iter().filter(|s| s.grain == grain).map(bucket_condition).unzip();
+            if !conditions.is_empty() {
+                let table = grain.table();
+                let sql = format!(
+                    "SELECT count FROM {table} WHERE video_id = ? AND event_type = ? AND ({})",
+                    conditions.join(" OR ")
+                );
+                parts.push((sql, bounds));
+            }
+        }
+        if !plan.raw.is_empty() {
+            let conditions = vec!["(ts >= ? AND ts < ?)"; plan.raw.len()].join(" OR ");
+            let sql = format!(
+                "SELECT toUInt64(count()) AS count FROM events_raw WHERE video_id = ? AND event_type = ? AND ({conditions})"
+            );
+            parts.push((sql, plan.raw.iter().map(|&(from, to)| Bounds::Seconds(from, to)).collect()));
         }
         if parts.is_empty() {
             return Ok(0);
@@ -307,7 +313,10 @@ impl Reader {
         );
         let mut query = self.clickhouse.client().query(&sql);
         for (_, bounds) in parts {
-            query = bounds.bind(query.bind(video_id).bind(event_type));
+            query = query.bind(video_id).bind(event_type);
+            for bound in bounds {
+                query = bound.bind(query);
+            }
         }
         #[derive(Row, Deserialize)]
         struct Total {

@@ -108,6 +108,11 @@ impl ClickHouse {
         ClickHouse::new(ClickHouseConfig { database: database.into(), ..self.config.clone() })
     }
 
+    /// The same handle with a ClickHouse setting sent on every request (e.g. `max_threads`).
+    pub fn with_setting(&self, name: &str, value: &str) -> ClickHouse {
+        ClickHouse { client: self.client.clone().with_setting(name, value), config: self.config.clone() }
+    }
+
     /// The underlying client, for typed queries (`query(..).bind(..).fetch_all()`).
     pub fn client(&self) -> &Client {
         &self.client

@@ -2,7 +2,9 @@
 
 The Replicated* tables need ZooKeeper even on one node; `make up` runs one on 127.0.0.1:2181.
 The test applies the schema statement by statement, twice (it must be idempotent), checks
-every table's columns, and runs the README's analyst queries against it.
+every table's columns, runs the README's analyst queries against it, and runs the shapes of
+the query service's SQL (`query/lib.rs`, `query-service/hot.rs`) over a few rows, with the
+values the clickhouse crate binds client-side.
 """
 
 import os
@@ -71,7 +73,78 @@ def check(cursor):
         for query in statements(block):
             cursor.execute(query)
             cursor.fetchall()
+    check_read_path(cursor, database)
     print(f"schema ok on ClickHouse {version}")
+
+
+def check_read_path(cursor, database):
+    """The query service's statements, as bound: the answers must be the same as on 18.16.
+
+    chdb's Replicated tables are read-only (its ZooKeeper session), so the rows go into
+    MergeTree copies of the schema's tables, with the same columns and order, in a second
+    database."""
+    cursor.execute(f"CREATE DATABASE {database}_read")
+    for table, bucket in [
+        ("event_counts_day", "day"),
+        ("event_counts_hour", "hour"),
+        ("event_counts_minute", "minute"),
+        ("events_raw", "ts"),
+    ]:
+        cursor.execute(
+            f"CREATE TABLE {database}_read.{table} AS {database}.{table} "
+            f"ENGINE = MergeTree ORDER BY (video_id, event_type, {bucket})"
+        )
+    cursor.execute(f"USE {database}_read")
+    day = 1795737600  # 2026-11-27T00:00:00Z
+    cursor.execute(
+        "INSERT INTO event_counts_day VALUES ('v', 'view', toDate('2026-11-26'), 5, 1), ('w', 'view', toDate('2026-11-26'), 9, 1)"
+    )
+    cursor.execute(f"INSERT INTO event_counts_hour VALUES ('v', 'view', toDateTime({day}, 'UTC'), 3, 1)")
+    cursor.execute(f"INSERT INTO event_counts_minute VALUES ('v', 'view', toDateTime({day + 3600}, 'UTC'), 2, 1)")
+    cursor.execute(
+        f"INSERT INTO events_raw VALUES ('v', 'view', {day * 1000 + 7_200_500}, 0, 1), ('v', 'view', {day * 1000 - 1}, 0, 2)"
+    )
+    # Reader::count_plan: one subquery per table, conditions joined by OR.
+    cursor.execute(
+        "SELECT toUInt64(sum(count)) AS total FROM ("
+        "SELECT count FROM event_counts_day WHERE video_id = 'v' AND event_type = 'view' "
+        "AND (day >= toDate('2026-11-26') AND day < toDate('2026-11-27')) UNION ALL "
+        "SELECT count FROM event_counts_hour WHERE video_id = 'v' AND event_type = 'view' "
+        f"AND (hour >= toDateTime({day}, 'UTC') AND hour < toDateTime({day + 3600}, 'UTC') "
+        f"OR hour >= toDateTime({day + 7200}, 'UTC') AND hour < toDateTime({day + 7200}, 'UTC')) UNION ALL "
+        "SELECT count FROM event_counts_minute WHERE video_id = 'v' AND event_type = 'view' "
+        f"AND (minute >= toDateTime({day + 3600}, 'UTC') AND minute < toDateTime({day + 3660}, 'UTC')) UNION ALL "
+        "SELECT toUInt64(count()) AS count FROM events_raw WHERE video_id = 'v' AND event_type = 'view' "
+        f"AND ((ts >= {day * 1000 + 7_200_000} AND ts < {day * 1000 + 7_201_000}) OR (ts >= 0 AND ts < 1)))"
+    )
+    assert cursor.fetchone()[0] == 5 + 3 + 2 + 1
+    # Reader::series, day step.
+    cursor.execute(
+        "SELECT toUInt64(toUInt32(day)) * 86400 AS bucket, toUInt64(sum(count)) AS total FROM event_counts_day "
+        "WHERE video_id = 'v' AND event_type = 'view' AND day >= toDate('2026-11-20') AND day < toDate('2026-11-28') "
+        "GROUP BY bucket ORDER BY bucket"
+    )
+    rows = cursor.fetchall()
+    assert [tuple(r) for r in rows] == [(day - 86400, 5)], rows
+    # Reader::top.
+    cursor.execute(
+        "SELECT video_id, toUInt64(sum(count)) AS total FROM ("
+        "SELECT video_id, count FROM event_counts_day WHERE event_type = 'view' "
+        "AND day >= toDate('2026-11-20') AND day < toDate('2026-11-27') UNION ALL "
+        "SELECT video_id, count FROM event_counts_hour WHERE event_type = 'view' "
+        f"AND hour >= toDateTime({day}, 'UTC') AND hour < toDateTime({day + 3600}, 'UTC')) "
+        "GROUP BY video_id ORDER BY total DESC, video_id LIMIT 10"
+    )
+    rows = cursor.fetchall()
+    assert [tuple(r) for r in rows] == [("w", 9), ("v", 8)], rows
+    # HotCache::read.
+    cursor.execute(
+        "SELECT video_id, event_type, toUInt64(toUInt32(minute)) AS minute, toUInt64(sum(count)) AS total "
+        "FROM event_counts_minute WHERE video_id IN ('v', 'w') AND event_type IN ('view') "
+        f"AND minute >= toDateTime({day}, 'UTC') GROUP BY video_id, event_type, minute"
+    )
+    rows = cursor.fetchall()
+    assert [tuple(r) for r in rows] == [("v", "view", day + 3600, 2)], rows
 
 
 def test_schema_runs_twice_and_has_the_documented_columns(tmp_path):
