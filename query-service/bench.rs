@@ -36,6 +36,10 @@ enum Command {
         /// Events over the year, all videos together.
         #[arg(long, default_value_t = 50_000_000)]
         events: u64,
+        /// Views over the year of one more video, `heavy000`: a popular video, where the
+        /// rollups matter.
+        #[arg(long, default_value_t = 10_000_000)]
+        heavy_events: u64,
     },
     /// Measures one read call.
     Run {
@@ -49,6 +53,9 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value_t = 10_000)]
         videos: u64,
+        /// Ask for this video only (e.g. heavy000) instead of random ones.
+        #[arg(long)]
+        video: Option<String>,
     },
 }
 
@@ -71,17 +78,54 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-async fn load(clickhouse: &ClickHouse, videos: u64, events: u64) -> anyhow::Result<()> {
+async fn raw_events(clickhouse: &ClickHouse, condition: &str) -> anyhow::Result<u64> {
+    let sql = format!("SELECT toUInt64(count()) FROM events_raw WHERE {condition}");
+    let have: Vec<u64> = clickhouse.fetch_all(clickhouse.client().query(&sql)).await.map_err(anyhow::Error::msg)?;
+    Ok(have.first().copied().unwrap_or(0))
+}
+
+/// Inserts the rollups of the raw events matching `condition`, month by month.
+async fn roll_up(clickhouse: &ClickHouse, condition: &str, now: u64, started: Instant) -> anyhow::Result<()> {
+    let months = 12;
+    for (table, bucket) in [
+        ("event_counts_minute", "toStartOfMinute(toDateTime(intDiv(ts, 1000), 'UTC'))"),
+        ("event_counts_hour", "toStartOfHour(toDateTime(intDiv(ts, 1000), 'UTC'))"),
+        ("event_counts_day", "toDate(toDateTime(intDiv(ts, 1000), 'UTC'))"),
+    ] {
+        for month in 0..=months {
+            let from = now - YEAR_MS + month * YEAR_MS / months;
+            let to = from + YEAR_MS / months;
+            let sql = format!(
+                "INSERT INTO {table} SELECT video_id, event_type, {bucket} AS b, count() AS count, 0 AS epoch \
+                 FROM events_raw WHERE ts >= {from} AND ts < {to} AND {condition} GROUP BY video_id, event_type, b"
+            );
+            clickhouse.execute(&sql).await?;
+        }
+        println!("load: {table} ({:.0?})", started.elapsed());
+    }
+    Ok(())
+}
+
+async fn load(clickhouse: &ClickHouse, videos: u64, events: u64, heavy_events: u64) -> anyhow::Result<()> {
     schema::apply(clickhouse).await?;
-    let have: Vec<u64> = clickhouse
-        .fetch_all(clickhouse.client().query("SELECT toUInt64(count()) FROM events_raw"))
-        .await
-        .map_err(anyhow::Error::msg)?;
-    if have.first().copied().unwrap_or(0) > 0 {
-        println!("load: {} already holds {} raw events; keeping them", clickhouse.database(), have[0]);
+    let now = now_ms();
+    let start = Instant::now();
+    let heavy = "video_id = 'heavy000'";
+    if raw_events(clickhouse, heavy).await? == 0 && heavy_events > 0 {
+        let sql = format!(
+            "INSERT INTO events_raw (video_id, event_type, ts, partition, offset) \
+             SELECT 'heavy000', 'view', {now} - {YEAR_MS} + cityHash64(number, 5) % {YEAR_MS}, 0, number \
+             FROM numbers({heavy_events})"
+        );
+        clickhouse.execute(&sql).await?;
+        roll_up(clickhouse, heavy, now, start).await?;
+        println!("load: {heavy_events} views of heavy000 ({:.0?})", start.elapsed());
+    }
+    let have = raw_events(clickhouse, &format!("NOT {heavy}")).await?;
+    if have > 0 {
+        println!("load: {} already holds {have} raw events of the other videos; keeping them", clickhouse.database());
         return Ok(());
     }
-    let now = now_ms();
     let start = Instant::now();
     // The video of event n: the product of two uniform draws, so low ids are popular.
     let months = 12;
@@ -102,22 +146,7 @@ async fn load(clickhouse: &ClickHouse, videos: u64, events: u64) -> anyhow::Resu
         clickhouse.execute(&sql).await?;
         println!("load: month {}/{months} of events_raw ({:.0?})", month + 1, start.elapsed());
     }
-    for (table, bucket) in [
-        ("event_counts_minute", "toStartOfMinute(toDateTime(intDiv(ts, 1000), 'UTC'))"),
-        ("event_counts_hour", "toStartOfHour(toDateTime(intDiv(ts, 1000), 'UTC'))"),
-        ("event_counts_day", "toDate(toDateTime(intDiv(ts, 1000), 'UTC'))"),
-    ] {
-        for month in 0..=months {
-            let from = now - YEAR_MS + month * YEAR_MS / months;
-            let to = from + YEAR_MS / months;
-            let sql = format!(
-                "INSERT INTO {table} SELECT video_id, event_type, {bucket} AS b, count() AS count, 0 AS epoch \
-                 FROM events_raw WHERE ts >= {from} AND ts < {to} GROUP BY video_id, event_type, b"
-            );
-            clickhouse.execute(&sql).await?;
-        }
-        println!("load: {table} ({:.0?})", start.elapsed());
-    }
+    roll_up(clickhouse, &format!("NOT {heavy}"), now, start).await?;
     clickhouse.execute("OPTIMIZE TABLE event_counts_day FINAL").await.ok();
     println!("load: done in {:.0?}", start.elapsed());
     Ok(())
@@ -137,19 +166,30 @@ struct Tally {
     errors: u64,
 }
 
-async fn run(clickhouse: ClickHouse, url: String, call: Call, clients: usize, seconds: u64, videos: u64) {
+async fn run(
+    clickhouse: ClickHouse,
+    url: String,
+    call: Call,
+    clients: usize,
+    seconds: u64,
+    videos: u64,
+    only: Option<String>,
+) {
     let http = reqwest::Client::builder().pool_max_idle_per_host(clients).tcp_nodelay(true).build().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let (http, stop, url, clickhouse) = (http.clone(), stop.clone(), url.clone(), clickhouse.clone());
+        let (http, stop, url, clickhouse, only) =
+            (http.clone(), stop.clone(), url.clone(), clickhouse.clone(), only.clone());
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
             let mut rng = rand::rngs::SmallRng::from_os_rng();
             while !stop.load(Ordering::Relaxed) {
                 // Popular videos are asked for more, as they are watched more.
-                let video = format!("vid{:06}", rng.random_range(0..videos).min(rng.random_range(0..videos)));
+                let video = only.clone().unwrap_or_else(|| {
+                    format!("vid{:06}", rng.random_range(0..videos).min(rng.random_range(0..videos)))
+                });
                 let (from, to) = random_range(&mut rng, now_ms());
                 let sent = Instant::now();
                 let ok = match call {
@@ -204,6 +244,7 @@ async fn run(clickhouse: ClickHouse, url: String, call: Call, clients: usize, se
         "{}",
         serde_json::json!({
             "call": format!("{call:?}").to_lowercase(),
+            "video": only.as_deref().unwrap_or("random"),
             "clients": clients,
             "requests": all.latencies_us.len(),
             "errors": all.errors,
@@ -227,9 +268,9 @@ async fn main() -> anyhow::Result<()> {
     config.validate()?;
     let clickhouse = ClickHouse::new(config);
     match args.command {
-        Command::Load { videos, events } => load(&clickhouse, videos, events).await,
-        Command::Run { url, call, clients, seconds, videos } => {
-            run(clickhouse, url, call, clients, seconds, videos).await;
+        Command::Load { videos, events, heavy_events } => load(&clickhouse, videos, events, heavy_events).await,
+        Command::Run { url, call, clients, seconds, videos, video } => {
+            run(clickhouse, url, call, clients, seconds, videos, video).await;
             Ok(())
         }
     }

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # make bench-query: the read API against a year of data for 10,000 videos.
-# 1. `query_bench load` generates a year of events_raw inside ClickHouse and the minute, hour
+# 1. `query_bench load` generates a year of events_raw inside ClickHouse (50M events over
+#    10,000 videos, skewed, plus 10M views of one popular video, heavy000) and the minute, hour
 #    and day tables from it (once; the database bench_query is kept for later runs).
 # 2. Stats need event_stats' states: loadgen produces 2M events (Zipf over the same 10,000
 #    videos) and event_stats counts them (recent minutes only: the job refuses events older
 #    than 7 days).
-# 3. 100 concurrent clients over random ranges per read call, with and without the hot cache,
-#    then the same views as plain SQL over events_raw.
+# 3. 100 concurrent clients over random ranges per read call, 1 client for views, views without
+#    the hot cache, then the same views as plain SQL over events_raw (100 clients and 1).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="$ROOT/target/release"
@@ -43,6 +44,11 @@ serve
 for call in views count stats; do
     "$BIN/query_bench" --database "$DB" run --url "http://127.0.0.1:$PORT" --call "$call" --clients "$CLIENTS" --seconds "$SECONDS_EACH"
 done
+echo "bench-query: views with 1 client (the latency of one request, without queueing)"
+"$BIN/query_bench" --database "$DB" run --url "http://127.0.0.1:$PORT" --call views --clients 1 --seconds "$SECONDS_EACH"
+echo "bench-query: views of heavy000 (10M views over the year), 100 clients and 1"
+"$BIN/query_bench" --database "$DB" run --url "http://127.0.0.1:$PORT" --call views --video heavy000 --clients "$CLIENTS" --seconds "$SECONDS_EACH"
+"$BIN/query_bench" --database "$DB" run --url "http://127.0.0.1:$PORT" --call views --video heavy000 --clients 1 --seconds "$SECONDS_EACH"
 stop
 echo "bench-query: views again without the hot cache (--no-hot-cache)"
 serve --no-hot-cache
@@ -50,3 +56,6 @@ serve --no-hot-cache
 stop
 echo "bench-query: the same views as plain SQL over events_raw"
 "$BIN/query_bench" --database "$DB" run --call raw-sql --clients "$CLIENTS" --seconds "$SECONDS_EACH"
+"$BIN/query_bench" --database "$DB" run --call raw-sql --clients 1 --seconds "$SECONDS_EACH"
+"$BIN/query_bench" --database "$DB" run --call raw-sql --video heavy000 --clients "$CLIENTS" --seconds "$SECONDS_EACH"
+"$BIN/query_bench" --database "$DB" run --call raw-sql --video heavy000 --clients 1 --seconds "$SECONDS_EACH"
