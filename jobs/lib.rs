@@ -17,6 +17,8 @@
 //! An epoch's rows are written only after its plan (the offset ranges) is, and its commit
 //! only after all of its rows are: the timely frontier carries that order.
 
+pub mod metrics;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -121,6 +123,9 @@ pub struct JobArgs {
     /// Name under which the job keeps its checkpoint (default: the job's own name).
     #[arg(long, env = "VIDEOCOUNT_JOB_NAME")]
     pub job_name: Option<String>,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics (e.g. 127.0.0.1:9101); off without it.
+    #[arg(long, env = "VIDEOCOUNT_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Flags of `event_stats`: the common ones and its own.
@@ -620,6 +625,9 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
     let dlq = Arc::new(dlq);
     let progress = Arc::new(SourceProgress::default());
     spawn_lag_monitor(&args.brokers, &args.topic, Arc::clone(&progress), Arc::clone(&shutdown));
+    if let Some(listen) = args.metrics_listen {
+        metrics::serve(&runtime, listen, &job_name, Arc::clone(&progress), writer.clone(), args.queue_capacity)?;
+    }
     let state = Arc::new(state);
     let args = Arc::new(args);
     let max_commit_lag = dataflow.max_commit_lag().unwrap_or(args.max_epochs_in_flight);

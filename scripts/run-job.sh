@@ -22,8 +22,10 @@ for job in view_counts event_stats ingest query; do
             args=(--topic "$TOPIC" --listen "$INGEST_LISTEN")
         elif [ "$job" = query ]; then
             args=(--database "$DB" --listen "$QUERY_LISTEN" --ui-dir "$ROOT/ui/dist" --ingest-url "http://$INGEST_LISTEN")
+        elif [ "$job" = view_counts ]; then
+            args=(--topic "$TOPIC" --database "$DB" --workers "$WORKERS" --metrics-listen 127.0.0.1:9101)
         else
-            args=(--topic "$TOPIC" --database "$DB" --workers "$WORKERS")
+            args=(--topic "$TOPIC" --database "$DB" --workers "$WORKERS" --metrics-listen 127.0.0.1:9102)
         fi
         nohup "$BIN/$job" "${args[@]}" >"$VAR/$job.log" 2>&1 </dev/null &
         echo $! >"$VAR/$job.pid"
@@ -66,6 +68,7 @@ Try:
   curl http://$QUERY_LISTEN/openapi.json
   curl -X POST http://$INGEST_LISTEN/v1/videos/vid000003/views
   curl http://$INGEST_LISTEN/metrics
+  curl http://127.0.0.1:9101/metrics     # view_counts (event_stats: 9102)
   target/release/videocount --database $DB stats vid000001 watch_time p99 --from 2026-01-01T00:00:00Z --json
   target/release/videocount --database $DB count vid000002 like --from $from
   clickhouse-client --database $DB --query "SELECT job, reason, count() FROM dead_letters GROUP BY job, reason"
