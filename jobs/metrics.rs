@@ -17,7 +17,6 @@ use videocount_clickhouse::Writer;
 use videocount_operators::kafka_source::SourceProgress;
 
 struct Exported {
-    registry: Registry,
     messages: Counter,
     dead_letters: Counter,
     rows_written: Counter,
@@ -69,7 +68,6 @@ pub fn serve(
         lag: Gauge::default(),
         cpu_seconds: Counter::default(),
         resident_bytes: Gauge::default(),
-        registry: Registry::default(),
     };
     registry.register("messages", "Kafka messages read", exported.messages.clone());
     registry.register("dead_letters", "Messages that became dead letters", exported.dead_letters.clone());
@@ -93,9 +91,11 @@ pub fn serve(
         "Resident memory of the job's process",
         exported.resident_bytes.clone(),
     );
-    let exported = Arc::new(Mutex::new(Exported { registry, ..exported }));
+    // One scrape at a time: `advance` reads a counter, then adds to it.
+    let scraped = Arc::new(Mutex::new((registry, exported)));
     let render = move || {
-        let exported = exported.lock().expect("metrics lock");
+        let guard = scraped.lock().expect("metrics lock");
+        let (registry, exported) = &*guard;
         advance(&exported.messages, progress.messages.load(Ordering::Relaxed));
         advance(&exported.dead_letters, progress.dead_letters.load(Ordering::Relaxed));
         let stats = writer.stats();
@@ -110,8 +110,7 @@ pub fn serve(
             exported.resident_bytes.set(resident as i64);
         }
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &exported.registry)
-            .expect("writing to a String never fails");
+        prometheus_client::encoding::text::encode(&mut text, registry).expect("writing to a String never fails");
         text
     };
     let app = axum::Router::new().route(

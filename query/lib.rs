@@ -183,17 +183,18 @@ impl CountPlan {
     }
 }
 
-/// The bind values of a segment's condition: dates for the day table, seconds otherwise.
+/// The bind values of a condition: dates for the day table, numbers otherwise.
 enum Bounds {
     Dates(String, String),
-    Seconds(u64, u64),
+    /// Epoch seconds (minute and hour tables) or milliseconds (`events_raw.ts`).
+    Numbers(u64, u64),
 }
 
 impl Bounds {
     fn bind(self, query: clickhouse::query::Query) -> clickhouse::query::Query {
         match self {
             Bounds::Dates(start, end) => query.bind(start).bind(end),
-            Bounds::Seconds(start, end) => query.bind(start).bind(end),
+            Bounds::Numbers(start, end) => query.bind(start).bind(end),
         }
     }
 }
@@ -209,7 +210,7 @@ fn bucket_condition(segment: &Segment) -> (String, Bounds) {
             let column = grain.column();
             (
                 format!("{column} >= toDateTime(?, 'UTC') AND {column} < toDateTime(?, 'UTC')"),
-                Bounds::Seconds(segment.start_s, segment.end_s),
+                Bounds::Numbers(segment.start_s, segment.end_s),
             )
         }
     }
@@ -274,7 +275,6 @@ impl Reader {
     /// `getCount`: events of `event_type` (as counted by `view_counts`), with the reader's
     /// [`Edges`] rule.
     pub async fn count(&self, video_id: &str, event_type: &str, range: TimeRange) -> Result<u64, QueryError> {
-        check_ids(video_id, event_type)?;
         self.count_plan(video_id, event_type, &CountPlan::new(range, self.edges)).await
     }
 
@@ -302,7 +302,7 @@ impl Reader {
             let sql = format!(
                 "SELECT toUInt64(count()) AS count FROM events_raw WHERE video_id = ? AND event_type = ? AND ({conditions})"
             );
-            parts.push((sql, plan.raw.iter().map(|&(from, to)| Bounds::Seconds(from, to)).collect()));
+            parts.push((sql, plan.raw.iter().map(|&(from, to)| Bounds::Numbers(from, to)).collect()));
         }
         if parts.is_empty() {
             return Ok(0);

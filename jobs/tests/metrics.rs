@@ -4,11 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestEnv, produce_keyed, sleep_ms};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::{TestEnv, free_port, produce_keyed, sleep_ms};
 
 fn scrape(port: u16) -> Option<String> {
     let output = std::process::Command::new("curl")
