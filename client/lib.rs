@@ -35,6 +35,7 @@
 //! failed after writing) can write an event twice; see the README's "Write path guarantees".
 
 mod breaker;
+pub mod canary;
 mod transport;
 
 use std::future::Future;

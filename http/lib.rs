@@ -16,6 +16,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+mod process;
+pub use process::{ProcessCollector, process_usage};
+
 /// Logs to stderr (`RUST_LOG`, default `info`), runs `service` on a multi-threaded runtime and
 /// turns its error into a message and exit code 1.
 pub fn main(name: &str, service: impl Future<Output = anyhow::Result<()>>) -> ExitCode {

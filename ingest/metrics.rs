@@ -8,7 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use videocount_http::RequestMetrics;
+use videocount_http::{ProcessCollector, RequestMetrics};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -34,6 +34,7 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("videocount_ingest");
         let http = RequestMetrics::register(&mut registry);
+        registry.register_collector(Box::new(ProcessCollector));
         let events_accepted = Counter::default();
         registry.register("events_accepted", "Events Kafka acknowledged", events_accepted.clone());
         let events_rejected = Family::<ReasonLabels, Counter>::default();

@@ -42,7 +42,7 @@ use videocount_clickhouse::{ClickHouse, ClickHouseConfig, Writer};
 use videocount_events::{Event, Rejection, TimeLimits, parse_event, parse_stats_event, route};
 use videocount_operators::aggregate::{FunctionsConfig, Registry, Speed};
 use videocount_operators::aggregate_events::{LocatedInput, Partial, PreAggregate, SlowStream, StatsEpoch, StatsInput};
-use videocount_operators::kafka_source::SourceProgress;
+use videocount_operators::kafka_source::{PartitionPosition, SourceProgress};
 use videocount_operators::kafka_source::{Throttle, parse_kafka_option};
 use videocount_operators::{EventCounts, FlushEpochs, SourceConfig, SourceItem, kafka_source};
 use videocount_query::compact::compact;
@@ -269,9 +269,16 @@ fn dead_letter_json(row: &DeadLetterRow) -> String {
     .to_string()
 }
 
-/// Keeps `progress.lag` (messages not yet read, over all partitions) up to date every 5 s,
-/// off the worker threads: a watermark request is a network round trip.
-fn spawn_lag_monitor(brokers: &str, topic: &str, progress: Arc<SourceProgress>, shutdown: Arc<AtomicBool>) {
+/// Keeps `progress.lag` and each partition's lag (messages not yet read, and how old the
+/// last read message is while more are waiting) up to date every `every`, off the worker
+/// threads: a watermark request is a network round trip.
+fn spawn_lag_monitor(
+    brokers: &str,
+    topic: &str,
+    progress: Arc<SourceProgress>,
+    shutdown: Arc<AtomicBool>,
+    every: Duration,
+) {
     let Ok(consumer) = ClientConfig::new().set("bootstrap.servers", brokers).create::<BaseConsumer>() else {
         warn!("no lag monitor: cannot create a Kafka client");
         return;
@@ -279,17 +286,40 @@ fn spawn_lag_monitor(brokers: &str, topic: &str, progress: Arc<SourceProgress>, 
     let topic = topic.to_owned();
     std::thread::spawn(move || {
         while !shutdown.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_secs(5));
+            std::thread::sleep(every);
             let positions = progress.positions.lock().map(|p| p.clone()).unwrap_or_default();
-            let mut lag = 0u64;
-            for (partition, next) in positions {
+            let mut lags = Vec::with_capacity(positions.len());
+            for (partition, position) in positions {
                 if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition as i32, Duration::from_secs(2)) {
-                    lag += (high.max(0) as u64).saturating_sub(next);
+                    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+                    let (messages, seconds) = partition_lag(&position, high, now_ms);
+                    lags.push((partition, messages, seconds));
                 }
             }
-            progress.lag.store(lag, Ordering::Relaxed);
+            progress.lag.store(lags.iter().map(|(_, m, _)| m).sum(), Ordering::Relaxed);
+            if let Ok(mut positions) = progress.positions.lock() {
+                for (partition, messages, seconds) in lags {
+                    if let Some(position) = positions.get_mut(&partition) {
+                        position.lag_messages = messages;
+                        position.lag_seconds = seconds;
+                    }
+                }
+            }
         }
     });
+}
+
+/// A partition's lag: the messages from `position.next` up to the high watermark `high`, and,
+/// while any are waiting, the age at `now_ms` of the last message read (0 when caught up or
+/// before the first message: the age of the next one is not known without reading it).
+pub fn partition_lag(position: &PartitionPosition, high: i64, now_ms: i64) -> (u64, f64) {
+    let messages = (high.max(0) as u64).saturating_sub(position.next);
+    let seconds = if messages == 0 || position.last_message_ms <= 0 {
+        0.0
+    } else {
+        (now_ms - position.last_message_ms).max(0) as f64 / 1000.0
+    };
+    (messages, seconds)
 }
 
 /// The part of a job between its source and its commit.
@@ -624,7 +654,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
         .context("creating the dead-letter producer")?;
     let dlq = Arc::new(dlq);
     let progress = Arc::new(SourceProgress::default());
-    spawn_lag_monitor(&args.brokers, &args.topic, Arc::clone(&progress), Arc::clone(&shutdown));
+    spawn_lag_monitor(&args.brokers, &args.topic, Arc::clone(&progress), Arc::clone(&shutdown), Duration::from_secs(2));
     if let Some(listen) = args.metrics_listen {
         metrics::serve(&runtime, listen, &job_name, Arc::clone(&progress), writer.clone(), args.queue_capacity)?;
     }
@@ -779,4 +809,22 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
         bail!("{e}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_counts_waiting_messages_and_the_age_of_the_last_read() {
+        let at = |next, last_message_ms| PartitionPosition { next, last_message_ms, ..PartitionPosition::default() };
+        // 40 messages waiting; the last one read was written 7.5 s before now.
+        assert_eq!(partition_lag(&at(60, 92_500), 100, 100_000), (40, 7.5));
+        // Caught up: no lag in time either, however old the last message is.
+        assert_eq!(partition_lag(&at(100, 1_000), 100, 100_000), (0, 0.0));
+        // Nothing read yet: the messages are known, their age is not.
+        assert_eq!(partition_lag(&at(0, 0), 5, 100_000), (5, 0.0));
+        // A clock behind the broker's timestamps gives 0, not a negative lag.
+        assert_eq!(partition_lag(&at(1, 200_000), 2, 100_000), (1, 0.0));
+    }
 }

@@ -1,49 +1,117 @@
 //! The job's Prometheus metrics (`GET /metrics` on `--metrics-listen`, OpenMetrics text):
-//! `videocount_job_*`, each with a `job` label. Values are read from the source's and the
-//! writer's counters when scraped.
+//! `videocount_job_*`, each with a `job` label. Every value is read from the source's and the
+//! writer's shared counters at scrape time (a [`Collector`]), so nothing on the hot path
+//! touches the registry.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use videocount_clickhouse::Writer;
+use videocount_http::ProcessCollector;
 use videocount_operators::kafka_source::SourceProgress;
 
-struct Exported {
-    messages: Counter,
-    dead_letters: Counter,
-    rows_written: Counter,
-    inserts: Counter,
-    insert_retries: Counter,
-    queue: Gauge,
-    queue_capacity: Gauge,
-    lag: Gauge,
-    cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
-    resident_bytes: Gauge,
+#[derive(Debug)]
+struct JobCollector {
+    progress: Arc<SourceProgress>,
+    writer: Writer,
+    queue_capacity: usize,
 }
 
-/// Brings a counter up to `value` (the sources only grow).
-fn advance(counter: &Counter, value: u64) {
-    counter.inc_by(value.saturating_sub(counter.get()));
+/// Writes one metric: the first value alone when `label` is `None`, else one sample per
+/// label value.
+fn encode_metric<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: Option<&str>,
+    series: Vec<(String, M)>,
+) -> Result<(), std::fmt::Error> {
+    let Some(first) = series.first() else { return Ok(()) };
+    let mut metric = encoder.encode_descriptor(name, help, None, first.1.metric_type())?;
+    match label {
+        None => first.1.encode(metric),
+        Some(key) => {
+            series.iter().try_for_each(|(label, value)| value.encode(metric.encode_family(&[(key, label.as_str())])?))
+        }
+    }
 }
 
-/// This process's CPU seconds (user + system) and resident bytes, from /proc.
-fn process_usage() -> Option<(f64, u64)> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces) start at state (field 3).
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let resident_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // Linux reports in clock ticks of 1/100 s and pages of 4 KiB on every platform we run on.
-    Some((ticks / 100.0, resident_pages * 4096))
+impl Collector for JobCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let progress = &self.progress;
+        let stats = self.writer.stats();
+        let counter =
+            |v: &std::sync::atomic::AtomicU64| vec![(String::new(), ConstCounter::new(v.load(Ordering::Relaxed)))];
+        encode_metric(&mut encoder, "messages", "Kafka messages read", None, counter(&progress.messages))?;
+        // Every reason appears (0 until it happens), so rates and alerts need no special case.
+        let reasons = progress.dead_letter_reasons.lock().map(|r| r.clone()).unwrap_or_default();
+        let by_reason = videocount_events::RejectReason::ALL
+            .iter()
+            .map(|r| (r.as_str().to_owned(), ConstCounter::new(reasons.get(r.as_str()).copied().unwrap_or(0))))
+            .collect();
+        encode_metric(
+            &mut encoder,
+            "dead_letters",
+            "Messages that became dead letters, by reason",
+            Some("reason"),
+            by_reason,
+        )?;
+        let tables = stats.rows_by_table.lock().map(|t| t.clone()).unwrap_or_default();
+        let by_table = tables.into_iter().map(|(table, rows)| (table, ConstCounter::new(rows))).collect();
+        encode_metric(&mut encoder, "rows_written", "Rows written to ClickHouse, by table", Some("table"), by_table)?;
+        encode_metric(&mut encoder, "inserts", "Insert requests that succeeded", None, counter(&stats.inserts))?;
+        encode_metric(
+            &mut encoder,
+            "insert_retries",
+            "Insert attempts that failed and were retried",
+            None,
+            counter(&stats.retries),
+        )?;
+        let gauge = |v: usize| vec![(String::new(), ConstGauge::new(v as i64))];
+        encode_metric(
+            &mut encoder,
+            "writer_queue_batches",
+            "Batches waiting for the ClickHouse writer",
+            None,
+            gauge(self.writer.queued()),
+        )?;
+        encode_metric(
+            &mut encoder,
+            "writer_queue_capacity_batches",
+            "The writer queue's capacity",
+            None,
+            gauge(self.queue_capacity),
+        )?;
+        let positions = progress.positions.lock().map(|p| p.clone()).unwrap_or_default();
+        let lag_messages =
+            positions.iter().map(|(p, pos)| (p.to_string(), ConstGauge::new(pos.lag_messages as i64))).collect();
+        encode_metric(
+            &mut encoder,
+            "consumer_lag_messages",
+            "Messages between the consumed position and the high watermark, by partition",
+            Some("partition"),
+            lag_messages,
+        )?;
+        let lag_seconds = positions.iter().map(|(p, pos)| (p.to_string(), ConstGauge::new(pos.lag_seconds))).collect();
+        encode_metric(
+            &mut encoder,
+            "consumer_lag_seconds",
+            "Age of the last message read while more are waiting (0 when caught up), by partition",
+            Some("partition"),
+            lag_seconds,
+        )?;
+        Ok(())
+    }
 }
 
 /// Serves `/metrics` on `listen` from the runtime until the process exits.
@@ -57,68 +125,18 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     let mut registry =
         Registry::with_prefix_and_labels("videocount_job", [("job".into(), job.to_owned().into())].into_iter());
-    let exported = Exported {
-        messages: Counter::default(),
-        dead_letters: Counter::default(),
-        rows_written: Counter::default(),
-        inserts: Counter::default(),
-        insert_retries: Counter::default(),
-        queue: Gauge::default(),
-        queue_capacity: Gauge::default(),
-        lag: Gauge::default(),
-        cpu_seconds: Counter::default(),
-        resident_bytes: Gauge::default(),
-    };
-    registry.register("messages", "Kafka messages read", exported.messages.clone());
-    registry.register("dead_letters", "Messages that became dead letters", exported.dead_letters.clone());
-    registry.register("rows_written", "Rows written to ClickHouse", exported.rows_written.clone());
-    registry.register("inserts", "Insert requests that succeeded", exported.inserts.clone());
-    registry.register(
-        "insert_retries",
-        "Insert attempts that failed and were retried",
-        exported.insert_retries.clone(),
-    );
-    registry.register("writer_queue_batches", "Batches waiting for the ClickHouse writer", exported.queue.clone());
-    registry.register("writer_queue_capacity_batches", "The writer queue's capacity", exported.queue_capacity.clone());
-    registry.register(
-        "consumer_lag_messages",
-        "Messages between the consumed positions and the high watermarks, all partitions",
-        exported.lag.clone(),
-    );
-    registry.register("process_cpu_seconds", "CPU time of the job's process", exported.cpu_seconds.clone());
-    registry.register(
-        "process_resident_memory_bytes",
-        "Resident memory of the job's process",
-        exported.resident_bytes.clone(),
-    );
-    // One scrape at a time: `advance` reads a counter, then adds to it.
-    let scraped = Arc::new(Mutex::new((registry, exported)));
-    let render = move || {
-        let guard = scraped.lock().expect("metrics lock");
-        let (registry, exported) = &*guard;
-        advance(&exported.messages, progress.messages.load(Ordering::Relaxed));
-        advance(&exported.dead_letters, progress.dead_letters.load(Ordering::Relaxed));
-        let stats = writer.stats();
-        advance(&exported.rows_written, stats.rows_written.load(Ordering::Relaxed));
-        advance(&exported.inserts, stats.inserts.load(Ordering::Relaxed));
-        advance(&exported.insert_retries, stats.retries.load(Ordering::Relaxed));
-        exported.queue.set(writer.queued() as i64);
-        exported.queue_capacity.set(queue_capacity as i64);
-        exported.lag.set(progress.lag.load(Ordering::Relaxed) as i64);
-        if let Some((cpu, resident)) = process_usage() {
-            exported.cpu_seconds.inc_by((cpu - exported.cpu_seconds.get()).max(0.0));
-            exported.resident_bytes.set(resident as i64);
-        }
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, registry).expect("writing to a String never fails");
-        text
-    };
+    registry.register_collector(Box::new(JobCollector { progress, writer, queue_capacity }));
+    registry.register_collector(Box::new(ProcessCollector));
+    let registry = Arc::new(registry);
     let app = axum::Router::new().route(
         "/metrics",
         get(move || {
-            let render = render.clone();
+            let registry = Arc::clone(&registry);
             async move {
-                ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], render())
+                let mut text = String::new();
+                prometheus_client::encoding::text::encode(&mut text, &registry)
+                    .expect("writing to a String never fails");
+                ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
                     .into_response()
             }
         }),
@@ -133,16 +151,4 @@ pub fn serve(
         }
     });
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_this_process_usage() {
-        let (cpu, resident) = process_usage().expect("/proc is readable");
-        assert!(cpu >= 0.0);
-        assert!(resident > 1 << 20, "a running test holds more than 1 MiB");
-    }
 }

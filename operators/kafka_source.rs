@@ -46,11 +46,28 @@ pub enum SourceItem<E = Event> {
 pub struct SourceProgress {
     pub messages: AtomicU64,
     pub dead_letters: AtomicU64,
+    /// Dead letters by their [`RejectReason`](videocount_events::RejectReason) string.
+    pub dead_letter_reasons: std::sync::Mutex<BTreeMap<&'static str, u64>>,
     /// Messages between the consumed position and the high watermark, summed over partitions
     /// (kept by the job's lag monitor from `positions`).
     pub lag: AtomicU64,
-    /// Per partition, the next offset to read, as of the last closed epoch.
-    pub positions: std::sync::Mutex<BTreeMap<u32, u64>>,
+    /// Per partition: where the source is (updated after every poll of this worker's
+    /// partitions) and, from the lag monitor, how far behind.
+    pub positions: std::sync::Mutex<BTreeMap<u32, PartitionPosition>>,
+}
+
+/// One partition's place in the stream, for the lag metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PartitionPosition {
+    /// The next offset to read.
+    pub next: u64,
+    /// Kafka timestamp (ms) of the last message read; 0 before the first.
+    pub last_message_ms: i64,
+    /// Messages between `next` and the high watermark (the lag monitor's last look).
+    pub lag_messages: u64,
+    /// How far behind in time: now minus the last read message's timestamp while messages are
+    /// waiting, 0 when caught up.
+    pub lag_seconds: f64,
 }
 
 /// A raw librdkafka setting as given on a command line, `KEY=VALUE` (both trimmed).
@@ -139,6 +156,8 @@ pub struct PartitionCursor {
     pending: VecDeque<(u64, Range)>,
     /// High watermark at start (for `until_caught_up`).
     target: u64,
+    /// Kafka timestamp of the last message placed (ms; 0 before the first).
+    last_message_ms: i64,
 }
 
 /// Where a message goes.
@@ -157,7 +176,7 @@ impl PartitionCursor {
     /// epoch order, contiguous from `start`) before live epochs.
     pub fn new(partition: u32, start: u64, pending: VecDeque<(u64, Range)>, target: u64) -> Self {
         let epoch_start = pending.back().map_or(start, |(_, r)| r.end);
-        PartitionCursor { partition, next: start, epoch_start, pending, target }
+        PartitionCursor { partition, next: start, epoch_start, pending, target, last_message_ms: 0 }
     }
 
     /// Places the message at `offset`; `finished` receives each pending epoch whose range in
@@ -211,6 +230,23 @@ impl PartitionCursor {
     pub fn next(&self) -> u64 {
         self.next
     }
+
+    /// Notes the Kafka timestamp of the message just placed (for the lag in seconds).
+    pub fn saw_timestamp(&mut self, ms: Option<i64>) {
+        if let Some(ms) = ms {
+            self.last_message_ms = ms;
+        }
+    }
+}
+
+/// Copies this worker's cursors into the shared positions (the lag monitor reads them).
+fn publish_positions(progress: &SourceProgress, partitions: &BTreeMap<u32, PartitionCursor>) {
+    let Ok(mut positions) = progress.positions.lock() else { return };
+    for (p, cursor) in partitions {
+        let position = positions.entry(*p).or_default();
+        position.next = cursor.next;
+        position.last_message_ms = cursor.last_message_ms;
+    }
 }
 
 /// Builds the source for this worker. See the module documentation.
@@ -261,6 +297,7 @@ where
         partitions.insert(p, PartitionCursor::new(p, start, pending, high));
     }
     consumer.assign(&assignment).map_err(kafka_err)?;
+    publish_positions(&config.progress, &partitions);
     info!(
         worker,
         partitions = ?owned,
@@ -332,10 +369,14 @@ where
                         break;
                     }
                     let message_ts = message.timestamp().to_millis();
+                    cursor.saw_timestamp(message_ts);
                     let item = match parse(message.payload(), message_ts, config.limits) {
                         Ok(event) => SourceItem::Event(event, p, offset),
                         Err(rejection) => {
                             config.progress.dead_letters.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(mut reasons) = config.progress.dead_letter_reasons.lock() {
+                                *reasons.entry(rejection.reason.as_str()).or_default() += 1;
+                            }
                             SourceItem::DeadLetter(Box::new(DeadLetterRow {
                                 job: config.job.clone(),
                                 topic: config.topic.clone(),
@@ -354,6 +395,9 @@ where
                     }
                 }
                 config.progress.messages.fetch_add(polled as u64, Ordering::Relaxed);
+                if polled > 0 {
+                    publish_positions(&config.progress, &partitions);
+                }
                 // A full budget means more is waiting: come back at once.
                 more = polled >= 20_000 || started.elapsed() >= Duration::from_millis(5);
 

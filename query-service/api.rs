@@ -24,7 +24,7 @@ use videocount_http::Tracking;
 use videocount_query::{CountPlan, Edges, Grain, QueryError, Reader, TimeRange, format_time, parse_time};
 
 use crate::hot::HotCache;
-use crate::live::{self, IngestRate};
+use crate::live::{self, Golden};
 use crate::metrics::Metrics;
 
 /// The OpenAPI description of every route.
@@ -36,7 +36,7 @@ pub struct AppState {
     pub reader: Reader,
     pub hot: Option<Arc<HotCache>>,
     pub metrics: Arc<Metrics>,
-    pub ingest: Arc<IngestRate>,
+    pub golden: Arc<Golden>,
 }
 
 /// The routes; `ui_dir` (the built UI) is served at `/`.
@@ -342,7 +342,8 @@ async fn live_panel(State(state): State<Arc<AppState>>) -> Result<axum::Json<Val
     let dead = dead.map_err(|e| ApiError::from_query(&state, e, ""))?;
     Ok(axum::Json(json!({
         "now": format_time(now_ms()),
-        "ingest": state.ingest.snapshot(),
+        "golden": state.golden.snapshot(),
+        "freshness": state.metrics.canary.snapshot(),
         "jobs": jobs,
         "dead_letters": dead,
     })))

@@ -12,6 +12,7 @@
 //! Recent minutes come from the hot cache ([`hot`]), the rest from ClickHouse.
 
 pub mod api;
+pub mod canary;
 pub mod hot;
 pub mod live;
 pub mod metrics;
@@ -25,12 +26,15 @@ use anyhow::Context;
 use clap::Parser;
 use tracing::{info, warn};
 use videocount_clickhouse::{ClickHouse, ClickHouseConfig};
+use videocount_client::canary::Canary;
+use videocount_client::{Client, ClientConfig};
 use videocount_operators::aggregate::Registry;
+pub use videocount_query::CANARY_PREFIX;
 use videocount_query::{Edges, Reader};
 
 use crate::api::AppState;
 use crate::hot::{HotCache, HotConfig};
-use crate::live::IngestRate;
+use crate::live::Golden;
 
 /// Flags of `query`; each also from the environment.
 #[derive(Parser, Debug, Clone)]
@@ -69,9 +73,25 @@ pub struct QueryArgs {
     /// The built UI (`make ui`), served at /.
     #[arg(long, env = "VIDEOCOUNT_UI_DIR", default_value = "ui/dist")]
     pub ui_dir: PathBuf,
-    /// The ingest service, whose /metrics gives the live panel its ingest rate.
+    /// The ingest service: its /metrics feeds the live panel, and the freshness canary writes
+    /// through it.
     #[arg(long, env = "VIDEOCOUNT_INGEST_URL")]
     pub ingest_url: Option<String>,
+    /// The ingest service's bearer token, for the canary's writes.
+    #[arg(long, env = "VIDEOCOUNT_INGEST_TOKEN", hide_env_values = true)]
+    pub ingest_token: Option<String>,
+    /// The jobs' /metrics base URLs (their --metrics-listen), comma-separated, for the live panel.
+    #[arg(long, env = "VIDEOCOUNT_JOB_METRICS_URLS", value_delimiter = ',')]
+    pub job_metrics_url: Vec<String>,
+    /// Write one canary view through --ingest-url this often and time until it is readable
+    /// here (videocount_query_canary_freshness_seconds); 0 turns the canary off.
+    #[arg(long, env = "VIDEOCOUNT_CANARY_INTERVAL_MS", default_value_t = 1_000)]
+    pub canary_interval_ms: u64,
+    /// The canary's video id (default: videocount-canary- and a random suffix per process, so
+    /// that each canary knows its expected count). Top lists leave out ids starting with
+    /// `videocount-canary`.
+    #[arg(long, env = "VIDEOCOUNT_CANARY_VIDEO")]
+    pub canary_video: Option<String>,
 }
 
 /// Checks the flags and serves until SIGINT/SIGTERM.
@@ -108,24 +128,56 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
     if let Some(hot) = &hot {
         tokio::spawn(hot.clone().run());
     }
-    let ingest = Arc::new(IngestRate::new(args.ingest_url.clone()));
-    tokio::spawn(ingest.clone().run(Duration::from_secs(2)));
+    let golden = Arc::new(Golden::new(args.ingest_url.clone(), args.job_metrics_url.clone(), metrics.clone()));
+    tokio::spawn(golden.clone().run(Duration::from_secs(2)));
     let ui_dir = if args.ui_dir.join("index.html").is_file() {
         Some(args.ui_dir.clone())
     } else {
         warn!(dir = %args.ui_dir.display(), "no built UI there (run `make ui`); / answers 404");
         None
     };
-    let state = Arc::new(AppState { reader, hot, metrics, ingest });
+    let state = Arc::new(AppState { reader, hot, metrics: metrics.clone(), golden });
     let request_timeout = Duration::from_millis(args.clickhouse_timeout_ms * 2 + 1_000);
     let app = api::router(state, request_timeout, ui_dir);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    info!(address = %listener.local_addr()?, ui = %format!("http://{}/", listener.local_addr()?), "listening");
+    let address = listener.local_addr()?;
+    info!(%address, ui = %format!("http://{address}/"), "listening");
+    match (&args.ingest_url, args.canary_interval_ms) {
+        (Some(ingest), every) if every > 0 => {
+            let canary = start_canary(&args, ingest, address)?;
+            info!(video_id = canary.video_id(), every_ms = every, "freshness canary on");
+            tokio::spawn(canary::run(canary, Duration::from_millis(every), metrics));
+        }
+        _ => info!("freshness canary off (needs --ingest-url and --canary-interval-ms > 0)"),
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(videocount_http::shutdown_signal())
         .await
         .context("HTTP server failed")?;
     Ok(())
+}
+
+/// The canary writes through `ingest` with a client of its own (one event a batch, sent at
+/// once) and reads back through this service at `address`.
+fn start_canary(args: &QueryArgs, ingest: &str, address: SocketAddr) -> anyhow::Result<Canary> {
+    let mut config = ClientConfig::new([ingest]);
+    config.batch_size = 1;
+    config.linger = Duration::ZERO;
+    config.health_interval = None;
+    config.retry.max_elapsed = Some(Duration::from_secs(10));
+    config.auth_token = args.ingest_token.clone();
+    let client = Client::new(config).context("the canary's ingest client")?;
+    let read = if address.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), address.port())
+    } else {
+        address
+    };
+    let video = match &args.canary_video {
+        Some(video) if videocount_events::valid_video_id(video) => video.clone(),
+        Some(video) => anyhow::bail!("--canary-video {video:?} is not a valid video id (1-64 of [A-Za-z0-9_-])"),
+        None => format!("{CANARY_PREFIX}-{:08x}", rand::random::<u32>()),
+    };
+    Ok(Canary::new(client, &format!("http://{read}"), video))
 }

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use videocount_http::RequestMetrics;
+use videocount_http::{ProcessCollector, RequestMetrics};
 
+use crate::canary::CanaryStats;
 use crate::hot::HotStats;
 
 pub struct Metrics {
@@ -19,12 +20,14 @@ pub struct Metrics {
     pub hot_keys: Gauge,
     /// Seconds since the hot cache's last refresh that worked (-1 before the first).
     pub hot_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub canary: CanaryStats,
 }
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("videocount_query");
         let http = RequestMetrics::register(&mut registry);
+        registry.register_collector(Box::new(ProcessCollector));
         let clickhouse_errors = Counter::default();
         registry.register("clickhouse_errors", "Queries ClickHouse failed", clickhouse_errors.clone());
         let hot = HotStats::default();
@@ -40,7 +43,8 @@ impl Metrics {
             "Seconds since the last hot cache refresh that worked (-1 before the first)",
             hot_age.clone(),
         );
-        Arc::new(Metrics { registry, http, clickhouse_errors, hot, hot_keys, hot_age })
+        let canary = CanaryStats::register(&mut registry);
+        Arc::new(Metrics { registry, http, clickhouse_errors, hot, hot_keys, hot_age, canary })
     }
 
     pub fn encode(&self) -> String {

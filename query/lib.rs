@@ -20,6 +20,9 @@ use videocount_clickhouse::{ClickHouse, SinkError};
 use videocount_events::{DEFAULT_EVENT_TYPE, valid_event_type, valid_video_id};
 use videocount_operators::aggregate::{Function, Registry};
 
+/// Video ids of the query service's freshness canaries start with this; top lists leave them out.
+pub const CANARY_PREFIX: &str = "videocount-canary";
+
 /// The longest range a query may ask for.
 pub const MAX_RANGE_MS: u64 = 10 * 366 * 86_400_000;
 
@@ -378,7 +381,8 @@ impl Reader {
     }
 
     /// The `limit` videos with the most events of `event_type` in the range (whole minutes: a
-    /// minute counts when its start is in the range), most first, ties by video_id.
+    /// minute counts when its start is in the range), most first, ties by video_id. The
+    /// freshness canaries' videos ([`CANARY_PREFIX`]) are left out.
     pub async fn top(&self, event_type: &str, range: TimeRange, limit: u32) -> Result<Vec<(String, u64)>, QueryError> {
         if !valid_event_type(event_type) {
             return Err(QueryError::Invalid(format!("event_type {event_type:?} is not 1-32 characters of [a-z0-9_]")));
@@ -396,8 +400,8 @@ impl Reader {
             })
             .collect();
         let sql = format!(
-            "SELECT video_id, toUInt64(sum(count)) AS total FROM ({}) GROUP BY video_id \
-             ORDER BY total DESC, video_id LIMIT ?",
+            "SELECT video_id, toUInt64(sum(count)) AS total FROM ({}) WHERE video_id NOT LIKE '{CANARY_PREFIX}%' \
+             GROUP BY video_id ORDER BY total DESC, video_id LIMIT ?",
             parts.iter().map(|(sql, _)| sql.as_str()).collect::<Vec<_>>().join(" UNION ALL ")
         );
         let mut query = self.clickhouse.client().query(&sql);

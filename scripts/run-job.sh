@@ -21,7 +21,8 @@ for job in view_counts event_stats ingest query; do
         if [ "$job" = ingest ]; then
             args=(--topic "$TOPIC" --listen "$INGEST_LISTEN")
         elif [ "$job" = query ]; then
-            args=(--database "$DB" --listen "$QUERY_LISTEN" --ui-dir "$ROOT/ui/dist" --ingest-url "http://$INGEST_LISTEN")
+            args=(--database "$DB" --listen "$QUERY_LISTEN" --ui-dir "$ROOT/ui/dist" --ingest-url "http://$INGEST_LISTEN"
+                --job-metrics-url http://127.0.0.1:9101,http://127.0.0.1:9102)
         elif [ "$job" = view_counts ]; then
             args=(--topic "$TOPIC" --database "$DB" --workers "$WORKERS" --metrics-listen 127.0.0.1:9101)
         else

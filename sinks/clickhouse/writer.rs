@@ -39,6 +39,8 @@ impl std::fmt::Debug for Batch {
 #[derive(Debug, Default)]
 pub struct WriterStats {
     pub rows_written: AtomicU64,
+    /// Rows written, by table.
+    pub rows_by_table: Mutex<std::collections::BTreeMap<String, u64>>,
     pub inserts: AtomicU64,
     pub retries: AtomicU64,
     pub batches_done: AtomicU64,
@@ -160,6 +162,9 @@ async fn write_batch<S: InsertService>(
             .await?;
         stats.inserts.fetch_add(1, Ordering::Relaxed);
         stats.rows_written.fetch_add(insert.rows as u64, Ordering::Relaxed);
+        if let Ok(mut tables) = stats.rows_by_table.lock() {
+            *tables.entry(insert.table.clone()).or_default() += insert.rows as u64;
+        }
     }
     Ok(())
 }

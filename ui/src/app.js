@@ -125,26 +125,60 @@ async function refreshTop() {
   }
 }
 
+const fixed = (digits) => new Intl.NumberFormat(undefined, { maximumFractionDigits: digits });
+const known = (v) => v !== null && v !== undefined;
+const ms = (seconds) => (known(seconds) ? `${fixed(1).format(seconds * 1000)} ms` : '–');
+const secs = (seconds) => (known(seconds) ? `${fixed(2).format(seconds)} s` : '–');
+const perSecond = (v, unit) => (known(v) ? `${fixed(1).format(v)}${unit ? ` ${unit}` : ''}/s` : '–');
+const percent = (v) => (known(v) ? `${fixed(0).format(v)} %` : '–');
+const mib = (bytes) => (known(bytes) ? `${fixed(0).format(bytes / 1048576)} MiB` : '–');
+
+function fillList(id, lines) {
+  $(id).replaceChildren(...lines.map((text) => {
+    const item = document.createElement('li');
+    item.textContent = text;
+    return item;
+  }));
+}
+
+// The four golden signals, from the metrics the query service scrapes (GET /v1/live).
+function showGolden(live) {
+  const { ingest, jobs, query } = live.golden;
+  const fresh = live.freshness;
+  const ingestDown = ingest.url ? ingest.error : 'no ingest service configured';
+  fillList('signal-latency', [
+    `ingest request p99 ${ms(ingest.latency_p99_seconds)}`,
+    `query request p99 ${ms(query.latency_p99_seconds)}`,
+    fresh.samples
+      ? `freshness p50 ${secs(fresh.p50_seconds)}, p99 ${secs(fresh.p99_seconds)} (${fresh.samples} canaries, 5 min)`
+      : `freshness: ${fresh.error || 'no canary samples (needs --ingest-url)'}`,
+  ]);
+  fillList('signal-traffic', [
+    ingestDown ? `ingest: ${ingestDown}` : `ingest ${perSecond(ingest.events_per_second, 'events')}`,
+    ...jobs.map((j) => (j.error ? `${j.job}: ${j.error}` : `${j.job} ${perSecond(j.messages_per_second, 'messages')}, ${perSecond(j.rows_per_second, 'rows')}`)),
+    `query ${perSecond(query.requests_per_second, 'requests')}`,
+  ]);
+  fillList('signal-errors', [
+    `ingest 5xx ${perSecond(ingest.errors_5xx_per_second, '')}, 4xx ${perSecond(ingest.errors_4xx_per_second, '')}`,
+    `query 5xx ${perSecond(query.errors_5xx_per_second, '')}`,
+    ...jobs.map((j) => `${j.job} dead letters ${perSecond(j.dead_letters_per_second, '')}, insert retries ${perSecond(j.insert_retries_per_second, '')}`),
+  ]);
+  fillList('signal-saturation', [
+    ...jobs.map((j) => `${j.job} lag ${number.format(j.lag_messages)} messages (${secs(j.lag_seconds)}), writer queue ${percent(100 * j.writer_queue_fill)}, CPU ${percent(j.cpu_percent)}, ${mib(j.resident_bytes)}`),
+    `ingest CPU ${percent(ingest.cpu_percent)}, producer queue ${percent(known(ingest.producer_queue_fill) ? 100 * ingest.producer_queue_fill : null)}, ${mib(ingest.resident_bytes)}`,
+    `query CPU ${percent(query.cpu_percent)}, ${mib(query.resident_bytes)}`,
+  ]);
+}
+
 async function refreshLive() {
   try {
     const live = await getJson('/v1/live');
-    const rate = live.ingest.events_per_second;
-    $('ingest-rate').textContent = rate === null || rate === undefined
-      ? (live.ingest.url ? (live.ingest.error || 'sampling…') : 'no ingest service configured')
-      : `${number.format(rate)} events/s`;
-    $('jobs').replaceChildren(...live.jobs.map((j) => {
-      const item = document.createElement('li');
-      item.textContent = `${j.job} (${j.topic}): last commit ${j.seconds_since_commit} s ago`;
-      return item;
-    }));
-    $('dead-letters').replaceChildren(...live.dead_letters.map((d) => {
-      const item = document.createElement('li');
-      item.textContent = `${d.time} ${d.job} p${d.partition}@${d.offset}: ${d.reason} — ${d.detail}`;
-      return item;
-    }));
+    showGolden(live);
+    fillList('jobs', live.jobs.map((j) => `${j.job} (${j.topic}): last commit ${j.seconds_since_commit} s ago`));
+    fillList('dead-letters', live.dead_letters.map((d) => `${d.time} ${d.job} p${d.partition}@${d.offset}: ${d.reason} — ${d.detail}`));
     if (!live.dead_letters.length) $('dead-letters').textContent = 'none';
   } catch (error) {
-    $('ingest-rate').textContent = `unavailable: ${error.message}`;
+    fillList('signal-latency', [`unavailable: ${error.message}`]);
   }
 }
 

@@ -1,0 +1,114 @@
+//! End-to-end freshness: write one view through the client, then read the same video's count
+//! back through the read API until it shows; the time from Kafka's acknowledgement to the count
+//! being queryable is one freshness sample.
+//!
+//! Used by the query service (`videocount_query_canary_freshness_seconds`) and the load test.
+//! Each canary keeps its own video id so that its expected count is known: the views it had
+//! acknowledged in the event's minute.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use crate::{Client, ClientError, Event};
+
+/// Why a probe gave no sample.
+#[derive(Debug, thiserror::Error)]
+pub enum CanaryError {
+    #[error("the canary event was not accepted: {0}")]
+    Write(#[from] ClientError),
+    #[error("the read API failed: {0}")]
+    Read(String),
+    #[error("the canary event was not counted within {0:?}")]
+    Timeout(Duration),
+}
+
+impl CanaryError {
+    /// A short label for metrics: `write`, `read` or `timeout`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CanaryError::Write(_) => "write",
+            CanaryError::Read(_) => "read",
+            CanaryError::Timeout(_) => "timeout",
+        }
+    }
+}
+
+/// Writes canary views of one video and waits for each to be counted.
+pub struct Canary {
+    client: Client,
+    http: reqwest::Client,
+    read_url: String,
+    video_id: String,
+    /// Views acknowledged per event minute (epoch ms of the minute's start).
+    sent: BTreeMap<u64, u64>,
+    /// How long a probe waits for its view to be counted.
+    pub timeout: Duration,
+    /// How often it asks the read API meanwhile.
+    pub poll: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Canary {
+    /// `read_url` is the query service's base URL; `video_id` should be used by nothing else.
+    pub fn new(client: Client, read_url: &str, video_id: impl Into<String>) -> Canary {
+        let http =
+            reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("a plain HTTP client builds");
+        Canary {
+            client,
+            http,
+            read_url: read_url.trim_end_matches('/').to_owned(),
+            video_id: video_id.into(),
+            sent: BTreeMap::new(),
+            timeout: Duration::from_secs(60),
+            poll: Duration::from_millis(20),
+        }
+    }
+
+    pub fn video_id(&self) -> &str {
+        &self.video_id
+    }
+
+    /// The view count of the canary's video in `minute` as the read API gives it.
+    async fn counted(&self, minute: u64) -> Result<u64, CanaryError> {
+        let url = format!("{}/v1/videos/{}/views?from={minute}&to={}", self.read_url, self.video_id, minute + 60_000);
+        let response = self.http.get(&url).send().await.map_err(|e| CanaryError::Read(e.to_string()))?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.map_err(|e| CanaryError::Read(e.to_string()))?;
+        if !status.is_success() {
+            return Err(CanaryError::Read(format!("HTTP {status}: {body}")));
+        }
+        body["value"].as_u64().ok_or_else(|| CanaryError::Read(format!("no count in {body}")))
+    }
+
+    /// Sends one view and waits until the read API counts it: the seconds from the write's
+    /// acknowledgement to the first answer that includes it.
+    pub async fn probe(&mut self) -> Result<Duration, CanaryError> {
+        let ts = now_ms();
+        let minute = ts - ts % 60_000;
+        self.client.send(Event::view(self.video_id.clone()).at(ts))?.await?;
+        let accepted = Instant::now();
+        let expected = {
+            let sent = self.sent.entry(minute).or_default();
+            *sent += 1;
+            *sent
+        };
+        self.sent.retain(|m, _| *m + 3_600_000 > minute);
+        loop {
+            match self.counted(minute).await {
+                Ok(count) if count >= expected => return Ok(accepted.elapsed()),
+                Ok(_) => {}
+                Err(error) if accepted.elapsed() >= self.timeout => return Err(error),
+                Err(_) => {}
+            }
+            if accepted.elapsed() >= self.timeout {
+                return Err(CanaryError::Timeout(self.timeout));
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+}
