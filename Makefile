@@ -8,13 +8,15 @@ CLICKHOUSE_DATABASE ?= video_counts
 TOPIC ?= video-events
 PARTITIONS ?= 8
 WORKERS ?= 2
+RATE ?= 2000
+DURATION ?= 30
 export KAFKA_BROKERS CLICKHOUSE_URL CLICKHOUSE_DATABASE
 
 RELEASE := target/release
-BINARIES := $(RELEASE)/view_counts $(RELEASE)/event_stats $(RELEASE)/videocount $(RELEASE)/loadgen $(RELEASE)/ingest $(RELEASE)/query
+BINARIES := $(RELEASE)/view_counts $(RELEASE)/event_stats $(RELEASE)/videocount $(RELEASE)/loadgen $(RELEASE)/ingest $(RELEASE)/query $(RELEASE)/load_test
 PYTHON ?= python3
 
-.PHONY: help up down topic schema build ui run-job stop-job replay test lint unit-test chdb-test bench bench-ingest bench-query clean
+.PHONY: help up down topic schema build ui run-job stop-job replay test lint unit-test chdb-test bench bench-ingest bench-query load-test stress-test clean
 
 help: ## This list.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -41,6 +43,16 @@ run-job: up build ui ## Start view_counts, event_stats, ingest and query on TOPI
 	@services/kafka/topic.sh "$(TOPIC)" "$(PARTITIONS)" >/dev/null
 	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" schema
 	@scripts/run-job.sh
+
+load-test: up build ui ## Start the stack if needed; RATE events/s (2000) for DURATION s (30) via the client; check every event via the read API.
+	@services/kafka/topic.sh "$(TOPIC)" "$(PARTITIONS)" >/dev/null
+	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" schema
+	@RATE="$(RATE)" DURATION="$(DURATION)" scripts/load-test.sh
+
+stress-test: up build ui ## Raise the rate until p99, errors or freshness break; which resource ran out; the job alone on a full topic.
+	@services/kafka/topic.sh "$(TOPIC)" "$(PARTITIONS)" >/dev/null
+	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" schema
+	@scripts/stress-test.sh
 
 stop-job: ## Stop what run-job started (each job flushes and records offsets first).
 	@scripts/stop-job.sh

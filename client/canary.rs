@@ -65,7 +65,7 @@ impl Canary {
             video_id: video_id.into(),
             sent: BTreeMap::new(),
             timeout: Duration::from_secs(60),
-            poll: Duration::from_millis(20),
+            poll: Duration::from_millis(50),
         }
     }
 

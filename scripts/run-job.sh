@@ -14,29 +14,10 @@ QUERY_LISTEN=${VIDEOCOUNT_QUERY_LISTEN:-127.0.0.1:8081}
 mkdir -p "$VAR"
 cd "$ROOT"
 
-for job in view_counts event_stats ingest query; do
-    if [ -f "$VAR/$job.pid" ] && kill -0 "$(cat "$VAR/$job.pid")" 2>/dev/null; then
-        echo "run-job: $job already running (pid $(cat "$VAR/$job.pid"))"
-    else
-        if [ "$job" = ingest ]; then
-            args=(--topic "$TOPIC" --listen "$INGEST_LISTEN")
-        elif [ "$job" = query ]; then
-            args=(--database "$DB" --listen "$QUERY_LISTEN" --ui-dir "$ROOT/ui/dist" --ingest-url "http://$INGEST_LISTEN"
-                --job-metrics-url http://127.0.0.1:9101,http://127.0.0.1:9102)
-        elif [ "$job" = view_counts ]; then
-            args=(--topic "$TOPIC" --database "$DB" --workers "$WORKERS" --metrics-listen 127.0.0.1:9101)
-        else
-            args=(--topic "$TOPIC" --database "$DB" --workers "$WORKERS" --metrics-listen 127.0.0.1:9102)
-        fi
-        nohup "$BIN/$job" "${args[@]}" >"$VAR/$job.log" 2>&1 </dev/null &
-        echo $! >"$VAR/$job.pid"
-        echo "run-job: $job started (pid $!, log var/$job.log)"
-    fi
-done
+"$ROOT/scripts/start-stack.sh"
 
 echo "run-job: producing 20,000 demo events per second for 10 seconds"
 "$BIN/loadgen" --topic "$TOPIC" --rate 20000 --duration 10 --videos 500 --seed "$RANDOM"
-for _ in $(seq 1 50); do curl -fsS -o /dev/null "http://$INGEST_LISTEN/readyz" 2>/dev/null && break; sleep 0.2; done
 echo "run-job: sending events over HTTP to the ingest service at http://$INGEST_LISTEN"
 curl -fsS -X POST "http://$INGEST_LISTEN/v1/videos/vid000001/views"; echo
 curl -fsS -X POST "http://$INGEST_LISTEN/v1/videos/vid000001/events/watch_time/p50" \

@@ -1,0 +1,437 @@
+//! Load and stress tests of a running videocount (`make load-test`, `make stress-test`).
+//!
+//! [`run`] drives the write API through the client library at a steady rate, spread like real
+//! traffic (Zipf over videos; views, likes, shares and watch time with values), while a canary
+//! measures freshness through the read API; then it checks through the read API that every
+//! accepted event was counted exactly once. [`stress`] repeats it at rising rates until a
+//! bound breaks, reading the saturation signals from the query service's `/v1/live`.
+
+mod stress;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Zipf};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::info;
+use videocount_client::canary::Canary;
+use videocount_client::{Client, ClientConfig, ClientError, Event};
+
+pub use stress::{Saturation, Step, StressConfig, StressReport, stress};
+
+/// The event types sent, with their share of the traffic; `watch_time` carries a value.
+const TYPES: [(&str, f64); 4] = [("view", 0.80), ("like", 0.10), ("share", 0.05), ("watch_time", 0.05)];
+
+/// One load run.
+#[derive(Clone, Debug)]
+pub struct LoadConfig {
+    pub ingest_urls: Vec<String>,
+    pub query_url: String,
+    pub token: Option<String>,
+    /// Events per second.
+    pub rate: f64,
+    pub duration: Duration,
+    /// Distinct videos, Zipf-spread with exponent `zipf`.
+    pub videos: u64,
+    pub zipf: f64,
+    /// Check every accepted event through the read API afterwards.
+    pub check: bool,
+    /// How long the check waits for the counts to settle.
+    pub settle: Duration,
+    /// Canaries probing freshness during the run, each waiting this long between probes.
+    pub canaries: usize,
+    pub canary_every: Duration,
+    /// Read API requests in flight during the check.
+    pub check_concurrency: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Quantiles {
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+    pub p999: Option<f64>,
+    pub max: Option<f64>,
+}
+
+/// What a check of the counts found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Exactness {
+    /// (video, event type) keys checked.
+    pub keys: usize,
+    /// Accepted events over those keys.
+    pub events: u64,
+    /// Keys whose count stayed below the accepted events.
+    pub short_keys: usize,
+    pub missing_events: u64,
+    /// Keys counted more than accepted (plus the events whose outcome the client never
+    /// learned: those may or may not have been written).
+    pub over_keys: usize,
+    pub extra_events: u64,
+    pub first_mismatch: Option<String>,
+    pub seconds: f64,
+}
+
+impl Exactness {
+    pub fn exact(&self) -> bool {
+        self.short_keys == 0 && self.over_keys == 0
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadReport {
+    pub run_id: String,
+    pub target_rate: f64,
+    pub seconds: f64,
+    pub sent: u64,
+    pub accepted: u64,
+    /// Acks that failed (after the client's retries).
+    pub failed: u64,
+    /// Sends the client refused at once (its buffer was full: the generator outran it).
+    pub refused: u64,
+    pub first_error: Option<String>,
+    pub achieved_rate: f64,
+    pub error_rate: f64,
+    /// Send to acknowledgement, per event, milliseconds.
+    pub latency_ms: Quantiles,
+    /// Canary: acknowledgement to counted, seconds.
+    pub freshness_s: Quantiles,
+    pub freshness_samples: usize,
+    pub freshness_failures: usize,
+    pub exactness: Option<Exactness>,
+}
+
+impl LoadReport {
+    /// Exactness held (when checked) and errors are at most `max_error_rate`.
+    pub fn passed(&self, max_error_rate: f64) -> bool {
+        self.exactness.as_ref().is_none_or(Exactness::exact) && self.error_rate <= max_error_rate
+    }
+
+    pub fn print(&self) {
+        let q = |q: &Quantiles, digits: usize| {
+            let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+            format!("p50 {}  p99 {}  p999 {}  max {}", f(q.p50), f(q.p99), f(q.p999), f(q.max))
+        };
+        println!(
+            "sent {}  accepted {}  failed {}  refused {}  error rate {:.3} %",
+            self.sent,
+            self.accepted,
+            self.failed,
+            self.refused,
+            100.0 * self.error_rate
+        );
+        if let Some(error) = &self.first_error {
+            println!("first error: {error}");
+        }
+        println!(
+            "achieved {:.0} events/s (target {:.0}) over {:.1} s",
+            self.achieved_rate, self.target_rate, self.seconds
+        );
+        println!("request latency (send to Kafka ack) ms: {}", q(&self.latency_ms, 1));
+        println!(
+            "freshness (ack to counted, canary) s: {}  ({} samples, {} failed)",
+            q(&self.freshness_s, 2),
+            self.freshness_samples,
+            self.freshness_failures
+        );
+        match &self.exactness {
+            None => println!("exactness: not checked"),
+            Some(e) if e.exact() => println!(
+                "exactness: {} (video, type) keys, {} events: every accepted event counted exactly once (settled in {:.1} s)",
+                e.keys, e.events, e.seconds
+            ),
+            Some(e) => println!(
+                "exactness: FAILED over {} keys / {} events: {} keys short by {} events, {} keys over by {}; first: {}",
+                e.keys,
+                e.events,
+                e.short_keys,
+                e.missing_events,
+                e.over_keys,
+                e.extra_events,
+                e.first_mismatch.as_deref().unwrap_or("-")
+            ),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn quantiles(histogram: &Histogram<u64>, scale: f64) -> Quantiles {
+    if histogram.is_empty() {
+        return Quantiles::default();
+    }
+    let at = |q: f64| Some(histogram.value_at_quantile(q) as f64 / scale);
+    Quantiles { p50: at(0.5), p99: at(0.99), p999: at(0.999), max: Some(histogram.max() as f64 / scale) }
+}
+
+/// Per (video index, type index): events acknowledged, and events whose outcome is unknown.
+#[derive(Default)]
+struct Tally {
+    accepted: HashMap<(u32, u8), u64>,
+    unknown: HashMap<(u32, u8), u64>,
+    latency_us: Option<Histogram<u64>>,
+    failed: u64,
+    first_error: Option<String>,
+}
+
+/// Whether a failed ack may still have been written (the answer was lost, not refused).
+fn outcome_unknown(error: &ClientError) -> bool {
+    !matches!(error, ClientError::Rejected { .. } | ClientError::Status { .. } | ClientError::BufferFull { .. })
+}
+
+fn new_client(config: &LoadConfig, batch_size: usize, linger: Duration) -> anyhow::Result<Client> {
+    let mut client = ClientConfig::new(config.ingest_urls.clone());
+    client.batch_size = batch_size;
+    client.linger = linger;
+    client.max_buffered = 1_000_000;
+    client.max_in_flight = 16;
+    client.auth_token = config.token.clone();
+    client.retry.max_elapsed = Some(Duration::from_secs(30));
+    Client::new(client).context("the load test's client")
+}
+
+/// Runs the load, then (with `check`) the exactness check.
+pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
+    anyhow::ensure!(config.rate > 0.0 && config.videos > 0, "the rate and the number of videos must be above 0");
+    let run_id = format!("lt{:06x}", rand::random::<u32>() & 0xff_ffff);
+    info!(%run_id, rate = config.rate, seconds = config.duration.as_secs_f64(), videos = config.videos, "load test starts");
+    let client = new_client(config, 1_000, Duration::from_millis(5))?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<((u32, u8), Instant, videocount_client::Ack)>();
+
+    let collector = tokio::spawn(async move {
+        let mut tally = Tally { latency_us: Histogram::new_with_bounds(1, 600_000_000, 3).ok(), ..Tally::default() };
+        let mut pending = FuturesUnordered::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                message = rx.recv(), if open => match message {
+                    Some((key, at, ack)) => pending.push(async move { (key, at, ack.await) }),
+                    None => open = false,
+                },
+                Some((key, at, result)) = pending.next(), if !pending.is_empty() => {
+                    let (key, at): ((u32, u8), Instant) = (key, at);
+                    match result {
+                        Ok(()) => {
+                            *tally.accepted.entry(key).or_default() += 1;
+                            if let Some(h) = tally.latency_us.as_mut() {
+                                let _ = h.record(at.elapsed().as_micros().max(1) as u64);
+                            }
+                        }
+                        Err(error) => {
+                            tally.failed += 1;
+                            if outcome_unknown(&error) {
+                                *tally.unknown.entry(key).or_default() += 1;
+                            }
+                            tally.first_error.get_or_insert_with(|| error.to_string());
+                        }
+                    }
+                }
+                else => break,
+            }
+        }
+        tally
+    });
+
+    // Canaries probe freshness while the load runs: several, each on its own video, so that
+    // a run of seconds still gets a few dozen samples.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut canaries = Vec::new();
+    for i in 0..config.canaries.max(1) {
+        let mut canary =
+            Canary::new(new_client(config, 1, Duration::ZERO)?, &config.query_url, format!("{run_id}-canary{i}"));
+        canary.timeout = config.settle.max(Duration::from_secs(1));
+        let (stop, every) = (Arc::clone(&stop), config.canary_every);
+        canaries.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut failures = 0;
+            while !stop.load(Ordering::Relaxed) {
+                match canary.probe().await {
+                    Ok(freshness) => samples.push(freshness),
+                    Err(error) => {
+                        failures += 1;
+                        tracing::warn!(%error, "canary probe failed");
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+            (samples, failures)
+        }));
+    }
+
+    let zipf = Zipf::new(config.videos as f64, config.zipf).context("Zipf parameters")?;
+    let mut rng = SmallRng::from_os_rng();
+    let started = Instant::now();
+    let start_ms = now_ms();
+    let (mut sent, mut refused, mut first_refusal) = (0u64, 0u64, None);
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_log = Instant::now();
+    while started.elapsed() < config.duration {
+        tick.tick().await;
+        let due = (config.rate * started.elapsed().min(config.duration).as_secs_f64()) as u64;
+        while sent < due {
+            let video = zipf.sample(&mut rng) as u32 - 1;
+            let pick: f64 = rng.random();
+            let mut cumulative = 0.0;
+            let kind = TYPES
+                .iter()
+                .position(|(_, share)| {
+                    cumulative += share;
+                    pick < cumulative
+                })
+                .unwrap_or(0) as u8;
+            let mut event = Event::new(format!("{run_id}-v{video}"), TYPES[kind as usize].0)
+                .viewer(format!("u{}", rng.random_range(0..100_000u32)));
+            if TYPES[kind as usize].0 == "watch_time" {
+                event = event.value(f64::from(rng.random_range(1..=600u32)));
+            }
+            sent += 1;
+            match client.send(event) {
+                Ok(ack) => {
+                    let _ = tx.send(((video, kind), Instant::now(), ack));
+                }
+                Err(error) => {
+                    refused += 1;
+                    first_refusal.get_or_insert_with(|| error.to_string());
+                }
+            }
+        }
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = Instant::now();
+            info!(sent, refused, seconds = started.elapsed().as_secs(), "sending");
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    drop(tx);
+    client.close().await;
+    let tally = collector.await.context("the ack collector")?;
+    let (mut freshness, mut freshness_failures) = (Vec::new(), 0);
+    for canary in canaries {
+        let (samples, failures) = canary.await.context("a canary")?;
+        freshness.extend(samples);
+        freshness_failures += failures;
+    }
+    let accepted: u64 = tally.accepted.values().sum();
+    let mut fresh = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+    for sample in &freshness {
+        let _ = fresh.record(sample.as_micros().max(1) as u64);
+    }
+    let mut report = LoadReport {
+        run_id: run_id.clone(),
+        target_rate: config.rate,
+        seconds,
+        sent,
+        accepted,
+        failed: tally.failed,
+        refused,
+        first_error: tally.first_error.clone().or(first_refusal),
+        achieved_rate: accepted as f64 / seconds,
+        error_rate: if sent == 0 { 0.0 } else { (tally.failed + refused) as f64 / sent as f64 },
+        latency_ms: tally.latency_us.as_ref().map_or_else(Quantiles::default, |h| quantiles(h, 1_000.0)),
+        freshness_s: quantiles(&fresh, 1_000_000.0),
+        freshness_samples: freshness.len(),
+        freshness_failures,
+        exactness: None,
+    };
+    if config.check {
+        // Events carry the service's time of acceptance: between the start and now.
+        let from = start_ms - start_ms % 60_000;
+        let to = now_ms() + 60_000;
+        report.exactness = Some(check(config, &run_id, &tally, from, to).await);
+    }
+    Ok(report)
+}
+
+/// Asks the read API for every key's count until each equals what was accepted (up to the
+/// events whose outcome is unknown), or `settle` passes.
+async fn check(config: &LoadConfig, run_id: &str, tally: &Tally, from: u64, to: u64) -> Exactness {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("a plain HTTP client builds");
+    let mut keys: Vec<(u32, u8)> = tally.accepted.keys().chain(tally.unknown.keys()).copied().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let total = keys.len();
+    let events = tally.accepted.values().sum();
+    let started = Instant::now();
+    let mut last: HashMap<(u32, u8), Option<u64>> = HashMap::new();
+    let mut open = keys;
+    info!(keys = total, events, "checking every count through the read API");
+    loop {
+        let answers: Vec<((u32, u8), Option<u64>)> = futures_util::stream::iter(open.iter().copied())
+            .map(|key| {
+                let url = format!(
+                    "{}/v1/videos/{run_id}-v{}/events/{}/count?from={from}&to={to}",
+                    config.query_url.trim_end_matches('/'),
+                    key.0,
+                    TYPES[key.1 as usize].0
+                );
+                let http = &http;
+                async move {
+                    let value = async {
+                        let body: serde_json::Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+                        body["value"].as_u64()
+                    }
+                    .await;
+                    (key, value)
+                }
+            })
+            .buffer_unordered(config.check_concurrency.max(1))
+            .collect()
+            .await;
+        open.clear();
+        for (key, value) in answers {
+            let accepted = tally.accepted.get(&key).copied().unwrap_or(0);
+            let unknown = tally.unknown.get(&key).copied().unwrap_or(0);
+            if !value.is_some_and(|v| v >= accepted && v <= accepted + unknown) {
+                open.push(key);
+            }
+            last.insert(key, value);
+        }
+        if open.is_empty() || started.elapsed() >= config.settle {
+            break;
+        }
+        info!(open = open.len(), "waiting for counts to settle");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mut exactness = Exactness {
+        keys: total,
+        events,
+        short_keys: 0,
+        missing_events: 0,
+        over_keys: 0,
+        extra_events: 0,
+        first_mismatch: None,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    open.sort_unstable();
+    for key in open {
+        let accepted = tally.accepted.get(&key).copied().unwrap_or(0);
+        let ceiling = accepted + tally.unknown.get(&key).copied().unwrap_or(0);
+        let counted = last.get(&key).copied().flatten();
+        match counted {
+            Some(v) if v > ceiling => {
+                exactness.over_keys += 1;
+                exactness.extra_events += v - ceiling;
+            }
+            v => {
+                exactness.short_keys += 1;
+                exactness.missing_events += accepted - v.unwrap_or(0).min(accepted);
+            }
+        }
+        exactness.first_mismatch.get_or_insert_with(|| {
+            let counted = counted.map_or("no answer".to_owned(), |v| v.to_string());
+            format!("{run_id}-v{} {}: accepted {accepted}, counted {counted}", key.0, TYPES[key.1 as usize].0)
+        });
+    }
+    exactness
+}
