@@ -158,7 +158,7 @@ pub async fn stress(config: &StressConfig) -> anyhow::Result<StressReport> {
         }
         rate *= config.factor;
     }
-    let highest_held_rate = steps.iter().filter(|s| s.broke.is_empty()).map(|s| s.report.target_rate).last();
+    let highest_held_rate = steps.iter().rev().find(|s| s.broke.is_empty()).map(|s| s.report.target_rate);
     let exhausted = match steps.last() {
         Some(last) if !last.broke.is_empty() => exhausted(last, config),
         _ => format!("nothing broke up to {} events/s (--max-rate)", config.max_rate),
