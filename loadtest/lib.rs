@@ -262,7 +262,9 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
                         tracing::warn!(%error, "canary probe failed");
                     }
                 }
-                tokio::time::sleep(every).await;
+                // A random pause: probes at a fixed phase to the epochs and the hot cache's
+                // refresh would all measure the same delay.
+                tokio::time::sleep(every.mul_f64(rand::random_range(0.0..2.0))).await;
             }
             (samples, failures)
         }));

@@ -108,6 +108,7 @@ impl LoadArgs {
     }
 }
 
+/// Runs the command; `false` when a load test failed its check.
 async fn main_async(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::Run { load, rate, no_check, max_error_rate } => {
@@ -157,27 +158,8 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
 }
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,videocount_client=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("load_test: error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(main_async(cli)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("load_test: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    videocount_http::main("load_test", async move {
+        if main_async(cli).await? { Ok(()) } else { anyhow::bail!("the load test failed (see above)") }
+    })
 }

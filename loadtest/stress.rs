@@ -100,29 +100,35 @@ async fn watch(query_url: String, stop: tokio::sync::watch::Receiver<bool>) -> S
     saturation
 }
 
-/// Which resource ran out first, judged from the step that broke.
+/// Which resource ran out first, judged from the step that broke: the first of the signals at
+/// their limit in the order of the pipeline's back-pressure (a full writer queue stalls the
+/// job, a full producer queue stalls ingest, a busy machine stalls everything; the client's
+/// refusals are what the others cause), with the others named after it.
 fn exhausted(step: &Step, config: &StressConfig) -> String {
     let s = &step.saturation;
-    let r = &step.report;
-    if r.refused > 0 {
-        return format!("the load generator's client buffer ({} sends refused)", r.refused);
-    }
+    let mut found = Vec::new();
     if let Some((job, fill)) = s.max_writer_queue_fill.iter().find(|(_, f)| *f >= 0.8) {
-        return format!("ClickHouse writes: {job}'s writer queue {:.0} % full", 100.0 * fill);
+        found.push(format!("ClickHouse writes: {job}'s writer queue {:.0} % full", 100.0 * fill));
     }
     if s.max_producer_queue_fill >= 0.8 {
-        return format!("Kafka produce: ingest's producer queue {:.0} % full", 100.0 * s.max_producer_queue_fill);
+        found.push(format!("Kafka produce: ingest's producer queue {:.0} % full", 100.0 * s.max_producer_queue_fill));
     }
-    let busiest = s.process_cpu_percent.iter().max_by(|a, b| a.1.total_cmp(&b.1));
-    let busiest =
-        busiest.map_or(String::new(), |(name, cpu)| format!("; busiest process {name} at {cpu:.0} % of a core"));
     if s.machine_cpu_percent >= 90.0 {
-        return format!("CPU: the machine was {:.0} % busy{busiest}", s.machine_cpu_percent);
+        let busiest = s.process_cpu_percent.iter().max_by(|a, b| a.1.total_cmp(&b.1));
+        let busiest = busiest.map_or(String::new(), |(name, cpu)| format!(", busiest {name} at {cpu:.0} % of a core"));
+        found.push(format!("CPU: the machine {:.0} % busy{busiest}", s.machine_cpu_percent));
     }
     if let Some((job, lag)) = s.max_lag_seconds.iter().find(|(_, l)| *l > config.freshness_bound_s / 2.0) {
-        return format!("{job} could not keep up: {lag:.1} s behind{busiest}");
+        found.push(format!("{job} fell behind: {lag:.1} s of lag"));
     }
-    format!("no saturation signal at its limit (machine CPU {:.0} %{busiest})", s.machine_cpu_percent)
+    if step.report.refused > 0 {
+        found.push(format!("the load generator's client buffer: {} sends refused", step.report.refused));
+    }
+    match found.split_first() {
+        Some((first, [])) => first.clone(),
+        Some((first, rest)) => format!("{first} (also: {})", rest.join("; ")),
+        None => format!("no saturation signal at its limit (machine CPU {:.0} %)", s.machine_cpu_percent),
+    }
 }
 
 /// Steps the rate up until a bound breaks or `max_rate` is passed.

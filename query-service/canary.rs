@@ -90,15 +90,15 @@ impl CanaryStats {
     }
 }
 
-/// Probes every `every` (sequentially: a slow probe delays the next) for ever.
+/// Probes about every `every` after the previous probe ended, for ever.
 pub async fn run(mut canary: Canary, every: Duration, metrics: std::sync::Arc<crate::metrics::Metrics>) {
     let stats = &metrics.canary;
     *stats.video_id.lock().expect("canary lock") = Some(canary.video_id().to_owned());
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
-        tick.tick().await;
+        // A random pause (mean `every`): probes at a fixed phase to the jobs' epochs and the hot
+        // cache's refresh would all measure the same delay.
+        tokio::time::sleep(every.mul_f64(rand::random_range(0.0..2.0))).await;
         match canary.probe().await {
             Ok(freshness) => {
                 if failing {

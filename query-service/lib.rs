@@ -83,8 +83,9 @@ pub struct QueryArgs {
     /// The jobs' /metrics base URLs (their --metrics-listen), comma-separated, for the live panel.
     #[arg(long, env = "VIDEOCOUNT_JOB_METRICS_URLS", value_delimiter = ',')]
     pub job_metrics_url: Vec<String>,
-    /// Write one canary view through --ingest-url this often and time until it is readable
-    /// here (videocount_query_canary_freshness_seconds); 0 turns the canary off.
+    /// Write one canary view through --ingest-url about this often (random pauses averaging
+    /// this) and time until it is readable here (videocount_query_canary_freshness_seconds);
+    /// 0 turns the canary off.
     #[arg(long, env = "VIDEOCOUNT_CANARY_INTERVAL_MS", default_value_t = 1_000)]
     pub canary_interval_ms: u64,
     /// The canary's video id (default: videocount-canary- and a random suffix per process, so

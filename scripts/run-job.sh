@@ -3,16 +3,7 @@
 # the background on $TOPIC, feeds them demo traffic (Kafka directly and over HTTP) and shows a
 # few answers.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VAR="$ROOT/var"
-BIN="$ROOT/target/release"
-TOPIC=${TOPIC:-video-events}
-DB=${CLICKHOUSE_DATABASE:-video_counts}
-WORKERS=${WORKERS:-2}
-INGEST_LISTEN=${VIDEOCOUNT_INGEST_LISTEN:-127.0.0.1:8080}
-QUERY_LISTEN=${VIDEOCOUNT_QUERY_LISTEN:-127.0.0.1:8081}
-mkdir -p "$VAR"
-cd "$ROOT"
+source "$(dirname "${BASH_SOURCE[0]}")/stack-env.sh"
 
 "$ROOT/scripts/start-stack.sh"
 

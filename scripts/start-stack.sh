@@ -4,16 +4,7 @@
 # 127.0.0.1:9101 and :9102, and waits until ingest and query answer. Used by run-job,
 # load-test and stress-test; `make stop-job` stops them.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VAR="$ROOT/var"
-BIN="$ROOT/target/release"
-TOPIC=${TOPIC:-video-events}
-DB=${CLICKHOUSE_DATABASE:-video_counts}
-WORKERS=${WORKERS:-2}
-INGEST_LISTEN=${VIDEOCOUNT_INGEST_LISTEN:-127.0.0.1:8080}
-QUERY_LISTEN=${VIDEOCOUNT_QUERY_LISTEN:-127.0.0.1:8081}
-mkdir -p "$VAR"
-cd "$ROOT"
+source "$(dirname "${BASH_SOURCE[0]}")/stack-env.sh"
 
 for job in view_counts event_stats ingest query; do
     if [ -f "$VAR/$job.pid" ] && kill -0 "$(cat "$VAR/$job.pid")" 2>/dev/null; then
