@@ -30,7 +30,8 @@ pub struct StressConfig {
 pub struct Saturation {
     /// Busy share of all cores, per cent (100 = every core busy).
     pub machine_cpu_percent: f64,
-    /// Per process (ingest, query, each job): the highest CPU per cent (100 = one core).
+    /// Per process (ingest, query, each job: the highest 2 s reading; load_test: the step's
+    /// mean): CPU per cent (100 = one core).
     pub process_cpu_percent: Vec<(String, f64)>,
     pub max_lag_seconds: Vec<(String, f64)>,
     pub max_writer_queue_fill: Vec<(String, f64)>,
@@ -74,6 +75,7 @@ async fn watch(query_url: String, stop: tokio::sync::watch::Receiver<bool>) -> S
     let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().expect("a plain HTTP client builds");
     let mut saturation = Saturation::default();
     let machine_before = machine_jiffies();
+    let (own_before, started) = (videocount_http::process_usage(), Instant::now());
     while !*stop.borrow() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let Ok(response) = http.get(format!("{query_url}/v1/live")).send().await else { continue };
@@ -91,6 +93,11 @@ async fn watch(query_url: String, stop: tokio::sync::watch::Receiver<bool>) -> S
             keep_max(&mut saturation.max_lag_seconds, name, job["lag_seconds"].as_f64());
             keep_max(&mut saturation.max_writer_queue_fill, name, job["writer_queue_fill"].as_f64());
         }
+    }
+    // The load generator shares the machine: its own CPU over the step.
+    if let (Some((cpu0, _)), Some((cpu1, _))) = (own_before, videocount_http::process_usage()) {
+        let cpu = 100.0 * (cpu1 - cpu0) / started.elapsed().as_secs_f64().max(1e-3);
+        saturation.process_cpu_percent.push(("load_test".to_owned(), cpu));
     }
     if let (Some((b0, t0)), Some((b1, t1))) = (machine_before, machine_jiffies())
         && t1 > t0
