@@ -84,7 +84,8 @@ fn parse_line(line: &str) -> Option<Sample> {
 
 /// The sum of the samples named `name` whose labels pass `keep`.
 pub fn sum(samples: &[Sample], name: &str, keep: impl Fn(&Sample) -> bool) -> f64 {
-    samples.iter().filter(|s| s.name == name && keep(s)).map(|s| s.value).sum()
+    // `+ 0.0`: the sum of nothing is -0.0, which JSON and the UI would show as "-0".
+    samples.iter().filter(|s| s.name == name && keep(s)).map(|s| s.value).sum::<f64>() + 0.0
 }
 
 /// The `q` quantile of a histogram's observations between two scrapes (all label sets
@@ -418,6 +419,7 @@ mod tests {
         assert_eq!(samples[2].label("x"), Some("quo\"te, comma"));
         assert_eq!(samples[2].value, 1500.0);
         assert_eq!(sum(&samples, "a_total", all), 12_345.0);
+        assert!(sum(&samples, "absent", all).is_sign_positive(), "nothing sums to +0, not -0");
     }
 
     #[test]

@@ -145,9 +145,11 @@ function fillList(id, lines) {
 function showGolden(live) {
   const { ingest, jobs, query } = live.golden;
   const fresh = live.freshness;
-  const ingestDown = ingest.url ? ingest.error : 'no ingest service configured';
+  // Lines about ingest only when the query service knows one (--ingest-url) that answers.
+  const ingestDown = ingest.url ? ingest.error : 'no ingest service configured (--ingest-url)';
+  const ifIngest = (line) => (ingestDown ? [] : [line]);
   fillList('signal-latency', [
-    `ingest request p99 ${ms(ingest.latency_p99_seconds)}`,
+    ...ifIngest(`ingest request p99 ${ms(ingest.latency_p99_seconds)}`),
     `query request p99 ${ms(query.latency_p99_seconds)}`,
     fresh.samples
       ? `freshness p50 ${secs(fresh.p50_seconds)}, p99 ${secs(fresh.p99_seconds)} (${fresh.samples} canaries, 5 min)`
@@ -159,15 +161,16 @@ function showGolden(live) {
     `query ${perSecond(query.requests_per_second, 'requests')}`,
   ]);
   fillList('signal-errors', [
-    `ingest 5xx ${perSecond(ingest.errors_5xx_per_second, '')}, 4xx ${perSecond(ingest.errors_4xx_per_second, '')}`,
+    ...ifIngest(`ingest 5xx ${perSecond(ingest.errors_5xx_per_second, '')}, 4xx ${perSecond(ingest.errors_4xx_per_second, '')}`),
     `query 5xx ${perSecond(query.errors_5xx_per_second, '')}`,
     ...jobs.map((j) => `${j.job} dead letters ${perSecond(j.dead_letters_per_second, '')}, insert retries ${perSecond(j.insert_retries_per_second, '')}`),
   ]);
   fillList('signal-saturation', [
     ...jobs.map((j) => `${j.job} lag ${number.format(j.lag_messages)} messages (${secs(j.lag_seconds)}), writer queue ${percent(100 * j.writer_queue_fill)}, CPU ${percent(j.cpu_percent)}, ${mib(j.resident_bytes)}`),
-    `ingest CPU ${percent(ingest.cpu_percent)}, producer queue ${percent(known(ingest.producer_queue_fill) ? 100 * ingest.producer_queue_fill : null)}, ${mib(ingest.resident_bytes)}`,
+    ...ifIngest(`ingest CPU ${percent(ingest.cpu_percent)}, producer queue ${percent(known(ingest.producer_queue_fill) ? 100 * ingest.producer_queue_fill : null)}, ${mib(ingest.resident_bytes)}`),
     `query CPU ${percent(query.cpu_percent)}, ${mib(query.resident_bytes)}`,
   ]);
+  if (!jobs.length) $('signal-saturation').append(Object.assign(document.createElement('li'), { textContent: 'jobs: none configured (--job-metrics-url)' }));
 }
 
 async function refreshLive() {
