@@ -273,9 +273,9 @@ fn dead_letter_json(row: &DeadLetterRow) -> String {
     .to_string()
 }
 
-/// Keeps `progress.lag` and each partition's lag (messages not yet read, and how old the
-/// last read message is while more are waiting) up to date every `every`, off the worker
-/// threads: a watermark request is a network round trip.
+/// Keeps each partition's lag (messages not yet read, and how old the last read message is
+/// while more are waiting) up to date every `every`, off the worker threads: a watermark
+/// request is a network round trip.
 fn spawn_lag_monitor(
     brokers: &str,
     topic: &str,
@@ -300,7 +300,6 @@ fn spawn_lag_monitor(
                     lags.push((partition, messages, seconds));
                 }
             }
-            progress.lag.store(lags.iter().map(|(_, m, _)| m).sum(), Ordering::Relaxed);
             if let Ok(mut positions) = progress.positions.lock() {
                 for (partition, messages, seconds) in lags {
                     if let Some(position) = positions.get_mut(&partition) {
@@ -782,7 +781,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                         rows_written = stats.rows_written.load(Ordering::Relaxed),
                         insert_retries = stats.retries.load(Ordering::Relaxed),
                         queue = writer.queued(),
-                        lag = progress.lag.load(Ordering::Relaxed),
+                        lag = progress.lag(),
                         "progress"
                     );
                 }

@@ -48,12 +48,17 @@ pub struct SourceProgress {
     pub dead_letters: AtomicU64,
     /// Dead letters by their [`RejectReason`](videocount_events::RejectReason) string.
     pub dead_letter_reasons: std::sync::Mutex<BTreeMap<&'static str, u64>>,
-    /// Messages between the consumed position and the high watermark, summed over partitions
-    /// (kept by the job's lag monitor from `positions`).
-    pub lag: AtomicU64,
     /// Per partition: where the source is (updated after every poll of this worker's
     /// partitions) and, from the lag monitor, how far behind.
     pub positions: std::sync::Mutex<BTreeMap<u32, PartitionPosition>>,
+}
+
+impl SourceProgress {
+    /// Messages between the consumed positions and the high watermarks, over all partitions,
+    /// as of the lag monitor's last look.
+    pub fn lag(&self) -> u64 {
+        self.positions.lock().map_or(0, |p| p.values().map(|position| position.lag_messages).sum())
+    }
 }
 
 /// One partition's place in the stream, for the lag metrics.
