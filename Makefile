@@ -65,11 +65,8 @@ lint: ## cargo fmt --check and clippy with warnings as errors.
 	cargo fmt --all -- --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
 
-test: up lint ui ## Every test: unit, integration against the real services, the UI in Chromium, schema on current ClickHouse.
-	@# The integration tests run the binaries of other crates too (videocount, event_stats, ingest, query).
-	cargo build --release --workspace --bins
-	cargo test --release --workspace -- --test-threads=1
-	@$(MAKE) --no-print-directory chdb-test
+test: up lint ui ## Every test (unit, integration against the real services, the UI in Chromium, schema on current ClickHouse), all run even if one fails; a line of totals.
+	@scripts/test.sh
 
 chdb-test: up ## sql/schema.sql on current ClickHouse (chdb), with the local ZooKeeper.
 	@$(PYTHON) -c 'import chdb, pytest' 2>/dev/null || $(PYTHON) -m pip install -q chdb pytest

@@ -510,10 +510,11 @@ fn a_stalled_slow_stream_does_not_delay_fast_results() {
         assert!(started.elapsed() < std::time::Duration::from_secs(60), "fast results did not arrive");
         common::sleep_ms(50);
     }
-    // Had the fast stream waited for the slow one (2 s per epoch), the slow stream would have
-    // been nearly done by now.
+    // Had the fast stream waited for the slow one (2 s per epoch, some 15 epochs), every event
+    // would be sketched by now. How far the slow stream got meanwhile depends on the machine's
+    // speed, so only "not done" is asserted.
     let slow_then = counted("quantiles");
-    assert!(slow_then < 10_000, "the fast stream waited for the slow one ({slow_then} of 20000 sketched)");
+    assert!(slow_then < 20_000, "the fast stream waited for the slow one ({slow_then} of 20000 sketched)");
     let spill_file = spill_dir.join(format!("event_stats-{}-worker0.redb", env.topic.replace('-', "_")));
     assert!(spill_file.exists(), "the slow stream's backlog is on disk ({})", spill_file.display());
     while counted("quantiles") < 20_000 {

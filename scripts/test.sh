@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The test part of `make test`: every test binary runs even when one fails (--no-fail-fast),
+# then the schema on current ClickHouse (chdb), then one line of totals, so a failure never
+# hides the tests after it. Exits non-zero when anything failed.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+mkdir -p var
+log=var/test.log
+started=$SECONDS
+
+# The integration tests run the binaries of other crates too (videocount, event_stats, ingest, query).
+cargo build --release --workspace --bins || exit 1
+cargo test --release --workspace --no-fail-fast -- --test-threads=1 2>&1 | tee "$log"
+cargo_status=${PIPESTATUS[0]}
+make --no-print-directory chdb-test 2>&1 | tee var/chdb-test.log
+chdb_status=${PIPESTATUS[0]}
+
+# `test result: ok. 12 passed; 0 failed; 1 ignored; ...` once per test binary and doctest run.
+read -r binaries passed failed ignored < <(awk '
+    /^test result: / { n++; for (i = 1; i <= NF; i++) {
+        if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) g += $i } }
+    END { printf "%d %d %d %d\n", n, p, f, g }' "$log")
+# pytest: `5 passed, 1 failed in 3.2s`
+chdb=$(grep -Eo '[0-9]+ (passed|failed|error)[^=]* in [0-9.]+s' var/chdb-test.log | tail -n 1)
+# Under `failures:` each failed test on its own indented line; with --no-fail-fast cargo ends
+# with the failed targets as `-p crate --test name`.
+failing=$(grep -E '^    ([a-z_0-9:]+|`-p .*`)$' "$log" | sed 's/^ *//' | sort -u | paste -sd ' ' -)
+
+elapsed=$((SECONDS - started))
+summary="make test: cargo ${passed} passed, ${failed} failed, ${ignored} ignored in ${binaries} test runs; chdb ${chdb:-did not run}; $((elapsed / 60))m $((elapsed % 60))s"
+if [ "$cargo_status" -ne 0 ] || [ "$chdb_status" -ne 0 ]; then
+    [ -n "$failing" ] && echo "failing: $failing"
+    echo "$summary: FAILED (cargo exit $cargo_status, chdb exit $chdb_status)"
+    exit 1
+fi
+echo "$summary: all passed"
