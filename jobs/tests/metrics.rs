@@ -62,9 +62,8 @@ fn assert_cpu_counter_moves(runtime: &tokio::runtime::Runtime, url: &str, name: 
     let mut scrapes = 0;
     while last <= start {
         assert!(Instant::now() < deadline, "{name} stayed at {start} over {scrapes} scrapes of {url}");
-        let text = runtime.block_on(async {
-            http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap()
-        });
+        let text =
+            runtime.block_on(async { http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap() });
         let now = value(&parse_samples(&text), name, &[]).unwrap_or_else(|| panic!("{url} exports {name}"));
         assert!(now >= last, "{name} went back from {last} to {now}");
         last = now;
