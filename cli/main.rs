@@ -3,20 +3,17 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use videocount_clickhouse::{ClickHouse, ClickHouseConfig, replay, schema};
-use videocount_operators::aggregate::Registry;
-use videocount_query::compact::compact;
+use videocount_aggregates::Registry;
+use videocount_clickhouse::compact::compact;
+use videocount_clickhouse::config::ClickHouseArgs;
+use videocount_clickhouse::{ClickHouse, replay, schema};
 use videocount_query::{QueryError, Reader, TimeRange, format_time, parse_time};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Operate a videocount ClickHouse database.")]
 struct Cli {
-    /// ClickHouse HTTP endpoint.
-    #[arg(long, global = true, env = "CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
-    clickhouse_url: String,
-    /// Database holding the tables of sql/schema.sql.
-    #[arg(long, global = true, env = "CLICKHOUSE_DATABASE", default_value = "video_counts")]
-    database: String,
+    #[command(flatten)]
+    clickhouse: ClickHouseArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -112,13 +109,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    videocount_http::init_logging();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -131,13 +122,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 impl Range {
     fn resolve(&self) -> Result<TimeRange, QueryError> {
-        TimeRange::new(self.from, self.to.unwrap_or_else(now_ms))
+        TimeRange::new(self.from, self.to.unwrap_or_else(videocount_events::clock::now_ms))
     }
 }
 
@@ -161,11 +148,7 @@ fn print_number(range: &Range, resolved: TimeRange, value: Option<f64>, fields: 
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = ClickHouseConfig {
-        url: cli.clickhouse_url.clone(),
-        database: cli.database.clone(),
-        ..ClickHouseConfig::default()
-    };
+    let config = cli.clickhouse.config();
     config.validate()?;
     let clickhouse = ClickHouse::new(config);
     let reader = Reader::new(clickhouse.clone(), Registry::builtin());
@@ -194,10 +177,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print_number(&range, resolved, answer.value, fields);
             }
             Command::Compact { topic, job_name, grace_secs } => {
-                let now = now_ms() / 1000;
-                let report = compact(&clickhouse, &Registry::builtin(), &job_name, &topic, now, grace_secs)
-                    .await
-                    .with_context(|| format!("compacting the stats of {job_name} on {topic} in {}", cli.database))?;
+                let now = u64::from(videocount_events::clock::now_secs());
+                let report =
+                    compact(&clickhouse, &Registry::builtin(), &job_name, &topic, now, grace_secs).await.with_context(
+                        || format!("compacting the stats of {job_name} on {topic} in {}", cli.clickhouse.database),
+                    )?;
                 if report.is_empty() {
                     println!("nothing to compact");
                 }
@@ -210,14 +194,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Command::Schema => {
                 schema::apply(&clickhouse).await.with_context(|| {
-                    format!("applying sql/schema.sql to {} at {}", cli.database, cli.clickhouse_url)
+                    format!("applying sql/schema.sql to {} at {}", cli.clickhouse.database, cli.clickhouse.url)
                 })?;
-                println!("schema applied to database {}", cli.database);
+                println!("schema applied to database {}", cli.clickhouse.database);
             }
             Command::Replay { topic, job_name, keep_old } => {
                 let report = replay::replay_from_raw(&clickhouse, &job_name, &topic, keep_old)
                     .await
-                    .with_context(|| format!("replaying {} in {}", topic, cli.database))?;
+                    .with_context(|| format!("replaying {} in {}", topic, cli.clickhouse.database))?;
                 println!(
                     "replayed {} events (epochs up to {:?}) into fresh count tables and swapped them in{}",
                     report.events,

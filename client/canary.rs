@@ -7,7 +7,9 @@
 //! acknowledged in the event's minute.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use videocount_events::clock::now_ms;
 
 use tokio::time::Instant;
 
@@ -47,10 +49,6 @@ pub struct Canary {
     pub timeout: Duration,
     /// How often it asks the read API meanwhile.
     pub poll: Duration,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Canary {

@@ -10,6 +10,8 @@
 //! timestamp, never the wall clock), so re-running an epoch after a crash rejects exactly the
 //! same messages.
 
+pub mod clock;
+
 use std::borrow::Cow;
 
 use compact_str::CompactString;
@@ -26,6 +28,10 @@ pub struct Event {
     /// Event time, epoch milliseconds UTC.
     pub ts_ms: u64,
 }
+
+/// An item with the Kafka partition and offset it was read from: what the source emits and
+/// the raw log and dead letters record.
+pub type Located<E = Event> = (E, u32, u64);
 
 /// The event type used when a message has none.
 pub const DEFAULT_EVENT_TYPE: &str = "view";

@@ -1,5 +1,7 @@
 //! What the HTTP services (`ingest`, `query`) share: the process main, the shutdown signal,
-//! and a middleware that bounds every request by a deadline and counts and times it by route.
+//! the JSON error answer ([`ApiError`]), and a middleware that bounds every request by a
+//! deadline and counts and times it by route. Also what every binary shares: the logging
+//! set-up and the process metrics.
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -16,12 +18,14 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+mod error;
 mod process;
+pub use error::ApiError;
 pub use process::{ProcessCollector, process_usage};
 
-/// Logs to stderr (`RUST_LOG`, default `info`), runs `service` on a multi-threaded runtime and
-/// turns its error into a message and exit code 1.
-pub fn main(name: &str, service: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+/// Logs of every binary (services, jobs, CLI) go to stderr; `RUST_LOG` filters (default
+/// `info`); colour only on a terminal.
+pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
@@ -29,6 +33,12 @@ pub fn main(name: &str, service: impl Future<Output = anyhow::Result<()>>) -> Ex
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// Logs ([`init_logging`]), runs `service` on a multi-threaded runtime and turns its error into
+/// a message and exit code 1.
+pub fn main(name: &str, service: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

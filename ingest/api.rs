@@ -5,7 +5,7 @@
 //! is counted and never becomes a dead letter downstream.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -18,9 +18,10 @@ use axum::routing::{get, post};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use videocount_aggregates::FunctionsConfig;
+use videocount_events::clock::now_ms;
 use videocount_events::{RejectReason, Rejection, TimeLimits, parse_stats_event};
-use videocount_http::Tracking;
-use videocount_operators::aggregate::FunctionsConfig;
+use videocount_http::{ApiError, Tracking};
 
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::publish::{Outgoing, PublishError, Publisher};
@@ -63,37 +64,14 @@ pub fn router(state: Arc<AppState>, request_timeout: Duration) -> Router {
         .with_state(state)
 }
 
-/// An error answer: `{"error": reason, "field": ..., "message": ...}`, and `Retry-After` on 503.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    body: Value,
-    retry_after: Option<Duration>,
+/// The answer to an event that failed validation.
+fn rejected(rejection: &Rejection) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, rejection.reason.as_str(), field(rejection.reason), &rejection.detail)
 }
 
-impl ApiError {
-    fn new(status: StatusCode, error: &str, field: &str, message: impl Into<String>) -> Self {
-        ApiError { status, body: json!({"error": error, "field": field, "message": message.into()}), retry_after: None }
-    }
-
-    fn rejected(rejection: &Rejection) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, rejection.reason.as_str(), field(rejection.reason), &rejection.detail)
-    }
-
-    fn unavailable(error: &PublishError, body: Value) -> Self {
-        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, body, retry_after: Some(error.retry_after()) }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(self.body)).into_response();
-        if let Some(wait) = self.retry_after {
-            let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        response
-    }
+/// The answer when Kafka did not take the events: `body` says which, `Retry-After` when to retry.
+fn unavailable(error: &PublishError, body: Value) -> ApiError {
+    ApiError { status: StatusCode::SERVICE_UNAVAILABLE, body, retry_after: Some(error.retry_after()) }
 }
 
 /// The field of an event a reject reason is about.
@@ -108,10 +86,6 @@ fn field(reason: RejectReason) -> &'static str {
         InvalidViewerId | MissingViewerId => "viewer_id",
         InvalidFunction | UnknownFunction => "function",
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The canonical form of an accepted event on the topic (`ts` always set).
@@ -272,14 +246,14 @@ async fn single(
     let assembled =
         Assembled { video_id, event_type, function, value: fields.value, viewer_id: fields.viewer_id, ts: fields.ts };
     let json = serde_json::to_vec(&assembled).expect("path strings and raw JSON always serialize");
-    let outgoing = state.validate(&json, now_ms()).map_err(|rejection| {
+    let outgoing = state.validate(&json, now_ms() as i64).map_err(|rejection| {
         state.count_rejection(rejection.reason);
-        ApiError::rejected(&rejection)
+        rejected(&rejection)
     })?;
     match state.publish(std::slice::from_ref(&outgoing)).await {
         Ok(()) => Ok((StatusCode::ACCEPTED, axum::Json(json!({"accepted": 1}))).into_response()),
         Err((error, _)) => {
-            Err(ApiError::unavailable(&error, json!({"error": "kafka unavailable", "message": error.to_string()})))
+            Err(unavailable(&error, json!({"error": "kafka unavailable", "message": error.to_string()})))
         }
     }
 }
@@ -334,7 +308,7 @@ async fn process_events(
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "no events", "body", "the body holds no events"));
     }
 
-    let now = now_ms();
+    let now = now_ms() as i64;
     let mut accepted = Vec::with_capacity(items.len());
     let mut indexes = Vec::with_capacity(items.len());
     let mut rejected = Vec::new();
@@ -373,7 +347,7 @@ async fn process_events(
             .into_response()),
         Err((error, failed)) => {
             let failed: Vec<usize> = failed.iter().map(|&i| indexes[i]).collect();
-            Err(ApiError::unavailable(
+            Err(unavailable(
                 &error,
                 json!({
                     "error": "kafka unavailable",

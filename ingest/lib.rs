@@ -22,10 +22,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tracing::{info, warn};
+use videocount_aggregates::FunctionsConfig;
 use videocount_client::BreakerConfig;
 use videocount_events::TimeLimits;
-use videocount_operators::aggregate::FunctionsConfig;
-use videocount_operators::kafka_source::parse_kafka_option;
 
 use crate::api::AppState;
 use crate::publish::{Publisher, PublisherConfig};
@@ -66,7 +65,7 @@ pub struct IngestArgs {
     #[arg(long, env = "VIDEOCOUNT_INGEST_BREAKER_OPEN_MS", default_value_t = 2_000)]
     pub breaker_open_ms: u64,
     /// Raw librdkafka producer setting KEY=VALUE (repeatable), e.g. -X linger.ms=20.
-    #[arg(short = 'X', value_parser = parse_kafka_option)]
+    #[arg(short = 'X', value_parser = videocount_kafka::parse_option)]
     pub kafka_options: Vec<(String, String)>,
 }
 
@@ -92,7 +91,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     }
     let functions = FunctionsConfig::load_or_default(args.functions.as_deref())?;
     let publisher = Publisher::new(PublisherConfig {
-        brokers: args.brokers.clone(),
+        kafka: videocount_kafka::KafkaClients::new(args.brokers.clone(), args.kafka_options.clone()),
         topic: args.topic.clone(),
         delivery_timeout: Duration::from_millis(args.delivery_timeout_ms),
         queue_capacity: args.queue_capacity,
@@ -100,7 +99,6 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
             failures_to_open: args.breaker_failures.max(1),
             open_for: Duration::from_millis(args.breaker_open_ms),
         },
-        options: args.kafka_options.clone(),
     })
     .context("cannot create the Kafka producer")?;
     match publisher.ready(Duration::from_secs(5)).await {

@@ -10,6 +10,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::warn;
 use videocount_client::{BreakerConfig, BreakerState, CircuitBreaker};
+use videocount_kafka::KafkaClients;
 
 /// One event ready for the topic: keyed by its video, in the canonical JSON of the event format.
 #[derive(Clone, Debug)]
@@ -41,7 +42,9 @@ impl PublishError {
 /// Settings of the producer side.
 #[derive(Clone, Debug)]
 pub struct PublisherConfig {
-    pub brokers: String,
+    /// The brokers and the raw librdkafka settings (`-X key=value`), applied before the ones
+    /// the service relies on.
+    pub kafka: KafkaClients,
     pub topic: String,
     /// Kafka must acknowledge an event within this long (librdkafka's `message.timeout.ms`);
     /// after it the event is answered as failed. Requests never wait longer than this.
@@ -49,8 +52,22 @@ pub struct PublisherConfig {
     /// Messages the producer queue holds at most; beyond, requests get 503 at once.
     pub queue_capacity: usize,
     pub breaker: BreakerConfig,
-    /// Raw librdkafka settings (`-X key=value`), applied before the ones the service relies on.
-    pub options: Vec<(String, String)>,
+}
+
+/// The producer's configuration: throughput defaults a user may change (a short linger fills
+/// batches without making single-event requests wait noticeably), the user's `-X` options,
+/// then what the service relies on.
+pub fn producer_config(config: &PublisherConfig) -> ClientConfig {
+    let mut kafka = config.kafka.config(&[("linger.ms", "5"), ("batch.size", "1000000"), ("compression.type", "lz4")]);
+    // No loss, no duplicates from librdkafka's own retries, no reordering within a video.
+    kafka.set("enable.idempotence", "true").set("acks", "all");
+    // Every delivery report arrives within the request's deadline: a request never returns
+    // while its events could still be written later.
+    kafka.set("message.timeout.ms", config.delivery_timeout.as_millis().to_string());
+    kafka.set("queue.buffering.max.messages", config.queue_capacity.to_string());
+    // The Java clients' partitioner: producers in any language agree on a video's partition.
+    kafka.set("partitioner", "murmur2_random");
+    kafka
 }
 
 pub struct Publisher {
@@ -64,23 +81,7 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(config: PublisherConfig) -> Result<Self, KafkaError> {
-        let mut kafka = ClientConfig::new();
-        kafka.set("bootstrap.servers", &config.brokers);
-        // Throughput defaults a user may change: a short linger fills batches without making
-        // single-event requests wait noticeably.
-        kafka.set("linger.ms", "5").set("batch.size", "1000000").set("compression.type", "lz4");
-        for (key, value) in &config.options {
-            kafka.set(key, value);
-        }
-        // No loss, no duplicates from librdkafka's own retries, no reordering within a video.
-        kafka.set("enable.idempotence", "true").set("acks", "all");
-        // Every delivery report arrives within the request's deadline: a request never returns
-        // while its events could still be written later.
-        kafka.set("message.timeout.ms", config.delivery_timeout.as_millis().to_string());
-        kafka.set("queue.buffering.max.messages", config.queue_capacity.to_string());
-        // The Java clients' partitioner: producers in any language agree on a video's partition.
-        kafka.set("partitioner", "murmur2_random");
-        let producer = kafka.create()?;
+        let producer = producer_config(&config).create()?;
         let breaker = CircuitBreaker::new(config.breaker);
         Ok(Publisher { producer, config, breaker, readiness: tokio::sync::Mutex::new(None) })
     }

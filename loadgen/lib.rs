@@ -3,7 +3,7 @@
 //! out of the time window, and the counts a correct job must produce.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -84,12 +84,7 @@ pub struct Generator {
 impl Generator {
     pub fn new(spec: Spec) -> Self {
         let zipf = Zipf::new(spec.videos.max(1) as f64, 1.1).expect("valid zipf");
-        Generator {
-            rng: StdRng::seed_from_u64(spec.seed),
-            spec,
-            zipf,
-            now_ms: SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64,
-        }
+        Generator { rng: StdRng::seed_from_u64(spec.seed), spec, zipf, now_ms: videocount_events::clock::now_ms() }
     }
 
     fn video(&mut self) -> String {

@@ -11,7 +11,7 @@ mod stress;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tracing::info;
 use videocount_client::canary::Canary;
 use videocount_client::{Client, ClientConfig, ClientError, Event};
+use videocount_events::clock::now_ms;
 
 pub use stress::{Saturation, Step, StressConfig, StressReport, stress};
 
@@ -160,10 +161,6 @@ impl LoadReport {
             ),
         }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn quantiles(histogram: &Histogram<u64>, scale: f64) -> Quantiles {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use compact_str::CompactString;
 use videocount_clickhouse::rows::{CountRow, Grain, Insert, counts_block};
-use videocount_events::Event;
+use videocount_events::{Event, Located};
 
 /// A fast, non-cryptographic hasher: keys come from our own validated events.
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -51,8 +51,8 @@ impl EventCounts {
     }
 }
 
-impl EpochState<(Event, u32, u64)> for EventCounts {
-    fn absorb(&mut self, (event, _, _): (Event, u32, u64)) {
+impl EpochState<Located> for EventCounts {
+    fn absorb(&mut self, (event, _, _): Located) {
         self.add(event);
     }
 }

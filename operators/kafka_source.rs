@@ -23,12 +23,14 @@ use rdkafka::{Offset, TopicPartitionList};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::source;
-use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::{Scope, Stream};
 use tracing::{info, warn};
 use videocount_clickhouse::checkpoints::{JobState, Range};
 use videocount_clickhouse::rows::{DeadLetterRow, stored_payload};
 use videocount_events::{Event, Rejection, TimeLimits};
+use videocount_kafka::KafkaClients;
+
+use crate::back_pressure::Throttle;
 
 /// What the source emits.
 #[derive(Clone, Debug, PartialEq)]
@@ -75,44 +77,24 @@ pub struct PartitionPosition {
     pub lag_seconds: f64,
 }
 
-/// A raw librdkafka setting as given on a command line, `KEY=VALUE` (both trimmed).
-pub fn parse_kafka_option(text: &str) -> Result<(String, String), String> {
-    let (key, value) = text.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))?;
-    Ok((key.trim().to_owned(), value.trim().to_owned()))
-}
-
 /// Settings of the source.
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
     /// Job name: in dead letters and the consumer's client id.
     pub job: String,
     pub topic: String,
-    pub brokers: String,
-    /// Raw librdkafka options, applied before the ones the job depends on.
-    pub kafka_options: Vec<(String, String)>,
+    /// The brokers and the user's raw librdkafka options.
+    pub kafka: KafkaClients,
     /// Number of partitions of `topic`.
     pub partitions: u32,
     pub epoch_interval: Duration,
     pub limits: TimeLimits,
     /// Stop at the high watermarks seen at start.
     pub until_caught_up: bool,
-    /// Stop reading while this many epochs are not yet written (by [`Throttle::written`]).
-    pub max_epochs_in_flight: u64,
-    /// Stop reading while this many epochs are not yet committed (by [`Throttle::committed`]).
-    pub max_commit_lag: u64,
     pub state: Arc<JobState>,
     /// Set by SIGINT/SIGTERM: close the current epoch and stop.
     pub shutdown: Arc<AtomicBool>,
     pub progress: Arc<SourceProgress>,
-}
-
-/// What the source waits on before it reads ahead: the frontier of the writes that must keep
-/// up with it (`written`), and the frontier of the commits (`committed`), which may lag further
-/// behind when a slow stream keeps its backlog out of memory.
-#[derive(Clone)]
-pub struct Throttle {
-    pub written: ProbeHandle<u64>,
-    pub committed: ProbeHandle<u64>,
 }
 
 /// A source that cannot start.
@@ -124,23 +106,19 @@ pub enum SourceError {
 
 /// The consumer configuration: tuning defaults, then the user's options, then what the job
 /// relies on (which the user cannot override).
-pub fn consumer_config(config: &SourceConfig, worker: usize) -> ClientConfig {
-    let mut client = ClientConfig::new();
+pub fn consumer_config(kafka: &KafkaClients, job: &str, worker: usize) -> ClientConfig {
     // Defaults for catching up fast: 1 MiB per partition per fetch (librdkafka's default)
     // capped a consumer at ~250k small events/s here; the prefetch queue holds a few epochs.
+    let mut client = kafka.config(&[
+        ("max.partition.fetch.bytes", "16777216"),
+        ("fetch.max.bytes", "67108864"),
+        ("queued.max.messages.kbytes", "131072"),
+        ("fetch.wait.max.ms", "50"),
+    ]);
     client
-        .set("max.partition.fetch.bytes", "16777216")
-        .set("fetch.max.bytes", "67108864")
-        .set("queued.max.messages.kbytes", "131072")
-        .set("fetch.wait.max.ms", "50");
-    for (key, value) in &config.kafka_options {
-        client.set(key, value);
-    }
-    client
-        .set("bootstrap.servers", &config.brokers)
-        .set("client.id", format!("videocount-{}-{worker}", config.job))
+        .set("client.id", format!("videocount-{job}-{worker}"))
         // Only for monitoring tools; partitions are assigned by hand, never by the group.
-        .set("group.id", format!("videocount-{}", config.job))
+        .set("group.id", format!("videocount-{job}"))
         // Offsets are the job's state, recorded in ClickHouse with its output.
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -272,7 +250,7 @@ where
     let worker = scope.index();
     let peers = scope.peers();
     let kafka_err = |source| SourceError::Kafka { topic: config.topic.clone(), source };
-    let consumer: BaseConsumer = consumer_config(&config, worker).create().map_err(kafka_err)?;
+    let consumer: BaseConsumer = consumer_config(&config.kafka, &config.job, worker).create().map_err(kafka_err)?;
 
     let owned: Vec<u32> = (0..config.partitions).filter(|p| *p as usize % peers == worker).collect();
     let mut partitions: BTreeMap<u32, PartitionCursor> = BTreeMap::new();
@@ -334,9 +312,8 @@ where
                 info!(worker, epoch = live_epoch, "shutdown requested: closing the current epoch");
                 stopping = true;
             }
-            // Back-pressure: wait while too many epochs are not yet committed.
-            let saturated = throttle.written.less_than(&live_epoch.saturating_sub(config.max_epochs_in_flight))
-                || throttle.committed.less_than(&live_epoch.saturating_sub(config.max_commit_lag));
+            // Back-pressure (crate::back_pressure): wait while the writes or commits lag.
+            let saturated = throttle.blocked(live_epoch).is_some();
 
             let mut more = false;
             if replaying || (!stopping && !saturated) {

@@ -1,4 +1,5 @@
-//! Timely operators of the videocount jobs, one per file:
+//! Timely operators of the videocount jobs, one per file, and the per-epoch state types they
+//! fold into:
 //!
 //! - [`kafka_source`]: reads the partitions a worker owns, parses each message into an event
 //!   or a dead letter, and closes an epoch every interval, emitting the epoch's offset ranges;
@@ -6,19 +7,24 @@
 //! - [`flush_epochs`]: gathers a stream per epoch and, once the frontier (and a gate) passed
 //!   the epoch, hands its blocks to the bounded ClickHouse write queue, holding the epoch's
 //!   capability until they are written.
-//! - [`count_events`]: the per-epoch state that counts events per (video, type, minute) and
+//! - [`back_pressure`]: the protocol between the source, the writes and the commit (who may
+//!   read ahead, who waits for whom), and the source's side of it, [`Throttle`].
+//! - [`count_events`]: the per-epoch state type that counts events per (video, type, minute) and
 //!   rolls the counts up to hours and days.
-//! - [`aggregate`]: aggregate functions as an open set (one trait, one file per aggregate),
-//!   and the functions config of `event_stats`.
-//! - [`aggregate_events`]: `event_stats`' fast and slow streams (`PreAggregate`) and the
-//!   per-epoch merge of partial states into minute, hour and day rows.
+//! - [`pre_aggregate`]: `event_stats`' fast and slow streams (`PreAggregate`), with the slow
+//!   stream's backlog in a [`spill`] file;
+//! - [`stats_epoch`]: the per-epoch partial states of aggregate functions and their merge into
+//!   minute, hour and day rows (a state type, like [`count_events`]).
 
-pub mod aggregate;
-pub mod aggregate_events;
+pub mod back_pressure;
 pub mod count_events;
 pub mod flush_epochs;
 pub mod kafka_source;
+pub mod pre_aggregate;
+pub mod spill;
+pub mod stats_epoch;
 
+pub use back_pressure::Throttle;
 pub use count_events::EventCounts;
 pub use flush_epochs::{EpochState, FlushEpochs};
 pub use kafka_source::{SourceConfig, SourceItem, kafka_source};

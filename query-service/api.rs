@@ -7,20 +7,21 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 use tower_http::services::{ServeDir, ServeFile};
 use videocount_clickhouse::SinkError;
+use videocount_events::clock::now_ms;
 use videocount_events::{DEFAULT_EVENT_TYPE, valid_event_type, valid_video_id};
-use videocount_http::Tracking;
+use videocount_http::{ApiError, Tracking};
 use videocount_query::{CountPlan, Edges, Grain, QueryError, Reader, TimeRange, format_time, parse_time};
 
 use crate::hot::HotCache;
@@ -75,56 +76,27 @@ async fn no_route() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not found", "path", "no such route; GET /openapi.json lists them")
 }
 
-/// An error answer: `{"error": ..., "field": ..., "message": ...}`, and `Retry-After` on 503.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    body: Value,
-    retry_after: Option<u64>,
+/// A bad argument: 400 naming `field`.
+fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid argument", field, message)
 }
 
-impl ApiError {
-    fn new(status: StatusCode, error: &str, field: &str, message: impl Into<String>) -> Self {
-        ApiError { status, body: json!({"error": error, "field": field, "message": message.into()}), retry_after: None }
-    }
-
-    fn invalid(field: &str, message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid argument", field, message)
-    }
-
-    /// A failed query: the caller's fault (400, naming `field`), ClickHouse unavailable (503)
-    /// or anything else (500).
-    fn from_query(state: &AppState, error: QueryError, field: &str) -> Self {
-        match error {
-            QueryError::Invalid(message) => ApiError::invalid(field, message),
-            QueryError::Store(SinkError::Unavailable(message)) => {
-                state.metrics.clickhouse_errors.inc();
-                ApiError {
-                    retry_after: Some(1),
-                    ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "clickhouse unavailable", "", message)
-                }
-            }
-            other => {
-                state.metrics.clickhouse_errors.inc();
-                tracing::error!(error = %other, "query failed");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "", other.to_string())
-            }
+/// A failed query: the caller's fault (400, naming `field`), ClickHouse unavailable (503)
+/// or anything else (500).
+fn query_error(state: &AppState, error: QueryError, field: &str) -> ApiError {
+    match error {
+        QueryError::Invalid(message) => invalid(field, message),
+        QueryError::Store(SinkError::Unavailable(message)) => {
+            state.metrics.clickhouse_errors.inc();
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "clickhouse unavailable", "", message)
+                .retry_after(Duration::from_secs(1))
+        }
+        other => {
+            state.metrics.clickhouse_errors.inc();
+            tracing::error!(error = %other, "query failed");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "", other.to_string())
         }
     }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(self.body)).into_response();
-        if let Some(seconds) = self.retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        response
-    }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The query string, or a 400 naming what is wrong with it.
@@ -132,9 +104,9 @@ struct Params(HashMap<String, String>);
 
 impl Params {
     fn new(query: Result<Query<HashMap<String, String>>, QueryRejection>, allowed: &[&str]) -> Result<Self, ApiError> {
-        let Query(map) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+        let Query(map) = query.map_err(|e| invalid("query", e.body_text()))?;
         if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(ApiError::invalid(
+            return Err(invalid(
                 unknown,
                 format!("unknown parameter {unknown:?}; this route takes {}", allowed.join(", ")),
             ));
@@ -147,7 +119,7 @@ impl Params {
     }
 
     fn time(&self, name: &str) -> Result<Option<u64>, ApiError> {
-        self.get(name).map(|text| parse_time(text).map_err(|message| ApiError::invalid(name, message))).transpose()
+        self.get(name).map(|text| parse_time(text).map_err(|message| invalid(name, message))).transpose()
     }
 
     /// `[from, to)`: `from` required unless `default_span` is given; `to` defaults to now.
@@ -156,9 +128,9 @@ impl Params {
         let from = match (self.time("from")?, default_span) {
             (Some(from), _) => from,
             (None, Some(span)) => to.saturating_sub(span),
-            (None, None) => return Err(ApiError::invalid("from", "from is required: RFC 3339 or epoch milliseconds")),
+            (None, None) => return Err(invalid("from", "from is required: RFC 3339 or epoch milliseconds")),
         };
-        TimeRange::new(from, to).map_err(|e| ApiError::invalid("range", e.to_string()))
+        TimeRange::new(from, to).map_err(|e| invalid("range", e.to_string()))
     }
 }
 
@@ -166,7 +138,7 @@ fn check_video(video_id: &str) -> Result<(), ApiError> {
     if valid_video_id(video_id) {
         Ok(())
     } else {
-        Err(ApiError::invalid("video_id", format!("{video_id:?} is not 1-64 characters of [A-Za-z0-9_-]")))
+        Err(invalid("video_id", format!("{video_id:?} is not 1-64 characters of [A-Za-z0-9_-]")))
     }
 }
 
@@ -174,7 +146,7 @@ fn check_type(event_type: &str) -> Result<(), ApiError> {
     if valid_event_type(event_type) {
         Ok(())
     } else {
-        Err(ApiError::invalid("event_type", format!("{event_type:?} is not 1-32 characters of [a-z0-9_]")))
+        Err(invalid("event_type", format!("{event_type:?} is not 1-32 characters of [a-z0-9_]")))
     }
 }
 
@@ -193,16 +165,13 @@ async fn count_range(state: &AppState, video_id: &str, event_type: &str, range: 
     if let Some(hot) = &state.hot
         && end > hot.horizon_s()
         && let Some((horizon, total)) =
-            hot.count(video_id, event_type, start, end).await.map_err(|e| ApiError::from_query(state, e, "range"))?
+            hot.count(video_id, event_type, start, end).await.map_err(|e| query_error(state, e, "range"))?
     {
         from_memory = total;
         rest.minutes.1 = end.min(horizon).max(start);
     }
-    let stored = state
-        .reader
-        .count_plan(video_id, event_type, &rest)
-        .await
-        .map_err(|e| ApiError::from_query(state, e, "range"))?;
+    let stored =
+        state.reader.count_plan(video_id, event_type, &rest).await.map_err(|e| query_error(state, e, "range"))?;
     let edges = match state.reader.edges() {
         Edges::Raw => "raw",
         Edges::WholeMinutes => "whole_minutes",
@@ -244,13 +213,13 @@ async fn stats(
 ) -> Result<axum::Json<Value>, ApiError> {
     check_video(&video_id)?;
     check_type(&event_type)?;
-    state.reader.function(&function).map_err(|e| ApiError::invalid("function", e.to_string()))?;
+    state.reader.function(&function).map_err(|e| invalid("function", e.to_string()))?;
     let range = Params::new(query, &["from", "to"])?.range(None)?;
     let answer = state
         .reader
         .stats(&video_id, &event_type, &function, range)
         .await
-        .map_err(|e| ApiError::from_query(&state, e, "range"))?;
+        .map_err(|e| query_error(&state, e, "range"))?;
     let minutes = CountPlan::new(range, Edges::WholeMinutes).minute_range();
     Ok(axum::Json(json!({
         "video_id": video_id,
@@ -289,13 +258,10 @@ async fn series(
         Some("minute") => Grain::Minute,
         Some("hour") => Grain::Hour,
         Some("day") => Grain::Day,
-        Some(other) => return Err(ApiError::invalid("step", format!("{other:?} is not minute, hour or day"))),
+        Some(other) => return Err(invalid("step", format!("{other:?} is not minute, hour or day"))),
     };
-    let points = state
-        .reader
-        .series(&video_id, &event_type, range, step)
-        .await
-        .map_err(|e| ApiError::from_query(&state, e, "step"))?;
+    let points =
+        state.reader.series(&video_id, &event_type, range, step).await.map_err(|e| query_error(&state, e, "step"))?;
     let total: u64 = points.iter().map(|p| p.1).sum();
     let points: Vec<Value> =
         points.into_iter().map(|(t, n)| json!({"t": format_time(t * 1000), "t_ms": t * 1000, "count": n})).collect();
@@ -316,16 +282,16 @@ async fn top(
     let params = Params::new(query, &["event_type", "from", "to", "limit"])?;
     let event_type = params.get("event_type").unwrap_or(DEFAULT_EVENT_TYPE).to_owned();
     check_type(&event_type)?;
-    let limit =
-        match params.get("limit") {
-            None => 10,
-            Some(text) => text.parse::<u32>().ok().filter(|n| (1..=MAX_TOP).contains(n)).ok_or_else(|| {
-                ApiError::invalid("limit", format!("{text:?} is not a whole number from 1 to {MAX_TOP}"))
-            })?,
-        };
+    let limit = match params.get("limit") {
+        None => 10,
+        Some(text) => text
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_TOP).contains(n))
+            .ok_or_else(|| invalid("limit", format!("{text:?} is not a whole number from 1 to {MAX_TOP}")))?,
+    };
     let range = params.range(Some(3_600_000))?;
-    let videos =
-        state.reader.top(&event_type, range, limit).await.map_err(|e| ApiError::from_query(&state, e, "range"))?;
+    let videos = state.reader.top(&event_type, range, limit).await.map_err(|e| query_error(&state, e, "range"))?;
     let videos: Vec<Value> = videos.into_iter().map(|(id, n)| json!({"video_id": id, "count": n})).collect();
     Ok(axum::Json(json!({
         "event_type": event_type,
@@ -338,8 +304,8 @@ async fn top(
 async fn live_panel(State(state): State<Arc<AppState>>) -> Result<axum::Json<Value>, ApiError> {
     let clickhouse = state.reader.clickhouse();
     let (jobs, dead) = tokio::join!(live::jobs(clickhouse), live::dead_letters(clickhouse, 10));
-    let jobs = jobs.map_err(|e| ApiError::from_query(&state, e, ""))?;
-    let dead = dead.map_err(|e| ApiError::from_query(&state, e, ""))?;
+    let jobs = jobs.map_err(|e| query_error(&state, e, ""))?;
+    let dead = dead.map_err(|e| query_error(&state, e, ""))?;
     Ok(axum::Json(json!({
         "now": format_time(now_ms()),
         "golden": state.golden.snapshot(),

@@ -10,11 +10,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use rand::{Rng, SeedableRng};
 use videocount_clickhouse::{ClickHouse, ClickHouseConfig, schema};
+use videocount_events::clock::now_ms;
 
 #[derive(Parser, Debug)]
 #[command(about = "Loads a year of data and measures the read API against it.")]
@@ -73,10 +74,6 @@ enum Call {
 
 const DAY_MS: u64 = 86_400_000;
 const YEAR_MS: u64 = 365 * DAY_MS;
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
 
 async fn raw_events(clickhouse: &ClickHouse, condition: &str) -> anyhow::Result<u64> {
     let sql = format!("SELECT toUInt64(count()) FROM events_raw WHERE {condition}");

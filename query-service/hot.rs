@@ -13,13 +13,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clickhouse::Row;
 use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tracing::warn;
 use videocount_clickhouse::ClickHouse;
+use videocount_events::clock::now_secs;
 use videocount_query::QueryError;
 
 /// Keys per refresh query.
@@ -82,13 +83,9 @@ struct MinuteRow {
     total: u64,
 }
 
-fn now_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 impl HotCache {
     pub fn new(clickhouse: ClickHouse, config: HotConfig, stats: HotStats) -> HotCache {
-        let horizon_s = Self::horizon_at(now_s(), config.window_hours);
+        let horizon_s = Self::horizon_at(u64::from(now_secs()), config.window_hours);
         HotCache {
             clickhouse,
             config,
@@ -201,7 +198,7 @@ impl HotCache {
 
     /// Reads every cached key again and moves the horizon; drops idle keys.
     pub async fn refresh(&self) -> Result<(), QueryError> {
-        let horizon_s = Self::horizon_at(now_s(), self.config.window_hours);
+        let horizon_s = Self::horizon_at(u64::from(now_secs()), self.config.window_hours);
         let idle_before = self.started.elapsed().as_secs().saturating_sub(self.config.idle.as_secs());
         let keys: Vec<Key> = {
             let mut snapshot = self.state.write().expect("hot cache lock");

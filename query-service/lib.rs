@@ -25,10 +25,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tracing::{info, warn};
+use videocount_aggregates::Registry;
+use videocount_clickhouse::config::ClickHouseArgs;
 use videocount_clickhouse::{ClickHouse, ClickHouseConfig};
 use videocount_client::canary::Canary;
 use videocount_client::{Client, ClientConfig};
-use videocount_operators::aggregate::Registry;
 pub use videocount_query::CANARY_PREFIX;
 use videocount_query::{Edges, Reader};
 
@@ -43,12 +44,8 @@ pub struct QueryArgs {
     /// Address to listen on.
     #[arg(long, env = "VIDEOCOUNT_QUERY_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: SocketAddr,
-    /// ClickHouse HTTP endpoint.
-    #[arg(long, env = "CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
-    pub clickhouse_url: String,
-    /// Database holding the tables of sql/schema.sql.
-    #[arg(long, env = "CLICKHOUSE_DATABASE", default_value = "video_counts")]
-    pub database: String,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
     /// A ClickHouse query taking longer fails; the request gets 503 with Retry-After.
     #[arg(long, env = "VIDEOCOUNT_QUERY_CLICKHOUSE_TIMEOUT_MS", default_value_t = 2_000)]
     pub clickhouse_timeout_ms: u64,
@@ -101,10 +98,8 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
         anyhow::bail!("--clickhouse-timeout-ms and --hot-refresh-ms must be above 0");
     }
     let config = ClickHouseConfig {
-        url: args.clickhouse_url.clone(),
-        database: args.database.clone(),
         request_timeout: Duration::from_millis(args.clickhouse_timeout_ms),
-        ..ClickHouseConfig::default()
+        ..args.clickhouse.config()
     };
     config.validate()?;
     // Reads here touch a few granules each: one thread per query serves many clients better
@@ -113,7 +108,7 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
     let edges = if args.no_raw_edges { Edges::WholeMinutes } else { Edges::Raw };
     let reader = Reader::new(clickhouse.clone(), Registry::builtin()).with_edges(edges);
     match reader.ready().await {
-        Ok(()) => info!(url = %args.clickhouse_url, database = %args.database, "ClickHouse is ready"),
+        Ok(()) => info!(url = %args.clickhouse.url, database = %args.clickhouse.database, "ClickHouse is ready"),
         Err(error) => warn!(%error, "ClickHouse is not ready yet; requests get 503 until it is"),
     }
     let metrics = metrics::Metrics::new();

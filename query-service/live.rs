@@ -4,7 +4,7 @@
 //! dead letters.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
@@ -355,7 +355,7 @@ pub async fn jobs(clickhouse: &ClickHouse) -> Result<Vec<JobState>, QueryError> 
          ORDER BY job, topic",
     );
     let rows: Vec<Last> = clickhouse.fetch_all(query).await?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = u64::from(videocount_events::clock::now_secs());
     Ok(rows
         .into_iter()
         .map(|r| JobState {

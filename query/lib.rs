@@ -8,23 +8,24 @@
 //! buckets, 46 hour buckets and 118 minute buckets per key, whatever the data.
 //!
 //! Counts are summed in ClickHouse. Stats merge the stored states of the function's aggregate
-//! with the same code the job uses (`videocount_operators::aggregate`), then finish them; per
-//! bucket, the newest compacted state and the states of later epochs ([`compact`]).
+//! with the same code the job uses (`videocount_aggregates`), then finish them; per
+//! bucket, the newest compacted state and the states of later epochs (`videocount_clickhouse::compact`).
 
-pub mod compact;
+mod range;
 
 use clickhouse::Row;
 use serde::Deserialize;
+use videocount_aggregates::{Function, Registry};
 pub use videocount_clickhouse::rows::Grain;
+use videocount_clickhouse::states::{StoredState, live_states};
 use videocount_clickhouse::{ClickHouse, SinkError};
 use videocount_events::{DEFAULT_EVENT_TYPE, valid_event_type, valid_video_id};
-use videocount_operators::aggregate::{Function, Registry};
+
+pub use crate::range::{MAX_RANGE_MS, Segment, TimeRange, format_time, parse_time, segments};
+use crate::range::{ceil_to, floor_to};
 
 /// Video ids of the query service's freshness canaries start with this; top lists leave them out.
 pub const CANARY_PREFIX: &str = "videocount-canary";
-
-/// The longest range a query may ask for.
-pub const MAX_RANGE_MS: u64 = 10 * 366 * 86_400_000;
 
 /// Why a query cannot be answered.
 #[derive(Debug, thiserror::Error)]
@@ -40,107 +41,8 @@ pub enum QueryError {
     Corrupt(String),
 }
 
-/// A half-open range `[from_ms, to_ms)` of epoch milliseconds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TimeRange {
-    pub from_ms: u64,
-    pub to_ms: u64,
-}
-
-impl TimeRange {
-    /// Checks the order and the length of the range.
-    pub fn new(from_ms: u64, to_ms: u64) -> Result<Self, QueryError> {
-        if from_ms > to_ms {
-            return Err(QueryError::Invalid(format!("from ({from_ms}) is after to ({to_ms})")));
-        }
-        if to_ms - from_ms > MAX_RANGE_MS {
-            return Err(QueryError::Invalid("the range is longer than 10 years".into()));
-        }
-        if to_ms / 1000 > u64::from(u32::MAX) {
-            return Err(QueryError::Invalid("to is after the year 2106".into()));
-        }
-        Ok(TimeRange { from_ms, to_ms })
-    }
-}
-
-/// Parses a time: RFC 3339 (`2026-11-27T10:00:00Z`, any offset) or epoch milliseconds.
-pub fn parse_time(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        return text.parse::<u64>().map_err(|_| format!("{text:?} is too large for epoch milliseconds"));
-    }
-    let ts: jiff::Timestamp = text
-        .parse()
-        .map_err(|e| format!("{text:?} is neither RFC 3339 (2026-11-27T10:00:00Z) nor epoch milliseconds: {e}"))?;
-    u64::try_from(ts.as_millisecond()).map_err(|_| format!("{text:?} is before 1970"))
-}
-
-/// Formats epoch milliseconds as RFC 3339 UTC.
-pub fn format_time(ms: u64) -> String {
-    jiff::Timestamp::from_millisecond(ms as i64).map(|t| t.to_string()).unwrap_or_else(|_| ms.to_string())
-}
-
-/// A run of buckets of one grain: `[start, end)` in seconds (days too, at midnight).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Segment {
-    pub grain: Grain,
-    pub start_s: u64,
-    pub end_s: u64,
-}
-
-pub(crate) fn ceil_to(x: u64, step: u64) -> u64 {
-    x.div_ceil(step) * step
-}
-
-pub(crate) fn floor_to(x: u64, step: u64) -> u64 {
-    x / step * step
-}
-
-/// The minutes of `range` as whole days, whole hours and the remaining minutes.
-pub fn segments(range: TimeRange) -> Vec<Segment> {
-    let first = ceil_to(range.from_ms, 60_000) / 1000;
-    let end = ceil_to(range.to_ms, 60_000) / 1000;
-    let mut out = Vec::new();
-    if first >= end {
-        return out;
-    }
-    let push = |out: &mut Vec<Segment>, grain, start_s, end_s| {
-        if start_s < end_s {
-            out.push(Segment { grain, start_s, end_s });
-        }
-    };
-    let hours_and_minutes = |out: &mut Vec<Segment>, start: u64, end: u64| {
-        let (h0, h1) = (ceil_to(start, 3600), floor_to(end, 3600));
-        if h0 < h1 {
-            push(out, Grain::Minute, start, h0);
-            push(out, Grain::Hour, h0, h1);
-            push(out, Grain::Minute, h1, end);
-        } else {
-            push(out, Grain::Minute, start, end);
-        }
-    };
-    let (d0, d1) = (ceil_to(first, 86_400), floor_to(end, 86_400));
-    if d0 < d1 {
-        hours_and_minutes(&mut out, first, d0);
-        push(&mut out, Grain::Day, d0, d1);
-        hours_and_minutes(&mut out, d1, end);
-    } else {
-        hours_and_minutes(&mut out, first, end);
-    }
-    out
-}
-
 /// Points a series answers at most.
 pub const MAX_SERIES_POINTS: u64 = 20_000;
-
-/// The width of a bucket of `grain`, in seconds.
-pub fn grain_seconds(grain: Grain) -> u64 {
-    match grain {
-        Grain::Minute => 60,
-        Grain::Hour => 3600,
-        Grain::Day => 86_400,
-    }
-}
 
 /// How counts treat the partial minutes at the two ends of a range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -339,7 +241,7 @@ impl Reader {
         step: Grain,
     ) -> Result<Vec<(u64, u64)>, QueryError> {
         check_ids(video_id, event_type)?;
-        let width = grain_seconds(step);
+        let width = step.seconds();
         let first = floor_to(range.from_ms / 1000, width);
         let end = ceil_to(range.to_ms.div_ceil(1000), width);
         let points = (end - first) / width;
@@ -498,27 +400,6 @@ impl Reader {
     }
 }
 
-/// A stored state row of one bucket, as the readers fetch it.
-#[derive(Row, Deserialize, Clone, Debug)]
-pub(crate) struct StoredState {
-    #[serde(with = "serde_bytes")]
-    pub state: Vec<u8>,
-    pub segment: u32,
-    pub bucket: u32,
-    pub epoch: u64,
-    pub compacted: u8,
-}
-
-/// The rows of one bucket that count, in merge order: the newest compacted state, then the
-/// states of later epochs. `group` is ordered by compacted (descending), then epoch.
-pub(crate) fn live_states(group: &[StoredState]) -> impl Iterator<Item = &StoredState> {
-    let newest_compacted = group.iter().filter(|r| r.compacted == 1).max_by_key(|r| r.epoch);
-    let through = newest_compacted.map(|r| r.epoch);
-    newest_compacted.into_iter().chain(
-        group.iter().filter(move |r| r.compacted == 0 && !r.state.is_empty() && through.is_none_or(|c| r.epoch > c)),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -619,26 +500,6 @@ mod tests {
         assert!(parse_time("-5").is_err());
         assert!(parse_time("1969-12-31T00:00:00Z").is_err());
         assert_eq!(format_time(1_795_737_600_000), "2026-11-27T00:00:00Z");
-    }
-
-    #[test]
-    fn a_bucket_counts_its_newest_compaction_and_later_epochs() {
-        let row = |epoch, compacted, state: &[u8]| StoredState {
-            state: state.to_vec(),
-            segment: 0,
-            bucket: 60,
-            epoch,
-            compacted,
-        };
-        let epochs = |group: &[StoredState]| live_states(group).map(|r| (r.epoch, r.compacted)).collect::<Vec<_>>();
-        // As written: every state.
-        assert_eq!(epochs(&[row(3, 0, b"a"), row(5, 0, b"b")]), [(3, 0), (5, 0)]);
-        // Compacted through 5, its UPDATE still pending, and a later epoch: 5 and 7 only.
-        let group = [row(5, 1, b"c"), row(3, 0, b"a"), row(5, 0, b"b"), row(7, 0, b"d")];
-        assert_eq!(epochs(&group), [(5, 1), (7, 0)]);
-        // Two compactions (late data in between): the newest one; emptied states never count.
-        let group = [row(5, 1, b"c"), row(9, 1, b"e"), row(3, 0, b""), row(7, 0, b""), row(11, 0, b"f")];
-        assert_eq!(epochs(&group), [(9, 1), (11, 0)]);
     }
 
     #[test]

@@ -29,6 +29,37 @@ impl Default for ClickHouseConfig {
     }
 }
 
+/// The ClickHouse flags of every binary (flatten them into its parser); each also from the
+/// environment. Global, so a CLI takes them before or after its subcommand.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ClickHouseArgs {
+    /// ClickHouse HTTP endpoint.
+    #[arg(long = "clickhouse-url", global = true, env = "CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
+    pub url: String,
+    /// ClickHouse database holding the tables of sql/schema.sql.
+    #[arg(long, global = true, env = "CLICKHOUSE_DATABASE", default_value = "video_counts")]
+    pub database: String,
+    /// ClickHouse user (default: the server's `default` user).
+    #[arg(long = "clickhouse-user", global = true, env = "CLICKHOUSE_USER")]
+    pub user: Option<String>,
+    /// ClickHouse password.
+    #[arg(long = "clickhouse-password", global = true, env = "CLICKHOUSE_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+}
+
+impl ClickHouseArgs {
+    /// The settings, with the default request timeout.
+    pub fn config(&self) -> ClickHouseConfig {
+        ClickHouseConfig {
+            url: self.url.clone(),
+            database: self.database.clone(),
+            user: self.user.clone(),
+            password: self.password.clone(),
+            ..ClickHouseConfig::default()
+        }
+    }
+}
+
 /// A setting that cannot work, found before any connection is made.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {

@@ -4,12 +4,14 @@
 //! ([`writer`]), job checkpoints ([`checkpoints`]) and the schema ([`schema`]).
 
 pub mod checkpoints;
+pub mod compact;
 pub mod config;
 pub mod native;
 pub mod replay;
 pub mod rows;
 pub mod schema;
 pub mod service;
+pub mod states;
 pub mod writer;
 
 #[cfg(test)]

@@ -4,9 +4,6 @@
 //! Only events of committed epochs are replayed (offsets below each partition's committed
 //! end): a pending epoch re-run by the job after the swap then lands in the new tables once.
 //! The job must be stopped while a replay runs; a commit appearing meanwhile aborts the swap.
-
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use clickhouse::Row;
 use serde::Deserialize;
 use tracing::info;
@@ -83,7 +80,7 @@ pub async fn replay_from_raw(
         .await?;
     let events = events.first().map_or(0, |r| r.n);
 
-    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let stamp = videocount_events::clock::now_ms();
     let mut renames = Vec::new();
     let mut old_tables = Vec::new();
     for grain in Grain::ALL {

@@ -52,6 +52,15 @@ impl Grain {
         }
     }
 
+    /// The width of a bucket, in seconds.
+    pub fn seconds(self) -> u64 {
+        match self {
+            Grain::Minute => 60,
+            Grain::Hour => 3600,
+            Grain::Day => 86_400,
+        }
+    }
+
     /// The bucket of an event time in epoch milliseconds: seconds for minutes and hours (a
     /// `DateTime`), days for days (a `Date`).
     pub fn bucket(self, ts_ms: u64) -> u32 {
@@ -100,7 +109,7 @@ pub struct StatsRow {
 }
 
 /// States of one grain for one epoch (`compacted`: rows that replace the states of earlier
-/// epochs, see `videocount_query::compact`). Sorts `rows` in place by key.
+/// epochs, see `videocount_clickhouse::compact`). Sorts `rows` in place by key.
 pub fn stats_block(grain: Grain, epoch: u64, compacted: bool, rows: &mut [StatsRow]) -> Insert {
     rows.sort_unstable_by(|a, b| {
         (&a.video_id, &a.event_type, &a.aggregate, a.bucket).cmp(&(&b.video_id, &b.event_type, &b.aggregate, b.bucket))

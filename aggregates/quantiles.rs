@@ -3,7 +3,7 @@
 
 use sketches_ddsketch::{Config, DDSketch};
 
-use super::{Aggregate, DecodeError, Input, Sample, Speed};
+use crate::{Aggregate, DecodeError, Input, Sample, Speed};
 
 /// The relative accuracy of every percentile.
 pub const RELATIVE_ACCURACY: f64 = 0.01;

@@ -3,7 +3,7 @@
 
 use datasketches::hll::{HllSketch, HllType, HllUnion};
 
-use super::{Aggregate, DecodeError, Input, Sample, Speed};
+use crate::{Aggregate, DecodeError, Input, Sample, Speed};
 
 /// See the module documentation.
 #[derive(Clone, Copy, Debug)]

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Aggregate, DecodeError, Input, Sample, Speed};
+use crate::{Aggregate, DecodeError, Input, Sample, Speed};
 
 /// Count of events, and count, sum, min and max of their values.
 ///

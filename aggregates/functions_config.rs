@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 use videocount_events::{RejectReason, Rejection, StatsEvent, valid_event_type};
 
-use super::{Function, Input, Registry};
+use crate::{Function, Input, Registry};
 
 /// A configuration that cannot be used, with what is wrong in it.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +35,7 @@ pub struct FunctionsConfig {
 
 /// The functions config the repository ships (`config/functions.toml`), built into the binaries
 /// that need it (`event_stats`, `ingest`).
-pub const DEFAULT_FUNCTIONS: &str = include_str!("../../config/functions.toml");
+pub const DEFAULT_FUNCTIONS: &str = include_str!("../config/functions.toml");
 
 impl FunctionsConfig {
     /// The config in `path`, or the built-in [`DEFAULT_FUNCTIONS`] without one, with the

@@ -17,11 +17,22 @@
 
 use clickhouse::Row;
 use serde::Deserialize;
-use videocount_clickhouse::ClickHouse;
-use videocount_clickhouse::rows::{Grain, StatsRow, stats_block};
-use videocount_operators::aggregate::{Moments, Registry};
+use videocount_aggregates::{Moments, Registry};
 
-use crate::{QueryError, StoredState, format_time, live_states};
+use crate::ClickHouse;
+use crate::rows::{Grain, StatsRow, stats_block};
+use crate::service::SinkError;
+use crate::states::{StoredState, live_states};
+
+/// A compaction round that failed; the next round starts over (see the module documentation).
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    #[error("ClickHouse: {0}")]
+    Store(#[from] SinkError),
+    /// A stored state could not be decoded, or names an aggregate this binary does not know.
+    #[error("{0}")]
+    Corrupt(String),
+}
 
 /// What one table's compaction did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,12 +54,12 @@ fn closed_condition(grain: Grain, now_s: u64, grace_s: u64) -> (String, String) 
         Grain::Day => {
             // Day d (starting at d * 86400) is closed when d * 86400 + 86400 <= horizon.
             let last_closed_day = (horizon / 86_400).saturating_sub(1);
-            let date = format_time(last_closed_day * 86_400_000)[..10].to_owned();
+            let date = jiff::Timestamp::from_second((last_closed_day * 86_400) as i64)
+                .map_or_else(|_| "1970-01-01".to_owned(), |t| t.strftime("%Y-%m-%d").to_string());
             (format!("day <= toDate('{date}')"), date)
         }
         grain => {
-            let width = if grain == Grain::Hour { 3600 } else { 60 };
-            let limit = horizon.saturating_sub(width).to_string();
+            let limit = horizon.saturating_sub(grain.seconds()).to_string();
             (format!("{} <= toDateTime({limit}, 'UTC')", grain.column()), limit)
         }
     }
@@ -88,7 +99,7 @@ pub async fn compact(
     topic: &str,
     now_s: u64,
     grace_s: u64,
-) -> Result<Vec<Compacted>, QueryError> {
+) -> Result<Vec<Compacted>, CompactError> {
     #[derive(Row, Deserialize)]
     struct Last {
         epoch: u64,
@@ -129,7 +140,7 @@ pub async fn compact(
         }) {
             let first = &group[0];
             let Some(id) = registry.by_name(&first.aggregate) else {
-                return Err(QueryError::Corrupt(format!("{table}: unknown aggregate {:?}", first.aggregate)));
+                return Err(CompactError::Corrupt(format!("{table}: unknown aggregate {:?}", first.aggregate)));
             };
             let aggregate = registry.get(id);
             let stored: Vec<StoredState> = group.iter().map(KeyedState::stored).collect();
@@ -140,7 +151,7 @@ pub async fn compact(
             }
             let mut merged = aggregate.create();
             for row in &live {
-                let state = aggregate.decode(&row.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
+                let state = aggregate.decode(&row.state).map_err(|e| CompactError::Corrupt(e.to_string()))?;
                 aggregate.merge(&mut merged, &state);
             }
             states += live.len();

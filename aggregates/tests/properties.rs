@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
-use videocount_operators::aggregate::{Registry, Sample, State};
+use videocount_aggregates::{Registry, Sample, State};
 
 const PERCENTILES: [u8; 7] = [1, 10, 25, 50, 75, 90, 99];
 

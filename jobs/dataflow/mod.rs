@@ -1,0 +1,49 @@
+//! The two dataflows between the shared source and commit ([`crate::pipeline`]): what a job
+//! parses a message into and which writes an epoch makes.
+
+pub mod event_stats;
+pub mod view_counts;
+
+use timely::dataflow::{Scope, Stream};
+use videocount_clickhouse::Writer;
+use videocount_events::{Located, Rejection, TimeLimits};
+
+/// The part of a job between its source and its commit.
+pub trait Dataflow: Send + Sync + 'static {
+    /// What the source makes of a valid message.
+    type Event: timely::ExchangeData + Clone;
+    /// The default `--job-name`.
+    const NAME: &'static str;
+    /// Parses one message; must depend on its arguments only (a re-run parses alike).
+    fn parse(
+        &self,
+        payload: Option<&[u8]>,
+        message_ts_ms: Option<i64>,
+        limits: TimeLimits,
+    ) -> Result<Self::Event, Rejection>;
+    /// The writes of an epoch's events, each gated on `planned`; the epoch commits once the
+    /// frontier of every returned stream has passed it.
+    fn build<'scope>(
+        &self,
+        scope: Scope<'scope, u64>,
+        events: Stream<'scope, u64, Vec<Located<Self::Event>>>,
+        planned: Stream<'scope, u64, Vec<()>>,
+        writer: &Writer,
+    ) -> Writes<'scope>;
+    /// A fingerprint of the settings the written blocks depend on, beyond the flags the
+    /// checkpoint already checks: a re-run of interrupted epochs needs the same one.
+    fn fingerprint(&self) -> u64 {
+        0
+    }
+    /// How many epochs the commit may lag behind the source (default: --max-epochs-in-flight).
+    fn max_commit_lag(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// A dataflow's writes: the source waits for `fast` within --max-epochs-in-flight, and for the
+/// commit (which also waits for `slow`) within [`Dataflow::max_commit_lag`].
+pub struct Writes<'scope> {
+    pub fast: Vec<Stream<'scope, u64, Vec<()>>>,
+    pub slow: Vec<Stream<'scope, u64, Vec<()>>>,
+}

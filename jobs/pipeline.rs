@@ -1,0 +1,279 @@
+//! [`run_job`]: what every job does around its dataflow. Checks at start, the checkpoint, the
+//! source, the plan of each epoch, the dead letters, the dataflow's writes and the commit.
+//!
+//! ```text
+//!  KafkaSource ─┬─ events ──────▶ Dataflow::build (the job's writes) ──┐
+//!   (worker i)  ├─ dead letters ─▶ WriteDeadLetters ───────────────────┼─exchange(0)─▶ Commit ─▶ probe
+//!               └─ ranges ──exchange(0)──▶ WritePlan ──(gate)──────────┘
+//! ```
+//!
+//! An epoch's rows are written only after its plan (the offset ranges) is, and its commit
+//! only after all of its rows are: the timely frontier carries that order. How far the source
+//! may read ahead of those writes is [`Throttle`]'s contract.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use timely::dataflow::Stream;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::generic::operator::empty;
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::{Concatenate, OkErr, Probe};
+use tracing::{info, warn};
+use videocount_clickhouse::checkpoints::{self, Range, commit_block, plan_block};
+use videocount_clickhouse::rows::{DeadLetterRow, dead_letters_block};
+use videocount_clickhouse::{ClickHouse, Writer};
+use videocount_events::clock::now_secs;
+use videocount_events::{Located, TimeLimits};
+use videocount_operators::back_pressure::Throttle;
+use videocount_operators::kafka_source::SourceProgress;
+use videocount_operators::{FlushEpochs, SourceConfig, SourceItem, kafka_source};
+
+use crate::dataflow::{Dataflow, Writes};
+use crate::kafka::{dead_letter_json, dead_letter_producer_config, ensure_topic, spawn_lag_monitor, topic_partitions};
+use crate::{JobArgs, metrics};
+
+/// What the source emits besides events: a dead letter or an epoch's offset range.
+type Control = Result<DeadLetter, Range>;
+type DeadLetter = Box<DeadLetterRow>;
+/// A job's event with the partition and offset it was read from.
+type Sourced<D> = Located<<D as Dataflow>::Event>;
+
+/// Refuses to start when the schema is missing: a clear message instead of failed inserts.
+async fn check_schema(clickhouse: &ClickHouse) -> anyhow::Result<()> {
+    let missing = videocount_clickhouse::schema::missing_tables(clickhouse).await?;
+    if !missing.is_empty() {
+        bail!(
+            "database {} lacks tables {missing:?}: apply the schema first (make schema CLICKHOUSE_DATABASE={})",
+            clickhouse.database(),
+            clickhouse.database()
+        );
+    }
+    Ok(())
+}
+
+/// Runs a job: checks, checkpoint, source, plan, dead letters, `dataflow`'s writes, commit.
+pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()> {
+    args.validate()?;
+    let job_name = args.job_name.get_or_insert_with(|| D::NAME.to_owned()).clone();
+    let timely_config = args.timely_config()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let clickhouse = ClickHouse::new(args.clickhouse.config());
+
+    let kafka = args.kafka();
+    let partitions = topic_partitions(&kafka, &args.topic)?;
+    let dlq_topic = args.dlq_topic.clone().unwrap_or_else(|| format!("{}-dlq", args.topic));
+    let fingerprint = dataflow.fingerprint();
+    let state = runtime.block_on(async {
+        clickhouse
+            .with_database("default")
+            .ping()
+            .await
+            .with_context(|| format!("cannot reach ClickHouse at {}", args.clickhouse.url))?;
+        check_schema(&clickhouse).await?;
+        ensure_topic(&kafka, &dlq_topic, 1).await?;
+        let state = checkpoints::load(&clickhouse, &job_name, &args.topic).await.with_context(|| {
+            format!("cannot read the checkpoint (is the schema applied to {}? make schema)", args.clickhouse.database)
+        })?;
+        if let Some((&first_pending, _)) = state.pending.first_key_value() {
+            let recorded = checkpoints::run_fingerprint(&clickhouse, &job_name, &args.topic, first_pending).await?;
+            if recorded.is_some_and(|recorded| recorded != fingerprint) {
+                bail!(
+                    "epochs {:?} were interrupted under other settings (for event_stats: another functions \
+                     config); restart with the settings they ran with to finish them, then change them",
+                    state.pending.keys().collect::<Vec<_>>()
+                );
+            }
+        }
+        let run = checkpoints::run_block(&job_name, &args.topic, state.next_epoch, fingerprint, now_secs());
+        clickhouse.insert_native(&run.table, run.body).await.context("recording the run")?;
+        anyhow::Ok(state)
+    })?;
+    let peers = (args.workers * args.processes) as u32;
+    if let Some(before) = state.pending_peers.filter(|_| !state.pending.is_empty())
+        && before != peers
+    {
+        {
+            bail!(
+                "epochs {:?} were interrupted while the job ran with {before} workers in all; restart with \
+                 {before} workers in all to finish them (they must be re-run as they were), then change the count",
+                state.pending.keys().collect::<Vec<_>>()
+            );
+        }
+    }
+    info!(
+        topic = %args.topic, partitions, database = %args.clickhouse.database, workers = peers,
+        last_committed = ?state.last_committed, pending_epochs = state.pending.len(),
+        "{job_name} starting"
+    );
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&shutdown))?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&shutdown))?;
+
+    let writer = Writer::start(runtime.handle(), clickhouse.clone(), args.writer_tasks, args.queue_capacity);
+    let dlq: ThreadedProducer<DefaultProducerContext> =
+        dead_letter_producer_config(&kafka).create().context("creating the dead-letter producer")?;
+    let dlq = Arc::new(dlq);
+    let progress = Arc::new(SourceProgress::default());
+    spawn_lag_monitor(&kafka, &args.topic, Arc::clone(&progress), Arc::clone(&shutdown), Duration::from_secs(2));
+    if let Some(listen) = args.metrics_listen {
+        metrics::serve(&runtime, listen, &job_name, Arc::clone(&progress), writer.clone(), args.queue_capacity)?;
+    }
+    let state = Arc::new(state);
+    let args = Arc::new(args);
+    let max_commit_lag = dataflow.max_commit_lag().unwrap_or(args.max_epochs_in_flight);
+    let dataflow = Arc::new(dataflow);
+
+    let guards = {
+        let (writer, dlq, progress, shutdown) =
+            (writer.clone(), Arc::clone(&dlq), Arc::clone(&progress), Arc::clone(&shutdown));
+        timely::execute(timely_config, move |worker| -> Result<(), String> {
+            let probe = ProbeHandle::new();
+            let written_probe = ProbeHandle::new();
+            let job = job_name.clone();
+            let topic = args.topic.clone();
+            let source_config = SourceConfig {
+                job: job.clone(),
+                topic: topic.clone(),
+                kafka: kafka.clone(),
+                partitions,
+                epoch_interval: Duration::from_millis(args.epoch_ms),
+                limits: TimeLimits { max_age_ms: args.max_age_secs * 1000, max_ahead_ms: args.max_ahead_secs * 1000 },
+                until_caught_up: args.until_caught_up,
+                state: Arc::clone(&state),
+                shutdown: Arc::clone(&shutdown),
+                progress: Arc::clone(&progress),
+            };
+            let (writer, dlq, dlq_topic) = (writer.clone(), Arc::clone(&dlq), dlq_topic.clone());
+            let dataflow = Arc::clone(&dataflow);
+            worker.dataflow::<u64, _, _>(|scope| -> Result<(), String> {
+                let parser = Arc::clone(&dataflow);
+                let parse = move |payload: Option<&[u8]>, ts: Option<i64>, limits: TimeLimits| {
+                    parser.parse(payload, ts, limits)
+                };
+                let throttle = Throttle {
+                    written: written_probe.clone(),
+                    committed: probe.clone(),
+                    max_epochs_in_flight: args.max_epochs_in_flight,
+                    max_commit_lag,
+                };
+                let items = kafka_source(scope, source_config, throttle, parse).map_err(|e| e.to_string())?;
+                let (events, other) =
+                    items.ok_err::<Vec<Sourced<D>>, Sourced<D>, Vec<Control>, Control, _>(|item| match item {
+                        SourceItem::Event(event, partition, offset) => Ok((event, partition, offset)),
+                        SourceItem::DeadLetter(row) => Err(Ok(row)),
+                        SourceItem::Range(range) => Err(Err(range)),
+                    });
+                let (dead, ranges): (Stream<'_, u64, Vec<DeadLetter>>, Stream<'_, u64, Vec<Range>>) =
+                    other.ok_err(|item| item);
+
+                let (plan_job, plan_topic) = (job.clone(), topic.clone());
+                let planned = ranges.flush_epochs::<Vec<Range>, _, _>(
+                    empty(scope),
+                    Exchange::new(|_: &Range| 0),
+                    "WritePlan",
+                    writer.clone(),
+                    move |epoch, mut ranges| {
+                        if ranges.is_empty() {
+                            return Vec::new();
+                        }
+                        vec![plan_block(&plan_job, &plan_topic, epoch, peers, &mut ranges)]
+                    },
+                );
+                let dead_written = dead.flush_epochs::<Vec<DeadLetter>, _, _>(
+                    planned.clone(),
+                    Pipeline,
+                    "WriteDeadLetters",
+                    writer.clone(),
+                    move |_epoch, rows| {
+                        if rows.is_empty() {
+                            return Vec::new();
+                        }
+                        for row in &rows {
+                            let payload = dead_letter_json(row);
+                            let key = format!("{}:{}", row.partition, row.offset);
+                            if let Err((e, _)) = dlq.send(BaseRecord::to(&dlq_topic).key(&key).payload(&payload)) {
+                                warn!(error = %e, "dead letter not sent to the DLQ topic (it is in the dead_letters table)");
+                            }
+                        }
+                        let mut rows: Vec<DeadLetterRow> = rows.into_iter().map(|row| *row).collect();
+                        vec![dead_letters_block(&mut rows)]
+                    },
+                );
+                let Writes { fast, slow } = dataflow.build(scope, events, planned.clone(), &writer);
+                let mut written = vec![planned, dead_written];
+                written.extend(fast);
+                // The source keeps within --max-epochs-in-flight of these.
+                scope.concatenate(written.clone()).probe_with(&written_probe);
+                written.extend(slow);
+                scope
+                    .concatenate(written)
+                    .flush_epochs::<Vec<()>, _, _>(
+                        empty(scope),
+                        Exchange::new(|_: &()| 0),
+                        "Commit",
+                        writer.clone(),
+                        move |epoch, _| vec![commit_block(&job, &topic, epoch, now_secs())],
+                    )
+                    .probe_with(&probe);
+                Ok(())
+            })?;
+
+            let started = Instant::now();
+            let mut last_log = Instant::now();
+            let mut last_messages = 0;
+            while !probe.done() {
+                worker.step_or_park(Some(Duration::from_millis(50)));
+                if let Some(error) = writer.fatal_error() {
+                    return Err(error);
+                }
+                if worker.index() == 0 && last_log.elapsed() >= Duration::from_secs(5) {
+                    let messages = progress.messages.load(Ordering::Relaxed);
+                    let rate = (messages - last_messages) as f64 / last_log.elapsed().as_secs_f64();
+                    last_messages = messages;
+                    last_log = Instant::now();
+                    let stats = writer.stats();
+                    info!(
+                        committed_below = ?probe.with_frontier(|f| f.first().copied()),
+                        messages,
+                        events_per_sec = rate as u64,
+                        dead_letters = progress.dead_letters.load(Ordering::Relaxed),
+                        rows_written = stats.rows_written.load(Ordering::Relaxed),
+                        insert_retries = stats.retries.load(Ordering::Relaxed),
+                        queue = writer.queued(),
+                        lag = progress.lag(),
+                        "progress"
+                    );
+                }
+            }
+            if worker.index() == 0 {
+                let messages = progress.messages.load(Ordering::Relaxed);
+                info!(
+                    messages,
+                    seconds = started.elapsed().as_secs_f64(),
+                    rows_written = writer.stats().rows_written.load(Ordering::Relaxed),
+                    "all epochs committed"
+                );
+            }
+            Ok(())
+        })
+        .map_err(|e| anyhow::anyhow!("starting timely: {e}"))?
+    };
+    let mut failure = None;
+    for result in guards.join() {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = Some(e),
+            Err(e) => failure = Some(e),
+        }
+    }
+    dlq.flush(Duration::from_secs(10)).ok();
+    if let Some(e) = failure {
+        bail!("{e}");
+    }
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! The state rows of `event_stats`' tables as readers and the compactor see them, and which
+//! of a bucket's rows count: one rule, shared by every reader and by compaction.
+
+use clickhouse::Row;
+use serde::Deserialize;
+
+/// A stored state row of one bucket, as the readers fetch it.
+#[derive(Row, Deserialize, Clone, Debug)]
+pub struct StoredState {
+    #[serde(with = "serde_bytes")]
+    pub state: Vec<u8>,
+    pub segment: u32,
+    pub bucket: u32,
+    pub epoch: u64,
+    pub compacted: u8,
+}
+
+/// The rows of one bucket that count, in merge order: the newest compacted state, then the
+/// states of later epochs. `group` is ordered by compacted (descending), then epoch.
+pub fn live_states(group: &[StoredState]) -> impl Iterator<Item = &StoredState> {
+    let newest_compacted = group.iter().filter(|r| r.compacted == 1).max_by_key(|r| r.epoch);
+    let through = newest_compacted.map(|r| r.epoch);
+    newest_compacted.into_iter().chain(
+        group.iter().filter(move |r| r.compacted == 0 && !r.state.is_empty() && through.is_none_or(|c| r.epoch > c)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_counts_its_newest_compaction_and_later_epochs() {
+        let row = |epoch, compacted, state: &[u8]| StoredState {
+            state: state.to_vec(),
+            segment: 0,
+            bucket: 60,
+            epoch,
+            compacted,
+        };
+        let epochs = |group: &[StoredState]| live_states(group).map(|r| (r.epoch, r.compacted)).collect::<Vec<_>>();
+        // As written: every state.
+        assert_eq!(epochs(&[row(3, 0, b"a"), row(5, 0, b"b")]), [(3, 0), (5, 0)]);
+        // Compacted through 5, its UPDATE still pending, and a later epoch: 5 and 7 only.
+        let group = [row(5, 1, b"c"), row(3, 0, b"a"), row(5, 0, b"b"), row(7, 0, b"d")];
+        assert_eq!(epochs(&group), [(5, 1), (7, 0)]);
+        // Two compactions (late data in between): the newest one; emptied states never count.
+        let group = [row(5, 1, b"c"), row(9, 1, b"e"), row(3, 0, b""), row(7, 0, b""), row(11, 0, b"f")];
+        assert_eq!(epochs(&group), [(9, 1), (11, 0)]);
+    }
+}
