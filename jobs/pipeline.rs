@@ -75,8 +75,12 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
             .with_context(|| format!("cannot reach ClickHouse at {}", args.clickhouse.url))?;
         check_schema(&clickhouse).await?;
         ensure_topic(&kafka, &dlq_topic, 1).await?;
-        let state = checkpoints::load(&clickhouse, &job_name, &args.topic).await.with_context(|| {
-            format!("cannot read the checkpoint (is the schema applied to {}? make schema)", args.clickhouse.database)
+        let state = checkpoints::load(&clickhouse, &job_name, &args.topic).await.map_err(|e| match e {
+            checkpoints::CheckpointError::Store(e) => anyhow::Error::new(e).context(format!(
+                "cannot read the checkpoint (is the schema applied to {}? make schema)",
+                args.clickhouse.database
+            )),
+            other => anyhow::Error::new(other),
         })?;
         if let Some((&first_pending, _)) = state.pending.first_key_value() {
             let recorded = checkpoints::run_fingerprint(&clickhouse, &job_name, &args.topic, first_pending).await?;
@@ -88,6 +92,9 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                 );
             }
         }
+        // Acknowledged before anything is planned: a later run must know what this one built on.
+        let generation = checkpoints::generation_block(&job_name, &args.topic, &state, now_secs());
+        clickhouse.insert_native(&generation.table, generation.body).await.context("recording the generation")?;
         let run = checkpoints::run_block(&job_name, &args.topic, state.next_epoch, fingerprint, now_secs());
         clickhouse.insert_native(&run.table, run.body).await.context("recording the run")?;
         anyhow::Ok(state)
@@ -107,6 +114,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
     info!(
         topic = %args.topic, partitions, database = %args.clickhouse.database, workers = peers,
         last_committed = ?state.last_committed, pending_epochs = state.pending.len(),
+        generation = state.generation, void_plans = ?state.void_plans,
         "{job_name} starting"
     );
 
@@ -172,7 +180,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                     other.ok_err(|item| item);
 
                 let (plan_job, plan_topic) = (job.clone(), topic.clone());
-                let planned = ranges.flush_epochs::<Vec<Range>, _, _>(
+                let planned = ranges.flush_epochs_in_order::<Vec<Range>, _, _>(
                     empty(scope),
                     Exchange::new(|_: &Range| 0),
                     "WritePlan",

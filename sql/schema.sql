@@ -190,6 +190,21 @@ CREATE TABLE IF NOT EXISTS job_runs
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/job_runs', '{replica}')
 ORDER BY (job, topic, first_epoch);
 
+-- Job generations: every start of a job takes a generation (the high 32 bits of its epoch
+-- numbers) and records the newest plan it builds on, before it plans anything. A plan of an
+-- earlier generation after that epoch landed late, from a process that was already gone, and
+-- does not count (docs/exactly-once.md).
+CREATE TABLE IF NOT EXISTS checkpoint_generations
+(
+    job String,
+    topic String,
+    generation UInt64,
+    base_epoch UInt64,
+    started_at DateTime('UTC')
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/checkpoint_generations', '{replica}')
+ORDER BY (job, topic, generation);
+
 -- Job checkpoints: an epoch whose rows are all written. Epochs planned but not committed are
 -- re-run over exactly their ranges on restart.
 CREATE TABLE IF NOT EXISTS checkpoint_commits

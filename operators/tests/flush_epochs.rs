@@ -136,3 +136,71 @@ fn a_full_queue_holds_epochs_back_until_it_drains() {
         assert_eq!(written, vec!["e0=", "e1=", "e2=", "e3=", "e4="]);
     });
 }
+
+/// Inserts that take longer the earlier their epoch, and a count of how many run at once.
+#[derive(Clone, Default)]
+struct SlowFirst {
+    written: Arc<Mutex<Vec<String>>>,
+    running: Arc<std::sync::atomic::AtomicUsize>,
+    most_at_once: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl InsertService for SlowFirst {
+    fn insert(&self, table: &str, _body: Bytes) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let this = self.clone();
+        let table = table.to_owned();
+        async move {
+            let now = this.running.fetch_add(1, Ordering::SeqCst) + 1;
+            this.most_at_once.fetch_max(now, Ordering::SeqCst);
+            let epoch: u64 = table[1..].parse().unwrap();
+            tokio::time::sleep(Duration::from_millis(40 - 4 * epoch)).await;
+            this.written.lock().unwrap().push(table);
+            this.running.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+}
+
+/// Eight epochs complete at once, four writer tasks, earlier inserts slower: `flush_epochs`
+/// lets them overlap and land out of order; `flush_epochs_in_order` writes one at a time, in
+/// epoch order.
+#[test]
+fn in_order_flushing_lands_one_epoch_after_the_other() {
+    for in_order in [false, true] {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let service = SlowFirst::default();
+        let writer = Writer::start(runtime.handle(), service.clone(), 4, 16);
+        timely::execute_directly(move |worker| {
+            let mut data = InputHandle::<u64, timely::container::CapacityContainerBuilder<Vec<u64>>>::new();
+            let probe = ProbeHandle::new();
+            worker.dataflow(|scope| {
+                let gate = timely::dataflow::operators::generic::operator::empty(scope);
+                let stream = scope.input_from(&mut data);
+                let make = |epoch: u64, values: Vec<u64>| {
+                    vec![Insert { table: format!("e{epoch}"), body: Bytes::new(), rows: values.len() }]
+                };
+                let written = if in_order {
+                    stream.flush_epochs_in_order::<Vec<u64>, _, _>(gate, Pipeline, "Plan", writer.clone(), make)
+                } else {
+                    stream.flush_epochs::<Vec<u64>, _, _>(gate, Pipeline, "Plan", writer.clone(), make)
+                };
+                written.probe_with(&probe);
+            });
+            for epoch in 0..8 {
+                data.send(epoch);
+                data.advance_to(epoch + 1);
+            }
+            while probe.less_than(&8) {
+                worker.step_or_park(Some(Duration::from_millis(1)));
+            }
+        });
+        let written = service.written.lock().unwrap().clone();
+        let most = service.most_at_once.load(Ordering::SeqCst);
+        if in_order {
+            assert_eq!(written, (0..8).map(|e| format!("e{e}")).collect::<Vec<_>>());
+            assert_eq!(most, 1, "one epoch in flight at a time");
+        } else {
+            assert!(most > 1, "the concurrent flush overlaps its writes ({written:?})");
+        }
+    }
+}

@@ -18,6 +18,16 @@ pub struct Range {
     pub end: u64,
 }
 
+/// Epoch numbers carry the run's *generation* in their high 32 bits: every start of a job takes
+/// a generation above every generation it can find, so a plan sent by a process that was killed
+/// and that lands late can never share an epoch number with a plan of a later run.
+pub const GENERATION_SHIFT: u32 = 32;
+
+/// The generation of an epoch number (0 for epochs numbered before generations existed).
+pub fn generation(epoch: u64) -> u64 {
+    epoch >> GENERATION_SHIFT
+}
+
 /// Where a job left off, as recorded in ClickHouse.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct JobState {
@@ -30,8 +40,16 @@ pub struct JobState {
     pub pending_peers: Option<u32>,
     /// Per partition, the offset after the last planned range: where new epochs start.
     pub resume: HashMap<u32, u64>,
-    /// The first epoch number not yet used.
+    /// The first epoch number of this run: the first of its generation.
     pub next_epoch: u64,
+    /// This run's generation (recorded with [`generation_block`] before it plans anything).
+    pub generation: u64,
+    /// The newest plan this run builds on: plans of earlier generations after it landed after
+    /// this run read the checkpoint, from a process that was gone (see [`load`]).
+    pub base_epoch: u64,
+    /// Plans that do not count, as `(generation, base)`: epochs of `generation` above `base`
+    /// ([`counted_plans`] turns them into SQL).
+    pub void_plans: Vec<(u64, u64)>,
 }
 
 #[derive(Row, Deserialize)]
@@ -55,8 +73,88 @@ struct RangeRow {
     peers: u32,
 }
 
-/// Reads the checkpoint of `job` on `topic`.
-pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<JobState, SinkError> {
+#[derive(Row, Deserialize)]
+struct GenerationRow {
+    generation: u64,
+    base_epoch: u64,
+}
+
+#[derive(Row, Deserialize)]
+struct PlannedRow {
+    generation: u64,
+    max_epoch: u64,
+}
+
+/// A checkpoint that cannot be resumed exactly.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Store(#[from] SinkError),
+    #[error(
+        "the checkpoint of {job} on {topic} has pending plans that do not follow one another in partition \
+         {partition} (epoch {epoch} starts at offset {start}, the pending plan before it ends at {previous_end}): \
+         two instances of the job ran at once, plans were written out of order by an older build, or retention \
+         deleted messages between them. Stop every instance; re-running these epochs could count offsets twice \
+         or skip them, so the job does not start"
+    )]
+    NotContiguous { job: String, topic: String, partition: u32, epoch: u64, start: u64, previous_end: u64 },
+}
+
+/// For callers that only report: an overlap is a rejection with its explanation.
+impl From<CheckpointError> for SinkError {
+    fn from(error: CheckpointError) -> Self {
+        match error {
+            CheckpointError::Store(e) => e,
+            other => SinkError::Rejected(other.to_string()),
+        }
+    }
+}
+
+/// The plans that do not count: for each generation, the epochs after the `base_epoch` of the
+/// next generation that *started* (whose row in `checkpoint_generations` is there; a run writes
+/// it, and waits for it, before it plans or re-runs anything). Such a plan landed after that run
+/// read the checkpoint, so it was sent by a process that was already gone and never had it
+/// acknowledged: none of its rows was ever sent (rows wait for their plan). It is ignored, and
+/// its offsets belong to whichever later plan covers them. The next *started* generation, not
+/// the next one with plans, decides: a run that re-ran a late plan of an older generation must
+/// not have it voided afterwards by a generation it never saw.
+///
+/// Returns `(generation, base)` pairs: epochs of `generation` above `base` are void.
+fn void_plans(planned: &[PlannedRow], generations: &[GenerationRow]) -> Vec<(u64, u64)> {
+    planned
+        .iter()
+        .filter_map(|this| {
+            let next = generations.iter().find(|g| g.generation > this.generation)?;
+            (this.max_epoch > next.base_epoch).then_some((this.generation, next.base_epoch))
+        })
+        .collect()
+}
+
+/// The SQL condition selecting the plans that count (numbers only, never input).
+pub fn counted_plans(void: &[(u64, u64)]) -> String {
+    if void.is_empty() {
+        return "1".into();
+    }
+    let clauses: Vec<String> = void
+        .iter()
+        .map(|(generation, base)| {
+            let first = (base + 1).max(generation << GENERATION_SHIFT);
+            format!("(epoch >= {first} AND epoch < {})", (generation + 1) << GENERATION_SHIFT)
+        })
+        .collect();
+    format!("NOT ({})", clauses.join(" OR "))
+}
+
+/// Reads the checkpoint of `job` on `topic` and picks this run's generation.
+///
+/// Plans are written one epoch after the other, so a process has at most one plan in flight;
+/// if it is killed, that plan may land later, even after the next run read the checkpoint.
+/// [`void_plans`] sets such plans aside, and [`JobState::resume`] comes only from the plans
+/// that count. Among the pending epochs, the ranges of each partition must follow one another;
+/// an overlap or a gap is refused ([`CheckpointError::NotContiguous`]): re-running such epochs
+/// would count offsets twice (an overlap) or fold the gap's messages into the next epoch, which
+/// then differs from what was written before (a gap).
+pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<JobState, CheckpointError> {
     let client = clickhouse.client();
     let commits: Vec<MaxRow> = clickhouse
         .fetch_all(
@@ -68,23 +166,39 @@ pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Job
         .await?;
     let last_committed = commits.first().filter(|r| r.rows > 0).map(|r| r.max_epoch);
 
-    let planned: Vec<MaxRow> = clickhouse
+    let generations: Vec<GenerationRow> = clickhouse
         .fetch_all(
             client
-                .query("SELECT count() AS rows, max(epoch) AS max_epoch FROM checkpoint_ranges WHERE job = ? AND topic = ?")
+                .query(
+                    "SELECT generation, max(base_epoch) AS base_epoch FROM checkpoint_generations \
+                     WHERE job = ? AND topic = ? GROUP BY generation ORDER BY generation",
+                )
                 .bind(job)
                 .bind(topic),
         )
         .await?;
-    let max_planned = planned.first().filter(|r| r.rows > 0).map(|r| r.max_epoch);
+    let planned: Vec<PlannedRow> = clickhouse
+        .fetch_all(
+            client
+                .query(&format!(
+                    "SELECT intDiv(epoch, {}) AS generation, max(epoch) AS max_epoch FROM checkpoint_ranges \
+                     WHERE job = ? AND topic = ? GROUP BY generation ORDER BY generation",
+                    1u64 << GENERATION_SHIFT
+                ))
+                .bind(job)
+                .bind(topic),
+        )
+        .await?;
+    let void = void_plans(&planned, &generations);
+    let counted = counted_plans(&void);
 
     let resume: Vec<ResumeRow> = clickhouse
         .fetch_all(
             client
-                .query(
+                .query(&format!(
                     "SELECT partition, max(end_offset) AS end_offset FROM checkpoint_ranges \
-                     WHERE job = ? AND topic = ? GROUP BY partition",
-                )
+                     WHERE job = ? AND topic = ? AND {counted} GROUP BY partition"
+                ))
                 .bind(job)
                 .bind(topic),
         )
@@ -94,23 +208,54 @@ pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Job
     let pending_rows: Vec<RangeRow> = clickhouse
         .fetch_all(
             client
-                .query(
+                .query(&format!(
                     "SELECT epoch, partition, start_offset, end_offset, peers FROM checkpoint_ranges \
-                     WHERE job = ? AND topic = ? AND epoch >= ? ORDER BY epoch, partition",
-                )
+                     WHERE job = ? AND topic = ? AND epoch >= ? AND {counted} ORDER BY epoch, partition"
+                ))
                 .bind(job)
                 .bind(topic)
                 .bind(after),
         )
         .await?;
 
+    // The newest plan that counts, and a generation above every one found.
+    let base_epoch = planned
+        .iter()
+        .map(|p| void.iter().find(|(g, _)| *g == p.generation).map_or(p.max_epoch, |(_, base)| p.max_epoch.min(*base)))
+        .chain(last_committed)
+        .max()
+        .unwrap_or(0);
+    let generation = planned
+        .iter()
+        .map(|p| p.generation)
+        .chain(generations.iter().map(|g| g.generation))
+        .chain(last_committed.map(|e| e >> GENERATION_SHIFT))
+        .max()
+        .map_or(1, |g| g + 1);
     let mut state = JobState {
         last_committed,
-        next_epoch: max_planned.max(last_committed).map_or(1, |e| e + 1),
+        next_epoch: generation << GENERATION_SHIFT,
+        generation,
+        base_epoch,
         resume: resume.into_iter().map(|r| (r.partition, r.end_offset)).collect(),
+        void_plans: void,
         ..JobState::default()
     };
+    let mut ends: HashMap<u32, u64> = HashMap::new();
     for row in pending_rows {
+        if let Some(&previous_end) = ends.get(&row.partition)
+            && row.start_offset != previous_end
+        {
+            return Err(CheckpointError::NotContiguous {
+                job: job.to_owned(),
+                topic: topic.to_owned(),
+                partition: row.partition,
+                epoch: row.epoch,
+                start: row.start_offset,
+                previous_end,
+            });
+        }
+        ends.insert(row.partition, row.end_offset);
         state.pending_peers = Some(row.peers);
         state.pending.entry(row.epoch).or_default().push(Range {
             partition: row.partition,
@@ -119,6 +264,18 @@ pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Job
         });
     }
     Ok(state)
+}
+
+/// Records that generation `state.generation` of `job` on `topic` builds on `state.base_epoch`.
+/// Written, and acknowledged, before the run plans anything.
+pub fn generation_block(job: &str, topic: &str, state: &JobState, now_secs: u32) -> Insert {
+    let mut block = NativeBlock::new(5, 1);
+    block.column_str("job", [job].into_iter());
+    block.column_str("topic", [topic].into_iter());
+    block.column_u64("generation", [state.generation].into_iter());
+    block.column_u64("base_epoch", [state.base_epoch].into_iter());
+    block.column_u32("started_at", "DateTime('UTC')", [now_secs].into_iter());
+    Insert { table: "checkpoint_generations".into(), rows: 1, body: block.finish() }
 }
 
 /// The plan of one epoch: its ranges, written before any of its rows.
@@ -182,4 +339,53 @@ pub fn commit_block(job: &str, topic: &str, epoch: u64, now_secs: u32) -> Insert
     block.column_u64("epoch", [epoch].into_iter());
     block.column_u32("committed_at", "DateTime('UTC')", [now_secs].into_iter());
     Insert { table: "checkpoint_commits".into(), rows: 1, body: block.finish() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: u64 = 1 << GENERATION_SHIFT;
+
+    #[test]
+    fn a_late_plan_of_a_dead_process_does_not_count() {
+        // Generation 1 planned up to epoch G+7, then was killed with the plan of G+8 in flight.
+        // Generation 2 read the checkpoint (newest plan G+7), planned; then G+8 landed.
+        let planned =
+            [PlannedRow { generation: 1, max_epoch: G + 8 }, PlannedRow { generation: 2, max_epoch: 2 * G + 3 }];
+        let generations =
+            [GenerationRow { generation: 1, base_epoch: 0 }, GenerationRow { generation: 2, base_epoch: G + 7 }];
+        let void = void_plans(&planned, &generations);
+        assert_eq!(void, [(1, G + 7)]);
+        assert_eq!(counted_plans(&void), format!("NOT ((epoch >= {} AND epoch < {}))", G + 8, 2 * G));
+        // Had generation 2 seen it, it would count.
+        let generations =
+            [GenerationRow { generation: 1, base_epoch: 0 }, GenerationRow { generation: 2, base_epoch: G + 8 }];
+        assert!(void_plans(&planned, &generations).is_empty());
+        assert_eq!(counted_plans(&[]), "1");
+        // The newest generation's own plans count while no later run has started.
+        let planned = [PlannedRow { generation: 2, max_epoch: 2 * G + 3 }];
+        assert!(void_plans(&planned, &generations).is_empty());
+    }
+
+    /// Two processes killed one after the other, each with a plan in flight, that land later:
+    /// a generation that started (even one without plans of its own yet) decides, so a plan is
+    /// never voided after a run re-ran it (a review found this).
+    #[test]
+    fn chained_late_plans_are_decided_by_the_next_run_that_started() {
+        // Generation 1 planned up to G+7, G+8 in flight. Generation 2 started on G+7, sent
+        // 2G+0, died. G+8 landed. Generation 3 reads the checkpoint.
+        let planned = [PlannedRow { generation: 1, max_epoch: G + 8 }];
+        let generations =
+            [GenerationRow { generation: 1, base_epoch: 0 }, GenerationRow { generation: 2, base_epoch: G + 7 }];
+        assert_eq!(void_plans(&planned, &generations), [(1, G + 7)], "G+8 landed after generation 2 started");
+        // Generation 3 started on G+7; then 2G+0 landed. Generation 4 sets both aside.
+        let planned = [PlannedRow { generation: 1, max_epoch: G + 8 }, PlannedRow { generation: 2, max_epoch: 2 * G }];
+        let generations = [
+            GenerationRow { generation: 1, base_epoch: 0 },
+            GenerationRow { generation: 2, base_epoch: G + 7 },
+            GenerationRow { generation: 3, base_epoch: G + 7 },
+        ];
+        assert_eq!(void_plans(&planned, &generations), [(1, G + 7), (2, G + 7)]);
+    }
 }

@@ -72,7 +72,8 @@ async fn checkpoints_read_back_as_written() {
     let clickhouse = fresh_database("checkpoints").await;
     let empty = checkpoints::load(&clickhouse, "view_counts", "t").await.unwrap();
     assert_eq!(empty.last_committed, None);
-    assert_eq!(empty.next_epoch, 1);
+    // The first run is generation 1: its epochs start at 1 << 32.
+    assert_eq!((empty.generation, empty.next_epoch), (1, G));
     assert!(empty.pending.is_empty() && empty.resume.is_empty());
 
     let range = |partition, start, end| Range { partition, start, end };
@@ -91,12 +92,36 @@ async fn checkpoints_read_back_as_written() {
 
     let state = checkpoints::load(&clickhouse, "view_counts", "t").await.unwrap();
     assert_eq!(state.last_committed, Some(1));
-    assert_eq!(state.next_epoch, 4);
+    // Epochs of an older build (below 1 << 32) are generation 0; the next run is generation 1.
+    assert_eq!((state.generation, state.next_epoch, state.base_epoch), (1, G, 3));
     assert_eq!(state.pending.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
     assert_eq!(state.pending[&2], vec![range(1, 5, 8)]);
     assert_eq!(state.pending_peers, Some(2));
     assert_eq!(state.resume.get(&0), Some(&12));
     assert_eq!(state.resume.get(&1), Some(&8));
 
+    // Generation 1 records what it built on and plans; then a plan of the dead generation 0
+    // lands late (epoch 4, offsets generation 1 also planned): it does not count.
+    let generation = checkpoints::generation_block("view_counts", "t", &state, 1_795_812_361);
+    clickhouse.insert_native(&generation.table, generation.body).await.unwrap();
+    for (epoch, mut ranges) in [(G, vec![range(0, 12, 20)]), (4, vec![range(0, 12, 15)])] {
+        let plan = plan_block("view_counts", "t", epoch, 2, &mut ranges);
+        clickhouse.insert_native(&plan.table, plan.body).await.unwrap();
+    }
+    let state = checkpoints::load(&clickhouse, "view_counts", "t").await.unwrap();
+    assert_eq!(state.void_plans, vec![(0, 3)]);
+    assert_eq!(state.pending.keys().copied().collect::<Vec<_>>(), vec![2, 3, G]);
+    assert_eq!(state.resume.get(&0), Some(&20));
+    assert_eq!((state.generation, state.base_epoch), (2, G));
+
+    // Pending ranges that overlap (two instances at once) are refused, not counted twice.
+    let mut overlapping = vec![range(1, 6, 9)];
+    let plan = plan_block("view_counts", "t", G + 1, 2, &mut overlapping);
+    clickhouse.insert_native(&plan.table, plan.body).await.unwrap();
+    let error = checkpoints::load(&clickhouse, "view_counts", "t").await.unwrap_err();
+    assert!(error.to_string().contains("do not follow one another in partition"), "{error}");
+
     schema::drop_database(&clickhouse).await.unwrap();
 }
+
+const G: u64 = 1 << checkpoints::GENERATION_SHIFT;

@@ -61,10 +61,11 @@ pub async fn replay_from_raw(
         .fetch_all(
             clickhouse
                 .client()
-                .query(
+                .query(&format!(
                     "SELECT partition, max(end_offset) AS end_offset FROM checkpoint_ranges \
-                     WHERE job = ? AND topic = ? AND epoch <= ? GROUP BY partition ORDER BY partition",
-                )
+                     WHERE job = ? AND topic = ? AND epoch <= ? AND {} GROUP BY partition ORDER BY partition",
+                    checkpoints::counted_plans(&state.void_plans)
+                ))
                 .bind(job)
                 .bind(topic)
                 .bind(last),
@@ -112,7 +113,7 @@ pub async fn replay_from_raw(
     }
 
     let now = checkpoints::load(clickhouse, job, topic).await?;
-    if now.last_committed != state.last_committed || now.next_epoch != state.next_epoch {
+    if now.last_committed != state.last_committed || now.base_epoch != state.base_epoch {
         return Err(SinkError::Rejected(format!(
             "job {job} committed epochs during the replay: stop it, then replay again (the new tables are left as *_replay_{stamp})"
         )));

@@ -137,10 +137,19 @@ impl TestEnv {
         self.job_binary_on(binary, &self.database, extra)
     }
 
+    /// `view_counts` with this test's topic and database, reaching ClickHouse at `url` (a proxy).
+    pub fn job_via(&self, url: &str, extra: &[&str]) -> Command {
+        self.job_binary_at(env!("CARGO_BIN_EXE_view_counts"), &self.database, url, extra)
+    }
+
     fn job_binary_on(&self, binary: &str, database: &str, extra: &[&str]) -> Command {
+        self.job_binary_at(binary, database, CLICKHOUSE_URL, extra)
+    }
+
+    fn job_binary_at(&self, binary: &str, database: &str, url: &str, extra: &[&str]) -> Command {
         let mut command = Command::new(binary);
         command
-            .args(["--brokers", BROKERS, "--topic", &self.topic, "--clickhouse-url", CLICKHOUSE_URL])
+            .args(["--brokers", BROKERS, "--topic", &self.topic, "--clickhouse-url", url])
             .args(["--database", database])
             .args(extra)
             .env("RUST_LOG", "warn")
