@@ -2,6 +2,7 @@
 //! topic and its producer, and the lag monitor. Every client is built by
 //! [`KafkaClients::config`], so `--kafka-option` reaches each of them.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tracing::{info, warn};
+use videocount_clickhouse::checkpoints::JobState;
 use videocount_clickhouse::rows::DeadLetterRow;
 use videocount_kafka::KafkaClients;
 use videocount_operators::kafka_source::{PartitionPosition, SourceProgress};
@@ -30,6 +32,47 @@ pub(crate) fn topic_partitions(kafka: &KafkaClients, topic: &str) -> anyhow::Res
         bail!("topic {topic:?} does not exist on {brokers} (create it: make topic TOPIC={topic} PARTITIONS=n)");
     }
     Ok(found.partitions().len() as u32)
+}
+
+/// The message every check of offsets that went backwards ends with: what happened and what to do.
+const OFFSETS_BACKWARDS: &str = "the topic was deleted and recreated, or its offsets were reset. Counting on \
+     would treat every new message below the checkpoint as already counted and skip it. To count the topic \
+     as it is now, from its start, run the job under a new --job-name (the counts already written stay)";
+
+/// Refuses to start when the checkpoint has read further into a partition than the partition
+/// now reaches, or knows partitions the topic no longer has: both mean the offsets went
+/// backwards, and every message below the checkpoint would be skipped silently.
+pub(crate) fn check_offsets(
+    kafka: &KafkaClients,
+    topic: &str,
+    partitions: u32,
+    state: &JobState,
+    job: &str,
+) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = kafka.config(&[]).create()?;
+    let mut needed: BTreeMap<u32, u64> = state.resume.iter().map(|(p, o)| (*p, *o)).collect();
+    for range in state.pending.values().flatten() {
+        let end = needed.entry(range.partition).or_default();
+        *end = (*end).max(range.end);
+    }
+    for (&partition, &offset) in &needed {
+        if partition >= partitions {
+            bail!(
+                "the checkpoint of {job} has read partition {partition} of topic {topic:?}, which now has \
+                 {partitions} partitions: {OFFSETS_BACKWARDS}"
+            );
+        }
+        let (_, high) = consumer
+            .fetch_watermarks(topic, partition as i32, Duration::from_secs(30))
+            .with_context(|| format!("reading the offsets of {topic:?} partition {partition}"))?;
+        if offset > high.max(0) as u64 {
+            bail!(
+                "the checkpoint of {job} has read partition {partition} of topic {topic:?} up to offset {offset}, \
+                 but the partition now ends at offset {high}: {OFFSETS_BACKWARDS}"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Creates `topic` with `partitions` unless it exists.
@@ -77,6 +120,16 @@ pub(crate) fn spawn_lag_monitor(
             let mut lags = Vec::with_capacity(positions.len());
             for (partition, position) in positions {
                 if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition as i32, Duration::from_secs(2)) {
+                    if high >= 0 && (high as u64) < position.next {
+                        let error = format!(
+                            "partition {partition} of topic {topic:?} now ends at offset {high}, below offset {} \
+                             the job has read to: {OFFSETS_BACKWARDS}",
+                            position.next
+                        );
+                        if let Ok(mut fatal) = progress.fatal.lock() {
+                            fatal.get_or_insert(error);
+                        }
+                    }
                     let now_ms = videocount_events::clock::now_ms() as i64;
                     let (messages, seconds) = partition_lag(&position, high, now_ms);
                     lags.push((partition, messages, seconds));
@@ -134,6 +187,8 @@ mod tests {
             "enable.idempotence=false",
             "--kafka-option",
             "enable.auto.commit=true",
+            "--kafka-option",
+            "auto.offset.reset=earliest",
         ]);
         let kafka = args.kafka();
         let clients = [
@@ -147,6 +202,7 @@ mod tests {
         }
         // What correctness depends on is not the user's to switch off.
         assert_eq!(consumer_config(&kafka, "view_counts", 0).get("enable.auto.commit"), Some("false"));
+        assert_eq!(consumer_config(&kafka, "view_counts", 0).get("auto.offset.reset"), Some("error"));
         assert_eq!(dead_letter_producer_config(&kafka).get("enable.idempotence"), Some("true"));
     }
 

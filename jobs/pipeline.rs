@@ -33,7 +33,9 @@ use videocount_operators::kafka_source::SourceProgress;
 use videocount_operators::{FlushEpochs, SourceConfig, SourceItem, kafka_source};
 
 use crate::dataflow::{Dataflow, Writes};
-use crate::kafka::{dead_letter_json, dead_letter_producer_config, ensure_topic, spawn_lag_monitor, topic_partitions};
+use crate::kafka::{
+    check_offsets, dead_letter_json, dead_letter_producer_config, ensure_topic, spawn_lag_monitor, topic_partitions,
+};
 use crate::{JobArgs, metrics};
 
 /// What the source emits besides events: a dead letter or an epoch's offset range.
@@ -99,6 +101,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
         clickhouse.insert_native(&run.table, run.body).await.context("recording the run")?;
         anyhow::Ok(state)
     })?;
+    check_offsets(&kafka, &args.topic, partitions, &state, &job_name)?;
     let peers = (args.workers * args.processes) as u32;
     if let Some(before) = state.pending_peers.filter(|_| !state.pending.is_empty())
         && before != peers
@@ -237,6 +240,9 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
             while !probe.done() {
                 worker.step_or_park(Some(Duration::from_millis(50)));
                 if let Some(error) = writer.fatal_error() {
+                    return Err(error);
+                }
+                if let Some(error) = progress.fatal.lock().ok().and_then(|f| f.clone()) {
                     return Err(error);
                 }
                 if worker.index() == 0 && last_log.elapsed() >= Duration::from_secs(5) {

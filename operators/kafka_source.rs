@@ -16,9 +16,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::Capability;
@@ -53,6 +56,9 @@ pub struct SourceProgress {
     /// Per partition: where the source is (updated after every poll of this worker's
     /// partitions) and, from the lag monitor, how far behind.
     pub positions: std::sync::Mutex<BTreeMap<u32, PartitionPosition>>,
+    /// Set by whoever watches the topic (the job's lag monitor) when the source cannot go on
+    /// exactly, e.g. a partition's offsets went backwards: the job stops with this reason.
+    pub fatal: std::sync::Mutex<Option<String>>,
 }
 
 impl SourceProgress {
@@ -97,6 +103,39 @@ pub struct SourceConfig {
     pub progress: Arc<SourceProgress>,
 }
 
+/// The source consumer's context: librdkafka reports an offset that is not on the broker (with
+/// `auto.offset.reset=error`) as a client error, not as a message; it stops the job.
+pub struct SourceContext {
+    topic: String,
+    progress: Arc<SourceProgress>,
+}
+
+impl ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::AutoOffsetReset) {
+            warn!(%error, reason, "Kafka client error");
+            return;
+        }
+        offset_not_on_broker(&self.progress, &self.topic, reason);
+    }
+}
+
+/// Stops the job: the offset to read next is not on the broker, and reading on from elsewhere
+/// would skip or repeat messages. librdkafka reports it as a client error or as a consumption
+/// error, depending on where the fetch failed.
+fn offset_not_on_broker(progress: &SourceProgress, topic: &str, detail: &str) {
+    let fatal = format!(
+        "topic {topic:?}: {detail}. The offset the job must read next is not on the broker: the topic was deleted \
+         and recreated, its offsets were reset, or retention deleted messages not yet counted. Counting on \
+         would skip or repeat messages; to count the topic as it is now, run the job under a new --job-name"
+    );
+    if let Ok(mut slot) = progress.fatal.lock() {
+        slot.get_or_insert(fatal);
+    }
+}
+
+impl ConsumerContext for SourceContext {}
+
 /// A source that cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -122,8 +161,10 @@ pub fn consumer_config(kafka: &KafkaClients, job: &str, worker: usize) -> Client
         // Offsets are the job's state, recorded in ClickHouse with its output.
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        // Every partition is assigned at an explicit offset; this only matters if one is not.
-        .set("auto.offset.reset", "earliest");
+        // Every partition is assigned at an explicit offset. If that offset is not on the broker
+        // (see the source's AutoOffsetReset error), jumping to another one would skip or repeat
+        // messages silently: it is an error that stops the job.
+        .set("auto.offset.reset", "error");
     client
 }
 
@@ -250,7 +291,9 @@ where
     let worker = scope.index();
     let peers = scope.peers();
     let kafka_err = |source| SourceError::Kafka { topic: config.topic.clone(), source };
-    let consumer: BaseConsumer = consumer_config(&config.kafka, &config.job, worker).create().map_err(kafka_err)?;
+    let context = SourceContext { topic: config.topic.clone(), progress: Arc::clone(&config.progress) };
+    let consumer: BaseConsumer<SourceContext> =
+        consumer_config(&config.kafka, &config.job, worker).create_with_context(context).map_err(kafka_err)?;
 
     let owned: Vec<u32> = (0..config.partitions).filter(|p| *p as usize % peers == worker).collect();
     let mut partitions: BTreeMap<u32, PartitionCursor> = BTreeMap::new();
@@ -325,6 +368,10 @@ where
                     polled += 1;
                     let message = match result {
                         Ok(message) => message,
+                        Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) => {
+                            offset_not_on_broker(&config.progress, &config.topic, &e.to_string());
+                            break;
+                        }
                         Err(e) => {
                             errors_since_log += 1;
                             if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {

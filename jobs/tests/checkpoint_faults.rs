@@ -115,3 +115,55 @@ fn plans_landing_late_and_out_of_order_under_kills_lose_nothing() {
     drop(proxy);
     env.drop();
 }
+
+/// Deletes `topic` and creates it again with `partitions` (retrying while Kafka still deletes it).
+fn recreate_topic(topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let admin: AdminClient<DefaultClientContext> =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", common::BROKERS).create().unwrap();
+        admin.delete_topics(&[topic], &AdminOptions::new()).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+            let created = admin.create_topics([&new], &AdminOptions::new()).await.unwrap();
+            if created.iter().all(Result::is_ok) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "could not create {topic} again: {created:?}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+}
+
+fn views(video: &str, n: usize) -> Vec<(String, String)> {
+    (0..n).map(|_| (video.to_owned(), format!(r#"{{"video_id":"{video}","event_type":"view"}}"#))).collect()
+}
+
+/// A topic deleted and created again under the same name starts its offsets at 0 again: the
+/// checkpoint's offsets lie beyond its end. Before, the job treated every new message below
+/// them as already counted, showed no lag and exited 0 with `--until-caught-up`; now it refuses
+/// to start and says what happened and what to do.
+#[test]
+fn a_recreated_topic_is_refused_not_skipped() {
+    let env = TestEnv::new("recreated", 2);
+    common::produce_keyed(&env.topic, &views("before", 500));
+    env.run_until_caught_up(&[]);
+    assert_eq!(env.scalar("SELECT sum(count) FROM event_counts_minute"), 500);
+
+    recreate_topic(&env.topic, 2);
+    common::produce_keyed(&env.topic, &views("after", 100));
+    let output = env.job(&["--until-caught-up"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the job must not skip the new topic's messages: {stderr}");
+    assert!(stderr.contains("deleted and recreated"), "{stderr}");
+    assert!(stderr.contains("--job-name"), "says what to do: {stderr}");
+    assert_eq!(env.scalar("SELECT sum(count) FROM event_counts_minute"), 500, "nothing was written");
+
+    // What the message says to do: a new checkpoint counts the topic as it is now.
+    env.run_until_caught_up(&["--job-name", "view_counts_2"]);
+    assert_eq!(env.scalar("SELECT sum(count) FROM event_counts_minute WHERE video_id = 'after'"), 100);
+    env.drop();
+}
