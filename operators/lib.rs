@@ -3,7 +3,8 @@
 //!
 //! - [`kafka_source`]: reads the partitions a worker owns, parses each message into an event
 //!   or a dead letter, and closes an epoch every interval, emitting the epoch's offset ranges;
-//!   after a crash it first re-runs pending epochs over exactly their recorded ranges.
+//!   after a crash it first re-runs pending epochs over exactly their recorded ranges, placing
+//!   each message with a [`partition_cursor`].
 //! - [`flush_epochs`]: gathers a stream per epoch and, once the frontier (and a gate) passed
 //!   the epoch, hands its blocks to the bounded ClickHouse write queue, holding the epoch's
 //!   capability until they are written.
@@ -20,6 +21,7 @@ pub mod back_pressure;
 pub mod count_events;
 pub mod flush_epochs;
 pub mod kafka_source;
+pub mod partition_cursor;
 pub mod pre_aggregate;
 pub mod spill;
 pub mod stats_epoch;
