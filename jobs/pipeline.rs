@@ -57,6 +57,26 @@ async fn check_schema(clickhouse: &ClickHouse) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Records this run's generation (with the newest plan it builds on) and its settings
+/// fingerprint, and waits for both to be acknowledged.
+async fn record_run(
+    clickhouse: &ClickHouse,
+    job: &str,
+    topic: &str,
+    state: &checkpoints::JobState,
+    fingerprint: u64,
+) -> Result<(), String> {
+    let generation = checkpoints::generation_block(job, topic, state, now_secs());
+    let run = checkpoints::run_block(job, topic, state.next_epoch, fingerprint, now_secs());
+    for insert in [generation, run] {
+        clickhouse
+            .insert_native(&insert.table, insert.body)
+            .await
+            .map_err(|e| format!("recording the run in {}: {e}", insert.table))?;
+    }
+    Ok(())
+}
+
 /// Runs a job: checks, checkpoint, source, plan, dead letters, `dataflow`'s writes, commit.
 pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()> {
     args.validate()?;
@@ -94,11 +114,6 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                 );
             }
         }
-        // Acknowledged before anything is planned: a later run must know what this one built on.
-        let generation = checkpoints::generation_block(&job_name, &args.topic, &state, now_secs());
-        clickhouse.insert_native(&generation.table, generation.body).await.context("recording the generation")?;
-        let run = checkpoints::run_block(&job_name, &args.topic, state.next_epoch, fingerprint, now_secs());
-        clickhouse.insert_native(&run.table, run.body).await.context("recording the run")?;
         anyhow::Ok(state)
     })?;
     check_offsets(&kafka, &args.topic, partitions, &state, &job_name)?;
@@ -142,7 +157,14 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
     let guards = {
         let (writer, dlq, progress, shutdown) =
             (writer.clone(), Arc::clone(&dlq), Arc::clone(&progress), Arc::clone(&shutdown));
+        let (handle, clickhouse) = (runtime.handle().clone(), clickhouse.clone());
         timely::execute(timely_config, move |worker| -> Result<(), String> {
+            // Worker 0 records the run once every process has read the checkpoint (timely has
+            // connected them all by now: each took the same generation), and before anything is
+            // planned or re-run: a later run must know what this one built on.
+            if worker.index() == 0 {
+                handle.block_on(record_run(&clickhouse, &job_name, &args.topic, &state, fingerprint))?;
+            }
             let probe = ProbeHandle::new();
             let written_probe = ProbeHandle::new();
             let job = job_name.clone();

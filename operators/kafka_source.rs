@@ -28,7 +28,7 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::source;
 use timely::dataflow::{Scope, Stream};
 use tracing::{info, warn};
-use videocount_clickhouse::checkpoints::{JobState, Range};
+use videocount_clickhouse::checkpoints::{JobState, Range, generation};
 use videocount_clickhouse::rows::{DeadLetterRow, stored_payload};
 use videocount_events::{Event, Rejection, TimeLimits};
 use videocount_kafka::KafkaClients;
@@ -382,6 +382,16 @@ where
                 if finishing {
                     info!(worker, last_epoch = epoch, "source finished");
                     live = None;
+                    return;
+                }
+                if generation(epoch + 1) != generation(epoch) {
+                    // 2^32 epochs in one run (49 days at --epoch-ms 1): the next number would
+                    // belong to a later generation. A restart takes a new one.
+                    if let Ok(mut slot) = config.progress.fatal.lock() {
+                        slot.get_or_insert(
+                            "this run used every epoch number of its generation; restart the job".into(),
+                        );
+                    }
                     return;
                 }
                 capability.downgrade(&(epoch + 1));
