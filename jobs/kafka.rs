@@ -120,16 +120,6 @@ pub(crate) fn spawn_lag_monitor(
             let mut lags = Vec::with_capacity(positions.len());
             for (partition, position) in positions {
                 if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition as i32, Duration::from_secs(2)) {
-                    if high >= 0 && (high as u64) < position.next {
-                        let error = format!(
-                            "partition {partition} of topic {topic:?} now ends at offset {high}, below offset {} \
-                             the job has read to: {OFFSETS_BACKWARDS}",
-                            position.next
-                        );
-                        if let Ok(mut fatal) = progress.fatal.lock() {
-                            fatal.get_or_insert(error);
-                        }
-                    }
                     let now_ms = videocount_events::clock::now_ms() as i64;
                     let (messages, seconds) = partition_lag(&position, high, now_ms);
                     lags.push((partition, messages, seconds));

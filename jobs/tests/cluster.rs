@@ -13,11 +13,12 @@ fn two_processes_count_exactly() {
     let spec = Spec { videos: 300, seed: 9, ..Spec::default() };
     let mut expected = produce(common::BROKERS, &env.topic, spec.clone(), Amount::Count(100_000)).unwrap();
 
-    let base: u16 = rand::rng().random_range(20_000..40_000);
-    let hostfile = std::env::temp_dir().join(format!("{}-hosts.txt", env.topic));
-    std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", base, base + 1)).unwrap();
-    let hostfile = hostfile.to_str().unwrap().to_owned();
     let run_cluster = || {
+        // Fresh ports each run: the previous run's connections may still hold its ports.
+        let base: u16 = rand::rng().random_range(20_000..40_000);
+        let hostfile = std::env::temp_dir().join(format!("{}-hosts-{base}.txt", env.topic));
+        std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", base, base + 1)).unwrap();
+        let hostfile = hostfile.to_str().unwrap().to_owned();
         // Process 1 starts a second and a half after process 0, as on two machines.
         let processes: Vec<_> = (0..2)
             .map(|p| {
@@ -31,9 +32,14 @@ fn two_processes_count_exactly() {
                     .unwrap()
             })
             .collect();
-        for process in processes {
-            let output = process.wait_with_output().unwrap();
-            assert!(output.status.success(), "process failed: {}", String::from_utf8_lossy(&output.stderr));
+        let outputs: Vec<_> = processes.into_iter().map(|p| p.wait_with_output().unwrap()).collect();
+        for (p, output) in outputs.iter().enumerate() {
+            assert!(
+                output.status.success(),
+                "process {p} failed: {}\n---- the other process: {}",
+                String::from_utf8_lossy(&output.stderr),
+                String::from_utf8_lossy(&outputs[1 - p].stderr)
+            );
         }
     };
     run_cluster();
