@@ -36,7 +36,9 @@
 
 mod breaker;
 pub mod canary;
+mod config;
 mod delivery;
+mod event;
 mod transport;
 
 use std::future::Future;
@@ -46,8 +48,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rand::Rng;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
@@ -56,135 +56,9 @@ use tokio::time::Instant;
 use url::Url;
 
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+pub use config::{ClientConfig, RetryPolicy};
+pub use event::Event;
 pub use transport::{BoxFuture, HttpTransport, Reply, Transport, TransportError};
-
-/// One event, as `POST /v1/events` takes it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    pub video_id: String,
-    pub event_type: String,
-    /// Event time, epoch milliseconds; the service's clock when absent.
-    #[serde(rename = "ts", skip_serializing_if = "Option::is_none")]
-    pub ts_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub value: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub viewer_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub function: Option<String>,
-}
-
-impl Event {
-    pub fn new(video_id: impl Into<String>, event_type: impl Into<String>) -> Self {
-        Event {
-            video_id: video_id.into(),
-            event_type: event_type.into(),
-            ts_ms: None,
-            value: None,
-            viewer_id: None,
-            function: None,
-        }
-    }
-
-    pub fn view(video_id: impl Into<String>) -> Self {
-        Event::new(video_id, "view")
-    }
-
-    pub fn at(mut self, ts_ms: u64) -> Self {
-        self.ts_ms = Some(ts_ms);
-        self
-    }
-
-    pub fn value(mut self, value: f64) -> Self {
-        self.value = Some(value);
-        self
-    }
-
-    pub fn viewer(mut self, viewer_id: impl Into<String>) -> Self {
-        self.viewer_id = Some(viewer_id.into());
-        self
-    }
-
-    pub fn function(mut self, function: impl Into<String>) -> Self {
-        self.function = Some(function.into());
-        self
-    }
-}
-
-/// How long to keep retrying and how far apart.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// The first retry waits up to this long; each further one up to twice as long.
-    pub base: Duration,
-    /// No single wait is longer.
-    pub max_delay: Duration,
-    /// After this long since the first try the events fail with [`ClientError::GaveUp`];
-    /// `None` retries for as long as the client lives.
-    pub max_elapsed: Option<Duration>,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            base: Duration::from_millis(50),
-            max_delay: Duration::from_secs(5),
-            max_elapsed: Some(Duration::from_secs(300)),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The wait before retry number `attempt` (1 is the first retry): full jitter, uniform in
-    /// `[0, min(max_delay, base * 2^(attempt - 1))]`.
-    pub fn delay(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
-        let ceiling = self.base.saturating_mul(1 << attempt.saturating_sub(1).min(30)).min(self.max_delay);
-        ceiling.mul_f64(rng.random::<f64>())
-    }
-}
-
-/// Settings of a [`Client`]; [`ClientConfig::new`] gives the defaults.
-#[derive(Clone, Debug)]
-pub struct ClientConfig {
-    /// Base URLs of the ingestion services, e.g. `http://10.0.0.5:8080`.
-    pub endpoints: Vec<String>,
-    /// Events per `POST /v1/events` (the service takes up to 10,000).
-    pub batch_size: usize,
-    /// Bytes of JSON per batch at most (the service takes up to 4 MiB).
-    pub max_batch_bytes: usize,
-    /// How long a single event may wait for others to fill its batch.
-    pub linger: Duration,
-    /// Unresolved events at most; beyond that, [`ClientError::BufferFull`].
-    pub max_buffered: usize,
-    /// Batches on the wire at most.
-    pub max_in_flight: usize,
-    pub connect_timeout: Duration,
-    pub request_timeout: Duration,
-    pub retry: RetryPolicy,
-    pub breaker: BreakerConfig,
-    /// How often each address's `/readyz` is asked; `None`: never, all count as healthy.
-    pub health_interval: Option<Duration>,
-    /// Sent as `Authorization: Bearer ...` when set.
-    pub auth_token: Option<String>,
-}
-
-impl ClientConfig {
-    pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
-        ClientConfig {
-            endpoints: endpoints.into_iter().map(Into::into).collect(),
-            batch_size: 1000,
-            max_batch_bytes: 3 << 20,
-            linger: Duration::from_millis(10),
-            max_buffered: 100_000,
-            max_in_flight: 8,
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(10),
-            retry: RetryPolicy::default(),
-            breaker: BreakerConfig::default(),
-            health_interval: Some(Duration::from_secs(5)),
-            auth_token: None,
-        }
-    }
-}
 
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum ClientError {

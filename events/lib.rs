@@ -10,7 +10,12 @@
 //! timestamp, never the wall clock), so re-running an epoch after a crash rejects exactly the
 //! same messages.
 
+mod buckets;
 pub mod clock;
+mod reject;
+
+pub use buckets::{day_number, hour_start, minute_start, route};
+pub use reject::{RejectReason, Rejection};
 
 use std::borrow::Cow;
 
@@ -48,89 +53,6 @@ pub struct TimeLimits {
 impl Default for TimeLimits {
     fn default() -> Self {
         TimeLimits { max_age_ms: 7 * 24 * 3600 * 1000, max_ahead_ms: 10 * 60 * 1000 }
-    }
-}
-
-/// Why a message is a dead letter. [`RejectReason::as_str`] is stable: analysts filter on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum RejectReason {
-    EmptyPayload,
-    InvalidJson,
-    NotAnObject,
-    MissingVideoId,
-    InvalidVideoId,
-    InvalidEventType,
-    InvalidTs,
-    MissingTimestamp,
-    TsTooOld,
-    TsInFuture,
-    InvalidValue,
-    InvalidViewerId,
-    InvalidFunction,
-    UnknownFunction,
-    MissingValue,
-    MissingViewerId,
-}
-
-impl RejectReason {
-    pub const ALL: [RejectReason; 16] = [
-        RejectReason::EmptyPayload,
-        RejectReason::InvalidJson,
-        RejectReason::NotAnObject,
-        RejectReason::MissingVideoId,
-        RejectReason::InvalidVideoId,
-        RejectReason::InvalidEventType,
-        RejectReason::InvalidTs,
-        RejectReason::MissingTimestamp,
-        RejectReason::TsTooOld,
-        RejectReason::TsInFuture,
-        RejectReason::InvalidValue,
-        RejectReason::InvalidViewerId,
-        RejectReason::InvalidFunction,
-        RejectReason::UnknownFunction,
-        RejectReason::MissingValue,
-        RejectReason::MissingViewerId,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::EmptyPayload => "empty payload",
-            RejectReason::InvalidJson => "invalid json",
-            RejectReason::NotAnObject => "not a json object",
-            RejectReason::MissingVideoId => "missing video_id",
-            RejectReason::InvalidVideoId => "invalid video_id",
-            RejectReason::InvalidEventType => "invalid event_type",
-            RejectReason::InvalidTs => "invalid ts",
-            RejectReason::MissingTimestamp => "missing timestamp",
-            RejectReason::TsTooOld => "ts too old",
-            RejectReason::TsInFuture => "ts too far in future",
-            RejectReason::InvalidValue => "invalid value",
-            RejectReason::InvalidViewerId => "invalid viewer_id",
-            RejectReason::InvalidFunction => "invalid function",
-            RejectReason::UnknownFunction => "unknown function",
-            RejectReason::MissingValue => "missing value",
-            RejectReason::MissingViewerId => "missing viewer_id",
-        }
-    }
-}
-
-impl std::fmt::Display for RejectReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A message that is not a valid event: the stable reason and a detail for humans.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{reason}: {detail}")]
-pub struct Rejection {
-    pub reason: RejectReason,
-    pub detail: String,
-}
-
-impl Rejection {
-    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
-        Rejection { reason, detail: detail.into() }
     }
 }
 
@@ -344,27 +266,6 @@ fn parse_with<T>(
     rest(event, &fields)
 }
 
-/// Start of the event's minute, in seconds since the epoch (a ClickHouse `DateTime`).
-pub fn minute_start(ts_ms: u64) -> u32 {
-    ((ts_ms / 60_000) * 60) as u32
-}
-
-/// Start of the event's hour, in seconds since the epoch.
-pub fn hour_start(ts_ms: u64) -> u32 {
-    ((ts_ms / 3_600_000) * 3600) as u32
-}
-
-/// The event's day, in days since 1970-01-01 (a ClickHouse `Date`).
-pub fn day_number(ts_ms: u64) -> u16 {
-    (ts_ms / 86_400_000) as u16
-}
-
-/// The worker that counts a video, of `peers` workers. A fixed hash, so that a restarted job
-/// routes every video to the same worker and re-writes identical blocks.
-pub fn route(video_id: &str) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(video_id.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,15 +366,6 @@ mod tests {
     }
 
     #[test]
-    fn reasons_are_distinct_and_short() {
-        let mut seen = std::collections::HashSet::new();
-        for reason in RejectReason::ALL {
-            assert!(seen.insert(reason.as_str()));
-            assert!(reason.as_str().len() <= 32);
-        }
-    }
-
-    #[test]
     fn configurable_limits() {
         let limits = TimeLimits { max_age_ms: 1000, max_ahead_ms: 0 };
         let at = |ts: i64| parse_event(Some(format!(r#"{{"video_id":"v","ts":{ts}}}"#).as_bytes()), Some(NOW), limits);
@@ -482,41 +374,10 @@ mod tests {
         assert_eq!(at(NOW + 1).unwrap_err().reason, RejectReason::TsInFuture);
     }
 
-    #[test]
-    fn buckets_at_boundaries() {
-        // 2026-11-27T23:59:59.999Z and the millisecond after it.
-        let before = 1_795_823_999_999_u64;
-        let after = before + 1;
-        assert_eq!(minute_start(before), 1_795_823_940);
-        assert_eq!(minute_start(after), 1_795_824_000);
-        assert_eq!(hour_start(before), 1_795_820_400);
-        assert_eq!(hour_start(after), 1_795_824_000);
-        assert_eq!(day_number(before) + 1, day_number(after));
-        assert_eq!(u64::from(day_number(after)) * 86_400, 1_795_824_000);
-        assert_eq!(minute_start(0), 0);
-        assert_eq!(minute_start(59_999), 0);
-        assert_eq!(minute_start(60_000), 60);
-    }
-
     proptest! {
-        #[test]
-        fn buckets_nest(ts in 0u64..4_000_000_000_000) {
-            let minute = u64::from(minute_start(ts));
-            prop_assert!(minute * 1000 <= ts && ts < minute * 1000 + 60_000);
-            let hour = u64::from(hour_start(ts));
-            prop_assert!(hour <= minute && minute < hour + 3600);
-            let day = u64::from(day_number(ts)) * 86_400;
-            prop_assert!(day <= hour && hour < day + 86_400);
-        }
-
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = parse_event(Some(&bytes), Some(NOW), TimeLimits::default());
-        }
-
-        #[test]
-        fn routing_is_stable(id in "[A-Za-z0-9_-]{1,64}") {
-            prop_assert_eq!(route(&id), route(&id.clone()));
         }
     }
 }

@@ -6,6 +6,7 @@
 //! accepted event was counted exactly once. [`stress`] repeats it at rising rates until a
 //! bound breaks, reading the saturation signals from the query service's `/v1/live`.
 
+mod report;
 mod stress;
 
 use std::collections::HashMap;
@@ -19,7 +20,6 @@ use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::info;
@@ -27,6 +27,8 @@ use videocount_client::canary::Canary;
 use videocount_client::{Client, ClientConfig, ClientError, Event};
 use videocount_events::clock::now_ms;
 
+use report::quantiles;
+pub use report::{Exactness, LoadReport, Quantiles};
 pub use stress::{Saturation, Step, StressConfig, StressReport, stress};
 
 /// The event types sent, with their share of the traffic; `watch_time` carries a value.
@@ -53,122 +55,6 @@ pub struct LoadConfig {
     pub canary_every: Duration,
     /// Read API requests in flight during the check.
     pub check_concurrency: usize,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Quantiles {
-    pub p50: Option<f64>,
-    pub p99: Option<f64>,
-    pub p999: Option<f64>,
-    pub max: Option<f64>,
-}
-
-/// What a check of the counts found.
-#[derive(Clone, Debug, Serialize)]
-pub struct Exactness {
-    /// (video, event type) keys checked.
-    pub keys: usize,
-    /// Accepted events over those keys.
-    pub events: u64,
-    /// Keys whose count stayed below the accepted events.
-    pub short_keys: usize,
-    pub missing_events: u64,
-    /// Keys counted more than accepted (plus the events whose outcome the client never
-    /// learned: those may or may not have been written).
-    pub over_keys: usize,
-    pub extra_events: u64,
-    pub first_mismatch: Option<String>,
-    pub seconds: f64,
-}
-
-impl Exactness {
-    pub fn exact(&self) -> bool {
-        self.short_keys == 0 && self.over_keys == 0
-    }
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct LoadReport {
-    pub run_id: String,
-    pub target_rate: f64,
-    pub seconds: f64,
-    pub sent: u64,
-    pub accepted: u64,
-    /// Acks that failed (after the client's retries).
-    pub failed: u64,
-    /// Sends the client refused at once (its buffer was full: the generator outran it).
-    pub refused: u64,
-    pub first_error: Option<String>,
-    pub achieved_rate: f64,
-    pub error_rate: f64,
-    /// Send to acknowledgement, per event, milliseconds.
-    pub latency_ms: Quantiles,
-    /// Canary: acknowledgement to counted, seconds.
-    pub freshness_s: Quantiles,
-    pub freshness_samples: usize,
-    pub freshness_failures: usize,
-    pub exactness: Option<Exactness>,
-}
-
-impl LoadReport {
-    /// Exactness held (when checked) and errors are at most `max_error_rate`.
-    pub fn passed(&self, max_error_rate: f64) -> bool {
-        self.exactness.as_ref().is_none_or(Exactness::exact) && self.error_rate <= max_error_rate
-    }
-
-    pub fn print(&self) {
-        let q = |q: &Quantiles, digits: usize| {
-            let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
-            format!("p50 {}  p99 {}  p999 {}  max {}", f(q.p50), f(q.p99), f(q.p999), f(q.max))
-        };
-        println!(
-            "sent {}  accepted {}  failed {}  refused {}  error rate {:.3} %",
-            self.sent,
-            self.accepted,
-            self.failed,
-            self.refused,
-            100.0 * self.error_rate
-        );
-        if let Some(error) = &self.first_error {
-            println!("first error: {error}");
-        }
-        println!(
-            "achieved {:.0} events/s (target {:.0}) over {:.1} s",
-            self.achieved_rate, self.target_rate, self.seconds
-        );
-        println!("request latency (send to Kafka ack) ms: {}", q(&self.latency_ms, 1));
-        println!(
-            "freshness (ack to counted, canary) s: {}  ({} samples, {} failed)",
-            q(&self.freshness_s, 2),
-            self.freshness_samples,
-            self.freshness_failures
-        );
-        match &self.exactness {
-            None => println!("exactness: not checked"),
-            Some(e) if e.exact() => println!(
-                "exactness: {} (video, type) keys, {} events: every accepted event counted exactly once (settled in {:.1} s)",
-                e.keys, e.events, e.seconds
-            ),
-            Some(e) => println!(
-                "exactness: FAILED over {} keys / {} events: {} keys short by {} events, {} keys over by {}; first: {}",
-                e.keys,
-                e.events,
-                e.short_keys,
-                e.missing_events,
-                e.over_keys,
-                e.extra_events,
-                e.first_mismatch.as_deref().unwrap_or("-")
-            ),
-        }
-    }
-}
-
-fn quantiles(histogram: &Histogram<u64>, scale: f64) -> Quantiles {
-    if histogram.is_empty() {
-        return Quantiles::default();
-    }
-    let at = |q: f64| Some(histogram.value_at_quantile(q) as f64 / scale);
-    Quantiles { p50: at(0.5), p99: at(0.99), p999: at(0.999), max: Some(histogram.max() as f64 / scale) }
 }
 
 /// Per (video index, type index): events acknowledged, and events whose outcome is unknown.

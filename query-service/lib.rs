@@ -16,6 +16,7 @@ pub mod canary;
 pub mod hot;
 pub mod live;
 pub mod metrics;
+pub mod prometheus;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

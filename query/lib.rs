@@ -12,17 +12,18 @@
 //! bucket, the newest compacted state and the states of later epochs (`videocount_clickhouse::compact`).
 
 mod range;
+mod stats;
 
 use clickhouse::Row;
 use serde::Deserialize;
 use videocount_aggregates::{Function, Registry};
 pub use videocount_clickhouse::rows::Grain;
-use videocount_clickhouse::states::{StoredState, live_states};
 use videocount_clickhouse::{ClickHouse, SinkError};
 use videocount_events::{DEFAULT_EVENT_TYPE, valid_event_type, valid_video_id};
 
 pub use crate::range::{MAX_RANGE_MS, Segment, TimeRange, format_time, parse_time, segments};
 use crate::range::{ceil_to, floor_to};
+pub use crate::stats::StatsAnswer;
 
 /// Video ids of the query service's freshness canaries start with this; top lists leave them out.
 pub const CANARY_PREFIX: &str = "videocount-canary";
@@ -129,16 +130,6 @@ fn check_ids(video_id: &str, event_type: &str) -> Result<(), QueryError> {
         return Err(QueryError::Invalid(format!("event_type {event_type:?} is not 1-32 characters of [a-z0-9_]")));
     }
     Ok(())
-}
-
-/// The answer to a stats query.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StatsAnswer {
-    /// `None` when the function has no value without data (sum, min, max, avg, pNN of no
-    /// values); `count` and `uniq` of nothing are 0.
-    pub value: Option<f64>,
-    /// How many stored states were merged.
-    pub states: usize,
 }
 
 /// Reads counts and stats from one database.
@@ -344,104 +335,12 @@ impl Reader {
     pub fn clickhouse(&self) -> &ClickHouse {
         &self.clickhouse
     }
-
-    /// `getStats`: `function` over the events of `event_type` (as kept by `event_stats`).
-    pub async fn stats(
-        &self,
-        video_id: &str,
-        event_type: &str,
-        function: &str,
-        range: TimeRange,
-    ) -> Result<StatsAnswer, QueryError> {
-        check_ids(video_id, event_type)?;
-        let function = self.function(function)?;
-        let aggregate = self.registry.get(function.aggregate);
-        let segments = segments(range);
-        if segments.is_empty() {
-            let empty = aggregate.create();
-            return Ok(StatsAnswer { value: aggregate.finish(&empty, &function.name), states: 0 });
-        }
-        let (parts, bounds): (Vec<String>, Vec<Bounds>) = segments
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let (condition, bounds) = bucket_condition(s);
-                let table = s.grain.stats_table();
-                let sql = format!(
-                    "SELECT state, toUInt32({i}) AS segment, toUInt32({column}) AS bucket, epoch, compacted \
-                     FROM {table} WHERE video_id = ? AND event_type = ? AND aggregate = ? AND {condition} \
-                     AND (compacted = 1 OR state != '')",
-                    column = s.grain.column()
-                );
-                (sql, bounds)
-            })
-            .unzip();
-        // A fixed order, so that the same rows always merge to the same answer.
-        let sql = format!(
-            "SELECT state, segment, bucket, epoch, compacted FROM ({}) ORDER BY segment, bucket, compacted DESC, epoch",
-            parts.join(" UNION ALL ")
-        );
-        let mut query = self.clickhouse.client().query(&sql);
-        for bounds in bounds {
-            query = bounds.bind(query.bind(video_id).bind(event_type).bind(aggregate.name()));
-        }
-        let rows: Vec<StoredState> = self.clickhouse.fetch_all(query).await?;
-        let mut merged = aggregate.create();
-        let mut states = 0;
-        for group in rows.chunk_by(|a, b| (a.segment, a.bucket) == (b.segment, b.bucket)) {
-            for row in live_states(group) {
-                let state = aggregate.decode(&row.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
-                aggregate.merge(&mut merged, &state);
-                states += 1;
-            }
-        }
-        let value = aggregate.finish(&merged, &function.name);
-        Ok(StatsAnswer { value, states })
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    fn minutes_of(range: TimeRange) -> Vec<u64> {
-        let first = range.from_ms.div_ceil(60_000);
-        let end = range.to_ms.div_ceil(60_000);
-        (first..end).map(|m| m * 60).collect()
-    }
-
-    fn expand(segments: &[Segment]) -> Vec<u64> {
-        let mut out = Vec::new();
-        for s in segments {
-            let step = match s.grain {
-                Grain::Minute => 60,
-                Grain::Hour => 3600,
-                Grain::Day => 86_400,
-            };
-            assert_eq!(s.start_s % step, 0, "{s:?} is aligned");
-            assert_eq!(s.end_s % step, 0, "{s:?} is aligned");
-            let mut t = s.start_s;
-            while t < s.end_s {
-                out.extend((t..t + step).step_by(60));
-                t += step;
-            }
-        }
-        out.sort_unstable();
-        out
-    }
-
-    proptest! {
-        #[test]
-        fn segments_cover_each_minute_once(from in 0u64..4_000_000_000_000, len in prop_oneof![0u64..200_000, 0u64..100_000_000, 0u64..40_000_000_000]) {
-            let range = TimeRange { from_ms: from, to_ms: from + len };
-            let segments = segments(range);
-            prop_assert_eq!(expand(&segments), minutes_of(range));
-            // At most: 2 x (59 minutes + 23 hours) around the days.
-            let buckets: u64 = segments.iter().filter(|s| s.grain != Grain::Day).map(|s| (s.end_s - s.start_s) / if s.grain == Grain::Hour { 3600 } else { 60 }).sum();
-            prop_assert!(buckets <= 2 * (59 + 23));
-        }
-    }
 
     proptest! {
         #[test]
@@ -476,37 +375,5 @@ mod tests {
         let plan = CountPlan::new(TimeRange { from_ms: 60_001, to_ms: 60_002 }, Edges::Raw);
         assert_eq!(plan.raw, vec![(60_001, 60_002)]);
         assert!(plan.minute_range().from_ms >= plan.minute_range().to_ms);
-    }
-
-    #[test]
-    fn a_year_reads_few_buckets() {
-        let from = parse_time("2025-03-10T10:17:30Z").unwrap();
-        let to = parse_time("2026-03-10T10:17:30Z").unwrap();
-        let segments = segments(TimeRange::new(from, to).unwrap());
-        assert_eq!(
-            segments.iter().map(|s| s.grain).collect::<Vec<_>>(),
-            [Grain::Minute, Grain::Hour, Grain::Day, Grain::Hour, Grain::Minute]
-        );
-    }
-
-    #[test]
-    fn times_parse_in_both_forms() {
-        assert_eq!(parse_time("1795812377123"), Ok(1_795_812_377_123));
-        assert_eq!(parse_time("2026-11-27T00:00:00Z"), Ok(1_795_737_600_000));
-        assert_eq!(parse_time("2026-11-27T01:00:00+01:00"), Ok(1_795_737_600_000));
-        assert_eq!(parse_time("2026-11-27T00:00:00.5Z"), Ok(1_795_737_600_500));
-        assert!(parse_time("yesterday").is_err());
-        assert!(parse_time("").is_err());
-        assert!(parse_time("-5").is_err());
-        assert!(parse_time("1969-12-31T00:00:00Z").is_err());
-        assert_eq!(format_time(1_795_737_600_000), "2026-11-27T00:00:00Z");
-    }
-
-    #[test]
-    fn ranges_are_checked() {
-        assert!(TimeRange::new(2, 1).is_err());
-        assert!(TimeRange::new(0, MAX_RANGE_MS + 1).is_err());
-        assert!(TimeRange::new(5, 5).is_ok());
-        assert!(segments(TimeRange::new(5, 5).unwrap()).is_empty());
     }
 }

@@ -95,3 +95,80 @@ pub fn segments(range: TimeRange) -> Vec<Segment> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn minutes_of(range: TimeRange) -> Vec<u64> {
+        let first = range.from_ms.div_ceil(60_000);
+        let end = range.to_ms.div_ceil(60_000);
+        (first..end).map(|m| m * 60).collect()
+    }
+
+    fn expand(segments: &[Segment]) -> Vec<u64> {
+        let mut out = Vec::new();
+        for s in segments {
+            let step = match s.grain {
+                Grain::Minute => 60,
+                Grain::Hour => 3600,
+                Grain::Day => 86_400,
+            };
+            assert_eq!(s.start_s % step, 0, "{s:?} is aligned");
+            assert_eq!(s.end_s % step, 0, "{s:?} is aligned");
+            let mut t = s.start_s;
+            while t < s.end_s {
+                out.extend((t..t + step).step_by(60));
+                t += step;
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn segments_cover_each_minute_once(from in 0u64..4_000_000_000_000, len in prop_oneof![0u64..200_000, 0u64..100_000_000, 0u64..40_000_000_000]) {
+            let range = TimeRange { from_ms: from, to_ms: from + len };
+            let segments = segments(range);
+            prop_assert_eq!(expand(&segments), minutes_of(range));
+            // At most: 2 x (59 minutes + 23 hours) around the days.
+            let buckets: u64 = segments.iter().filter(|s| s.grain != Grain::Day).map(|s| (s.end_s - s.start_s) / if s.grain == Grain::Hour { 3600 } else { 60 }).sum();
+            prop_assert!(buckets <= 2 * (59 + 23));
+        }
+    }
+
+    #[test]
+    fn a_year_reads_few_buckets() {
+        let from = parse_time("2025-03-10T10:17:30Z").unwrap();
+        let to = parse_time("2026-03-10T10:17:30Z").unwrap();
+        let segments = segments(TimeRange::new(from, to).unwrap());
+        assert_eq!(
+            segments.iter().map(|s| s.grain).collect::<Vec<_>>(),
+            [Grain::Minute, Grain::Hour, Grain::Day, Grain::Hour, Grain::Minute]
+        );
+    }
+
+    #[test]
+    fn times_parse_in_both_forms() {
+        assert_eq!(parse_time("1795812377123"), Ok(1_795_812_377_123));
+        assert_eq!(parse_time("2026-11-27T00:00:00Z"), Ok(1_795_737_600_000));
+        assert_eq!(parse_time("2026-11-27T01:00:00+01:00"), Ok(1_795_737_600_000));
+        assert_eq!(parse_time("2026-11-27T00:00:00.5Z"), Ok(1_795_737_600_500));
+        assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("").is_err());
+        assert!(parse_time("-5").is_err());
+        assert!(parse_time("1969-12-31T00:00:00Z").is_err());
+        assert_eq!(format_time(1_795_737_600_000), "2026-11-27T00:00:00Z");
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        assert!(TimeRange::new(2, 1).is_err());
+        assert!(TimeRange::new(0, MAX_RANGE_MS + 1).is_err());
+        assert!(TimeRange::new(5, 5).is_ok());
+        assert!(segments(TimeRange::new(5, 5).unwrap()).is_empty());
+    }
+}

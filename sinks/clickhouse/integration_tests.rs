@@ -1,6 +1,6 @@
 //! The exactly-once building blocks against the real ClickHouse that `make up` starts, each test
 //! in a database of its own: a repeated block is dropped, a cut-off block inserts nothing, and
-//! checkpoints read back as written. (The whole job is tested in `jobs/tests`.)
+//! checkpoints read back as written. (The whole job is tested in `e2e/tests`.)
 
 use rand::Rng;
 
@@ -39,6 +39,7 @@ async fn total(clickhouse: &ClickHouse) -> u64 {
 }
 
 #[tokio::test]
+#[ignore = "needs ClickHouse: make up, then make test"]
 async fn a_repeated_block_is_dropped_and_a_cut_off_block_inserts_nothing() {
     let clickhouse = fresh_database("dedup").await;
     let rows = || {
@@ -68,6 +69,7 @@ async fn a_repeated_block_is_dropped_and_a_cut_off_block_inserts_nothing() {
 }
 
 #[tokio::test]
+#[ignore = "needs ClickHouse: make up, then make test"]
 async fn checkpoints_read_back_as_written() {
     let clickhouse = fresh_database("checkpoints").await;
     let empty = checkpoints::load(&clickhouse, "view_counts", "t").await.unwrap();

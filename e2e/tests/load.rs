@@ -3,11 +3,9 @@
 //! its own exactness check when the system counts, and fails it, naming the missing events,
 //! when the counting job is not running.
 
-mod common;
-
 use std::process::Command;
 
-use common::{TestEnv, tool};
+use videocount_e2e::{TestEnv, tool};
 
 /// Runs `load_test run` (a few seconds, a low rate): exit success, stdout and the JSON report.
 fn load_test(ingest: &str, query: &str, extra: &[&str]) -> (bool, String, serde_json::Value) {
@@ -28,6 +26,7 @@ fn load_test(ingest: &str, query: &str, extra: &[&str]) -> (bool, String, serde_
 }
 
 #[test]
+#[ignore = "needs Kafka and ClickHouse: make up, then make test"]
 fn a_short_load_test_counts_every_accepted_event_exactly_once() {
     let env = TestEnv::new("load", 4);
     let counts = env.spawn(&["--epoch-ms", "200"]);

@@ -2,15 +2,13 @@
 //! the topic), every bad input gets its documented status and writes nothing, and events sent
 //! through the client library are counted by both jobs exactly as if produced directly.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{Ingest, TestEnv, read_messages};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use videocount_client::{Client, ClientConfig, ClientError, Event};
+use videocount_e2e::{Ingest, TestEnv, read_messages};
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
@@ -68,6 +66,7 @@ fn counter(metrics: &str, series: &str) -> f64 {
 }
 
 #[test]
+#[ignore = "needs Kafka and ClickHouse: make up, then make test"]
 fn every_endpoint_writes_what_it_accepted_keyed_by_video() {
     let env = TestEnv::new("ingest_ok", 4);
     let ingest = env.ingest(&[]);
@@ -176,6 +175,7 @@ fn every_endpoint_writes_what_it_accepted_keyed_by_video() {
 type Case = (String, Option<&'static str>, String, u16, &'static str, &'static str);
 
 #[test]
+#[ignore = "needs Kafka and ClickHouse: make up, then make test"]
 fn every_bad_input_gets_its_status_and_writes_nothing() {
     let env = TestEnv::new("ingest_bad", 2);
     let ingest = env.ingest(&[]);
@@ -243,7 +243,7 @@ fn every_bad_input_gets_its_status_and_writes_nothing() {
     assert_eq!(written(&env).len(), 1);
 
     // Without a token the service refuses to listen beyond loopback.
-    let output = std::process::Command::new(common::tool("ingest"))
+    let output = std::process::Command::new(videocount_e2e::tool("ingest"))
         .args(["--listen", "0.0.0.0:0", "--topic", &env.topic])
         .output()
         .unwrap();
@@ -257,6 +257,7 @@ fn every_bad_input_gets_its_status_and_writes_nothing() {
 type Minutes = BTreeMap<(String, String, u32), u64>;
 
 #[test]
+#[ignore = "needs Kafka and ClickHouse: make up, then make test"]
 fn events_sent_through_the_client_are_counted_exactly_by_both_jobs() {
     let env = TestEnv::new("ingest_e2e", 4);
     // Two services behind the client: it spreads batches over both.
@@ -324,7 +325,7 @@ fn events_sent_through_the_client_are_counted_exactly_by_both_jobs() {
     }
 
     env.run_until_caught_up(&["--workers", "2"]);
-    common::TestEnv::run_command_until_caught_up(env.stats_job(&["--workers", "2"]));
+    videocount_e2e::TestEnv::run_command_until_caught_up(env.stats_job(&["--workers", "2"]));
     let counted = env.counts("event_counts_minute", "minute");
     assert_eq!(counted.values().sum::<u64>(), 19_980, "every accepted event once");
     assert!(counted == minutes, "minute counts differ from what the client sent");

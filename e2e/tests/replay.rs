@@ -1,15 +1,14 @@
 //! Replay from the raw log equals the live counts, and swaps the tables in whole.
 
-mod common;
-
-use common::TestEnv;
+use videocount_e2e::TestEnv;
 use videocount_loadgen::{Amount, Spec, produce};
 
 #[test]
+#[ignore = "needs Kafka and ClickHouse: make up, then make test"]
 fn replay_equals_live() {
     let env = TestEnv::new("replay", 4);
     let spec = Spec { videos: 500, seed: 5, ..Spec::default() };
-    let expected = produce(common::BROKERS, &env.topic, spec, Amount::Count(200_000)).unwrap();
+    let expected = produce(videocount_e2e::BROKERS, &env.topic, spec, Amount::Count(200_000)).unwrap();
     env.run_until_caught_up(&["--workers", "2"]);
     let live = env.counts("event_counts_minute", "minute");
     env.assert_exact(&expected);
@@ -31,8 +30,13 @@ fn replay_equals_live() {
     // The job goes on counting into the swapped-in tables.
     let mut expected = expected;
     expected.merge(
-        produce(common::BROKERS, &env.topic, Spec { videos: 500, seed: 6, ..Spec::default() }, Amount::Count(30_000))
-            .unwrap(),
+        produce(
+            videocount_e2e::BROKERS,
+            &env.topic,
+            Spec { videos: 500, seed: 6, ..Spec::default() },
+            Amount::Count(30_000),
+        )
+        .unwrap(),
     );
     env.run_until_caught_up(&["--workers", "2"]);
     env.assert_exact(&expected);

@@ -2,20 +2,14 @@
 //! as Prometheus text, and the golden signals follow known events end to end, down to the
 //! freshness canary and the live panel that summarises them.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{TestEnv, free_port, produce_keyed, sleep_ms};
-use videocount_query_service::live::{Sample, parse_samples};
+use videocount_e2e::{TestEnv, free_port, produce_keyed, sleep_ms};
+use videocount_query_service::prometheus::{Sample, parse_samples};
 
 fn scrape(url: &str) -> Option<Vec<Sample>> {
-    let output = std::process::Command::new("curl")
-        .args(["-fsS", "--max-time", "3", &format!("{url}/metrics")])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    output.status.success().then(|| {
+    let (status, text) = videocount_e2e::http_get(&format!("{url}/metrics"))?;
+    (status == 200).then(|| {
         assert_prometheus_text(&text);
         parse_samples(&text)
     })
@@ -72,6 +66,7 @@ fn assert_cpu_counter_moves(runtime: &tokio::runtime::Runtime, url: &str, name: 
 }
 
 #[test]
+#[ignore = "needs Kafka and ClickHouse: make up, then make test"]
 fn every_binary_exports_golden_signals_that_follow_the_events() {
     let env = TestEnv::new("metrics", 2);
     let (counts_port, stats_port) = (free_port(), free_port());

@@ -1,26 +1,22 @@
 //! ClickHouse stopped under a running job: the job waits and retries, loses nothing, and
 //! catches up once the server is back.
 
-mod common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Server, TestEnv, sleep_ms};
+use videocount_e2e::{Server, TestEnv, sleep_ms};
 use videocount_loadgen::{Amount, Spec, produce};
 
 fn clickhouse_up() -> bool {
-    Command::new("curl")
-        .args(["-fsS", "--max-time", "1", "http://127.0.0.1:8123/ping"])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    videocount_e2e::answers_ok("http://127.0.0.1:8123/ping")
 }
 
 #[test]
+#[ignore = "needs Kafka and ClickHouse: make up, then make test"]
 fn a_clickhouse_outage_delays_counts_but_loses_none() {
     let env = TestEnv::new("outage", 2);
     let spec = Spec { videos: 200, seed: 21, ..Spec::default() };
-    let mut expected = produce(common::BROKERS, &env.topic, spec.clone(), Amount::Count(100_000)).unwrap();
+    let mut expected = produce(videocount_e2e::BROKERS, &env.topic, spec.clone(), Amount::Count(100_000)).unwrap();
     let mut job = env.spawn(&["--workers", "2", "--epoch-ms", "200"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while env.scalar("SELECT count() FROM events_raw") < expected.events {
@@ -32,7 +28,8 @@ fn a_clickhouse_outage_delays_counts_but_loses_none() {
     let server = Server::clickhouse();
     server.stop();
     assert!(!clickhouse_up());
-    expected.merge(produce(common::BROKERS, &env.topic, Spec { seed: 22, ..spec }, Amount::Count(50_000)).unwrap());
+    expected
+        .merge(produce(videocount_e2e::BROKERS, &env.topic, Spec { seed: 22, ..spec }, Amount::Count(50_000)).unwrap());
     sleep_ms(3000);
     assert!(job.0.try_wait().unwrap().is_none(), "the job must wait for ClickHouse, not exit");
 

@@ -1,16 +1,14 @@
 //! The checkpoint under operations faults: plans that land late and out of order while the job
 //! is killed again and again. Counts stay exact (docs/exactly-once.md, "Plans in order").
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{TestEnv, sleep_ms};
 use rand::{Rng, SeedableRng};
+use videocount_e2e::{TestEnv, sleep_ms};
 use videocount_loadgen::{Amount, Spec, produce};
 
 /// A TCP proxy in front of ClickHouse that holds back half of the INSERTs into `table` for a
@@ -87,13 +85,14 @@ impl Drop for DelayingProxy {
 /// the events were never counted (a later plan landed, the earlier one did not, and the
 /// restart resumed after the later one) and epoch numbers were planned twice.
 #[test]
+#[ignore = "needs Kafka and ClickHouse: make up, then make test"]
 fn plans_landing_late_and_out_of_order_under_kills_lose_nothing() {
     let seed: u64 = rand::rng().random();
     eprintln!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let env = TestEnv::new("lateplans", 4);
     let proxy = DelayingProxy::start(seed, "checkpoint_ranges", 3000);
-    let (brokers, topic) = (common::BROKERS.to_string(), env.topic.clone());
+    let (brokers, topic) = (videocount_e2e::BROKERS.to_string(), env.topic.clone());
     let producer = std::thread::spawn(move || {
         let spec = Spec { videos: 500, seed: 5, ..Spec::default() };
         produce(&brokers, &topic, spec, Amount::Rate { per_second: 20_000, duration: Duration::from_secs(24) })
@@ -123,7 +122,7 @@ fn recreate_topic(topic: &str, partitions: i32) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let admin: AdminClient<DefaultClientContext> =
-            rdkafka::ClientConfig::new().set("bootstrap.servers", common::BROKERS).create().unwrap();
+            rdkafka::ClientConfig::new().set("bootstrap.servers", videocount_e2e::BROKERS).create().unwrap();
         admin.delete_topics(&[topic], &AdminOptions::new()).await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -147,14 +146,15 @@ fn views(video: &str, n: usize) -> Vec<(String, String)> {
 /// them as already counted, showed no lag and exited 0 with `--until-caught-up`; now it refuses
 /// to start and says what happened and what to do.
 #[test]
+#[ignore = "needs Kafka and ClickHouse: make up, then make test"]
 fn a_recreated_topic_is_refused_not_skipped() {
     let env = TestEnv::new("recreated", 2);
-    common::produce_keyed(&env.topic, &views("before", 500));
+    videocount_e2e::produce_keyed(&env.topic, &views("before", 500));
     env.run_until_caught_up(&[]);
     assert_eq!(env.scalar("SELECT sum(count) FROM event_counts_minute"), 500);
 
     recreate_topic(&env.topic, 2);
-    common::produce_keyed(&env.topic, &views("after", 100));
+    videocount_e2e::produce_keyed(&env.topic, &views("after", 100));
     let output = env.job(&["--until-caught-up"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "the job must not skip the new topic's messages: {stderr}");

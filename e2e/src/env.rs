@@ -1,0 +1,243 @@
+//! One test's fresh topic and database, and the commands that run the binaries on them.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rand::Rng;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use serde::Deserialize;
+use videocount_clickhouse::{ClickHouse, ClickHouseConfig, schema};
+use videocount_loadgen::Expected;
+
+use crate::{
+    BROKERS, CLICKHOUSE_URL, Ingest, QueryService, Running, answers_ok, free_port, repo_path, tool, wait_until,
+};
+
+/// A topic and a database of one test.
+pub struct TestEnv {
+    pub topic: String,
+    pub database: String,
+    pub clickhouse: ClickHouse,
+    pub runtime: tokio::runtime::Runtime,
+}
+
+impl TestEnv {
+    pub fn new(name: &str, partitions: i32) -> TestEnv {
+        let suffix: u32 = rand::rng().random();
+        let topic = format!("test-{name}-{suffix:08x}");
+        let database = format!("test_{name}_{suffix:08x}");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let clickhouse = ClickHouse::new(ClickHouseConfig {
+            url: CLICKHOUSE_URL.into(),
+            database: database.clone(),
+            ..ClickHouseConfig::default()
+        });
+        runtime.block_on(async {
+            let admin: AdminClient<DefaultClientContext> =
+                ClientConfig::new().set("bootstrap.servers", BROKERS).create().unwrap();
+            let new = NewTopic::new(&topic, partitions, TopicReplication::Fixed(1));
+            for result in admin.create_topics([&new], &AdminOptions::new()).await.unwrap() {
+                result.expect("topic created");
+            }
+            schema::apply(&clickhouse).await.expect("schema applied (is `make up` running?)");
+        });
+        TestEnv { topic, database, clickhouse, runtime }
+    }
+
+    /// The `view_counts` binary with this test's topic and database.
+    pub fn job(&self, extra: &[&str]) -> Command {
+        self.job_binary(&tool("view_counts"), extra)
+    }
+
+    /// The `event_stats` binary with this test's topic and database, and the repository's
+    /// functions config.
+    pub fn stats_job(&self, extra: &[&str]) -> Command {
+        self.stats_job_on(&self.database, extra)
+    }
+
+    /// `event_stats` on this test's topic, writing to `database`.
+    pub fn stats_job_on(&self, database: &str, extra: &[&str]) -> Command {
+        let functions = repo_path("config/functions.toml");
+        let mut command = self.job_binary_on(&tool("event_stats"), database, extra);
+        command.arg("--functions").arg(functions);
+        command
+    }
+
+    fn job_binary(&self, binary: &std::path::Path, extra: &[&str]) -> Command {
+        self.job_binary_on(binary, &self.database, extra)
+    }
+
+    /// `view_counts` with this test's topic and database, reaching ClickHouse at `url` (a proxy).
+    pub fn job_via(&self, url: &str, extra: &[&str]) -> Command {
+        self.job_binary_at(&tool("view_counts"), &self.database, url, extra)
+    }
+
+    fn job_binary_on(&self, binary: &std::path::Path, database: &str, extra: &[&str]) -> Command {
+        self.job_binary_at(binary, database, CLICKHOUSE_URL, extra)
+    }
+
+    fn job_binary_at(&self, binary: &std::path::Path, database: &str, url: &str, extra: &[&str]) -> Command {
+        let mut command = Command::new(binary);
+        command
+            .args(["--brokers", BROKERS, "--topic", &self.topic, "--clickhouse-url", url])
+            .args(["--database", database])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// `ingest` writing to this test's topic, once it is ready.
+    pub fn ingest(&self, extra: &[&str]) -> Ingest {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let child = Command::new(tool("ingest"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--brokers", BROKERS, "--topic", &self.topic])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let ingest = Ingest { url, process: Running(child) };
+        wait_until("ingest ready", Duration::from_secs(60), || ingest.ready());
+        ingest
+    }
+
+    /// `query` reading this test's database and serving the built UI, once it answers.
+    pub fn query_service(&self, extra: &[&str]) -> QueryService {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let ui = repo_path("ui/dist");
+        let child = Command::new(tool("query"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--clickhouse-url", CLICKHOUSE_URL])
+            .args(["--database", &self.database, "--ui-dir"])
+            .arg(ui)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let service = QueryService {
+            url,
+            process: Running(child),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+        };
+        let healthz = format!("{}/healthz", service.url);
+        wait_until("query answering /healthz", Duration::from_secs(60), || answers_ok(&healthz));
+        service
+    }
+
+    /// Runs the job until it is caught up; panics with its stderr if it fails.
+    pub fn run_until_caught_up(&self, extra: &[&str]) {
+        let output = self.job(&[&["--until-caught-up"], extra].concat()).output().unwrap();
+        assert!(output.status.success(), "job failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// Starts the job in the background; it is killed when the guard drops (a failed test
+    /// leaves nothing running).
+    pub fn spawn(&self, extra: &[&str]) -> Running {
+        Running(self.job(extra).stderr(Stdio::null()).spawn().unwrap())
+    }
+
+    /// Starts `command` (a job) in the background, killed when the guard drops.
+    pub fn spawn_command(mut command: Command) -> Running {
+        Running(command.stderr(Stdio::null()).spawn().unwrap())
+    }
+
+    /// Runs `command` (a job) until it is caught up; panics with its stderr if it fails.
+    pub fn run_command_until_caught_up(mut command: Command) {
+        let output = command.arg("--until-caught-up").output().unwrap();
+        assert!(output.status.success(), "job failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// `videocount` with this test's database: (exit code, stdout, stderr).
+    pub fn videocount(&self, args: &[&str]) -> (i32, String, String) {
+        let output = Command::new(tool("videocount"))
+            .args(["--clickhouse-url", CLICKHOUSE_URL, "--database", &self.database])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        )
+    }
+
+    pub fn query<T>(&self, sql: &str) -> Vec<T>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        self.runtime.block_on(self.clickhouse.fetch_all(self.clickhouse.client().query(sql))).unwrap()
+    }
+
+    /// (video_id, event_type, bucket) -> sum(count) of a count table; `bucket` is an
+    /// expression giving a UInt32.
+    pub fn counts(&self, table: &str, bucket: &str) -> BTreeMap<(String, String, u32), u64> {
+        #[derive(clickhouse::Row, Deserialize)]
+        struct Row {
+            video_id: String,
+            event_type: String,
+            bucket: u32,
+            count: u64,
+        }
+        let rows: Vec<Row> = self.query(&format!(
+            "SELECT video_id, event_type, toUInt32({bucket}) AS bucket, sum(count) AS count FROM {table} \
+             GROUP BY video_id, event_type, bucket HAVING count > 0"
+        ));
+        rows.into_iter().map(|r| ((r.video_id, r.event_type, r.bucket), r.count)).collect()
+    }
+
+    pub fn scalar(&self, sql: &str) -> u64 {
+        #[derive(clickhouse::Row, Deserialize)]
+        struct Row {
+            n: u64,
+        }
+        let rows: Vec<Row> = self.query(&format!("SELECT toUInt64(({sql})) AS n"));
+        rows[0].n
+    }
+
+    pub fn dead_letters_by_reason(&self) -> BTreeMap<String, u64> {
+        #[derive(clickhouse::Row, Deserialize)]
+        struct Row {
+            reason: String,
+            n: u64,
+        }
+        let rows: Vec<Row> = self.query("SELECT reason, count() AS n FROM dead_letters GROUP BY reason");
+        rows.into_iter().map(|r| (r.reason, r.n)).collect()
+    }
+
+    /// Asserts every count table equals the expectation exactly, and the raw log and dead
+    /// letters hold every message once.
+    pub fn assert_exact(&self, expected: &Expected) {
+        let minutes = self.counts("event_counts_minute", "minute");
+        assert_eq!(minutes.len(), expected.minutes.len(), "number of (video, type, minute) keys");
+        assert!(minutes == expected.minutes, "minute counts differ from the expectation");
+        let hours = self.counts("event_counts_hour", "hour");
+        assert!(hours == expected.rollup(|m| m / 3600 * 3600), "hour counts differ from the expectation");
+        let days = self.counts("event_counts_day", "toUInt32(day)");
+        assert!(days == expected.rollup(|m| m / 86_400), "day counts differ from the expectation");
+        assert_eq!(self.scalar("SELECT count() FROM events_raw"), expected.events, "events_raw rows");
+        assert_eq!(
+            self.scalar("SELECT count() FROM (SELECT partition, offset FROM events_raw GROUP BY partition, offset)"),
+            expected.events,
+            "events_raw holds each message once"
+        );
+        assert_eq!(self.dead_letters_by_reason(), expected.dead_letters, "dead letters by reason");
+    }
+
+    pub fn drop(self) {
+        self.runtime.block_on(schema::drop_database(&self.clickhouse)).ok();
+        let topics = [self.topic.clone(), format!("{}-dlq", self.topic)];
+        self.runtime.block_on(async {
+            let admin: AdminClient<DefaultClientContext> =
+                ClientConfig::new().set("bootstrap.servers", BROKERS).create().unwrap();
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            admin.delete_topics(&names, &AdminOptions::new()).await.ok();
+        });
+    }
+}

@@ -1,0 +1,75 @@
+//! The shared services themselves (Kafka, ClickHouse), stopped and restarted by outage tests.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::sleep_ms;
+
+/// A shared service (ClickHouse, Kafka) that a test stops and starts again as it ran: its pid,
+/// command line and working directory are taken from the running process, so the restart uses
+/// the same data whichever checkout's `make up` started it.
+pub struct Server {
+    pub pid: String,
+    command: Vec<String>,
+    cwd: std::path::PathBuf,
+    /// Where `make down` looks for the pid.
+    pid_file: std::path::PathBuf,
+    name: &'static str,
+}
+
+impl Server {
+    fn find(name: &'static str, pattern: &str, pid_file: impl Fn(&[String]) -> std::path::PathBuf) -> Server {
+        let output = Command::new("pgrep").args(["-f", pattern]).output().unwrap();
+        let pid = String::from_utf8_lossy(&output.stdout).lines().next().expect("a running server").to_owned();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let command: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+        let pid_file = pid_file(&command);
+        Server { pid, command, cwd, pid_file, name }
+    }
+
+    pub fn clickhouse() -> Server {
+        Server::find("clickhouse", "clickhouse-server --config-file=", |command| {
+            let config = command.iter().find_map(|a| a.strip_prefix("--config-file=")).unwrap();
+            std::path::PathBuf::from(config).with_file_name("pid")
+        })
+    }
+
+    /// The broker: `java ... kafka.Kafka .../server.properties`.
+    pub fn kafka() -> Server {
+        Server::find("kafka", "kafka\\.Kafka ", |command| {
+            std::path::PathBuf::from(command.last().unwrap()).with_file_name("pid")
+        })
+    }
+
+    /// SIGTERM, as an operator would stop it, and waits until the process is gone.
+    pub fn stop(&self) {
+        assert!(Command::new("kill").arg(&self.pid).status().unwrap().success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while std::path::Path::new(&format!("/proc/{}", self.pid)).exists() {
+            assert!(std::time::Instant::now() < deadline, "{} did not stop", self.name);
+            sleep_ms(200);
+        }
+    }
+
+    /// Starts the server again as it ran. It outlives the test on purpose: it is the shared
+    /// service, not a test fixture.
+    #[allow(clippy::zombie_processes)]
+    pub fn restart(&self) {
+        let log_path = std::env::temp_dir().join(format!("videocount-test-{}.log", self.name));
+        let log = std::fs::File::create(log_path).unwrap();
+        let child = Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .current_dir(&self.cwd)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        std::fs::write(&self.pid_file, child.id().to_string()).unwrap();
+    }
+}

@@ -1,0 +1,72 @@
+//! `getStats`: the stored states of a function's aggregate over a range, merged with the code the
+//! job uses and finished. Per bucket, the newest compacted state and the states of later epochs.
+
+use videocount_clickhouse::states::{StoredState, live_states};
+
+use crate::{Bounds, QueryError, Reader, TimeRange, bucket_condition, check_ids, segments};
+
+/// The answer to a stats query.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatsAnswer {
+    /// `None` when the function has no value without data (sum, min, max, avg, pNN of no
+    /// values); `count` and `uniq` of nothing are 0.
+    pub value: Option<f64>,
+    /// How many stored states were merged.
+    pub states: usize,
+}
+
+impl Reader {
+    /// `getStats`: `function` over the events of `event_type` (as kept by `event_stats`).
+    pub async fn stats(
+        &self,
+        video_id: &str,
+        event_type: &str,
+        function: &str,
+        range: TimeRange,
+    ) -> Result<StatsAnswer, QueryError> {
+        check_ids(video_id, event_type)?;
+        let function = self.function(function)?;
+        let aggregate = self.registry.get(function.aggregate);
+        let segments = segments(range);
+        if segments.is_empty() {
+            let empty = aggregate.create();
+            return Ok(StatsAnswer { value: aggregate.finish(&empty, &function.name), states: 0 });
+        }
+        let (parts, bounds): (Vec<String>, Vec<Bounds>) = segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let (condition, bounds) = bucket_condition(s);
+                let table = s.grain.stats_table();
+                let sql = format!(
+                    "SELECT state, toUInt32({i}) AS segment, toUInt32({column}) AS bucket, epoch, compacted \
+                     FROM {table} WHERE video_id = ? AND event_type = ? AND aggregate = ? AND {condition} \
+                     AND (compacted = 1 OR state != '')",
+                    column = s.grain.column()
+                );
+                (sql, bounds)
+            })
+            .unzip();
+        // A fixed order, so that the same rows always merge to the same answer.
+        let sql = format!(
+            "SELECT state, segment, bucket, epoch, compacted FROM ({}) ORDER BY segment, bucket, compacted DESC, epoch",
+            parts.join(" UNION ALL ")
+        );
+        let mut query = self.clickhouse.client().query(&sql);
+        for bounds in bounds {
+            query = bounds.bind(query.bind(video_id).bind(event_type).bind(aggregate.name()));
+        }
+        let rows: Vec<StoredState> = self.clickhouse.fetch_all(query).await?;
+        let mut merged = aggregate.create();
+        let mut states = 0;
+        for group in rows.chunk_by(|a, b| (a.segment, a.bucket) == (b.segment, b.bucket)) {
+            for row in live_states(group) {
+                let state = aggregate.decode(&row.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
+                aggregate.merge(&mut merged, &state);
+                states += 1;
+            }
+        }
+        let value = aggregate.finish(&merged, &function.name);
+        Ok(StatsAnswer { value, states })
+    }
+}
