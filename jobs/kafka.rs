@@ -11,7 +11,9 @@ use anyhow::{Context, bail};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 use videocount_clickhouse::checkpoints::JobState;
 use videocount_clickhouse::rows::DeadLetterRow;
@@ -39,8 +41,9 @@ const OFFSETS_BACKWARDS: &str = "the topic was deleted and recreated, or its off
      would treat every new message below the checkpoint as already counted and skip it. To count the topic \
      as it is now, from its start, run the job under a new --job-name (the counts already written stay)";
 
-/// Refuses to start when the checkpoint has read further into a partition than the partition
-/// now reaches, or knows partitions the topic no longer has: both mean the offsets went
+/// Refuses to start when retention deleted offsets the checkpoint still needs (an interrupted
+/// epoch's range, or offsets never read), or when the checkpoint has read further into a
+/// partition than the partition now reaches, or knows partitions the topic no longer has: both mean the offsets went
 /// backwards, and every message below the checkpoint would be skipped silently.
 pub(crate) fn check_offsets(
     kafka: &KafkaClients,
@@ -62,13 +65,124 @@ pub(crate) fn check_offsets(
                  {partitions} partitions: {OFFSETS_BACKWARDS}"
             );
         }
-        let (_, high) = consumer
+        let (low, high) = consumer
             .fetch_watermarks(topic, partition as i32, Duration::from_secs(30))
             .with_context(|| format!("reading the offsets of {topic:?} partition {partition}"))?;
         if offset > high.max(0) as u64 {
             bail!(
                 "the checkpoint of {job} has read partition {partition} of topic {topic:?} up to offset {offset}, \
                  but the partition now ends at offset {high}: {OFFSETS_BACKWARDS}"
+            );
+        }
+        check_retention(state, partition, low.max(0) as u64, topic, job)?;
+    }
+    Ok(())
+}
+
+/// What the message about retention that overtook the job ends with.
+const RETENTION_ADVICE: &str = "Those messages are gone, so no run can count them exactly. Give the topic a \
+     retention well above the longest stop or stall of the job (alert on videocount_job_retention_headroom_messages); \
+     to count what the topic still holds, run the job under a new --job-name into a new --database";
+
+/// Refuses to start when Kafka retention deleted offsets of `partition` (its log now starts at
+/// `log_start`) that the checkpoint needs: the range of an interrupted epoch (re-run over what
+/// is left, it would write other blocks and what had landed would count twice) or offsets the
+/// job never read (resuming would skip them silently).
+fn check_retention(state: &JobState, partition: u32, log_start: u64, topic: &str, job: &str) -> anyhow::Result<()> {
+    let truncated: Vec<u64> = state
+        .pending
+        .iter()
+        .filter(|(_, ranges)| ranges.iter().any(|r| r.partition == partition && r.start < log_start && r.end > r.start))
+        .map(|(epoch, _)| *epoch)
+        .collect();
+    if let Some(first) = truncated.first() {
+        let start =
+            state.pending[first].iter().filter(|r| r.partition == partition).map(|r| r.start).min().unwrap_or(0);
+        bail!(
+            "retention deleted offsets {start}..{log_start} of partition {partition} of topic {topic:?}, which \
+             epochs {truncated:?} of {job} (interrupted by its last stop) need: re-run over what is left they would \
+             write other blocks, and what of them had landed would count twice. {RETENTION_ADVICE}"
+        );
+    }
+    let pending_here = state.pending.values().flatten().any(|r| r.partition == partition);
+    if let Some(&resume) = state.resume.get(&partition)
+        && resume < log_start
+        && !pending_here
+    {
+        bail!(
+            "retention deleted offsets {resume}..{log_start} of partition {partition} of topic {topic:?} before {job} \
+             read them: {} messages were never counted, and starting would skip them silently. {RETENTION_ADVICE}",
+            log_start - resume
+        );
+    }
+    Ok(())
+}
+
+/// How far in the future the newest message's CreateTime may lie before the start-up check
+/// warns about the producers' clocks.
+const CLOCK_AHEAD_WARN_MS: i64 = 60_000;
+
+/// Refuses a compacted topic, and says at start which clock gives events without `ts` their time: with the topic's
+/// `message.timestamp.type=CreateTime` it is the producer's, and a newest message stamped more
+/// than a minute in the future means a producer's clock is ahead (its events land in later
+/// buckets; the age limits are measured from the message's timestamp and cannot catch it).
+/// Warns, never stops: the job counts what the messages say.
+pub(crate) async fn check_topic_config(kafka: &KafkaClients, topic: &str, partitions: u32) -> anyhow::Result<()> {
+    use rdkafka::admin::ResourceSpecifier;
+    let admin: AdminClient<DefaultClientContext> = kafka.config(&[]).create()?;
+    let described = admin.describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new()).await;
+    let resource = described.ok().and_then(|results| results.into_iter().next()).and_then(Result::ok);
+    let config = |name: &str| resource.as_ref().and_then(|r| r.get(name)).and_then(|e| e.value.clone());
+    if let Some(policy) = config("cleanup.policy").filter(|policy| policy.contains("compact")) {
+        bail!(
+            "topic {topic:?} has cleanup.policy={policy}: compaction removes messages inside offset ranges the job \
+             may have to re-run after a crash (they would write other blocks and count twice), and drops events \
+             that share a key. Count a topic with cleanup.policy=delete"
+        );
+    }
+    let Some(kind) = config("message.timestamp.type") else {
+        warn!(topic, "could not read the topic's message.timestamp.type");
+        return Ok(());
+    };
+    if kind != "CreateTime" {
+        info!(topic, timestamps = %kind, "events without ts take the broker's append time");
+        return Ok(());
+    }
+    // The newest message of every partition at once, for at most 5 s in all; this client
+    // never commits (the group id is only required by librdkafka).
+    let consumer: BaseConsumer = kafka
+        .config(&[])
+        .set("group.id", "videocount-clock-check")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()?;
+    let mut newest = TopicPartitionList::new();
+    for partition in 0..partitions as i32 {
+        if let Ok((low, high)) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(5))
+            && high > low
+        {
+            newest.add_partition_offset(topic, partition, Offset::Offset(high - 1))?;
+        }
+    }
+    let mut waiting = newest.count();
+    consumer.assign(&newest)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while waiting > 0 && std::time::Instant::now() < deadline {
+        let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else { continue };
+        use rdkafka::Message;
+        waiting -= 1;
+        let partition = message.partition();
+        let ahead = message.timestamp().to_millis().map_or(0, |ts| ts - videocount_events::clock::now_ms() as i64);
+        if ahead > CLOCK_AHEAD_WARN_MS {
+            warn!(
+                topic,
+                partition,
+                seconds_ahead = ahead / 1000,
+                "the newest message of partition {partition} has a CreateTime {} s in the future: a producer's \
+                 clock is ahead. Events without ts take that time and are counted in later buckets (the \
+                 --max-age-secs/--max-ahead-secs limits are measured from it, so they cannot catch this). Fix \
+                 the producers' clocks or set message.timestamp.type=LogAppendTime on the topic",
+                ahead / 1000
             );
         }
     }
@@ -101,35 +215,92 @@ pub(crate) fn dead_letter_json(row: &DeadLetterRow) -> String {
 /// Keeps each partition's lag (messages not yet read, and how old the last read message is
 /// while more are waiting) up to date every `every`, off the worker threads: a watermark
 /// request is a network round trip.
+/// A client of the job's consumer group `videocount-{job}`, for committing offsets to it.
+pub(crate) fn group_client(kafka: &KafkaClients, job: &str) -> KafkaResult<BaseConsumer> {
+    let mut config = kafka.config(&[]);
+    config.set("group.id", format!("videocount-{job}")).set("enable.auto.commit", "false");
+    config.create()
+}
+
+/// Commits the checkpoint's committed offsets to the job's consumer group, so the lag tools
+/// operators already use (kafka-consumer-groups, Burrow, exporters) see the job. For
+/// monitoring only: the checkpoint in ClickHouse stays the truth and nothing reads these back.
+/// The source assigns its partitions by hand and never joins the group, so these commits are
+/// the group's only ones.
+pub(crate) fn commit_group_offsets(
+    consumer: &BaseConsumer,
+    topic: &str,
+    offsets: &BTreeMap<u32, u64>,
+    mode: CommitMode,
+) -> KafkaResult<()> {
+    let mut list = TopicPartitionList::new();
+    for (&partition, &offset) in offsets {
+        list.add_partition_offset(topic, partition as i32, Offset::Offset(offset as i64))?;
+    }
+    if list.count() == 0 {
+        return Ok(());
+    }
+    consumer.commit(&list, mode)
+}
+
+/// Every `every`: each partition's lag and retention headroom into `progress`, and (where the
+/// checkpoint's commits are seen) the committed offsets into the job's consumer group.
 pub(crate) fn spawn_lag_monitor(
     kafka: &KafkaClients,
     topic: &str,
+    job: &str,
     progress: Arc<SourceProgress>,
     shutdown: Arc<AtomicBool>,
     every: Duration,
 ) {
-    let Ok(consumer) = kafka.config(&[]).create::<BaseConsumer>() else {
+    let Ok(consumer) = group_client(kafka, job) else {
         warn!("no lag monitor: cannot create a Kafka client");
         return;
     };
     let topic = topic.to_owned();
     std::thread::spawn(move || {
+        let mut warned = std::collections::BTreeSet::new();
+        let mut group_committed = BTreeMap::new();
         while !shutdown.load(Ordering::Relaxed) {
             std::thread::sleep(every);
             let positions = progress.positions.lock().map(|p| p.clone()).unwrap_or_default();
-            let mut lags = Vec::with_capacity(positions.len());
+            let needed = progress.needed.lock().ok().and_then(|n| n.clone());
+            if let Some(needed) = &needed
+                && needed.committed() != &group_committed
+            {
+                match commit_group_offsets(&consumer, &topic, needed.committed(), CommitMode::Async) {
+                    Ok(()) => group_committed = needed.committed().clone(),
+                    Err(e) => warn!(error = %e, "could not commit offsets to the consumer group (monitoring only)"),
+                }
+            }
+            let mut looks = Vec::with_capacity(positions.len());
             for (partition, position) in positions {
-                if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition as i32, Duration::from_secs(2)) {
+                if let Ok((low, high)) = consumer.fetch_watermarks(&topic, partition as i32, Duration::from_secs(2)) {
                     let now_ms = videocount_events::clock::now_ms() as i64;
                     let (messages, seconds) = partition_lag(&position, high, now_ms);
-                    lags.push((partition, messages, seconds));
+                    // Nothing read or planned yet: a restart starts at the log start, nothing to lose.
+                    let oldest = needed.as_ref().and_then(|n| n.oldest(partition));
+                    let headroom = oldest.map(|oldest| oldest as i64 - low.max(0));
+                    if headroom.is_some_and(|h| h < 0) {
+                        if warned.insert(partition) {
+                            warn!(
+                                partition, log_start = low, oldest_needed = ?oldest,
+                                "retention deleted messages of partition {partition} that the job has not committed: \
+                                 a restart now cannot finish its open epochs exactly and will refuse to start"
+                            );
+                        }
+                    } else {
+                        warned.remove(&partition);
+                    }
+                    looks.push((partition, messages, seconds, headroom));
                 }
             }
             if let Ok(mut positions) = progress.positions.lock() {
-                for (partition, messages, seconds) in lags {
+                for (partition, messages, seconds, headroom) in looks {
                     if let Some(position) = positions.get_mut(&partition) {
                         position.lag_messages = messages;
                         position.lag_seconds = seconds;
+                        position.retention_headroom = headroom;
                     }
                 }
             }
@@ -137,9 +308,6 @@ pub(crate) fn spawn_lag_monitor(
     });
 }
 
-/// A partition's lag: the messages from `position.next` up to the high watermark `high`, and,
-/// while any are waiting, the age at `now_ms` of the last message read (0 when caught up or
-/// before the first message: the age of the next one is not known without reading it).
 pub fn partition_lag(position: &PartitionPosition, high: i64, now_ms: i64) -> (u64, f64) {
     let messages = (high.max(0) as u64).saturating_sub(position.next);
     let seconds = if messages == 0 || position.last_message_ms <= 0 {

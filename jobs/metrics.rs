@@ -110,6 +110,20 @@ impl Collector for JobCollector {
             Some("partition"),
             lag_seconds,
         )?;
+        let headroom: Vec<_> = positions
+            .iter()
+            .filter_map(|(p, pos)| pos.retention_headroom.map(|h| (p.to_string(), ConstGauge::new(h))))
+            .collect();
+        if !headroom.is_empty() {
+            encode_metric(
+                &mut encoder,
+                "retention_headroom_messages",
+                "Oldest offset a restart would read again minus the partition's log start, by partition: \
+                 alert well above 0; below 0 retention deleted messages the job needs",
+                Some("partition"),
+                headroom,
+            )?;
+        }
         Ok(())
     }
 }

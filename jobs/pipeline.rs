@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use rdkafka::consumer::CommitMode;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use timely::dataflow::Stream;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
@@ -30,11 +31,12 @@ use videocount_events::clock::now_secs;
 use videocount_events::{Located, TimeLimits};
 use videocount_operators::back_pressure::Throttle;
 use videocount_operators::kafka_source::SourceProgress;
-use videocount_operators::{FlushEpochs, SourceConfig, SourceItem, kafka_source};
+use videocount_operators::{FlushEpochs, NeededOffsets, SourceConfig, SourceItem, kafka_source};
 
 use crate::dataflow::{Dataflow, Writes};
 use crate::kafka::{
-    check_offsets, dead_letter_json, dead_letter_producer_config, ensure_topic, spawn_lag_monitor, topic_partitions,
+    check_offsets, check_topic_config, commit_group_offsets, dead_letter_json, dead_letter_producer_config,
+    ensure_topic, group_client, spawn_lag_monitor, topic_partitions,
 };
 use crate::{JobArgs, metrics};
 
@@ -77,6 +79,20 @@ async fn record_run(
     Ok(())
 }
 
+/// Everything the bytes of a re-run epoch's blocks depend on besides its offset ranges and the
+/// worker count (checked on its own): the block format, the parse limits (which messages are
+/// dead letters) and the dataflow's own settings. Its hash is the run's fingerprint in
+/// `job_runs`; an interrupted epoch is only re-run under the same one.
+pub fn block_settings<D: Dataflow>(args: &JobArgs, dataflow: &D) -> String {
+    format!(
+        "block format {}; --max-age-secs {}; --max-ahead-secs {}; {}",
+        videocount_clickhouse::native::BLOCK_FORMAT,
+        args.max_age_secs,
+        args.max_ahead_secs,
+        dataflow.settings()
+    )
+}
+
 /// Runs a job: checks, checkpoint, source, plan, dead letters, `dataflow`'s writes, commit.
 pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()> {
     args.validate()?;
@@ -88,7 +104,8 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
     let kafka = args.kafka();
     let partitions = topic_partitions(&kafka, &args.topic)?;
     let dlq_topic = args.dlq_topic.clone().unwrap_or_else(|| format!("{}-dlq", args.topic));
-    let fingerprint = dataflow.fingerprint();
+    let settings = block_settings(&args, &dataflow);
+    let fingerprint = xxhash_rust::xxh3::xxh3_64(settings.as_bytes());
     let state = runtime.block_on(async {
         clickhouse
             .with_database("default")
@@ -97,6 +114,9 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
             .with_context(|| format!("cannot reach ClickHouse at {}", args.clickhouse.url))?;
         check_schema(&clickhouse).await?;
         ensure_topic(&kafka, &dlq_topic, 1).await?;
+        if args.process == 0 {
+            check_topic_config(&kafka, &args.topic, partitions).await?;
+        }
         let state = checkpoints::load(&clickhouse, &job_name, &args.topic).await.map_err(|e| match e {
             checkpoints::CheckpointError::Store(e) => anyhow::Error::new(e).context(format!(
                 "cannot read the checkpoint (is the schema applied to {}? make schema)",
@@ -106,10 +126,13 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
         })?;
         if let Some((&first_pending, _)) = state.pending.first_key_value() {
             let recorded = checkpoints::run_fingerprint(&clickhouse, &job_name, &args.topic, first_pending).await?;
-            if recorded.is_some_and(|recorded| recorded != fingerprint) {
+            if let Some(recorded) = recorded.filter(|&recorded| recorded != fingerprint) {
                 bail!(
-                    "epochs {:?} were interrupted under other settings (for event_stats: another functions \
-                     config); restart with the settings they ran with to finish them, then change them",
+                    "epochs {:?} were interrupted under other settings than this run's ({settings}; settings \
+                     fingerprint {fingerprint:016x}, theirs {recorded:016x}). A re-run must write the blocks their \
+                     first run wrote, or what had landed would count twice: restart with the build and flags they \
+                     ran with (the `starting` line of that run's log lists them; builds before settings were \
+                     recorded list none, so finish with that build) to finish them, then change them",
                     state.pending.keys().collect::<Vec<_>>()
                 );
             }
@@ -133,7 +156,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
         topic = %args.topic, partitions, database = %args.clickhouse.database, workers = peers,
         last_committed = ?state.last_committed, pending_epochs = state.pending.len(),
         generation = state.generation, void_plans = ?state.void_plans,
-        "{job_name} starting"
+        settings = %settings, "{job_name} starting"
     );
 
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -145,7 +168,24 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
         dead_letter_producer_config(&kafka).create().context("creating the dead-letter producer")?;
     let dlq = Arc::new(dlq);
     let progress = Arc::new(SourceProgress::default());
-    spawn_lag_monitor(&kafka, &args.topic, Arc::clone(&progress), Arc::clone(&shutdown), Duration::from_secs(2));
+    if args.process == 0 {
+        // Process 0 plans every epoch (worker 0) and sees them commit: it tracks what a restart
+        // would read again, for the retention headroom.
+        let resume = state.resume.iter().map(|(p, o)| (*p, *o));
+        let pending = state
+            .pending
+            .iter()
+            .map(|(e, ranges)| (*e, ranges.iter().map(|r| (r.partition, r.start, r.end)).collect()));
+        *progress.needed.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(NeededOffsets::new(resume, pending));
+    }
+    spawn_lag_monitor(
+        &kafka,
+        &args.topic,
+        &job_name,
+        Arc::clone(&progress),
+        Arc::clone(&shutdown),
+        Duration::from_secs(2),
+    );
     if let Some(listen) = args.metrics_listen {
         metrics::serve(&runtime, listen, &job_name, Arc::clone(&progress), writer.clone(), args.queue_capacity)?;
     }
@@ -154,6 +194,8 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
     let max_commit_lag = dataflow.max_commit_lag().unwrap_or(args.max_epochs_in_flight);
     let dataflow = Arc::new(dataflow);
 
+    // For the last commit of offsets to the consumer group, after the workers are done.
+    let (group_kafka, group_job, group_topic) = (kafka.clone(), job_name.clone(), args.topic.clone());
     let guards = {
         let (writer, dlq, progress, shutdown) =
             (writer.clone(), Arc::clone(&dlq), Arc::clone(&progress), Arc::clone(&shutdown));
@@ -204,7 +246,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                 let (dead, ranges): (Stream<'_, u64, Vec<DeadLetter>>, Stream<'_, u64, Vec<Range>>) =
                     other.ok_err(|item| item);
 
-                let (plan_job, plan_topic) = (job.clone(), topic.clone());
+                let (plan_job, plan_topic, plan_progress) = (job.clone(), topic.clone(), Arc::clone(&progress));
                 let planned = ranges.flush_epochs_in_order::<Vec<Range>, _, _>(
                     empty(scope),
                     Exchange::new(|_: &Range| 0),
@@ -213,6 +255,11 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                     move |epoch, mut ranges| {
                         if ranges.is_empty() {
                             return Vec::new();
+                        }
+                        if let Ok(mut needed) = plan_progress.needed.lock()
+                            && let Some(needed) = needed.as_mut()
+                        {
+                            needed.planned(epoch, ranges.iter().map(|r| (r.partition, r.start, r.end)));
                         }
                         vec![plan_block(&plan_job, &plan_topic, epoch, peers, &mut ranges)]
                     },
@@ -267,6 +314,12 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                 if let Some(error) = progress.fatal.lock().ok().and_then(|f| f.clone()) {
                     return Err(error);
                 }
+                if worker.index() == 0
+                    && let Ok(mut needed) = progress.needed.lock()
+                    && let Some(needed) = needed.as_mut()
+                {
+                    needed.committed_below(probe.with_frontier(|f| f.first().copied()));
+                }
                 if worker.index() == 0 && last_log.elapsed() >= Duration::from_secs(5) {
                     let messages = progress.messages.load(Ordering::Relaxed);
                     let rate = (messages - last_messages) as f64 / last_log.elapsed().as_secs_f64();
@@ -308,6 +361,26 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
         }
     }
     dlq.flush(Duration::from_secs(10)).ok();
+    let committed = progress.needed.lock().ok().and_then(|n| n.as_ref().map(|n| n.committed().clone()));
+    if let Some(committed) = committed {
+        // On a thread with a deadline: a commit to an unreachable Kafka may never return, and
+        // it is for monitoring only.
+        let (sent, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let result = group_client(&group_kafka, &group_job)
+                .and_then(|group| commit_group_offsets(&group, &group_topic, &committed, CommitMode::Sync));
+            let _ = sent.send(result);
+        });
+        match done.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "could not commit the last offsets to the consumer group (monitoring only)")
+            }
+            Err(_) => {
+                warn!("the last commit of offsets to the consumer group did not finish within 10 s (monitoring only)")
+            }
+        }
+    }
     if let Some(e) = failure {
         bail!("{e}");
     }

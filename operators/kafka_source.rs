@@ -60,6 +60,9 @@ pub struct SourceProgress {
     /// Set by whoever watches the topic (the job's lag monitor) when the source cannot go on
     /// exactly, e.g. a partition's offsets went backwards: the job stops with this reason.
     pub fatal: std::sync::Mutex<Option<String>>,
+    /// The offsets a restart would read again, where this process plans epochs (process 0);
+    /// `None` elsewhere.
+    pub needed: std::sync::Mutex<Option<crate::NeededOffsets>>,
 }
 
 impl SourceProgress {
@@ -82,6 +85,10 @@ pub struct PartitionPosition {
     /// How far behind in time: now minus the last read message's timestamp while messages are
     /// waiting, 0 when caught up.
     pub lag_seconds: f64,
+    /// The oldest offset a restart would read again minus the partition's log start (the lag
+    /// monitor's last look): how many messages retention may still delete before it deletes
+    /// some the job needs; negative once it has. `None` where unknown.
+    pub retention_headroom: Option<i64>,
 }
 
 /// Settings of the source.
@@ -142,6 +149,13 @@ impl ConsumerContext for SourceContext {}
 pub enum SourceError {
     #[error("Kafka consumer for {topic}: {source}")]
     Kafka { topic: String, source: rdkafka::error::KafkaError },
+    /// Retention deleted offsets the checkpoint needs (the job checks this before it starts;
+    /// this is the same check at the moment of reading, for retention that ran in between).
+    #[error(
+        "retention deleted offsets {from}..{log_start} of partition {partition} of {topic} before they were \
+         counted; starting would skip them (see the job's start-up check for what to do)"
+    )]
+    Retention { topic: String, partition: u32, from: u64, log_start: u64 },
 }
 
 /// The consumer configuration: tuning defaults, then the user's options, then what the job
@@ -220,10 +234,17 @@ where
             *pending_epochs.entry(*epoch).or_insert(0) += 1;
         }
         let resume = config.state.resume.get(&p).copied();
-        let mut start = pending.front().map(|(_, r)| r.start).or(resume).unwrap_or(low);
+        let start = pending.front().map(|(_, r)| r.start).or(resume).unwrap_or(low);
         if start < low {
-            warn!(partition = p, from = start, to = low, "messages were deleted by retention before they were counted");
-            start = low;
+            // Not an error returned here: the other workers have built their dataflows and would
+            // wait for this one forever. The job stops through `fatal`, which every worker
+            // checks; the partition is not assigned meanwhile, so nothing of it is read.
+            let error =
+                SourceError::Retention { topic: config.topic.clone(), partition: p, from: start, log_start: low };
+            if let Ok(mut fatal) = config.progress.fatal.lock() {
+                fatal.get_or_insert(error.to_string());
+            }
+            continue;
         }
         assignment.add_partition_offset(&config.topic, p as i32, Offset::Offset(start as i64)).map_err(kafka_err)?;
         partitions.insert(p, PartitionCursor::new(p, start, pending, high));

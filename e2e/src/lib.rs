@@ -9,6 +9,7 @@
 
 mod env;
 mod processes;
+mod proxy;
 mod servers;
 mod topics;
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 pub use env::TestEnv;
 pub use processes::{Answer, Ingest, QueryService, Running};
+pub use proxy::DelayingProxy;
 pub use servers::Server;
 pub use topics::{ReadMessage, produce_keyed, read_messages, read_topic};
 

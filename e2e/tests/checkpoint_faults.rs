@@ -1,83 +1,14 @@
 //! The checkpoint under operations faults: plans that land late and out of order while the job
-//! is killed again and again. Counts stay exact (docs/exactly-once.md, "Plans in order").
+//! is killed again and again; a topic recreated; retention that deleted what an interrupted
+//! epoch needs; a restart under other flags. Counts stay exact, or the job refuses to start and
+//! says why (docs/exactly-once.md).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use videocount_e2e::{TestEnv, sleep_ms};
+use videocount_e2e::{BROKERS, DelayingProxy, TestEnv, sleep_ms, wait_until};
 use videocount_loadgen::{Amount, Spec, produce};
-
-/// A TCP proxy in front of ClickHouse that holds back half of the INSERTs into `table` for a
-/// random time, so they land late and out of order. It forwards what it holds even after the
-/// client is gone: a killed process's request in flight.
-struct DelayingProxy {
-    url: String,
-    stop: Arc<AtomicBool>,
-    delayed: Arc<AtomicU64>,
-}
-
-impl DelayingProxy {
-    fn start(seed: u64, table: &'static str, max_delay_ms: u64) -> DelayingProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        listener.set_nonblocking(true).unwrap();
-        let (stop, delayed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-        let (thread_stop, thread_delayed) = (Arc::clone(&stop), Arc::clone(&delayed));
-        std::thread::spawn(move || {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            while !thread_stop.load(Ordering::Relaxed) {
-                let Ok((client, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
-                };
-                client.set_nonblocking(false).unwrap();
-                let server = TcpStream::connect("127.0.0.1:8123").unwrap();
-                let (mut client_read, mut server_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (mut server_read, mut client_write) = (server, client);
-                let conn_seed: u64 = rng.random();
-                let delayed = Arc::clone(&thread_delayed);
-                std::thread::spawn(move || {
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(conn_seed);
-                    let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        let n = match client_read.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if is_insert_into(&buf[..n], table) && rng.random_bool(0.5) {
-                            delayed.fetch_add(1, Ordering::Relaxed);
-                            std::thread::sleep(Duration::from_millis(rng.random_range(0..max_delay_ms)));
-                        }
-                        if server_write.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = server_write.shutdown(std::net::Shutdown::Write);
-                });
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut server_read, &mut client_write);
-                });
-            }
-        });
-        DelayingProxy { url, stop, delayed }
-    }
-}
-
-/// Whether `chunk` holds the head of an `INSERT INTO table` (the query is in the URL).
-fn is_insert_into(chunk: &[u8], table: &str) -> bool {
-    let head = String::from_utf8_lossy(&chunk[..chunk.len().min(4096)]).replace("%20", " ").replace('+', " ");
-    head.starts_with("POST ") && head.contains(&format!("INSERT INTO {table}"))
-}
-
-impl Drop for DelayingProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
 
 /// Half of the plan inserts are held back up to 3 s while the job (200 ms epochs, several
 /// writer tasks) is killed every 1 to 4 s and events keep arriving; then a clean run. Before
@@ -91,7 +22,7 @@ fn plans_landing_late_and_out_of_order_under_kills_lose_nothing() {
     eprintln!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let env = TestEnv::new("lateplans", 4);
-    let proxy = DelayingProxy::start(seed, "checkpoint_ranges", 3000);
+    let proxy = DelayingProxy::start(seed, "checkpoint_ranges", 0.5, 0..3000);
     let (brokers, topic) = (videocount_e2e::BROKERS.to_string(), env.topic.clone());
     let producer = std::thread::spawn(move || {
         let spec = Spec { videos: 500, seed: 5, ..Spec::default() };
@@ -165,5 +96,119 @@ fn a_recreated_topic_is_refused_not_skipped() {
     // What the message says to do: a new checkpoint counts the topic as it is now.
     env.run_until_caught_up(&["--job-name", "view_counts_2"]);
     assert_eq!(env.scalar("SELECT sum(count) FROM event_counts_minute WHERE video_id = 'after'"), 100);
+    env.drop();
+}
+
+/// Runs the job with `args` through a ClickHouse that never answers the commits, and kills it
+/// once epochs were planned and their blocks landed: epochs left pending, to be re-run.
+fn leave_epochs_pending(env: &TestEnv, args: &[&str]) {
+    let proxy = DelayingProxy::start(1, "checkpoint_commits", 1.0, 3_600_000..3_600_001);
+    let mut job = TestEnv::spawn_command(env.job_via(&proxy.url, args));
+    wait_until("an epoch planned and its counts written", Duration::from_secs(60), || {
+        env.scalar("SELECT count() FROM checkpoint_ranges") > 0
+            && env.scalar("SELECT count() FROM event_counts_minute") > 0
+    });
+    sleep_ms(500);
+    job.0.kill().unwrap(); // SIGKILL
+    job.0.wait().unwrap();
+    assert_eq!(env.scalar("SELECT count() FROM checkpoint_commits"), 0, "nothing committed");
+}
+
+/// A restart that would re-run interrupted epochs under other parse limits would write other
+/// blocks (other events become dead letters), so what had landed would count twice. Before,
+/// `view_counts` recorded no settings and re-ran them (exit 0); now it refuses, names the
+/// settings, and the flags the epochs ran with finish them exactly.
+#[test]
+#[ignore = "needs Kafka and ClickHouse: make up, then make test"]
+fn a_restart_under_other_parse_flags_does_not_re_run_interrupted_epochs() {
+    let env = TestEnv::new("settings", 2);
+    let spec = Spec { videos: 100, seed: 31, ..Spec::default() };
+    let expected = produce(BROKERS, &env.topic, spec, Amount::Count(20_000)).unwrap();
+    let args = ["--epoch-ms", "200", "--max-epochs-in-flight", "2"];
+    leave_epochs_pending(&env, &args);
+
+    let output = env.job(&[&args[..], &["--until-caught-up", "--max-age-secs", "60"]].concat()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "interrupted epochs must not be re-run under other flags: {stderr}");
+    assert!(stderr.contains("interrupted under other settings") && stderr.contains("--max-age-secs 60"), "{stderr}");
+
+    env.run_until_caught_up(&args);
+    env.assert_exact(&expected);
+    env.drop();
+}
+
+/// Deletes the messages of `partition` below `offset` (what retention does).
+fn delete_records(topic: &str, partition: i32, offset: i64) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let admin: AdminClient<DefaultClientContext> =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", BROKERS).create().unwrap();
+        let mut offsets = rdkafka::TopicPartitionList::new();
+        offsets.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset)).unwrap();
+        let deleted = admin.delete_records(&offsets, &AdminOptions::new()).await.unwrap();
+        for element in deleted.elements() {
+            element.error().expect("records deleted");
+        }
+    });
+}
+
+/// Retention that deleted part of an interrupted epoch's range: re-run over what is left, the
+/// epoch would write other blocks and its counts that had landed would count twice. Before, the
+/// source moved to the log start with a warning and the job exited 0 having counted part of
+/// the epoch twice; now it refuses to start and says what happened and what to do. Offsets never
+/// read that retention deleted are refused the same way.
+#[test]
+#[ignore = "needs Kafka and ClickHouse: make up, then make test"]
+fn retention_that_deleted_an_interrupted_epochs_messages_is_refused() {
+    let env = TestEnv::new("retention", 1);
+    let spec = Spec { videos: 100, seed: 32, ..Spec::default() };
+    produce(BROKERS, &env.topic, spec, Amount::Count(20_000)).unwrap();
+    let args = ["--epoch-ms", "200", "--max-epochs-in-flight", "2"];
+    leave_epochs_pending(&env, &args);
+    let (start, end) = (
+        env.scalar("SELECT min(start_offset) FROM checkpoint_ranges"),
+        env.scalar("SELECT max(end_offset) FROM checkpoint_ranges"),
+    );
+    assert!(end > start + 1, "a pending range to cut: {start}..{end}");
+    let counted = env.scalar("SELECT sum(count) FROM event_counts_minute");
+    delete_records(&env.topic, 0, ((start + end) / 2) as i64);
+
+    let output = env.job(&[&args[..], &["--until-caught-up"]].concat()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a truncated epoch must not be re-run: {stderr}");
+    assert!(stderr.contains("retention deleted offsets") && stderr.contains("--database"), "{stderr}");
+    assert_eq!(env.scalar("SELECT sum(count) FROM event_counts_minute"), counted, "nothing more was written");
+    env.drop();
+}
+
+/// The job's consumer group carries the checkpoint's offsets, so kafka-consumer-groups and the
+/// exporters operators already run see its lag. Before, the group never had an offset.
+#[test]
+#[ignore = "needs Kafka and ClickHouse: make up, then make test"]
+fn the_consumer_group_shows_the_committed_offsets() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let env = TestEnv::new("group", 2);
+    let spec = Spec { videos: 50, seed: 33, ..Spec::default() };
+    produce(BROKERS, &env.topic, spec, Amount::Count(5_000)).unwrap();
+    env.run_until_caught_up(&["--job-name", &env.database]);
+
+    let group: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("group.id", format!("videocount-{}", env.database))
+        .create()
+        .unwrap();
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    partitions.add_partition(&env.topic, 0);
+    partitions.add_partition(&env.topic, 1);
+    let committed = group.committed_offsets(partitions, Duration::from_secs(10)).unwrap();
+    let mut total = 0;
+    for element in committed.elements() {
+        let (_, high) = group.fetch_watermarks(&env.topic, element.partition(), Duration::from_secs(10)).unwrap();
+        assert_eq!(element.offset(), rdkafka::Offset::Offset(high), "partition {}", element.partition());
+        total += high;
+    }
+    assert_eq!(total, 5_000);
     env.drop();
 }

@@ -76,8 +76,8 @@ impl Dataflow for EventStats {
         Some(self.max_slow_epochs_behind)
     }
 
-    fn fingerprint(&self) -> u64 {
-        self.functions.fingerprint()
+    fn settings(&self) -> String {
+        format!("functions {:016x}", self.functions.fingerprint())
     }
 }
 

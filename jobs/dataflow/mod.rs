@@ -30,11 +30,10 @@ pub trait Dataflow: Send + Sync + 'static {
         planned: Stream<'scope, u64, Vec<()>>,
         writer: &Writer,
     ) -> Writes<'scope>;
-    /// A fingerprint of the settings the written blocks depend on, beyond the flags the
-    /// checkpoint already checks: a re-run of interrupted epochs needs the same one.
-    fn fingerprint(&self) -> u64 {
-        0
-    }
+    /// The dataflow's own settings that the bytes of its blocks depend on (`events_raw=true`,
+    /// the functions config's hash), in a stable text: part of the settings a re-run of an
+    /// interrupted epoch must share with its first run ([`crate::pipeline::block_settings`]).
+    fn settings(&self) -> String;
     /// How many epochs the commit may lag behind the source (default: --max-epochs-in-flight).
     fn max_commit_lag(&self) -> Option<u64> {
         None

@@ -24,6 +24,10 @@ impl Dataflow for ViewCounts {
         parse_event(payload, ts, limits)
     }
 
+    fn settings(&self) -> String {
+        format!("events_raw {}", self.events_raw)
+    }
+
     fn build<'scope>(
         &self,
         _scope: Scope<'scope, u64>,
