@@ -243,8 +243,9 @@ pub(crate) fn commit_group_offsets(
     consumer.commit(&list, mode)
 }
 
-/// Every `every`: each partition's lag and retention headroom into `progress`, and (where the
-/// checkpoint's commits are seen) the committed offsets into the job's consumer group.
+/// Every `every`: the topic's partition count, each partition's lag and retention headroom
+/// into `progress`, and (where the checkpoint's commits are seen) the committed offsets into the
+/// job's consumer group.
 pub(crate) fn spawn_lag_monitor(
     kafka: &KafkaClients,
     topic: &str,
@@ -263,6 +264,16 @@ pub(crate) fn spawn_lag_monitor(
         let mut group_committed = BTreeMap::new();
         while !shutdown.load(Ordering::Relaxed) {
             std::thread::sleep(every);
+            // Partitions added to the topic: the source reads them from its next epoch.
+            if let Ok(metadata) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(2))
+                && let Some(found) = metadata.topics().iter().find(|t| t.name() == topic)
+                && found.error().is_none()
+            {
+                let count = found.partitions().len() as u32;
+                if progress.partitions.fetch_max(count, Ordering::Relaxed) < count {
+                    info!(topic, partitions = count, "the topic has new partitions");
+                }
+            }
             let positions = progress.positions.lock().map(|p| p.clone()).unwrap_or_default();
             let needed = progress.needed.lock().ok().and_then(|n| n.clone());
             if let Some(needed) = &needed

@@ -2,6 +2,7 @@
 //!
 //! - [`args`]: the flags, and the ClickHouse, Kafka and timely settings they turn into;
 //! - [`kafka`]: topic checks, the dead-letter producer and the lag monitor;
+//! - [`database`](mod@database): one topic per database, dedup windows large enough for re-runs;
 //! - [`pipeline`]: [`run_job`], the source, plan, dead letters and commit of every epoch around
 //!   a [`Dataflow`];
 //! - [`dataflow`]: the two dataflows, [`ViewCounts`] and [`EventStats`];
@@ -22,6 +23,7 @@
 
 pub mod args;
 pub mod compactor;
+pub mod database;
 pub mod dataflow;
 pub mod kafka;
 pub mod metrics;

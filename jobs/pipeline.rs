@@ -33,6 +33,7 @@ use videocount_operators::back_pressure::Throttle;
 use videocount_operators::kafka_source::SourceProgress;
 use videocount_operators::{FlushEpochs, NeededOffsets, SourceConfig, SourceItem, kafka_source};
 
+use crate::database::{check_dedup_windows, check_one_topic};
 use crate::dataflow::{Dataflow, Writes};
 use crate::kafka::{
     check_offsets, check_topic_config, commit_group_offsets, dead_letter_json, dead_letter_producer_config,
@@ -104,6 +105,8 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
     let kafka = args.kafka();
     let partitions = topic_partitions(&kafka, &args.topic)?;
     let dlq_topic = args.dlq_topic.clone().unwrap_or_else(|| format!("{}-dlq", args.topic));
+    let peers = (args.workers * args.processes) as u64;
+    let max_commit_lag = dataflow.max_commit_lag().unwrap_or(args.max_epochs_in_flight);
     let settings = block_settings(&args, &dataflow);
     let fingerprint = xxhash_rust::xxh3::xxh3_64(settings.as_bytes());
     let state = runtime.block_on(async {
@@ -113,6 +116,10 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
             .await
             .with_context(|| format!("cannot reach ClickHouse at {}", args.clickhouse.url))?;
         check_schema(&clickhouse).await?;
+        check_one_topic(&clickhouse, &args.topic).await?;
+        let mut tables = dataflow.blocks_per_epoch(peers);
+        tables.push(("dead_letters", peers));
+        check_dedup_windows(&clickhouse, &tables, max_commit_lag, D::COMMIT_LAG_FLAG).await?;
         ensure_topic(&kafka, &dlq_topic, 1).await?;
         if args.process == 0 {
             check_topic_config(&kafka, &args.topic, partitions).await?;
@@ -140,7 +147,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
         anyhow::Ok(state)
     })?;
     check_offsets(&kafka, &args.topic, partitions, &state, &job_name)?;
-    let peers = (args.workers * args.processes) as u32;
+    let peers = peers as u32;
     if let Some(before) = state.pending_peers.filter(|_| !state.pending.is_empty())
         && before != peers
     {
@@ -168,6 +175,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
         dead_letter_producer_config(&kafka).create().context("creating the dead-letter producer")?;
     let dlq = Arc::new(dlq);
     let progress = Arc::new(SourceProgress::default());
+    progress.partitions.store(partitions, Ordering::Relaxed);
     if args.process == 0 {
         // Process 0 plans every epoch (worker 0) and sees them commit: it tracks what a restart
         // would read again, for the retention headroom.
@@ -191,7 +199,6 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
     }
     let state = Arc::new(state);
     let args = Arc::new(args);
-    let max_commit_lag = dataflow.max_commit_lag().unwrap_or(args.max_epochs_in_flight);
     let dataflow = Arc::new(dataflow);
 
     // For the last commit of offsets to the consumer group, after the workers are done.

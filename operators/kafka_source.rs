@@ -4,7 +4,9 @@
 //! group rebalancing can move a partition while an epoch is open). Each message becomes a
 //! [`SourceItem::Event`] or a [`SourceItem::DeadLetter`] at the current epoch. Every
 //! `epoch_interval` the source emits one [`SourceItem::Range`] per partition that moved, the
-//! offsets the epoch covers, and advances its capability to the next epoch.
+//! offsets the epoch covers, and advances its capability to the next epoch. Partitions added
+//! to the topic while it runs (the lag monitor sees the count grow) are assigned at the next
+//! epoch boundary, from their start, by the worker that owns them by the same rule.
 //!
 //! On start it first re-runs the pending epochs of the checkpoint (planned, not committed):
 //! each message whose offset falls in a recorded range goes to that range's epoch, so the
@@ -63,6 +65,9 @@ pub struct SourceProgress {
     /// The offsets a restart would read again, where this process plans epochs (process 0);
     /// `None` elsewhere.
     pub needed: std::sync::Mutex<Option<crate::NeededOffsets>>,
+    /// How many partitions the topic has, as last seen (the lag monitor reads the metadata);
+    /// the source starts reading partitions added while it runs at its next epoch boundary.
+    pub partitions: std::sync::atomic::AtomicU32,
 }
 
 impl SourceProgress {
@@ -193,6 +198,36 @@ fn publish_positions(progress: &SourceProgress, partitions: &BTreeMap<u32, Parti
     }
 }
 
+/// Starts reading the partitions `new` that this worker owns, from their log start (they were
+/// never read), by assigning them beside the others (each at its cursor). Returns the added ones.
+fn add_partitions<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    config: &SourceConfig,
+    new: std::ops::Range<u32>,
+    worker: usize,
+    peers: usize,
+    partitions: &mut BTreeMap<u32, PartitionCursor>,
+) -> Result<Vec<u32>, rdkafka::error::KafkaError> {
+    let owned: Vec<u32> = new.filter(|p| *p as usize % peers == worker).collect();
+    if owned.is_empty() {
+        return Ok(owned);
+    }
+    // The client's cached metadata does not know the new partitions yet.
+    consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(5))?;
+    let mut cursors = Vec::with_capacity(owned.len());
+    for &p in &owned {
+        let (low, high) = consumer.fetch_watermarks(&config.topic, p as i32, Duration::from_secs(5))?;
+        cursors.push((p, PartitionCursor::new(p, low.max(0) as u64, VecDeque::new(), high.max(0) as u64)));
+    }
+    let mut assignment = TopicPartitionList::new();
+    for (p, cursor) in partitions.iter().chain(cursors.iter().map(|(p, c)| (p, c))) {
+        assignment.add_partition_offset(&config.topic, *p as i32, Offset::Offset(cursor.next() as i64))?;
+    }
+    consumer.assign(&assignment)?;
+    partitions.extend(cursors);
+    Ok(owned)
+}
+
 /// Builds the source for this worker. See the module documentation.
 ///
 /// `parse` turns a message (payload, Kafka timestamp, limits) into an event or a rejection:
@@ -267,6 +302,8 @@ where
         drop(initial);
         let mut last_close = Instant::now();
         let mut last_position_check = Instant::now();
+        let mut known_partitions = config.partitions;
+        let mut last_add_warning: Option<Instant> = None;
         let mut live_items: Vec<SourceItem<E>> = Vec::new();
         let mut pending_items: HashMap<u64, Vec<SourceItem<E>>> = HashMap::new();
         let mut stopping = false;
@@ -404,6 +441,25 @@ where
                     info!(worker, last_epoch = epoch, "source finished");
                     live = None;
                     return;
+                }
+                // Partitions added to the topic while running: read from the next epoch on (a
+                // `--until-caught-up` run leaves them to the next run, and re-run epochs finish
+                // first).
+                let seen = config.progress.partitions.load(Ordering::Relaxed);
+                if seen > known_partitions && !config.until_caught_up && pending_caps.is_empty() {
+                    match add_partitions(&consumer, &config, known_partitions..seen, worker, peers, &mut partitions) {
+                        Ok(added) => {
+                            info!(worker, epoch = epoch + 1, partitions = ?added, "reading partitions added to the topic");
+                            known_partitions = seen;
+                            publish_positions(&config.progress, &partitions);
+                        }
+                        Err(e) => {
+                            if last_add_warning.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(5)) {
+                                warn!(worker, error = %e, "cannot read the partitions added to the topic yet; retrying");
+                                last_add_warning = Some(Instant::now());
+                            }
+                        }
+                    }
                 }
                 if generation(epoch + 1) != generation(epoch) {
                     // 2^32 epochs in one run (49 days at --epoch-ms 1): the next number would

@@ -70,6 +70,11 @@ impl TestEnv {
         self.job_binary_on(binary, &self.database, extra)
     }
 
+    /// `view_counts` with this test's topic, writing to `database`.
+    pub fn job_on(&self, database: &str, extra: &[&str]) -> Command {
+        self.job_binary_on(&tool("view_counts"), database, extra)
+    }
+
     /// `view_counts` with this test's topic and database, reaching ClickHouse at `url` (a proxy).
     pub fn job_via(&self, url: &str, extra: &[&str]) -> Command {
         self.job_binary_at(&tool("view_counts"), &self.database, url, extra)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::{Scope, Stream};
 use tracing::info;
@@ -76,6 +76,13 @@ impl Dataflow for EventStats {
         Some(self.max_slow_epochs_behind)
     }
 
+    const COMMIT_LAG_FLAG: &'static str = "--max-slow-epochs-behind";
+
+    fn blocks_per_epoch(&self, peers: u64) -> Vec<(&'static str, u64)> {
+        // Each worker writes up to two blocks into each table per epoch: fast and slow.
+        vec![("stats_minute", 2 * peers), ("stats_hour", 2 * peers), ("stats_day", 2 * peers)]
+    }
+
     fn settings(&self) -> String {
         format!("functions {:016x}", self.functions.fingerprint())
     }
@@ -86,17 +93,6 @@ pub fn run_event_stats(args: EventStatsArgs) -> anyhow::Result<()> {
     let functions = FunctionsConfig::load_or_default(args.functions.as_deref())?;
     let source = args.functions.as_ref().map_or("built-in config/functions.toml".into(), |p| p.display().to_string());
     info!(functions = %source, aggregates = ?functions.registry(), "functions loaded");
-    let peers = (args.job.workers * args.job.processes) as u64;
-    // Each epoch writes up to two blocks per worker into each stats table (fast and slow); all
-    // epochs not yet committed must stay inside ClickHouse's dedup window (5000 blocks).
-    if args.max_slow_epochs_behind * 2 * peers > 4000 {
-        bail!(
-            "--max-slow-epochs-behind {} with {peers} workers could re-run more blocks than ClickHouse \
-             remembers for deduplication; use at most {}",
-            args.max_slow_epochs_behind,
-            4000 / (2 * peers)
-        );
-    }
     let spill_dir = args.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&spill_dir)
         .and_then(|()| tempfile_probe(&spill_dir))

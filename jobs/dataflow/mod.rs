@@ -38,6 +38,11 @@ pub trait Dataflow: Send + Sync + 'static {
     fn max_commit_lag(&self) -> Option<u64> {
         None
     }
+    /// The flag that sets [`Dataflow::max_commit_lag`], for messages.
+    const COMMIT_LAG_FLAG: &'static str = "--max-epochs-in-flight";
+    /// The tables this dataflow writes and the most blocks one epoch writes into each, with
+    /// `peers` workers in all (for the dedup window check at start).
+    fn blocks_per_epoch(&self, peers: u64) -> Vec<(&'static str, u64)>;
 }
 
 /// A dataflow's writes: the source waits for `fast` within --max-epochs-in-flight, and for the

@@ -24,6 +24,16 @@ impl Dataflow for ViewCounts {
         parse_event(payload, ts, limits)
     }
 
+    fn blocks_per_epoch(&self, peers: u64) -> Vec<(&'static str, u64)> {
+        // Each worker writes one block into each table per epoch.
+        let mut tables =
+            vec![("event_counts_minute", peers), ("event_counts_hour", peers), ("event_counts_day", peers)];
+        if self.events_raw {
+            tables.push(("events_raw", peers));
+        }
+        tables
+    }
+
     fn settings(&self) -> String {
         format!("events_raw {}", self.events_raw)
     }
