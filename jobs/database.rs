@@ -9,7 +9,8 @@ use videocount_clickhouse::ClickHouse;
 /// Refuses to count `topic` into a database that already holds the counts of another topic.
 /// The count tables carry no topic column: two topics' blocks for a quiet epoch can be
 /// byte-identical, and ClickHouse would drop one as a repeat; their blocks also share each
-/// table's dedup window. `job_runs` records every topic a job ever started on here.
+/// table's dedup window. A topic holds counts here once a job committed an epoch of it
+/// (`checkpoint_commits`); a run that never committed (stopped at once, a typo) does not count.
 pub(crate) async fn check_one_topic(clickhouse: &ClickHouse, topic: &str) -> anyhow::Result<()> {
     #[derive(Row, Deserialize)]
     struct Other {
@@ -18,17 +19,20 @@ pub(crate) async fn check_one_topic(clickhouse: &ClickHouse, topic: &str) -> any
     }
     let query = clickhouse
         .client()
-        .query("SELECT topic, any(job) AS job FROM job_runs WHERE topic != ? GROUP BY topic ORDER BY topic LIMIT 1")
+        .query("SELECT topic, any(job) AS job FROM checkpoint_commits WHERE topic != ? GROUP BY topic ORDER BY topic LIMIT 1")
         .bind(topic);
     let others: Vec<Other> = clickhouse.fetch_all(query).await?;
     if let Some(other) = others.first() {
         bail!(
             "database {:?} already holds the counts of topic {:?} (job {}); each topic needs a database of its own: \
              the count tables have no topic column, and two topics' blocks can be byte-identical (ClickHouse would \
-             drop one as a repeat). Use another --database for topic {topic:?}",
+             drop one as a repeat). Use another --database for topic {topic:?}. If the counts of {:?} do not belong \
+             here (a run by mistake), remove its checkpoint: ALTER TABLE checkpoint_commits DELETE WHERE topic = '{}'",
             clickhouse.database(),
             other.topic,
-            other.job
+            other.job,
+            other.topic,
+            other.topic.replace('\'', "")
         );
     }
     Ok(())
@@ -69,14 +73,25 @@ fn setting_in(engine_full: &str, name: &str) -> Option<u64> {
     })
 }
 
-/// How many of `table`'s dedup window a job may need: after a crash, the blocks of an epoch are
-/// written again, and every block inserted into the table since the first write of the oldest
-/// of them must still be remembered. That is at most `blocks_per_epoch` for each of the
-/// `max_commit_lag` epochs that may be open, and the one being formed. Tables that both jobs of
-/// a topic write (`dead_letters`) count twice.
-pub(crate) fn blocks_to_remember(table: &str, blocks_per_epoch: u64, max_commit_lag: u64) -> u64 {
+/// How many blocks of `table` a job may need ClickHouse to remember: after a crash, the blocks
+/// of the open epochs are written again, and every block inserted into the table since the
+/// first write of the oldest of them must still be in the window. The oldest open epoch lies
+/// up to the commit lag behind the source, and epochs up to `--max-epochs-in-flight` before the
+/// newest may still be landing (writes retry), so `exposed_epochs` = lag + in flight + 1. Each
+/// insert is one block per month partition it touches (an epoch's events can span two months),
+/// and tables that both jobs of a topic write (`dead_letters`) count twice.
+pub(crate) fn blocks_to_remember(table: &str, blocks_per_epoch: u64, exposed_epochs: u64) -> u64 {
     let shared = if table == "dead_letters" { 2 } else { 1 };
-    blocks_per_epoch * (max_commit_lag + 1) * shared
+    blocks_per_epoch * MONTHS_PER_INSERT * exposed_epochs * shared
+}
+
+/// The month partitions one epoch's insert can touch.
+const MONTHS_PER_INSERT: u64 = 2;
+
+/// The share of a window the check hands out; the rest is for other writers of the table
+/// (compaction's rewritten states, `videocount replay`).
+fn usable(window: u64) -> u64 {
+    window / 5 * 4
 }
 
 /// Refuses a configuration whose re-runs could outgrow a table's dedup window: ClickHouse would
@@ -84,19 +99,21 @@ pub(crate) fn blocks_to_remember(table: &str, blocks_per_epoch: u64, max_commit_
 pub(crate) async fn check_dedup_windows(
     clickhouse: &ClickHouse,
     tables: &[(&'static str, u64)],
-    max_commit_lag: u64,
-    lag_flag: &str,
+    exposed_epochs: u64,
+    flags: &str,
 ) -> anyhow::Result<()> {
     for &(table, blocks_per_epoch) in tables {
         let window = dedup_window(clickhouse, table).await?;
-        let needed = blocks_to_remember(table, blocks_per_epoch, max_commit_lag);
-        if needed > window {
+        let needed = blocks_to_remember(table, blocks_per_epoch, exposed_epochs);
+        if needed > usable(window) {
             bail!(
-                "{table} remembers the last {window} blocks for deduplication (replicated_deduplication_window), but \
-                 with {blocks_per_epoch} blocks per epoch and {lag_flag} {max_commit_lag} a crash could have this job \
-                 write {needed} blocks again{}, and some would count twice. Lower {lag_flag} or the workers, or raise \
-                 the table's window (ALTER TABLE {table} MODIFY SETTING replicated_deduplication_window = ...)",
-                if table == "dead_letters" { " (the table is shared by both jobs of a topic)" } else { "" }
+                "{table} remembers the last {window} blocks for deduplication (replicated_deduplication_window; a fifth \
+                 is kept for other writers), but with {blocks_per_epoch} blocks per epoch and {flags} a crash could need \
+                 {needed} of them remembered{}, and the blocks written again beyond the window would count twice. \
+                 Lower the workers or {flags}, or count into a database created by this version's sql/schema.sql \
+                 (larger windows; on ClickHouse 19.x and later also: ALTER TABLE {table} MODIFY SETTING \
+                 replicated_deduplication_window = ...)",
+                if table == "dead_letters" { " (both jobs of a topic write the table)" } else { "" }
             );
         }
     }
@@ -118,7 +135,8 @@ mod tests {
 
     #[test]
     fn blocks_to_remember_cover_every_open_epoch() {
-        assert_eq!(blocks_to_remember("event_counts_minute", 4, 8), 36);
-        assert_eq!(blocks_to_remember("dead_letters", 4, 8), 72);
+        assert_eq!(blocks_to_remember("event_counts_minute", 4, 17), 4 * 2 * 17);
+        assert_eq!(blocks_to_remember("dead_letters", 4, 17), 4 * 2 * 17 * 2);
+        assert_eq!(usable(1000), 800);
     }
 }

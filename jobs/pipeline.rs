@@ -119,7 +119,14 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
         check_one_topic(&clickhouse, &args.topic).await?;
         let mut tables = dataflow.blocks_per_epoch(peers);
         tables.push(("dead_letters", peers));
-        check_dedup_windows(&clickhouse, &tables, max_commit_lag, D::COMMIT_LAG_FLAG).await?;
+        // The throttle lets the commit lag by the larger of the two (operators/back_pressure.rs).
+        let lag = max_commit_lag.max(args.max_epochs_in_flight);
+        let flags = format!(
+            "{} {max_commit_lag} and --max-epochs-in-flight {} with {peers} workers",
+            D::COMMIT_LAG_FLAG,
+            args.max_epochs_in_flight
+        );
+        check_dedup_windows(&clickhouse, &tables, lag + args.max_epochs_in_flight + 1, &flags).await?;
         ensure_topic(&kafka, &dlq_topic, 1).await?;
         if args.process == 0 {
             check_topic_config(&kafka, &args.topic, partitions).await?;
@@ -311,6 +318,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
             })?;
 
             let started = Instant::now();
+            let mut last_committed_below = Some(0);
             let mut last_log = Instant::now();
             let mut last_messages = 0;
             while !probe.done() {
@@ -321,11 +329,14 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                 if let Some(error) = progress.fatal.lock().ok().and_then(|f| f.clone()) {
                     return Err(error);
                 }
+                let committed_below = probe.with_frontier(|f| f.first().copied());
                 if worker.index() == 0
+                    && committed_below != last_committed_below
                     && let Ok(mut needed) = progress.needed.lock()
                     && let Some(needed) = needed.as_mut()
                 {
-                    needed.committed_below(probe.with_frontier(|f| f.first().copied()));
+                    needed.committed_below(committed_below);
+                    last_committed_below = committed_below;
                 }
                 if worker.index() == 0 && last_log.elapsed() >= Duration::from_secs(5) {
                     let messages = progress.messages.load(Ordering::Relaxed);

@@ -217,7 +217,17 @@ fn add_partitions<C: ConsumerContext>(
     let mut cursors = Vec::with_capacity(owned.len());
     for &p in &owned {
         let (low, high) = consumer.fetch_watermarks(&config.topic, p as i32, Duration::from_secs(5))?;
-        cursors.push((p, PartitionCursor::new(p, low.max(0) as u64, VecDeque::new(), high.max(0) as u64)));
+        let (low, high) = (low.max(0) as u64, high.max(0) as u64);
+        if low > 0 {
+            // A new partition starts at offset 0: retention (or DeleteRecords) removed messages
+            // before the job read them. Stop as for any other partition, never skip silently.
+            let error = SourceError::Retention { topic: config.topic.clone(), partition: p, from: 0, log_start: low };
+            if let Ok(mut fatal) = config.progress.fatal.lock() {
+                fatal.get_or_insert(error.to_string());
+            }
+            return Ok(Vec::new());
+        }
+        cursors.push((p, PartitionCursor::new(p, 0, VecDeque::new(), high)));
     }
     let mut assignment = TopicPartitionList::new();
     for (p, cursor) in partitions.iter().chain(cursors.iter().map(|(p, c)| (p, c))) {
@@ -446,7 +456,9 @@ where
                 // `--until-caught-up` run leaves them to the next run, and re-run epochs finish
                 // first).
                 let seen = config.progress.partitions.load(Ordering::Relaxed);
-                if seen > known_partitions && !config.until_caught_up && pending_caps.is_empty() {
+                // After a failure (no leader yet) wait 5 s: the calls block this worker.
+                let backing_off = last_add_warning.is_some_and(|t: Instant| t.elapsed() < Duration::from_secs(5));
+                if seen > known_partitions && !config.until_caught_up && pending_caps.is_empty() && !backing_off {
                     match add_partitions(&consumer, &config, known_partitions..seen, worker, peers, &mut partitions) {
                         Ok(added) => {
                             info!(worker, epoch = epoch + 1, partitions = ?added, "reading partitions added to the topic");
@@ -454,10 +466,8 @@ where
                             publish_positions(&config.progress, &partitions);
                         }
                         Err(e) => {
-                            if last_add_warning.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(5)) {
-                                warn!(worker, error = %e, "cannot read the partitions added to the topic yet; retrying");
-                                last_add_warning = Some(Instant::now());
-                            }
+                            warn!(worker, error = %e, "cannot read the partitions added to the topic yet; retrying in 5 s");
+                            last_add_warning = Some(Instant::now());
                         }
                     }
                 }

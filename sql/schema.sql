@@ -66,7 +66,8 @@ SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
 -- `compacted = 1` (its count, sum... columns are 0, so plain SQL is unaffected) and empties
 -- the `state` of the rows it merged; a reader merges the newest compacted row of a bucket
 -- with the rows of later epochs.
--- The dedup window is larger here: uncommitted epochs may lag further behind (the slow stream).
+-- The dedup window is larger here: uncommitted epochs may lag further behind (the slow stream;
+-- the jobs check at start that their re-runs fit, jobs/database.rs).
 CREATE TABLE IF NOT EXISTS stats_minute
 (
     video_id String,
@@ -85,7 +86,7 @@ CREATE TABLE IF NOT EXISTS stats_minute
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_minute', '{replica}')
 PARTITION BY toYYYYMM(minute)
 ORDER BY (video_id, event_type, aggregate, minute)
-SETTINGS replicated_deduplication_window = 5000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 20000, index_granularity = 8192;
 
 CREATE TABLE IF NOT EXISTS stats_hour
 (
@@ -105,7 +106,7 @@ CREATE TABLE IF NOT EXISTS stats_hour
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_hour', '{replica}')
 PARTITION BY toYYYYMM(hour)
 ORDER BY (video_id, event_type, aggregate, hour)
-SETTINGS replicated_deduplication_window = 5000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 20000, index_granularity = 8192;
 
 CREATE TABLE IF NOT EXISTS stats_day
 (
@@ -125,7 +126,7 @@ CREATE TABLE IF NOT EXISTS stats_day
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_day', '{replica}')
 PARTITION BY toYear(day)
 ORDER BY (video_id, event_type, aggregate, day)
-SETTINGS replicated_deduplication_window = 5000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 20000, index_granularity = 8192;
 
 -- The raw event log: every counted event once, for replays and ad-hoc slicing.
 -- ts is epoch milliseconds UTC; `toDateTime(intDiv(ts, 1000))` gives a DateTime.
@@ -159,7 +160,7 @@ CREATE TABLE IF NOT EXISTS dead_letters
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/dead_letters', '{replica}')
 PARTITION BY toYYYYMM(toDateTime(intDiv(message_ts, 1000), 'UTC'))
 ORDER BY (job, topic, partition, offset)
-SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192;
 
 -- Job checkpoints: before an epoch's rows are written, the offset range [start_offset,
 -- end_offset) it covers in each partition; `peers` is the number of workers that routed it.
