@@ -57,9 +57,8 @@ stress-test: up build ui ## Raise the rate until p99, errors or freshness break;
 stop-job: ## Stop what run-job started (each job flushes and records offsets first).
 	@scripts/stop-job.sh
 
-replay: up build ## Recompute all counts from events_raw into fresh tables and swap them in (stops the job first).
-	@scripts/stop-job.sh
-	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" replay --topic "$(TOPIC)"
+replay: up build ## Recompute all counts from events_raw into fresh tables and swap them in (stops the stack first and starts it again after).
+	@TOPIC="$(TOPIC)" CLICKHOUSE_DATABASE="$(CLICKHOUSE_DATABASE)" scripts/replay.sh
 
 lint: ## cargo fmt --check and clippy with warnings as errors.
 	cargo fmt --all -- --check

@@ -104,6 +104,9 @@ enum Command {
         /// Keep the replaced tables as *_old_<timestamp>.
         #[arg(long)]
         keep_old: bool,
+        /// Seconds each table's recomputation may take (a year of events takes minutes).
+        #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout_secs: u64,
     },
 }
 
@@ -198,8 +201,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })?;
                 println!("schema applied to database {}", cli.clickhouse.database);
             }
-            Command::Replay { topic, job_name, keep_old } => {
-                let report = replay::replay_from_raw(&clickhouse, &job_name, &topic, keep_old)
+            Command::Replay { topic, job_name, keep_old, timeout_secs } => {
+                let timeout = std::time::Duration::from_secs(timeout_secs);
+                let report = replay::replay_from_raw(&clickhouse, &job_name, &topic, keep_old, timeout)
                     .await
                     .with_context(|| format!("replaying {} in {}", topic, cli.clickhouse.database))?;
                 println!(

@@ -44,12 +44,14 @@ fn create_statement(table: &str, new_name: &str) -> Result<String, SinkError> {
 }
 
 /// Replays the counts of `job` on `topic` from `events_raw`. Old tables are dropped unless
-/// `keep_old`.
+/// `keep_old`. Each grain's `INSERT ... SELECT` may take up to `timeout` (a year of events takes
+/// minutes; the usual request timeout would give up while the server goes on filling).
 pub async fn replay_from_raw(
     clickhouse: &ClickHouse,
     job: &str,
     topic: &str,
     keep_old: bool,
+    timeout: std::time::Duration,
 ) -> Result<ReplayReport, SinkError> {
     let state = checkpoints::load(clickhouse, job, topic).await?;
     let Some(last) = state.last_committed else {
@@ -80,6 +82,24 @@ pub async fn replay_from_raw(
         .fetch_all(clickhouse.client().query(&format!("SELECT count() AS n FROM events_raw WHERE {committed}")))
         .await?;
     let events = events.first().map_or(0, |r| r.n);
+    // The count tables of committed epochs must hold exactly what events_raw holds: periods run
+    // with --no-events-raw (or raw rows deleted) would be lost by a replay.
+    let counted: Vec<CountRow> = clickhouse
+        .fetch_all(
+            clickhouse
+                .client()
+                .query("SELECT toUInt64(sum(count)) AS n FROM event_counts_minute WHERE epoch <= ?")
+                .bind(last),
+        )
+        .await?;
+    let counted = counted.first().map_or(0, |r| r.n);
+    if counted != events {
+        return Err(SinkError::Rejected(format!(
+            "the count tables hold {counted} events of committed epochs but events_raw only {events}: periods \
+             counted with --no-events-raw (or raw rows deleted) would be lost by a replay, so nothing was replaced"
+        )));
+    }
+    let long = clickhouse.with_request_timeout(timeout);
 
     let stamp = videocount_events::clock::now_ms();
     let mut renames = Vec::new();
@@ -100,14 +120,13 @@ pub async fn replay_from_raw(
             Grain::Day => "day",
         };
         info!(table = %new, "replaying from events_raw");
-        clickhouse
-            .execute(&format!(
-                "INSERT INTO {new} (video_id, event_type, {column}, count, epoch) \
+        long.execute(&format!(
+            "INSERT INTO {new} (video_id, event_type, {column}, count, epoch) \
                  SELECT video_id, event_type, {bucket} AS b, count() AS c, toUInt64(0) \
                  FROM events_raw WHERE {committed} GROUP BY video_id, event_type, b \
                  SETTINGS insert_deduplicate = 0"
-            ))
-            .await?;
+        ))
+        .await?;
         renames.push(format!("{table} TO {old}, {new} TO {table}"));
         old_tables.push(old);
     }

@@ -108,6 +108,12 @@ impl ClickHouse {
         ClickHouse::new(ClickHouseConfig { database: database.into(), ..self.config.clone() })
     }
 
+    /// The same server and database, waiting up to `timeout` for each answer (a long
+    /// `INSERT ... SELECT`, such as a replay's).
+    pub fn with_request_timeout(&self, timeout: Duration) -> ClickHouse {
+        ClickHouse::new(ClickHouseConfig { request_timeout: timeout, ..self.config.clone() })
+    }
+
     /// The same handle with a ClickHouse setting sent on every request (e.g. `max_threads`).
     pub fn with_setting(&self, name: &str, value: &str) -> ClickHouse {
         ClickHouse { client: self.client.clone().with_setting(name, value), config: self.config.clone() }
