@@ -62,6 +62,11 @@ pub struct JobArgs {
     /// (consumers, admin, lag monitor, dead-letter producer).
     #[arg(long = "kafka-option", value_parser = videocount_kafka::parse_option)]
     pub kafka_options: Vec<(String, String)>,
+    /// Seconds between checkpoint snapshots (where every partition resumes as of a committed
+    /// epoch): a start reads only the plans after the newest one.
+    #[arg(long, env = "VIDEOCOUNT_CHECKPOINT_SNAPSHOT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_snapshot_secs: u64,
     /// Name under which the job keeps its checkpoint (default: the job's own name).
     #[arg(long, env = "VIDEOCOUNT_JOB_NAME")]
     pub job_name: Option<String>,

@@ -24,7 +24,7 @@ use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::{Concatenate, OkErr, Probe};
 use tracing::{info, warn};
-use videocount_clickhouse::checkpoints::{self, Range, commit_block, plan_block};
+use videocount_clickhouse::checkpoints::{self, Range, commit_block, plan_block, snapshot_block};
 use videocount_clickhouse::rows::{DeadLetterRow, dead_letters_block};
 use videocount_clickhouse::{ClickHouse, Writer};
 use videocount_events::clock::now_secs;
@@ -225,6 +225,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
             let written_probe = ProbeHandle::new();
             let job = job_name.clone();
             let topic = args.topic.clone();
+            let (snapshot_job, snapshot_topic) = (job.clone(), topic.clone());
             let source_config = SourceConfig {
                 job: job.clone(),
                 topic: topic.clone(),
@@ -319,6 +320,8 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
 
             let started = Instant::now();
             let mut last_committed_below = Some(0);
+            let snapshot_every = Duration::from_secs(args.checkpoint_snapshot_secs);
+            let mut last_snapshot = Instant::now();
             let mut last_log = Instant::now();
             let mut last_messages = 0;
             while !probe.done() {
@@ -337,6 +340,20 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                 {
                     needed.committed_below(committed_below);
                     last_committed_below = committed_below;
+                    // Now and then, where every partition resumes as of the newest committed
+                    // epoch: a start reads only what came after it (bounded start-up).
+                    if last_snapshot.elapsed() >= snapshot_every
+                        && let Some(epoch) = needed.last_committed()
+                    {
+                        last_snapshot = Instant::now();
+                        let insert = snapshot_block(&snapshot_job, &snapshot_topic, epoch, needed.committed());
+                        let clickhouse = clickhouse.clone();
+                        handle.spawn(async move {
+                            if let Err(e) = clickhouse.insert_native(&insert.table, insert.body).await {
+                                warn!(error = %e, "checkpoint snapshot not written (the next one will be)");
+                            }
+                        });
+                    }
                 }
                 if worker.index() == 0 && last_log.elapsed() >= Duration::from_secs(5) {
                     let messages = progress.messages.load(Ordering::Relaxed);

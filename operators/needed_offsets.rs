@@ -14,6 +14,8 @@ pub struct NeededOffsets {
     committed: BTreeMap<u32, u64>,
     /// Epoch -> its planned `(partition, start, end)` ranges, until the epoch commits.
     planned: BTreeMap<u64, Vec<(u32, u64, u64)>>,
+    /// The newest planned epoch seen to commit (with all before it), in this run.
+    last_committed: Option<u64>,
 }
 
 impl NeededOffsets {
@@ -29,7 +31,7 @@ impl NeededOffsets {
         for &(partition, start, _) in planned.values().flatten() {
             committed.entry(partition).and_modify(|c| *c = (*c).min(start)).or_insert(start);
         }
-        NeededOffsets { committed, planned }
+        NeededOffsets { committed, planned, last_committed: None }
     }
 
     /// `epoch` was planned with these ranges.
@@ -43,7 +45,8 @@ impl NeededOffsets {
             Some(frontier) => self.planned.split_off(&frontier),
             None => BTreeMap::new(),
         };
-        for (_, ranges) in std::mem::replace(&mut self.planned, still_open) {
+        for (epoch, ranges) in std::mem::replace(&mut self.planned, still_open) {
+            self.last_committed = self.last_committed.max(Some(epoch));
             for (partition, _, end) in ranges {
                 let committed = self.committed.entry(partition).or_default();
                 *committed = (*committed).max(end);
@@ -54,6 +57,12 @@ impl NeededOffsets {
     /// Partition -> the offset the committed checkpoint resumes from.
     pub fn committed(&self) -> &BTreeMap<u32, u64> {
         &self.committed
+    }
+
+    /// The newest epoch this run saw commit, with every epoch before it: [`Self::committed`]
+    /// is where each partition resumes after it (what a checkpoint snapshot records).
+    pub fn last_committed(&self) -> Option<u64> {
+        self.last_committed
     }
 
     /// The oldest offset of `partition` a restart would read; `None` if nothing of it was
@@ -78,8 +87,10 @@ mod tests {
         assert_eq!(needed.oldest(2), None);
         needed.planned(8, [(0, 120, 130), (1, 50, 60)]);
         needed.planned(9, [(1, 60, 70)]);
+        assert_eq!(needed.last_committed(), None);
         needed.committed_below(Some(8));
         assert_eq!((needed.oldest(0), needed.oldest(1)), (Some(120), Some(50)));
+        assert_eq!(needed.last_committed(), Some(7));
         needed.committed_below(Some(9));
         assert_eq!((needed.oldest(0), needed.oldest(1)), (Some(130), Some(60)));
         needed.committed_below(None);

@@ -177,6 +177,21 @@ CREATE TABLE IF NOT EXISTS checkpoint_ranges
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/checkpoint_ranges', '{replica}')
 ORDER BY (job, topic, epoch, partition);
 
+-- Job checkpoint snapshots: where every partition resumes once `epoch` and all epochs before
+-- it are committed (the newest end offset of the plans that count). Written now and then by a
+-- running job, one block per snapshot; a start reads the newest snapshot and only the plans
+-- and commits after it, so start-up stays bounded however long the job has run.
+CREATE TABLE IF NOT EXISTS checkpoint_snapshots
+(
+    job String,
+    topic String,
+    epoch UInt64,
+    partition UInt32,
+    end_offset UInt64
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/checkpoint_snapshots', '{replica}')
+ORDER BY (job, topic, epoch, partition);
+
 -- Job runs: the first epoch each run of a job planned, and a fingerprint of the settings its
 -- output depends on (event_stats: its functions config). A run re-running interrupted epochs
 -- must have the fingerprint of the run that planned them, or it would write other blocks.

@@ -29,7 +29,7 @@ fn plans_landing_late_and_out_of_order_under_kills_lose_nothing() {
         produce(&brokers, &topic, spec, Amount::Rate { per_second: 20_000, duration: Duration::from_secs(24) })
     });
 
-    let args = ["--workers", "2", "--epoch-ms", "200", "--writer-tasks", "4"];
+    let args = ["--workers", "2", "--epoch-ms", "200", "--writer-tasks", "4", "--checkpoint-snapshot-secs", "1"];
     for _ in 0..8 {
         let mut job = TestEnv::spawn_command(env.job_via(&proxy.url, &args));
         sleep_ms(rng.random_range(1000..4000));

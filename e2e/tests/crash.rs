@@ -19,8 +19,9 @@ fn three_kills_lose_nothing_and_count_nothing_twice() {
     });
 
     let mut rng = rand::rng();
-    // Short epochs: more epochs in flight when the kill lands.
-    let args = ["--workers", "2", "--epoch-ms", "200"];
+    // Short epochs: more epochs in flight when the kill lands; a checkpoint snapshot every
+    // second, so restarts resume from snapshots too.
+    let args = ["--workers", "2", "--epoch-ms", "200", "--checkpoint-snapshot-secs", "1"];
     for kill in 0..3 {
         let mut job = env.spawn(&args);
         sleep_ms(rng.random_range(1500..4000));
@@ -33,6 +34,7 @@ fn three_kills_lose_nothing_and_count_nothing_twice() {
 
     env.run_until_caught_up(&args);
     env.assert_exact(&expected);
+    assert!(env.scalar("SELECT count() FROM checkpoint_snapshots") > 0, "the runs wrote snapshots");
     env.drop();
 }
 

@@ -156,12 +156,21 @@ pub fn counted_plans(void: &[(u64, u64)]) -> String {
 /// then differs from what was written before (a gap).
 pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<JobState, CheckpointError> {
     let client = clickhouse.client();
+    // The newest snapshot bounds what is read: commits and plans after it (the primary key
+    // starts with job, topic, epoch, so those are the table's tail), and its offsets for the
+    // partitions that did not move since.
+    let snapshot = newest_snapshot(clickhouse, job, topic).await?;
+    let since = snapshot.as_ref().map_or(0, |(epoch, _)| *epoch);
     let commits: Vec<MaxRow> = clickhouse
         .fetch_all(
             client
-                .query("SELECT count() AS rows, max(epoch) AS max_epoch FROM checkpoint_commits WHERE job = ? AND topic = ?")
+                .query(
+                    "SELECT count() AS rows, max(epoch) AS max_epoch FROM checkpoint_commits \
+                     WHERE job = ? AND topic = ? AND epoch >= ?",
+                )
                 .bind(job)
-                .bind(topic),
+                .bind(topic)
+                .bind(since),
         )
         .await?;
     let last_committed = commits.first().filter(|r| r.rows > 0).map(|r| r.max_epoch);
@@ -177,32 +186,32 @@ pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Job
                 .bind(topic),
         )
         .await?;
-    let planned: Vec<PlannedRow> = clickhouse
-        .fetch_all(
-            client
-                .query(&format!(
-                    "SELECT intDiv(epoch, {}) AS generation, max(epoch) AS max_epoch FROM checkpoint_ranges \
-                     WHERE job = ? AND topic = ? GROUP BY generation ORDER BY generation",
-                    1u64 << GENERATION_SHIFT
-                ))
-                .bind(job)
-                .bind(topic),
-        )
-        .await?;
+    // With a snapshot, plans at or before it are settled: the void plans among them are in no
+    // snapshot, and nothing below reads them.
+    let planned = planned_by_generation(clickhouse, job, topic, snapshot.as_ref().map(|(epoch, _)| *epoch)).await?;
     let void = void_plans(&planned, &generations);
     let counted = counted_plans(&void);
 
+    let tail = match &snapshot {
+        Some((epoch, _)) => format!("epoch > {epoch}"),
+        None => "1".to_owned(),
+    };
     let resume: Vec<ResumeRow> = clickhouse
         .fetch_all(
             client
                 .query(&format!(
                     "SELECT partition, max(end_offset) AS end_offset FROM checkpoint_ranges \
-                     WHERE job = ? AND topic = ? AND {counted} GROUP BY partition"
+                     WHERE job = ? AND topic = ? AND {tail} AND {counted} GROUP BY partition"
                 ))
                 .bind(job)
                 .bind(topic),
         )
         .await?;
+    let mut resume: HashMap<u32, u64> = resume.into_iter().map(|r| (r.partition, r.end_offset)).collect();
+    for (partition, end) in snapshot.map(|(_, offsets)| offsets).unwrap_or_default() {
+        let offset = resume.entry(partition).or_default();
+        *offset = (*offset).max(end);
+    }
 
     let after = last_committed.map_or(0, |e| e + 1);
     let pending_rows: Vec<RangeRow> = clickhouse
@@ -237,7 +246,7 @@ pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Job
         next_epoch: generation << GENERATION_SHIFT,
         generation,
         base_epoch,
-        resume: resume.into_iter().map(|r| (r.partition, r.end_offset)).collect(),
+        resume,
         void_plans: void,
         ..JobState::default()
     };
@@ -264,6 +273,96 @@ pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Job
         });
     }
     Ok(state)
+}
+
+/// Per generation, the newest planned epoch (of the plans after `after`, if given).
+async fn planned_by_generation(
+    clickhouse: &ClickHouse,
+    job: &str,
+    topic: &str,
+    after: Option<u64>,
+) -> Result<Vec<PlannedRow>, SinkError> {
+    let tail = after.map_or("1".to_owned(), |epoch| format!("epoch > {epoch}"));
+    clickhouse
+        .fetch_all(
+            clickhouse
+                .client()
+                .query(&format!(
+                    "SELECT intDiv(epoch, {}) AS generation, max(epoch) AS max_epoch FROM checkpoint_ranges \
+                     WHERE job = ? AND topic = ? AND {tail} GROUP BY generation ORDER BY generation",
+                    1u64 << GENERATION_SHIFT
+                ))
+                .bind(job)
+                .bind(topic),
+        )
+        .await
+}
+
+/// Every plan that does not count, over the whole history (a replay needs them all; a start
+/// needs only those after the newest snapshot, see [`load`]).
+pub async fn all_void_plans(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Vec<(u64, u64)>, SinkError> {
+    let generations: Vec<GenerationRow> = clickhouse
+        .fetch_all(
+            clickhouse
+                .client()
+                .query(
+                    "SELECT generation, max(base_epoch) AS base_epoch FROM checkpoint_generations \
+                     WHERE job = ? AND topic = ? GROUP BY generation ORDER BY generation",
+                )
+                .bind(job)
+                .bind(topic),
+        )
+        .await?;
+    let planned = planned_by_generation(clickhouse, job, topic, None).await?;
+    Ok(void_plans(&planned, &generations))
+}
+
+/// The newest snapshot of `job` on `topic`: its epoch and each partition's resume offset.
+async fn newest_snapshot(
+    clickhouse: &ClickHouse,
+    job: &str,
+    topic: &str,
+) -> Result<Option<(u64, Vec<(u32, u64)>)>, SinkError> {
+    let newest: Vec<MaxRow> = clickhouse
+        .fetch_all(
+            clickhouse
+                .client()
+                .query(
+                    "SELECT count() AS rows, max(epoch) AS max_epoch FROM checkpoint_snapshots \
+                     WHERE job = ? AND topic = ?",
+                )
+                .bind(job)
+                .bind(topic),
+        )
+        .await?;
+    let Some(epoch) = newest.first().filter(|r| r.rows > 0).map(|r| r.max_epoch) else { return Ok(None) };
+    let rows: Vec<ResumeRow> = clickhouse
+        .fetch_all(
+            clickhouse
+                .client()
+                .query(
+                    "SELECT partition, end_offset FROM checkpoint_snapshots WHERE job = ? AND topic = ? AND epoch = ? \
+                     ORDER BY partition",
+                )
+                .bind(job)
+                .bind(topic)
+                .bind(epoch),
+        )
+        .await?;
+    Ok(Some((epoch, rows.into_iter().map(|r| (r.partition, r.end_offset)).collect())))
+}
+
+/// A snapshot: once `epoch` and every epoch before it are committed, each partition resumes at
+/// its offset in `offsets` (the newest end of the plans that count). One block: it lands whole
+/// or not at all. Write it only after the commit of `epoch` was acknowledged.
+pub fn snapshot_block(job: &str, topic: &str, epoch: u64, offsets: &BTreeMap<u32, u64>) -> Insert {
+    let mut block = NativeBlock::new(5, offsets.len());
+    block.column_str("job", offsets.keys().map(|_| job));
+    block.column_str("topic", offsets.keys().map(|_| topic));
+    block.column_u64("epoch", offsets.keys().map(|_| epoch));
+    block.column_u32("partition", "UInt32", offsets.keys().copied());
+    block.column_u64("end_offset", offsets.values().copied());
+    Insert { table: "checkpoint_snapshots".into(), rows: block.rows(), body: block.finish() }
 }
 
 /// Records that generation `state.generation` of `job` on `topic` builds on `state.base_epoch`.

@@ -127,3 +127,83 @@ async fn checkpoints_read_back_as_written() {
 }
 
 const G: u64 = 1 << checkpoints::GENERATION_SHIFT;
+
+/// A long-running job's checkpoint: 400,000 committed epochs of two partitions, a late plan of
+/// a dead process among them, then a few pending epochs. With a snapshot, `load` reads only the
+/// tail (it runs under `max_rows_to_read`, which the full scans of before exceed) and finds
+/// exactly what it finds without one.
+#[tokio::test]
+#[ignore = "needs ClickHouse: make up, then make test"]
+async fn a_snapshot_bounds_what_a_start_reads_and_changes_nothing() {
+    let clickhouse = fresh_database("snapshot").await;
+    let (job, topic) = ("view_counts", "t");
+    // Generation 1 planned and committed epochs G+0 .. G+399_999, 10 offsets per partition each.
+    let n: u64 = 400_000;
+    clickhouse
+        .execute(&format!(
+            "INSERT INTO checkpoint_ranges SELECT '{job}', '{topic}', {G} + intDiv(number, 2), toUInt32(number % 2), \
+             intDiv(number, 2) * 10, intDiv(number, 2) * 10 + 10, 1 FROM system.numbers LIMIT {}",
+            2 * n
+        ))
+        .await
+        .unwrap();
+    clickhouse
+        .execute(&format!(
+            "INSERT INTO checkpoint_commits SELECT '{job}', '{topic}', {G} + number, 0 FROM system.numbers LIMIT {n}"
+        ))
+        .await
+        .unwrap();
+    let first = checkpoints::JobState { generation: 1, base_epoch: 0, ..Default::default() };
+    let generation = checkpoints::generation_block(job, topic, &first, 0);
+    clickhouse.insert_native(&generation.table, generation.body).await.unwrap();
+    // Generation 2 started on G+399_999; then a late plan of generation 1 landed (void), and
+    // generation 2 planned two epochs that did not commit.
+    let second = checkpoints::JobState { generation: 2, base_epoch: G + n - 1, ..Default::default() };
+    let generation = checkpoints::generation_block(job, topic, &second, 0);
+    clickhouse.insert_native(&generation.table, generation.body).await.unwrap();
+    let range = |partition, start, end| Range { partition, start, end };
+    for (epoch, mut ranges) in [
+        (G + n, vec![range(0, n * 10, n * 10 + 7)]),
+        (2 * G, vec![range(0, n * 10, n * 10 + 3)]),
+        (2 * G + 1, vec![range(0, n * 10 + 3, n * 10 + 5), range(1, n * 10, n * 10 + 1)]),
+    ] {
+        let plan = plan_block(job, topic, epoch, 1, &mut ranges);
+        clickhouse.insert_native(&plan.table, plan.body).await.unwrap();
+    }
+    let full = checkpoints::load(&clickhouse, job, topic).await.unwrap();
+    assert_eq!(full.last_committed, Some(G + n - 1));
+    assert_eq!(full.pending.keys().copied().collect::<Vec<_>>(), vec![2 * G, 2 * G + 1]);
+    assert_eq!((full.resume[&0], full.resume[&1]), (n * 10 + 5, n * 10 + 1));
+
+    let capped = clickhouse.with_setting("max_rows_to_read", "100000");
+    assert!(checkpoints::load(&capped, job, topic).await.is_err(), "without a snapshot a start reads everything");
+
+    // The snapshot a run would write after committing G+399_990.
+    let at = G + n - 10;
+    let offsets = [(0, (n - 9) * 10), (1, (n - 9) * 10)].into_iter().collect();
+    let snapshot = checkpoints::snapshot_block(job, topic, at, &offsets);
+    clickhouse.insert_native(&snapshot.table, snapshot.body).await.unwrap();
+    let bounded = checkpoints::load(&capped, job, topic).await.expect("a start reads only the tail");
+    assert_eq!(bounded.last_committed, full.last_committed);
+    assert_eq!(bounded.pending, full.pending);
+    assert_eq!(bounded.resume, full.resume);
+    assert_eq!(
+        (bounded.generation, bounded.next_epoch, bounded.base_epoch),
+        (full.generation, full.next_epoch, full.base_epoch)
+    );
+    assert_eq!(bounded.void_plans, full.void_plans, "the late plan lies after the snapshot");
+    // A partition that has not moved since the snapshot resumes from it.
+    let mut only_one = vec![range(0, n * 10 + 5, n * 10 + 6)];
+    let plan = plan_block(job, topic, 2 * G + 2, 1, &mut only_one);
+    clickhouse.insert_native(&plan.table, plan.body).await.unwrap();
+    let commit = commit_block(job, topic, 2 * G + 2, 0);
+    clickhouse.insert_native(&commit.table, commit.body).await.unwrap();
+    let offsets = [(0, n * 10 + 6), (1, n * 10 + 1)].into_iter().collect();
+    let snapshot = checkpoints::snapshot_block(job, topic, 2 * G + 2, &offsets);
+    clickhouse.insert_native(&snapshot.table, snapshot.body).await.unwrap();
+    let latest = checkpoints::load(&capped, job, topic).await.unwrap();
+    assert_eq!(latest.last_committed, Some(2 * G + 2));
+    assert!(latest.pending.is_empty());
+    assert_eq!((latest.resume[&0], latest.resume[&1]), (n * 10 + 6, n * 10 + 1));
+    schema::drop_database(&clickhouse).await.unwrap();
+}

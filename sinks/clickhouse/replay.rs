@@ -59,6 +59,8 @@ pub async fn replay_from_raw(
             "job {job} has committed nothing on topic {topic}: nothing to replay"
         )));
     };
+    // Every void plan of the history: the start only needs those after its newest snapshot.
+    let void_plans = checkpoints::all_void_plans(clickhouse, job, topic).await?;
     let ends: Vec<EndRow> = clickhouse
         .fetch_all(
             clickhouse
@@ -66,7 +68,7 @@ pub async fn replay_from_raw(
                 .query(&format!(
                     "SELECT partition, max(end_offset) AS end_offset FROM checkpoint_ranges \
                      WHERE job = ? AND topic = ? AND epoch <= ? AND {} GROUP BY partition ORDER BY partition",
-                    checkpoints::counted_plans(&state.void_plans)
+                    checkpoints::counted_plans(&void_plans)
                 ))
                 .bind(job)
                 .bind(topic)

@@ -28,6 +28,7 @@ EXPECTED_COLUMNS = {
     "checkpoint_ranges": ["job", "topic", "epoch", "partition", "start_offset", "end_offset", "peers"],
     "checkpoint_commits": ["job", "topic", "epoch", "committed_at"],
     "checkpoint_generations": ["job", "topic", "generation", "base_epoch", "started_at"],
+    "checkpoint_snapshots": ["job", "topic", "epoch", "partition", "end_offset"],
 }
 
 
