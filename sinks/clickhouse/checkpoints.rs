@@ -130,6 +130,19 @@ fn void_plans(planned: &[PlannedRow], generations: &[GenerationRow]) -> Vec<(u64
         .collect()
 }
 
+/// The SQL condition selecting the plans `planned` saw: per generation, the epochs up to its
+/// newest plan then (plans of one generation land in order, so a later one is newer).
+fn seen_plans(planned: &[PlannedRow]) -> String {
+    if planned.is_empty() {
+        return "0".into();
+    }
+    let clauses: Vec<String> = planned
+        .iter()
+        .map(|p| format!("(epoch >= {} AND epoch <= {})", p.generation << GENERATION_SHIFT, p.max_epoch))
+        .collect();
+    format!("({})", clauses.join(" OR "))
+}
+
 /// The SQL condition selecting the plans that count (numbers only, never input).
 pub fn counted_plans(void: &[(u64, u64)]) -> String {
     if void.is_empty() {
@@ -173,7 +186,11 @@ pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Job
                 .bind(since),
         )
         .await?;
-    let last_committed = commits.first().filter(|r| r.rows > 0).map(|r| r.max_epoch);
+    // A snapshot is written only once its epoch and every epoch before it finished, so its
+    // epoch counts as committed even without a commit row (a re-run epoch whose range held
+    // no message writes none).
+    let last_committed =
+        commits.first().filter(|r| r.rows > 0).map(|r| r.max_epoch).max(snapshot.as_ref().map(|(epoch, _)| *epoch));
 
     let generations: Vec<GenerationRow> = clickhouse
         .fetch_all(
@@ -190,7 +207,11 @@ pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Job
     // snapshot, and nothing below reads them.
     let planned = planned_by_generation(clickhouse, job, topic, snapshot.as_ref().map(|(epoch, _)| *epoch)).await?;
     let void = void_plans(&planned, &generations);
-    let counted = counted_plans(&void);
+    // Only the plans the query above saw: one landing while this function reads is, for this
+    // run, a late plan (its base epoch, recorded from the same view, sets it aside for later
+    // runs too). Reading it below would count it here and void it for every later run: a
+    // fault test found exactly that double count under load.
+    let counted = format!("{} AND {}", counted_plans(&void), seen_plans(&planned));
 
     let tail = match &snapshot {
         Some((epoch, _)) => format!("epoch > {epoch}"),
@@ -462,6 +483,13 @@ mod tests {
             [GenerationRow { generation: 1, base_epoch: 0 }, GenerationRow { generation: 2, base_epoch: G + 8 }];
         assert!(void_plans(&planned, &generations).is_empty());
         assert_eq!(counted_plans(&[]), "1");
+        // Only what was seen: a plan landing after the look is not read.
+        let seen = [PlannedRow { generation: 0, max_epoch: 3 }, PlannedRow { generation: 1, max_epoch: G + 7 }];
+        assert_eq!(
+            seen_plans(&seen),
+            format!("((epoch >= 0 AND epoch <= 3) OR (epoch >= {G} AND epoch <= {}))", G + 7)
+        );
+        assert_eq!(seen_plans(&[]), "0");
         // The newest generation's own plans count while no later run has started.
         let planned = [PlannedRow { generation: 2, max_epoch: 2 * G + 3 }];
         assert!(void_plans(&planned, &generations).is_empty());

@@ -205,5 +205,14 @@ async fn a_snapshot_bounds_what_a_start_reads_and_changes_nothing() {
     assert_eq!(latest.last_committed, Some(2 * G + 2));
     assert!(latest.pending.is_empty());
     assert_eq!((latest.resume[&0], latest.resume[&1]), (n * 10 + 6, n * 10 + 1));
+    // A snapshot whose epoch has no commit row (a re-run epoch whose range held no message
+    // writes none, yet it finished): the snapshot itself says it committed (a review found a
+    // start that then re-ran the whole history).
+    let snapshot = checkpoints::snapshot_block(job, topic, 2 * G + 3, &offsets);
+    clickhouse.insert_native(&snapshot.table, snapshot.body).await.unwrap();
+    let latest = checkpoints::load(&capped, job, topic).await.unwrap();
+    assert_eq!(latest.last_committed, Some(2 * G + 3));
+    assert!(latest.pending.is_empty());
+    assert_eq!((latest.resume[&0], latest.resume[&1]), (n * 10 + 6, n * 10 + 1));
     schema::drop_database(&clickhouse).await.unwrap();
 }
