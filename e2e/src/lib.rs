@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 pub use env::TestEnv;
 pub use processes::{Answer, Ingest, QueryService, Running};
-pub use proxy::DelayingProxy;
+pub use proxy::{DelayingProxy, Hold};
 pub use servers::Server;
 pub use topics::{ReadMessage, produce_keyed, read_messages, read_topic};
 

@@ -11,10 +11,25 @@ use rand::{Rng, SeedableRng};
 
 use crate::{CLICKHOUSE_URL, sleep_ms};
 
-/// A TCP proxy in front of ClickHouse that holds back a `share` of the INSERTs into `table` for
-/// a random time drawn from `delay_ms`, so they land late and out of order (or, with a delay
-/// longer than the test, never). It forwards what it holds even after the client is gone: a
-/// killed process's request in flight.
+/// What the proxy holds back: a `share` of the requests whose head contains `needle` (an
+/// `INSERT INTO table`, a piece of a query), each for a random time drawn from `delay_ms`.
+#[derive(Clone, Debug)]
+pub struct Hold {
+    pub needle: String,
+    pub share: f64,
+    pub delay_ms: Range<u64>,
+}
+
+impl Hold {
+    /// A share of the inserts into `table`.
+    pub fn inserts(table: &str, share: f64, delay_ms: Range<u64>) -> Hold {
+        Hold { needle: format!("INSERT INTO {table}"), share, delay_ms }
+    }
+}
+
+/// A TCP proxy in front of ClickHouse that holds back requests as its [`Hold`] rules say, so
+/// they land late and out of order (or, with a delay longer than the test, never). It forwards
+/// what it holds even after the client is gone: a killed process's request in flight.
 pub struct DelayingProxy {
     pub url: String,
     stop: Arc<AtomicBool>,
@@ -24,6 +39,10 @@ pub struct DelayingProxy {
 
 impl DelayingProxy {
     pub fn start(seed: u64, table: &'static str, share: f64, delay_ms: Range<u64>) -> DelayingProxy {
+        DelayingProxy::with_rules(seed, vec![Hold::inserts(table, share, delay_ms)])
+    }
+
+    pub fn with_rules(seed: u64, rules: Vec<Hold>) -> DelayingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         listener.set_nonblocking(true).unwrap();
@@ -43,7 +62,7 @@ impl DelayingProxy {
                 let (mut client_read, mut server_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let (mut server_read, mut client_write) = (server, client);
                 let conn_seed: u64 = rng.random();
-                let (delayed, delay_ms) = (Arc::clone(&thread_delayed), delay_ms.clone());
+                let (delayed, rules) = (Arc::clone(&thread_delayed), rules.clone());
                 std::thread::spawn(move || {
                     let mut rng = rand::rngs::StdRng::seed_from_u64(conn_seed);
                     let mut buf = vec![0u8; 64 << 10];
@@ -52,9 +71,12 @@ impl DelayingProxy {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        if is_insert_into(&buf[..n], table) && rng.random_bool(share) {
-                            delayed.fetch_add(1, Ordering::Relaxed);
-                            sleep_ms(rng.random_range(delay_ms.clone()));
+                        let head = request_head(&buf[..n]);
+                        for rule in rules.iter().filter(|rule| head.contains(&rule.needle)) {
+                            if rng.random_bool(rule.share) {
+                                delayed.fetch_add(1, Ordering::Relaxed);
+                                sleep_ms(rng.random_range(rule.delay_ms.clone()));
+                            }
                         }
                         if server_write.write_all(&buf[..n]).is_err() {
                             break;
@@ -71,10 +93,11 @@ impl DelayingProxy {
     }
 }
 
-/// Whether `chunk` holds the head of an `INSERT INTO table` (the query is in the URL).
-fn is_insert_into(chunk: &[u8], table: &str) -> bool {
+/// The head of a request as text, URL-decoded enough to find SQL in it (an insert's query is in
+/// the URL, a SELECT's in the body that follows the headers); empty unless it starts a POST.
+fn request_head(chunk: &[u8]) -> String {
     let head = String::from_utf8_lossy(&chunk[..chunk.len().min(4096)]).replace("%20", " ").replace('+', " ");
-    head.starts_with("POST ") && head.contains(&format!("INSERT INTO {table}"))
+    if head.starts_with("POST ") { head } else { String::new() }
 }
 
 impl Drop for DelayingProxy {
