@@ -21,6 +21,7 @@
 //! `event_stats` replaces WriteCounts and WriteRaw with a fast and a slow stream
 //! (`videocount_operators::pre_aggregate`), both written before the commit.
 
+mod agreement;
 pub mod args;
 pub mod compactor;
 pub mod database;

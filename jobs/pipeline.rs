@@ -33,6 +33,7 @@ use videocount_operators::back_pressure::Throttle;
 use videocount_operators::kafka_source::SourceProgress;
 use videocount_operators::{FlushEpochs, NeededOffsets, SourceConfig, SourceItem, kafka_source};
 
+use crate::agreement::{all_read_the_same_checkpoint, checkpoint_digest};
 use crate::database::{check_dedup_windows, check_one_topic};
 use crate::dataflow::{Dataflow, Writes};
 use crate::kafka::{
@@ -216,8 +217,11 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
         let (handle, clickhouse) = (runtime.handle().clone(), clickhouse.clone());
         timely::execute(timely_config, move |worker| -> Result<(), String> {
             // Worker 0 records the run once every process has read the checkpoint (timely has
-            // connected them all by now: each took the same generation), and before anything is
+            // connected them all by now, and they compared what they read), and before anything is
             // planned or re-run: a later run must know what this one built on.
+            if args.processes > 1 {
+                all_read_the_same_checkpoint(worker, checkpoint_digest(&state))?;
+            }
             if worker.index() == 0 {
                 handle.block_on(record_run(&clickhouse, &job_name, &args.topic, &state, fingerprint))?;
             }
