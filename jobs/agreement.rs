@@ -15,12 +15,14 @@ use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::worker::Worker;
 use videocount_clickhouse::checkpoints::JobState;
 
-/// A digest of everything a run takes from the checkpoint, independent of map order.
-pub(crate) fn checkpoint_digest(state: &JobState) -> u64 {
+/// A digest of everything a run takes from the checkpoint, independent of map order, and of
+/// the settings its blocks depend on (processes started with other flags would write other
+/// blocks for the same epochs).
+pub(crate) fn checkpoint_digest(state: &JobState, settings_fingerprint: u64) -> u64 {
     let mut resume: Vec<(u32, u64)> = state.resume.iter().map(|(p, o)| (*p, *o)).collect();
     resume.sort_unstable();
     let text = format!(
-        "{:?}|{:?}|{:?}|{resume:?}|{}|{}|{}|{:?}",
+        "{:?}|{:?}|{:?}|{resume:?}|{}|{}|{}|{:?}|{settings_fingerprint}",
         state.last_committed,
         state.pending,
         state.pending_peers,
@@ -52,9 +54,10 @@ pub(crate) fn all_read_the_same_checkpoint(worker: &mut Worker, digest: u64) -> 
         return Ok(());
     }
     Err(format!(
-        "the processes of this run read different checkpoints (digests by worker: {:?}): a plan, commit or \
-         generation row of an earlier run landed while they started. Nothing was recorded or written; start \
-         the job again",
+        "the processes of this run read different checkpoints or run with different settings (digests by \
+         worker: {:?}): a plan, commit or generation row of an earlier run landed while they started, or their \
+         flags differ (each logs its settings in its `starting` line). Nothing was recorded or written; start \
+         the job again, every process with the same flags",
         *seen
     ))
 }
@@ -71,11 +74,12 @@ mod tests {
         let mut b = a.clone();
         a.resume.extend([(0, 10), (1, 20), (2, 30)]);
         b.resume.extend([(2, 30), (0, 10), (1, 20)]);
-        assert_eq!(checkpoint_digest(&a), checkpoint_digest(&b));
+        assert_eq!(checkpoint_digest(&a, 7), checkpoint_digest(&b, 7));
+        assert_ne!(checkpoint_digest(&a, 7), checkpoint_digest(&a, 8), "other settings change it");
         b.pending.insert((2 << 32) + 5, vec![Range { partition: 0, start: 0, end: 10 }]);
-        assert_ne!(checkpoint_digest(&a), checkpoint_digest(&b), "a late plan changes it");
+        assert_ne!(checkpoint_digest(&a, 7), checkpoint_digest(&b, 7), "a late plan changes it");
         let mut c = a.clone();
         c.generation = 4;
-        assert_ne!(checkpoint_digest(&a), checkpoint_digest(&c));
+        assert_ne!(checkpoint_digest(&a, 7), checkpoint_digest(&c, 7));
     }
 }

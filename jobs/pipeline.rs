@@ -220,7 +220,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
             // connected them all by now, and they compared what they read), and before anything is
             // planned or re-run: a later run must know what this one built on.
             if args.processes > 1 {
-                all_read_the_same_checkpoint(worker, checkpoint_digest(&state))?;
+                all_read_the_same_checkpoint(worker, checkpoint_digest(&state, fingerprint))?;
             }
             if worker.index() == 0 {
                 handle.block_on(record_run(&clickhouse, &job_name, &args.topic, &state, fingerprint))?;
