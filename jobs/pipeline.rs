@@ -61,6 +61,10 @@ async fn check_schema(clickhouse: &ClickHouse) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How many checkpoint snapshots a run writes between two deletions of the old ones (an hour
+/// at the default interval).
+const SNAPSHOTS_PER_TRIM: u64 = 60;
+
 /// Records this run's generation (with the newest plan it builds on) and its settings
 /// fingerprint, and waits for both to be acknowledged.
 async fn record_run(
@@ -326,6 +330,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
             let mut last_committed_below = Some(0);
             let snapshot_every = Duration::from_secs(args.checkpoint_snapshot_secs);
             let mut last_snapshot = Instant::now();
+            let (mut snapshots_written, mut previous_snapshot) = (0u64, None);
             let mut last_log = Instant::now();
             let mut last_messages = 0;
             while !probe.done() {
@@ -350,11 +355,20 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                         && let Some(epoch) = needed.last_committed()
                     {
                         last_snapshot = Instant::now();
+                        snapshots_written += 1;
                         let insert = snapshot_block(&snapshot_job, &snapshot_topic, epoch, needed.committed());
-                        let clickhouse = clickhouse.clone();
+                        // Every SNAPSHOTS_PER_TRIM snapshots, the ones before the previous are
+                        // deleted: a start needs only the newest (an older one is as correct).
+                        let trim_below = (snapshots_written % SNAPSHOTS_PER_TRIM == 0).then_some(previous_snapshot).flatten();
+                        previous_snapshot = Some(epoch);
+                        let (clickhouse, job, topic) = (clickhouse.clone(), snapshot_job.clone(), snapshot_topic.clone());
                         handle.spawn(async move {
                             if let Err(e) = clickhouse.insert_native(&insert.table, insert.body).await {
                                 warn!(error = %e, "checkpoint snapshot not written (the next one will be)");
+                            } else if let Some(below) = trim_below
+                                && let Err(e) = checkpoints::trim_snapshots(&clickhouse, &job, &topic, below).await
+                            {
+                                warn!(error = %e, "old checkpoint snapshots not deleted (the next trim will)");
                             }
                         });
                     }

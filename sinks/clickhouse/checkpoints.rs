@@ -386,6 +386,18 @@ pub fn snapshot_block(job: &str, topic: &str, epoch: u64, offsets: &BTreeMap<u32
     Insert { table: "checkpoint_snapshots".into(), rows: block.rows(), body: block.finish() }
 }
 
+/// Deletes the snapshots of `job` on `topic` before epoch `below` (a ClickHouse mutation, in the
+/// background): a start reads only the newest, so the table stays a few rows per partition.
+pub async fn trim_snapshots(clickhouse: &ClickHouse, job: &str, topic: &str, below: u64) -> Result<(), SinkError> {
+    let query = clickhouse
+        .client()
+        .query("ALTER TABLE checkpoint_snapshots DELETE WHERE job = ? AND topic = ? AND epoch < ?")
+        .bind(job)
+        .bind(topic)
+        .bind(below);
+    clickhouse.execute_query(query).await
+}
+
 /// Records that generation `state.generation` of `job` on `topic` builds on `state.base_epoch`.
 /// Written, and acknowledged, before the run plans anything.
 pub fn generation_block(job: &str, topic: &str, state: &JobState, now_secs: u32) -> Insert {

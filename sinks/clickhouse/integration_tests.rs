@@ -214,5 +214,26 @@ async fn a_snapshot_bounds_what_a_start_reads_and_changes_nothing() {
     assert_eq!(latest.last_committed, Some(2 * G + 3));
     assert!(latest.pending.is_empty());
     assert_eq!((latest.resume[&0], latest.resume[&1]), (n * 10 + 6, n * 10 + 1));
+    // Old snapshots are trimmed (a mutation, applied in the background); the start is unchanged.
+    checkpoints::trim_snapshots(&clickhouse, job, topic, 2 * G + 3).await.unwrap();
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Left {
+        n: u64,
+    }
+    let mut left = 0;
+    for _ in 0..100 {
+        let rows: Vec<Left> = clickhouse
+            .fetch_all(clickhouse.client().query("SELECT count() AS n FROM checkpoint_snapshots"))
+            .await
+            .unwrap();
+        left = rows[0].n;
+        if left == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 2, "only the newest snapshot's two partitions remain");
+    let trimmed = checkpoints::load(&capped, job, topic).await.unwrap();
+    assert_eq!(trimmed, latest);
     schema::drop_database(&clickhouse).await.unwrap();
 }
