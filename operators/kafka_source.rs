@@ -71,6 +71,14 @@ pub struct SourceProgress {
 }
 
 impl SourceProgress {
+    /// Stops the job with `reason` (every worker checks [`SourceProgress::fatal`]); the first
+    /// reason given is the one reported.
+    pub fn stop(&self, reason: String) {
+        if let Ok(mut fatal) = self.fatal.lock() {
+            fatal.get_or_insert(reason);
+        }
+    }
+
     /// Messages between the consumed positions and the high watermarks, over all partitions,
     /// as of the lag monitor's last look.
     pub fn lag(&self) -> u64 {
@@ -142,9 +150,7 @@ fn offset_not_on_broker(progress: &SourceProgress, topic: &str, detail: &str) {
          and recreated, its offsets were reset, or retention deleted messages not yet counted. Counting on \
          would skip or repeat messages; to count the topic as it is now, run the job under a new --job-name"
     );
-    if let Ok(mut slot) = progress.fatal.lock() {
-        slot.get_or_insert(fatal);
-    }
+    progress.stop(fatal);
 }
 
 impl ConsumerContext for SourceContext {}
@@ -222,9 +228,7 @@ fn add_partitions<C: ConsumerContext>(
             // A new partition starts at offset 0: retention (or DeleteRecords) removed messages
             // before the job read them. Stop as for any other partition, never skip silently.
             let error = SourceError::Retention { topic: config.topic.clone(), partition: p, from: 0, log_start: low };
-            if let Ok(mut fatal) = config.progress.fatal.lock() {
-                fatal.get_or_insert(error.to_string());
-            }
+            config.progress.stop(error.to_string());
             return Ok(Vec::new());
         }
         cursors.push((p, PartitionCursor::new(p, 0, VecDeque::new(), high)));
@@ -286,9 +290,7 @@ where
             // checks; the partition is not assigned meanwhile, so nothing of it is read.
             let error =
                 SourceError::Retention { topic: config.topic.clone(), partition: p, from: start, log_start: low };
-            if let Ok(mut fatal) = config.progress.fatal.lock() {
-                fatal.get_or_insert(error.to_string());
-            }
+            config.progress.stop(error.to_string());
             continue;
         }
         assignment.add_partition_offset(&config.topic, p as i32, Offset::Offset(start as i64)).map_err(kafka_err)?;
@@ -474,11 +476,7 @@ where
                 if generation(epoch + 1) != generation(epoch) {
                     // 2^32 epochs in one run (49 days at --epoch-ms 1): the next number would
                     // belong to a later generation. A restart takes a new one.
-                    if let Ok(mut slot) = config.progress.fatal.lock() {
-                        slot.get_or_insert(
-                            "this run used every epoch number of its generation; restart the job".into(),
-                        );
-                    }
+                    config.progress.stop("this run used every epoch number of its generation; restart the job".into());
                     return;
                 }
                 capability.downgrade(&(epoch + 1));

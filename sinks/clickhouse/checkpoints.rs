@@ -192,17 +192,7 @@ pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Job
     let last_committed =
         commits.first().filter(|r| r.rows > 0).map(|r| r.max_epoch).max(snapshot.as_ref().map(|(epoch, _)| *epoch));
 
-    let generations: Vec<GenerationRow> = clickhouse
-        .fetch_all(
-            client
-                .query(
-                    "SELECT generation, max(base_epoch) AS base_epoch FROM checkpoint_generations \
-                     WHERE job = ? AND topic = ? GROUP BY generation ORDER BY generation",
-                )
-                .bind(job)
-                .bind(topic),
-        )
-        .await?;
+    let generations = started_generations(clickhouse, job, topic).await?;
     // With a snapshot, plans at or before it are settled: the void plans among them are in no
     // snapshot, and nothing below reads them.
     let planned = planned_by_generation(clickhouse, job, topic, snapshot.as_ref().map(|(epoch, _)| *epoch)).await?;
@@ -296,6 +286,22 @@ pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Job
     Ok(state)
 }
 
+/// Every generation that started, with the newest plan it built on.
+async fn started_generations(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Vec<GenerationRow>, SinkError> {
+    clickhouse
+        .fetch_all(
+            clickhouse
+                .client()
+                .query(
+                    "SELECT generation, max(base_epoch) AS base_epoch FROM checkpoint_generations \
+                     WHERE job = ? AND topic = ? GROUP BY generation ORDER BY generation",
+                )
+                .bind(job)
+                .bind(topic),
+        )
+        .await
+}
+
 /// Per generation, the newest planned epoch (of the plans after `after`, if given).
 async fn planned_by_generation(
     clickhouse: &ClickHouse,
@@ -322,18 +328,7 @@ async fn planned_by_generation(
 /// Every plan that does not count, over the whole history (a replay needs them all; a start
 /// needs only those after the newest snapshot, see [`load`]).
 pub async fn all_void_plans(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Vec<(u64, u64)>, SinkError> {
-    let generations: Vec<GenerationRow> = clickhouse
-        .fetch_all(
-            clickhouse
-                .client()
-                .query(
-                    "SELECT generation, max(base_epoch) AS base_epoch FROM checkpoint_generations \
-                     WHERE job = ? AND topic = ? GROUP BY generation ORDER BY generation",
-                )
-                .bind(job)
-                .bind(topic),
-        )
-        .await?;
+    let generations = started_generations(clickhouse, job, topic).await?;
     let planned = planned_by_generation(clickhouse, job, topic, None).await?;
     Ok(void_plans(&planned, &generations))
 }
