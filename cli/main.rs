@@ -7,6 +7,7 @@ use videocount_aggregates::Registry;
 use videocount_clickhouse::compact::compact;
 use videocount_clickhouse::config::ClickHouseArgs;
 use videocount_clickhouse::{ClickHouse, replay, schema};
+use videocount_lease::{Fence, LeaseArgs, LeaseError, describe_me};
 use videocount_query::{QueryError, Reader, TimeRange, format_time, parse_time};
 
 #[derive(Parser, Debug)]
@@ -107,6 +108,9 @@ enum Command {
         /// Seconds each table's recomputation may take (a year of events takes minutes).
         #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
         timeout_secs: u64,
+        /// The job's lease, which the replay holds so that the job cannot run meanwhile.
+        #[command(flatten)]
+        lease: LeaseArgs,
     },
 }
 
@@ -201,11 +205,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })?;
                 println!("schema applied to database {}", cli.clickhouse.database);
             }
-            Command::Replay { topic, job_name, keep_old, timeout_secs } => {
+            Command::Replay { topic, job_name, keep_old, timeout_secs, lease } => {
                 let timeout = std::time::Duration::from_secs(timeout_secs);
-                let report = replay::replay_from_raw(&clickhouse, &job_name, &topic, keep_old, timeout)
+                // The job's lease (of process 0, which plans and commits every epoch): while the
+                // replay holds it, the job cannot start, and a running job makes it refuse.
+                let config = lease.config(&cli.clickhouse.database, &job_name, 0);
+                let fence = Fence::unheld();
+                let lease = videocount_lease::acquire_within(
+                    &config,
+                    &describe_me("videocount replay"),
+                    &fence,
+                    std::time::Duration::from_secs(3),
+                )
+                .await
+                .map_err(|e| match e {
+                    LeaseError::Held { holder, .. } => anyhow::anyhow!(
+                        "{job_name} is running ({holder}): stop it first (make stop-job); a replay beside a running \
+                         job would lose what it commits meanwhile"
+                    ),
+                    other => anyhow::Error::new(other).context("taking the job's lease for the replay"),
+                })?;
+                let report = replay::replay_from_raw(&clickhouse, &job_name, &topic, keep_old, timeout, &fence)
                     .await
                     .with_context(|| format!("replaying {} in {}", topic, cli.clickhouse.database))?;
+                lease.release(std::time::Duration::from_secs(5)).await;
                 println!(
                     "replayed {} events (epochs up to {:?}) into fresh count tables and swapped them in{}",
                     report.events,

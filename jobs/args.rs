@@ -5,6 +5,7 @@ use anyhow::bail;
 use clap::Parser;
 use videocount_clickhouse::config::ClickHouseArgs;
 use videocount_kafka::KafkaClients;
+use videocount_lease::LeaseArgs;
 
 /// Flags of a counting job; each can also be set from the environment.
 #[derive(Parser, Debug, Clone)]
@@ -21,6 +22,8 @@ pub struct JobArgs {
     pub dlq_topic: Option<String>,
     #[command(flatten)]
     pub clickhouse: ClickHouseArgs,
+    #[command(flatten)]
+    pub lease: LeaseArgs,
     /// Worker threads in this process.
     #[arg(long, short = 'w', env = "VIDEOCOUNT_WORKERS", default_value_t = 1)]
     pub workers: usize,
@@ -137,6 +140,9 @@ impl JobArgs {
         }
         if self.epoch_ms == 0 {
             bail!("--epoch-ms must be at least 1");
+        }
+        if !self.lease.lease_root.starts_with('/') {
+            bail!("--lease-root must be an absolute ZooKeeper path (start with /)");
         }
         if self.processes > 1 && self.hostfile.is_none() {
             bail!("--processes > 1 needs --hostfile");

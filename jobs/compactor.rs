@@ -8,6 +8,7 @@ use tracing::{info, warn};
 use videocount_aggregates::Registry;
 use videocount_clickhouse::ClickHouse;
 use videocount_clickhouse::compact::compact;
+use videocount_lease::{Fence, Permit};
 
 use crate::JobArgs;
 use crate::dataflow::Dataflow;
@@ -21,6 +22,7 @@ pub(crate) fn spawn_compactor(
     every: Duration,
     grace_secs: u64,
     stop: Arc<AtomicBool>,
+    fence: Fence,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let clickhouse = ClickHouse::new(args.clickhouse.config());
     let job = args.job_name.clone().unwrap_or_else(|| EventStats::NAME.to_owned());
@@ -37,6 +39,13 @@ pub(crate) fn spawn_compactor(
                 continue;
             }
             next = Instant::now() + every;
+            // Only the instance that holds the job's lease compacts (a standby waits, and an
+            // instance that lost it stops).
+            match fence.check() {
+                Permit::Granted => {}
+                Permit::Wait => continue,
+                Permit::Lost(_) => return,
+            }
             let started = Instant::now();
             let now = u64::from(videocount_events::clock::now_secs());
             match runtime.block_on(compact(&clickhouse, &registry, &job, &topic, now, grace_secs)) {

@@ -29,6 +29,7 @@ use videocount_clickhouse::rows::{DeadLetterRow, dead_letters_block};
 use videocount_clickhouse::{ClickHouse, Writer};
 use videocount_events::clock::now_secs;
 use videocount_events::{Located, TimeLimits};
+use videocount_lease::{Fence, describe_me};
 use videocount_operators::back_pressure::Throttle;
 use videocount_operators::kafka_source::SourceProgress;
 use videocount_operators::{FlushEpochs, NeededOffsets, SourceConfig, SourceItem, kafka_source};
@@ -100,7 +101,13 @@ pub fn block_settings<D: Dataflow>(args: &JobArgs, dataflow: &D) -> String {
 }
 
 /// Runs a job: checks, checkpoint, source, plan, dead letters, `dataflow`'s writes, commit.
-pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()> {
+pub fn run_job<D: Dataflow>(args: JobArgs, dataflow: D) -> anyhow::Result<()> {
+    run_job_fenced(args, dataflow, Fence::unheld())
+}
+
+/// As [`run_job`], with a fence made by the caller (made with [`Fence::unheld`]; it opens once
+/// this run holds the job's lease), for the job's own writers outside the dataflow.
+pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence) -> anyhow::Result<()> {
     args.validate()?;
     let job_name = args.job_name.get_or_insert_with(|| D::NAME.to_owned()).clone();
     let timely_config = args.timely_config()?;
@@ -114,13 +121,20 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
     let max_commit_lag = dataflow.max_commit_lag().unwrap_or(args.max_epochs_in_flight);
     let settings = block_settings(&args, &dataflow);
     let fingerprint = xxhash_rust::xxh3::xxh3_64(settings.as_bytes());
-    let state = runtime.block_on(async {
+    let (state, lease) = runtime.block_on(async {
         clickhouse
             .with_database("default")
             .ping()
             .await
             .with_context(|| format!("cannot reach ClickHouse at {}", args.clickhouse.url))?;
         check_schema(&clickhouse).await?;
+        // One active instance: a second one waits here, before it reads anything, until this
+        // one's lease ends (videocount-lease; docs/exactly-once.md).
+        let lease_config = args.lease.config(&args.clickhouse.database, &job_name, args.process);
+        info!(lease = %lease_config.path, zookeeper = %lease_config.zookeeper, "taking the lease");
+        let lease = videocount_lease::acquire(&lease_config, &describe_me(&job_name), &fence)
+            .await
+            .context("taking the job's lease")?;
         check_one_topic(&clickhouse, &args.topic).await?;
         let mut tables = dataflow.blocks_per_epoch(peers);
         tables.push(("dead_letters", peers));
@@ -156,7 +170,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                 );
             }
         }
-        anyhow::Ok(state)
+        anyhow::Ok((state, lease))
     })?;
     check_offsets(&kafka, &args.topic, partitions, &state, &job_name)?;
     let peers = peers as u32;
@@ -182,7 +196,13 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&shutdown))?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&shutdown))?;
 
-    let writer = Writer::start(runtime.handle(), clickhouse.clone(), args.writer_tasks, args.queue_capacity);
+    let writer = Writer::start_fenced(
+        runtime.handle(),
+        clickhouse.clone(),
+        args.writer_tasks,
+        args.queue_capacity,
+        fence.clone(),
+    );
     let dlq: ThreadedProducer<DefaultProducerContext> =
         dead_letter_producer_config(&kafka).create().context("creating the dead-letter producer")?;
     let dlq = Arc::new(dlq);
@@ -218,7 +238,7 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
     let guards = {
         let (writer, dlq, progress, shutdown) =
             (writer.clone(), Arc::clone(&dlq), Arc::clone(&progress), Arc::clone(&shutdown));
-        let (handle, clickhouse) = (runtime.handle().clone(), clickhouse.clone());
+        let (handle, clickhouse, fence) = (runtime.handle().clone(), clickhouse.clone(), fence.clone());
         timely::execute(timely_config, move |worker| -> Result<(), String> {
             // Worker 0 records the run once every process has read the checkpoint (timely has
             // connected them all by now, and they compared what they read), and before anything is
@@ -335,11 +355,17 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
             let mut last_messages = 0;
             while !probe.done() {
                 worker.step_or_park(Some(Duration::from_millis(50)));
-                if let Some(error) = writer.fatal_error() {
-                    return Err(error);
-                }
-                if let Some(error) = progress.fatal.lock().ok().and_then(|f| f.clone()) {
-                    return Err(error);
+                let stop = writer
+                    .fatal_error()
+                    .or_else(|| progress.fatal.lock().ok().and_then(|f| f.clone()))
+                    .or_else(|| fence.lost());
+                if let Some(reason) = stop {
+                    // Timely would step a dataflow whose writes never finish for ever after
+                    // this closure returns: drop it (nothing more of it is written).
+                    for dataflow in worker.installed_dataflows() {
+                        worker.drop_dataflow(dataflow);
+                    }
+                    return Err(reason);
                 }
                 let committed_below = probe.with_frontier(|f| f.first().copied());
                 if worker.index() == 0
@@ -362,8 +388,11 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
                         let trim_below = (snapshots_written % SNAPSHOTS_PER_TRIM == 0).then_some(previous_snapshot).flatten();
                         previous_snapshot = Some(epoch);
                         let (clickhouse, job, topic) = (clickhouse.clone(), snapshot_job.clone(), snapshot_topic.clone());
+                        let fence = fence.clone();
                         handle.spawn(async move {
-                            if let Err(e) = clickhouse.insert_native(&insert.table, insert.body).await {
+                            if fence.wait().await.is_err() {
+                                // Lost the lease: the loop stops the run; nothing more is written.
+                            } else if let Err(e) = clickhouse.insert_native(&insert.table, insert.body).await {
                                 warn!(error = %e, "checkpoint snapshot not written (the next one will be)");
                             } else if let Some(below) = trim_below
                                 && let Err(e) = checkpoints::trim_snapshots(&clickhouse, &job, &topic, below).await
@@ -414,7 +443,13 @@ pub fn run_job<D: Dataflow>(mut args: JobArgs, dataflow: D) -> anyhow::Result<()
         }
     }
     dlq.flush(Duration::from_secs(10)).ok();
-    let committed = progress.needed.lock().ok().and_then(|n| n.as_ref().map(|n| n.committed().clone()));
+    // A standby can take over at once.
+    let lost = fence.lost();
+    runtime.block_on(lease.release(Duration::from_secs(5)));
+    let committed = lost
+        .is_none()
+        .then(|| progress.needed.lock().ok().and_then(|n| n.as_ref().map(|n| n.committed().clone())))
+        .flatten();
     if let Some(committed) = committed {
         // On a thread with a deadline: a commit to an unreachable Kafka may never return, and
         // it is for monitoring only.

@@ -19,6 +19,7 @@ use videocount_operators::stats_epoch::{LocatedInput, Partial, StatsEpoch, Stats
 use super::{Dataflow, Writes};
 use crate::EventStatsArgs;
 use crate::compactor::spawn_compactor;
+use videocount_lease::Fence;
 
 /// `event_stats`: states of aggregate functions per (video, type, aggregate, minute/hour/day),
 /// on a fast stream (exact functions) and a slow one (sketches).
@@ -108,6 +109,7 @@ pub fn run_event_stats(args: EventStatsArgs) -> anyhow::Result<()> {
         ),
     };
     let stop = Arc::new(AtomicBool::new(false));
+    let fence = Fence::unheld();
     let compactor = (args.compact_every_secs > 0).then(|| {
         spawn_compactor(
             &args.job,
@@ -115,10 +117,11 @@ pub fn run_event_stats(args: EventStatsArgs) -> anyhow::Result<()> {
             Duration::from_secs(args.compact_every_secs),
             args.compact_grace_secs,
             Arc::clone(&stop),
+            fence.clone(),
         )
     });
     let dataflow = EventStats { functions, slow, max_slow_epochs_behind: args.max_slow_epochs_behind };
-    let result = crate::pipeline::run_job(args.job, dataflow);
+    let result = crate::pipeline::run_job_fenced(args.job, dataflow, fence);
     stop.store(true, Ordering::Relaxed);
     if let Some(Ok(thread)) = compactor {
         let _ = thread.join();

@@ -3,7 +3,9 @@
 //!
 //! Only events of committed epochs are replayed (offsets below each partition's committed
 //! end): a pending epoch re-run by the job after the swap then lands in the new tables once.
-//! The job must be stopped while a replay runs; a commit appearing meanwhile aborts the swap.
+//! The job must be stopped while a replay runs: `videocount replay` holds the job's lease (a
+//! job cannot start meanwhile, and a running job makes the replay refuse), and a commit
+//! appearing anyway aborts the swap.
 use clickhouse::Row;
 use serde::Deserialize;
 use tracing::info;
@@ -52,6 +54,7 @@ pub async fn replay_from_raw(
     topic: &str,
     keep_old: bool,
     timeout: std::time::Duration,
+    fence: &videocount_lease::Fence,
 ) -> Result<ReplayReport, SinkError> {
     let state = checkpoints::load(clickhouse, job, topic).await?;
     let Some(last) = state.last_committed else {
@@ -137,6 +140,17 @@ pub async fn replay_from_raw(
     if now.last_committed != state.last_committed || now.base_epoch != state.base_epoch {
         return Err(SinkError::Rejected(format!(
             "job {job} committed epochs during the replay: stop it, then replay again (the new tables are left as *_replay_{stamp})"
+        )));
+    }
+    // Swapped only while the lease is held: a replay paused past it lets the job run again.
+    let unheld = match fence.check() {
+        videocount_lease::Permit::Granted => None,
+        videocount_lease::Permit::Wait => Some("the job's lease could not be confirmed".to_owned()),
+        videocount_lease::Permit::Lost(reason) => Some(reason),
+    };
+    if let Some(reason) = unheld {
+        return Err(SinkError::Fenced(format!(
+            "{reason}: the replay did not swap its tables in (they are left as *_replay_{stamp})"
         )));
     }
     clickhouse.execute(&format!("RENAME TABLE {}", renames.join(", "))).await?;

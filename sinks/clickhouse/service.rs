@@ -18,6 +18,9 @@ pub enum SinkError {
     /// the same request cannot succeed.
     #[error("ClickHouse rejected the request: {0}")]
     Rejected(String),
+    /// The job lost its lease (videocount-lease): the request was not sent and must not be.
+    #[error("not written: {0}")]
+    Fenced(String),
 }
 
 impl SinkError {

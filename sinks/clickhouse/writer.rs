@@ -16,6 +16,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{error, warn};
 
+use videocount_lease::Fence;
+
 use crate::rows::Insert;
 use crate::service::{ClickHouse, SinkError};
 
@@ -89,6 +91,19 @@ impl Writer {
         tasks: usize,
         capacity: usize,
     ) -> Writer {
+        Writer::start_fenced(runtime, service, tasks, capacity, Fence::open())
+    }
+
+    /// As [`Writer::start`], but every insert (and every retry of one) is sent only while
+    /// `fence` grants it: it waits while the job's lease is unconfirmed, and the job stops
+    /// without sending it once the lease is lost.
+    pub fn start_fenced<S: InsertService>(
+        runtime: &tokio::runtime::Handle,
+        service: S,
+        tasks: usize,
+        capacity: usize,
+        fence: Fence,
+    ) -> Writer {
         let (tx, rx) = mpsc::channel::<Batch>(capacity.max(1));
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let writer = Writer {
@@ -102,11 +117,12 @@ impl Writer {
             let service = service.clone();
             let stats = Arc::clone(&writer.stats);
             let fatal = Arc::clone(&writer.fatal);
+            let fence = fence.clone();
             runtime.spawn(async move {
                 loop {
                     let batch = { rx.lock().await.recv().await };
                     let Some(Batch { label, inserts, on_done }) = batch else { return };
-                    match write_batch(&service, &stats, &label, &inserts).await {
+                    match write_batch(&service, &fence, &stats, &label, &inserts).await {
                         Ok(()) => {
                             stats.batches_done.fetch_add(1, Ordering::Relaxed);
                             on_done();
@@ -147,19 +163,23 @@ impl Writer {
 
 async fn write_batch<S: InsertService>(
     service: &S,
+    fence: &Fence,
     stats: &WriterStats,
     label: &str,
     inserts: &[Insert],
 ) -> Result<(), SinkError> {
     for insert in inserts {
-        (|| service.insert(&insert.table, insert.body.clone()))
-            .retry(backoff())
-            .when(SinkError::is_retryable)
-            .notify(|e, delay| {
-                stats.retries.fetch_add(1, Ordering::Relaxed);
-                warn!(batch = %label, table = %insert.table, error = %e, ?delay, "insert failed; retrying");
-            })
-            .await?;
+        (|| async {
+            fence.wait().await.map_err(SinkError::Fenced)?;
+            service.insert(&insert.table, insert.body.clone()).await
+        })
+        .retry(backoff())
+        .when(SinkError::is_retryable)
+        .notify(|e, delay| {
+            stats.retries.fetch_add(1, Ordering::Relaxed);
+            warn!(batch = %label, table = %insert.table, error = %e, ?delay, "insert failed; retrying");
+        })
+        .await?;
         stats.inserts.fetch_add(1, Ordering::Relaxed);
         stats.rows_written.fetch_add(insert.rows as u64, Ordering::Relaxed);
         if let Ok(mut tables) = stats.rows_by_table.lock() {
@@ -234,6 +254,22 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(writer.fatal_error().unwrap().contains("no such table"));
+        assert_eq!(done.load(Ordering::SeqCst), 0);
+        assert!(service.written.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_sent_once_the_lease_is_lost() {
+        let service = Flaky::default();
+        let fence = Fence::open();
+        fence.lose_for_test("the session expired");
+        let writer = Writer::start_fenced(&tokio::runtime::Handle::current(), service.clone(), 1, 4, fence);
+        let done = Arc::new(AtomicUsize::new(0));
+        writer.try_submit(batch(Arc::clone(&done))).unwrap();
+        while writer.fatal_error().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(writer.fatal_error().unwrap().contains("the session expired"));
         assert_eq!(done.load(Ordering::SeqCst), 0);
         assert!(service.written.lock().unwrap().is_empty());
     }
