@@ -10,7 +10,8 @@ use videocount_clickhouse::ClickHouse;
 /// The count tables carry no topic column: two topics' blocks for a quiet epoch can be
 /// byte-identical, and ClickHouse would drop one as a repeat; their blocks also share each
 /// table's dedup window. A topic holds counts here once a job committed an epoch of it
-/// (`checkpoint_commits`); a run that never committed (stopped at once, a typo) does not count.
+/// (`checkpoint_commits`, or a snapshot, which outlives the commits it trimmed); a run that never
+/// committed (stopped at once, a typo) does not count.
 pub(crate) async fn check_one_topic(clickhouse: &ClickHouse, topic: &str) -> anyhow::Result<()> {
     #[derive(Row, Deserialize)]
     struct Other {
@@ -19,7 +20,12 @@ pub(crate) async fn check_one_topic(clickhouse: &ClickHouse, topic: &str) -> any
     }
     let query = clickhouse
         .client()
-        .query("SELECT topic, any(job) AS job FROM checkpoint_commits WHERE topic != ? GROUP BY topic ORDER BY topic LIMIT 1")
+        .query(
+            "SELECT topic, any(job) AS job FROM (SELECT topic, job FROM checkpoint_commits WHERE topic != ? \
+             UNION ALL SELECT topic, job FROM checkpoint_snapshots WHERE topic != ?) \
+             GROUP BY topic ORDER BY topic LIMIT 1",
+        )
+        .bind(topic)
         .bind(topic);
     let others: Vec<Other> = clickhouse.fetch_all(query).await?;
     if let Some(other) = others.first() {
@@ -27,11 +33,13 @@ pub(crate) async fn check_one_topic(clickhouse: &ClickHouse, topic: &str) -> any
             "database {:?} already holds the counts of topic {:?} (job {}); each topic needs a database of its own: \
              the count tables have no topic column, and two topics' blocks can be byte-identical (ClickHouse would \
              drop one as a repeat). Use another --database for topic {topic:?}. If the counts of {:?} do not belong \
-             here (a run by mistake), remove its checkpoint: ALTER TABLE checkpoint_commits DELETE WHERE topic = '{}'",
+             here (a run by mistake), remove its checkpoint: ALTER TABLE checkpoint_commits DELETE WHERE topic = '{}' \
+             and ALTER TABLE checkpoint_snapshots DELETE WHERE topic = '{}'",
             clickhouse.database(),
             other.topic,
             other.job,
             other.topic,
+            other.topic.replace('\'', ""),
             other.topic.replace('\'', "")
         );
     }

@@ -66,18 +66,20 @@ async fn check_schema(clickhouse: &ClickHouse) -> anyhow::Result<()> {
 /// at the default interval).
 const SNAPSHOTS_PER_TRIM: u64 = 60;
 
-/// Records this run's generation (with the newest plan it builds on) and its settings
-/// fingerprint, and waits for both to be acknowledged.
+/// Records this run's generation (with the newest plan it builds on and its lease token) and its
+/// settings fingerprint, each only while the lease holds, and waits for both to be acknowledged.
 async fn record_run(
     clickhouse: &ClickHouse,
     job: &str,
     topic: &str,
     state: &checkpoints::JobState,
     fingerprint: u64,
+    (fence, lease_token): (&Fence, u64),
 ) -> Result<(), String> {
-    let generation = checkpoints::generation_block(job, topic, state, now_secs());
+    let generation = checkpoints::generation_block(job, topic, state, now_secs(), lease_token);
     let run = checkpoints::run_block(job, topic, state.next_epoch, fingerprint, now_secs());
     for insert in [generation, run] {
+        fence.wait().await?;
         clickhouse
             .insert_native(&insert.table, insert.body)
             .await
@@ -157,6 +159,19 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
             )),
             other => anyhow::Error::new(other),
         })?;
+        // The lease's token must be above every token a run recorded: a smaller one means another
+        // instance took the lease after this one queued for it (this one was paused), or the
+        // leases' ZooKeeper data was reset (docs/exactly-once.md).
+        if args.process == 0 && lease.token() <= state.newest_lease_token {
+            bail!(
+                "the lease token {} of this instance is not above {}, the newest a run of {job_name} recorded: another \
+                 instance held the lease after this one queued for it, so this one stops. If ZooKeeper's data was \
+                 reset (a new ensemble), make the recorded tokens 0 first: ALTER TABLE checkpoint_generations UPDATE \
+                 lease_token = 0 WHERE job = '{job_name}'",
+                lease.token(),
+                state.newest_lease_token
+            );
+        }
         if let Some((&first_pending, _)) = state.pending.first_key_value() {
             let recorded = checkpoints::run_fingerprint(&clickhouse, &job_name, &args.topic, first_pending).await?;
             if let Some(recorded) = recorded.filter(|&recorded| recorded != fingerprint) {
@@ -229,6 +244,7 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
     if let Some(listen) = args.metrics_listen {
         metrics::serve(&runtime, listen, &job_name, Arc::clone(&progress), writer.clone(), args.queue_capacity)?;
     }
+    let lease_token = lease.token();
     let state = Arc::new(state);
     let args = Arc::new(args);
     let dataflow = Arc::new(dataflow);
@@ -247,7 +263,14 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
                 all_read_the_same_checkpoint(worker, checkpoint_digest(&state, fingerprint))?;
             }
             if worker.index() == 0 {
-                handle.block_on(record_run(&clickhouse, &job_name, &args.topic, &state, fingerprint))?;
+                handle.block_on(record_run(
+                    &clickhouse,
+                    &job_name,
+                    &args.topic,
+                    &state,
+                    fingerprint,
+                    (&fence, lease_token),
+                ))?;
             }
             let probe = ProbeHandle::new();
             let written_probe = ProbeHandle::new();
@@ -383,8 +406,9 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
                         last_snapshot = Instant::now();
                         snapshots_written += 1;
                         let insert = snapshot_block(&snapshot_job, &snapshot_topic, epoch, needed.committed());
-                        // Every SNAPSHOTS_PER_TRIM snapshots, the ones before the previous are
-                        // deleted: a start needs only the newest (an older one is as correct).
+                        // Every SNAPSHOTS_PER_TRIM snapshots, the snapshots, plans and commits
+                        // before the previous snapshot are deleted: a start reads only the
+                        // newest snapshot and what follows it (the previous one is as correct).
                         let trim_below = (snapshots_written % SNAPSHOTS_PER_TRIM == 0).then_some(previous_snapshot).flatten();
                         previous_snapshot = Some(epoch);
                         let (clickhouse, job, topic) = (clickhouse.clone(), snapshot_job.clone(), snapshot_topic.clone());
@@ -395,9 +419,10 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
                             } else if let Err(e) = clickhouse.insert_native(&insert.table, insert.body).await {
                                 warn!(error = %e, "checkpoint snapshot not written (the next one will be)");
                             } else if let Some(below) = trim_below
-                                && let Err(e) = checkpoints::trim_snapshots(&clickhouse, &job, &topic, below).await
+                                && fence.wait().await.is_ok()
+                                && let Err(e) = checkpoints::trim_checkpoint(&clickhouse, &job, &topic, below).await
                             {
-                                warn!(error = %e, "old checkpoint snapshots not deleted (the next trim will)");
+                                warn!(error = %e, "old checkpoint rows not deleted (the next trim will)");
                             }
                         });
                     }

@@ -23,6 +23,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Now on the clock that keeps running while the machine is suspended (CLOCK_BOOTTIME):
+/// `Instant` stops then, and a machine resumed after a suspend longer than the session would
+/// still believe its lease valid.
+fn boot_now() -> Duration {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Duration::new(now.tv_sec.max(0) as u64, now.tv_nsec.clamp(0, 999_999_999) as u32)
+}
+
 use tracing::{info, warn};
 use zookeeper_client as zk;
 
@@ -81,9 +89,10 @@ pub fn describe_me(what: &str) -> String {
     let me = Process::me();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
     format!(
-        "{} host={host} pid={} boot={} pidns={} start={}",
+        "{} host={host} pid={} uid={} boot={} pidns={} start={}",
         what.replace(char::is_whitespace, "_"),
         me.pid,
+        me.uid,
         me.boot,
         me.pidns,
         me.start
@@ -96,18 +105,30 @@ struct Process {
     boot: String,
     pidns: String,
     pid: u32,
+    uid: u32,
     start: String,
 }
 
 impl Process {
     fn me() -> Process {
+        Process::try_me().unwrap_or(Process {
+            boot: String::new(),
+            pidns: String::new(),
+            pid: std::process::id(),
+            uid: u32::MAX,
+            start: String::new(),
+        })
+    }
+
+    fn try_me() -> Option<Process> {
         let pid = std::process::id();
-        Process {
+        Some(Process {
             boot: read_trimmed("/proc/sys/kernel/random/boot_id"),
             pidns: std::fs::read_link("/proc/self/ns/pid").map(|l| l.display().to_string()).unwrap_or_default(),
             pid,
-            start: start_time(pid).unwrap_or_default(),
-        }
+            uid: std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").ok()?),
+            start: start_time(pid).ok().unwrap_or_default(),
+        })
     }
 
     /// Parses what [`describe_me`] wrote.
@@ -119,19 +140,29 @@ impl Process {
             boot: field("boot")?.to_owned(),
             pidns: field("pidns")?.to_owned(),
             pid: field("pid")?.parse().ok()?,
+            uid: field("uid")?.parse().ok()?,
             start: field("start")?.to_owned(),
         })
     }
 
     /// Whether this process is known to be dead: it ran on this machine in this boot and pid
-    /// namespace, and no process with its pid and start time exists. Anything else (another
-    /// machine, a container of its own, an unreadable /proc) is not known to be dead.
+    /// namespace under this user, and its pid either does not exist (the kernel says so) or
+    /// belongs to a process started at another time. Anything else (another machine, a
+    /// container of its own, another user, a /proc that cannot be read) is not known to be dead.
     fn is_dead_here(&self) -> bool {
         let me = Process::me();
-        if self.boot.is_empty() || self.pidns.is_empty() || self.boot != me.boot || self.pidns != me.pidns {
+        if self.boot.is_empty()
+            || self.pidns.is_empty()
+            || self.boot != me.boot
+            || self.pidns != me.pidns
+            || self.uid != me.uid
+        {
             return false;
         }
-        start_time(self.pid).is_none_or(|start| start != self.start)
+        match start_time(self.pid) {
+            Ok(start) => start != self.start,
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        }
     }
 }
 
@@ -139,12 +170,14 @@ fn read_trimmed(path: &str) -> String {
     std::fs::read_to_string(path).map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
-/// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat).
-fn start_time(pid: u32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat); `NotFound`
+/// only when no such process exists.
+fn start_time(pid: u32) -> std::io::Result<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name (field 2) is in parentheses and may hold spaces: count after it.
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(19).map(str::to_owned)
+    let unreadable = || std::io::Error::other(format!("/proc/{pid}/stat has no start time"));
+    let after = &stat[stat.rfind(')').ok_or_else(unreadable)? + 1..];
+    after.split_whitespace().nth(19).map(str::to_owned).ok_or_else(unreadable)
 }
 
 /// Deletes the lease nodes of contenders that died on this machine (a `kill -9`, a crash):
@@ -183,8 +216,8 @@ pub struct Fence {
 
 #[derive(Debug)]
 struct FenceState {
-    /// Writes sent before this instant were sent while the lease was held.
-    valid_until: Option<Instant>,
+    /// Writes sent before this moment ([`boot_now`]) were sent while the lease was held.
+    valid_until: Option<Duration>,
     /// Set once the lease is lost for good.
     lost: Option<String>,
 }
@@ -208,10 +241,10 @@ impl Fence {
 
     /// A fence that makes writes wait until [`acquire`] takes the lease for it.
     pub fn unheld() -> Fence {
-        Fence::held(Instant::now())
+        Fence::held(boot_now())
     }
 
-    fn held(valid_until: Instant) -> Fence {
+    fn held(valid_until: Duration) -> Fence {
         Fence { state: Arc::new(Mutex::new(FenceState { valid_until: Some(valid_until), lost: None })) }
     }
 
@@ -223,7 +256,7 @@ impl Fence {
         }
         match state.valid_until {
             None => Permit::Granted,
-            Some(until) if Instant::now() < until => Permit::Granted,
+            Some(until) if boot_now() < until => Permit::Granted,
             Some(_) => Permit::Wait,
         }
     }
@@ -244,7 +277,7 @@ impl Fence {
         }
     }
 
-    fn extend(&self, until: Instant) {
+    fn extend(&self, until: Duration) {
         if let Ok(mut state) = self.state.lock()
             && state.lost.is_none()
         {
@@ -284,10 +317,19 @@ impl Lease {
         &self.node
     }
 
+    /// The lease's fencing token: its node's sequence number plus one (0 stays "no lease"),
+    /// which grows with every instance that queues for this lease. A later holder always has a
+    /// larger token than an earlier one.
+    pub fn token(&self) -> u64 {
+        token_of(&self.node) + 1
+    }
+
     /// Lets the lease go now and waits (up to `timeout`) until ZooKeeper has deleted the node, so
     /// that a standby can take over at once.
     pub async fn release(mut self, timeout: Duration) {
         self.keeper.abort();
+        // Nothing may be sent once the node is gone (a standby takes over at once).
+        self.fence.lose(format!("the lease {} was let go", self.node));
         if let Some(lock) = self.lock.take() {
             let client = lock.client().clone();
             let node = lock.lock_path().to_owned();
@@ -301,6 +343,12 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.keeper.abort();
     }
+}
+
+/// The sequence number ZooKeeper appended to a lock node's name (0 if there is none).
+fn token_of(node: &str) -> u64 {
+    let digits = node.len() - node.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    node[node.len() - digits..].parse().unwrap_or(0)
 }
 
 async fn connect(config: &LeaseConfig) -> Result<zk::Client, LeaseError> {
@@ -353,7 +401,7 @@ pub async fn acquire(config: &LeaseConfig, me: &str, fence: &Fence) -> Result<Le
     };
     // Confirm once before anything is written: the lock recipe's answer is as old as its watch.
     let session = client.session_timeout();
-    let sent = Instant::now();
+    let sent = boot_now();
     confirm(&client, lock.lock_path())
         .await
         .map_err(|(Unconfirmed::Lost(e) | Unconfirmed::Transient(e))| LeaseError::Lost(e))?;
@@ -408,15 +456,15 @@ async fn confirm(client: &zk::Client, node: &str) -> Result<(), Unconfirmed> {
 /// Confirms the lease every sixth of a session until it is lost.
 async fn keep(client: zk::Client, node: String, fence: Fence, session: Duration) {
     let every = LeaseConfig::confirm_every(session);
-    let mut failing_since: Option<Instant> = None;
+    let mut failing_since: Option<Duration> = None;
     loop {
         tokio::time::sleep(every).await;
-        let sent = Instant::now();
+        let sent = boot_now();
         match tokio::time::timeout(session, confirm(&client, &node)).await {
             Ok(Ok(())) => {
                 fence.extend(sent + session * 2 / 3);
                 if let Some(since) = failing_since.take() {
-                    info!(lease = %node, after_secs = since.elapsed().as_secs_f64(), "lease confirmed again");
+                    info!(lease = %node, after_secs = (boot_now() - since).as_secs_f64(), "lease confirmed again");
                 }
             }
             Ok(Err(Unconfirmed::Lost(e))) => {
@@ -454,9 +502,19 @@ mod tests {
         assert!(restarted.is_dead_here(), "same pid, other start time: the holder died and the pid was reused");
         let elsewhere = Process { boot: "another-machine".into(), start: "1".into(), ..me.clone() };
         assert!(!elsewhere.is_dead_here(), "another machine's process is never judged from here");
-        let container = Process { pidns: "pid:[1]".into(), start: "1".into(), ..me };
+        let container = Process { pidns: "pid:[1]".into(), start: "1".into(), ..me.clone() };
         assert!(!container.is_dead_here(), "another pid namespace is never judged from here");
+        let other_user = Process { uid: me.uid.wrapping_add(1), start: "1".into(), ..me.clone() };
+        assert!(!other_user.is_dead_here(), "another user's process is never judged from here");
+        let gone = Process { pid: u32::MAX - 1, ..me };
+        assert!(gone.is_dead_here(), "a pid that does not exist is dead");
         assert!(Process::parse("an old description without ids").is_none());
+    }
+
+    #[test]
+    fn the_token_is_the_nodes_sequence_number() {
+        assert_eq!(token_of("/videocount/leases/db/view_counts/process-0/_c_ab-12-lease-0000000042"), 42);
+        assert_eq!(token_of("/no/sequence"), 0);
     }
 
     #[test]
@@ -466,21 +524,21 @@ mod tests {
 
     #[test]
     fn a_lapsed_lease_waits_and_a_lost_one_never_grants_again() {
-        let fence = Fence::held(Instant::now() + Duration::from_secs(60));
+        let fence = Fence::held(boot_now() + Duration::from_secs(60));
         assert_eq!(fence.check(), Permit::Granted);
-        let lapsed = Fence::held(Instant::now() - Duration::from_millis(1));
+        let lapsed = Fence::held(boot_now() - Duration::from_millis(1));
         assert_eq!(lapsed.check(), Permit::Wait);
-        lapsed.extend(Instant::now() + Duration::from_secs(60));
+        lapsed.extend(boot_now() + Duration::from_secs(60));
         assert_eq!(lapsed.check(), Permit::Granted);
         lapsed.lose("session expired".into());
-        lapsed.extend(Instant::now() + Duration::from_secs(600));
+        lapsed.extend(boot_now() + Duration::from_secs(600));
         assert_eq!(lapsed.check(), Permit::Lost("session expired".into()));
     }
 
     #[test]
     fn a_confirmation_never_shortens_the_lease() {
-        let fence = Fence::held(Instant::now() + Duration::from_secs(60));
-        fence.extend(Instant::now());
+        let fence = Fence::held(boot_now() + Duration::from_secs(60));
+        fence.extend(boot_now());
         assert_eq!(fence.check(), Permit::Granted);
     }
 }

@@ -216,7 +216,9 @@ CREATE TABLE IF NOT EXISTS checkpoint_generations
     topic String,
     generation UInt64,
     base_epoch UInt64,
-    started_at DateTime('UTC')
+    started_at DateTime('UTC'),
+    -- The fencing token of the job's lease when the run started (0: no lease, older builds).
+    lease_token UInt64 DEFAULT 0
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/checkpoint_generations', '{replica}')
 ORDER BY (job, topic, generation);

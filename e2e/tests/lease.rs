@@ -41,6 +41,14 @@ fn signal(child: &Child, signal: &str) {
     assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success(), "kill {signal} {pid}");
 }
 
+/// Waits until an instance either waits for the lease or counts (a build without a lease).
+fn wait_until_started_or_waiting(log: &std::path::Path) {
+    wait_until("the instance starts or waits", Duration::from_secs(60), || {
+        let log = log_of(log);
+        log.contains("standby: waiting for the lease") || log.contains("view_counts starting")
+    });
+}
+
 /// Waits until the counts hold `expected.events`, then a little longer (so that anything
 /// counted twice would have landed too) and checks them exactly.
 fn settle_and_check(env: &TestEnv, expected: &Expected, what: &str) {
@@ -60,11 +68,10 @@ fn a_second_instance_waits_and_takes_over_when_the_first_dies() {
     settle_and_check(&env, &expected, "the first instance counts");
 
     let (second, second_log) = instance(&env, "second");
-    wait_until("the second instance waits for the lease", Duration::from_secs(60), || {
-        log_of(&second_log).contains("standby: waiting for the lease")
-    });
+    wait_until_started_or_waiting(&second_log);
     produce_more(&env, &mut expected, 2, 30_000);
     settle_and_check(&env, &expected, "only the first instance counts while the second waits");
+    assert!(log_of(&second_log).contains("standby: waiting for the lease"), "the second instance says it waits");
 
     first.0.kill().unwrap(); // SIGKILL
     first.0.wait().unwrap();
@@ -88,9 +95,7 @@ fn an_instance_paused_past_its_lease_stops_and_writes_nothing_more() {
     let (mut paused, paused_log) = instance(&env, "paused");
     settle_and_check(&env, &expected, "the first instance counts");
     let (standby, standby_log) = instance(&env, "standby");
-    wait_until("the standby waits for the lease", Duration::from_secs(60), || {
-        log_of(&standby_log).contains("standby: waiting for the lease")
-    });
+    wait_until_started_or_waiting(&standby_log);
 
     // The active instance stops in the middle of its work: its session expires, the standby
     // takes over and counts what arrives meanwhile.

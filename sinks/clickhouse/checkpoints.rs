@@ -50,6 +50,9 @@ pub struct JobState {
     /// Plans that do not count, as `(generation, base)`: epochs of `generation` above `base`
     /// ([`counted_plans`] turns them into SQL).
     pub void_plans: Vec<(u64, u64)>,
+    /// The largest lease token any run recorded: this run's lease must be above it (see
+    /// [`fenced_generations`]).
+    pub newest_lease_token: u64,
 }
 
 #[derive(Row, Deserialize)]
@@ -77,6 +80,7 @@ struct RangeRow {
 struct GenerationRow {
     generation: u64,
     base_epoch: u64,
+    lease_token: u64,
 }
 
 #[derive(Row, Deserialize)]
@@ -128,6 +132,24 @@ fn void_plans(planned: &[PlannedRow], generations: &[GenerationRow]) -> Vec<(u64
             (this.max_epoch > next.base_epoch).then_some((this.generation, next.base_epoch))
         })
         .collect()
+}
+
+/// The generations recorded by an instance that had already lost the job's lease: a run whose
+/// lease token is below that of an earlier generation took its lease before that generation's
+/// run did, so by the time it recorded its row another instance held the lease. It was paused
+/// (between its fence check and its insert) and its row landed late. Such a generation never
+/// counts: its row does not void the plans of the generation before it, and none of its own
+/// plans count. Token 0 (no lease, builds before the lease) is never judged.
+fn fenced_generations(generations: &[GenerationRow]) -> Vec<u64> {
+    let mut newest = 0;
+    let mut fenced = Vec::new();
+    for row in generations {
+        if row.lease_token > 0 && row.lease_token < newest {
+            fenced.push(row.generation);
+        }
+        newest = newest.max(row.lease_token);
+    }
+    fenced
 }
 
 /// The SQL condition selecting the plans `planned` saw: per generation, the epochs up to its
@@ -192,11 +214,20 @@ pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Job
     let last_committed =
         commits.first().filter(|r| r.rows > 0).map(|r| r.max_epoch).max(snapshot.as_ref().map(|(epoch, _)| *epoch));
 
-    let generations = started_generations(clickhouse, job, topic).await?;
+    let mut generations = started_generations(clickhouse, job, topic).await?;
+    let newest_lease_token = generations.iter().map(|g| g.lease_token).max().unwrap_or(0);
+    let fenced = fenced_generations(&generations);
+    generations.retain(|g| !fenced.contains(&g.generation));
     // With a snapshot, plans at or before it are settled: the void plans among them are in no
     // snapshot, and nothing below reads them.
     let planned = planned_by_generation(clickhouse, job, topic, snapshot.as_ref().map(|(epoch, _)| *epoch)).await?;
-    let void = void_plans(&planned, &generations);
+    let mut void = void_plans(&planned, &generations);
+    // Every plan of a fenced generation is void (its first epoch is generation << 32).
+    for generation in fenced {
+        void.retain(|(g, _)| *g != generation);
+        void.push((generation, (generation << GENERATION_SHIFT).saturating_sub(1)));
+    }
+    void.sort_unstable();
     // Only the plans the query above saw: one landing while this function reads is, for this
     // run, a late plan (its base epoch, recorded from the same view, sets it aside for later
     // runs too). Reading it below would count it here and void it for every later run: a
@@ -259,6 +290,7 @@ pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Job
         base_epoch,
         resume,
         void_plans: void,
+        newest_lease_token,
         ..JobState::default()
     };
     let mut ends: HashMap<u32, u64> = HashMap::new();
@@ -293,8 +325,8 @@ async fn started_generations(clickhouse: &ClickHouse, job: &str, topic: &str) ->
             clickhouse
                 .client()
                 .query(
-                    "SELECT generation, max(base_epoch) AS base_epoch FROM checkpoint_generations \
-                     WHERE job = ? AND topic = ? GROUP BY generation ORDER BY generation",
+                    "SELECT generation, max(base_epoch) AS base_epoch, max(lease_token) AS lease_token \
+                     FROM checkpoint_generations WHERE job = ? AND topic = ? GROUP BY generation ORDER BY generation",
                 )
                 .bind(job)
                 .bind(topic),
@@ -325,12 +357,15 @@ async fn planned_by_generation(
         .await
 }
 
-/// Every plan that does not count, over the whole history (a replay needs them all; a start
-/// needs only those after the newest snapshot, see [`load`]).
-pub async fn all_void_plans(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Vec<(u64, u64)>, SinkError> {
-    let generations = started_generations(clickhouse, job, topic).await?;
-    let planned = planned_by_generation(clickhouse, job, topic, None).await?;
-    Ok(void_plans(&planned, &generations))
+/// Where each partition's committed epochs end, as of `state` (a replay counts the events below):
+/// the start of its first pending range, else where it resumes.
+pub fn committed_ends(state: &JobState) -> BTreeMap<u32, u64> {
+    let mut ends: BTreeMap<u32, u64> = state.resume.iter().map(|(p, o)| (*p, *o)).collect();
+    for range in state.pending.values().flatten() {
+        let end = ends.entry(range.partition).or_insert(range.start);
+        *end = (*end).min(range.start);
+    }
+    ends
 }
 
 /// The newest snapshot of `job` on `topic`: its epoch and each partition's resume offset.
@@ -381,27 +416,34 @@ pub fn snapshot_block(job: &str, topic: &str, epoch: u64, offsets: &BTreeMap<u32
     Insert { table: "checkpoint_snapshots".into(), rows: block.rows(), body: block.finish() }
 }
 
-/// Deletes the snapshots of `job` on `topic` before epoch `below` (a ClickHouse mutation, in the
-/// background): a start reads only the newest, so the table stays a few rows per partition.
-pub async fn trim_snapshots(clickhouse: &ClickHouse, job: &str, topic: &str, below: u64) -> Result<(), SinkError> {
-    let query = clickhouse
-        .client()
-        .query("ALTER TABLE checkpoint_snapshots DELETE WHERE job = ? AND topic = ? AND epoch < ?")
-        .bind(job)
-        .bind(topic)
-        .bind(below);
-    clickhouse.execute_query(query).await
+/// Deletes what no start can read any more once a snapshot at or after epoch `below` exists:
+/// the snapshots, plans and commits of `job` on `topic` before `below` (ClickHouse mutations, in
+/// the background). A start reads only the newest snapshot and what follows it, and a replay
+/// reads what a start reads, so the checkpoint tables stay the size of the interval between
+/// trims instead of growing with the job's age.
+pub async fn trim_checkpoint(clickhouse: &ClickHouse, job: &str, topic: &str, below: u64) -> Result<(), SinkError> {
+    for table in ["checkpoint_snapshots", "checkpoint_ranges", "checkpoint_commits"] {
+        let query = clickhouse
+            .client()
+            .query(&format!("ALTER TABLE {table} DELETE WHERE job = ? AND topic = ? AND epoch < ?"))
+            .bind(job)
+            .bind(topic)
+            .bind(below);
+        clickhouse.execute_query(query).await?;
+    }
+    Ok(())
 }
 
 /// Records that generation `state.generation` of `job` on `topic` builds on `state.base_epoch`.
 /// Written, and acknowledged, before the run plans anything.
-pub fn generation_block(job: &str, topic: &str, state: &JobState, now_secs: u32) -> Insert {
-    let mut block = NativeBlock::new(5, 1);
+pub fn generation_block(job: &str, topic: &str, state: &JobState, now_secs: u32, lease_token: u64) -> Insert {
+    let mut block = NativeBlock::new(6, 1);
     block.column_str("job", [job].into_iter());
     block.column_str("topic", [topic].into_iter());
     block.column_u64("generation", [state.generation].into_iter());
     block.column_u64("base_epoch", [state.base_epoch].into_iter());
     block.column_u32("started_at", "DateTime('UTC')", [now_secs].into_iter());
+    block.column_u64("lease_token", [lease_token].into_iter());
     Insert { table: "checkpoint_generations".into(), rows: 1, body: block.finish() }
 }
 
@@ -480,14 +522,18 @@ mod tests {
         // Generation 2 read the checkpoint (newest plan G+7), planned; then G+8 landed.
         let planned =
             [PlannedRow { generation: 1, max_epoch: G + 8 }, PlannedRow { generation: 2, max_epoch: 2 * G + 3 }];
-        let generations =
-            [GenerationRow { generation: 1, base_epoch: 0 }, GenerationRow { generation: 2, base_epoch: G + 7 }];
+        let generations = [
+            GenerationRow { generation: 1, base_epoch: 0, lease_token: 0 },
+            GenerationRow { generation: 2, base_epoch: G + 7, lease_token: 0 },
+        ];
         let void = void_plans(&planned, &generations);
         assert_eq!(void, [(1, G + 7)]);
         assert_eq!(counted_plans(&void), format!("NOT ((epoch >= {} AND epoch < {}))", G + 8, 2 * G));
         // Had generation 2 seen it, it would count.
-        let generations =
-            [GenerationRow { generation: 1, base_epoch: 0 }, GenerationRow { generation: 2, base_epoch: G + 8 }];
+        let generations = [
+            GenerationRow { generation: 1, base_epoch: 0, lease_token: 0 },
+            GenerationRow { generation: 2, base_epoch: G + 8, lease_token: 0 },
+        ];
         assert!(void_plans(&planned, &generations).is_empty());
         assert_eq!(counted_plans(&[]), "1");
         // Only what was seen: a plan landing after the look is not read.
@@ -510,16 +556,29 @@ mod tests {
         // Generation 1 planned up to G+7, G+8 in flight. Generation 2 started on G+7, sent
         // 2G+0, died. G+8 landed. Generation 3 reads the checkpoint.
         let planned = [PlannedRow { generation: 1, max_epoch: G + 8 }];
-        let generations =
-            [GenerationRow { generation: 1, base_epoch: 0 }, GenerationRow { generation: 2, base_epoch: G + 7 }];
+        let generations = [
+            GenerationRow { generation: 1, base_epoch: 0, lease_token: 0 },
+            GenerationRow { generation: 2, base_epoch: G + 7, lease_token: 0 },
+        ];
         assert_eq!(void_plans(&planned, &generations), [(1, G + 7)], "G+8 landed after generation 2 started");
         // Generation 3 started on G+7; then 2G+0 landed. Generation 4 sets both aside.
         let planned = [PlannedRow { generation: 1, max_epoch: G + 8 }, PlannedRow { generation: 2, max_epoch: 2 * G }];
         let generations = [
-            GenerationRow { generation: 1, base_epoch: 0 },
-            GenerationRow { generation: 2, base_epoch: G + 7 },
-            GenerationRow { generation: 3, base_epoch: G + 7 },
+            GenerationRow { generation: 1, base_epoch: 0, lease_token: 0 },
+            GenerationRow { generation: 2, base_epoch: G + 7, lease_token: 0 },
+            GenerationRow { generation: 3, base_epoch: G + 7, lease_token: 0 },
         ];
         assert_eq!(void_plans(&planned, &generations), [(1, G + 7), (2, G + 7)]);
+    }
+
+    /// An instance paused after it took the lease (token 5) records its generation only after a
+    /// standby (token 6) took the lease and recorded the generation before it: that row is
+    /// fenced, whatever its generation number (a review found the double count it caused).
+    #[test]
+    fn a_generation_recorded_by_an_instance_that_lost_the_lease_is_fenced() {
+        let row = |generation, lease_token| GenerationRow { generation, base_epoch: 0, lease_token };
+        assert_eq!(fenced_generations(&[row(1, 5), row(2, 6), row(3, 5)]), [3]);
+        assert_eq!(fenced_generations(&[row(1, 5), row(2, 6), row(3, 7)]), Vec::<u64>::new());
+        assert_eq!(fenced_generations(&[row(1, 0), row(2, 6), row(3, 0)]), Vec::<u64>::new(), "0 is never judged");
     }
 }

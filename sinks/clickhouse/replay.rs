@@ -24,12 +24,6 @@ pub struct ReplayReport {
 }
 
 #[derive(Row, Deserialize)]
-struct EndRow {
-    partition: u32,
-    end_offset: u64,
-}
-
-#[derive(Row, Deserialize)]
 struct CountRow {
     n: u64,
 }
@@ -62,37 +56,24 @@ pub async fn replay_from_raw(
             "job {job} has committed nothing on topic {topic}: nothing to replay"
         )));
     };
-    // Every void plan of the history: the start only needs those after its newest snapshot.
-    let void_plans = checkpoints::all_void_plans(clickhouse, job, topic).await?;
-    let ends: Vec<EndRow> = clickhouse
-        .fetch_all(
-            clickhouse
-                .client()
-                .query(&format!(
-                    "SELECT partition, max(end_offset) AS end_offset FROM checkpoint_ranges \
-                     WHERE job = ? AND topic = ? AND epoch <= ? AND {} GROUP BY partition ORDER BY partition",
-                    checkpoints::counted_plans(&void_plans)
-                ))
-                .bind(job)
-                .bind(topic)
-                .bind(last),
-        )
-        .await?;
-    let partitions: Vec<String> = ends.iter().map(|e| e.partition.to_string()).collect();
-    let offsets: Vec<String> = ends.iter().map(|e| e.end_offset.to_string()).collect();
+    // What a start reads (the newest snapshot and what follows): the checkpoint's history
+    // before it is trimmed by the job.
+    let ends = checkpoints::committed_ends(&state);
+    let partitions: Vec<String> = ends.keys().map(u32::to_string).collect();
+    let offsets: Vec<String> = ends.values().map(u64::to_string).collect();
     // Numbers only: built from typed rows, nothing from a user is spliced in.
     let committed =
         format!("offset < transform(partition, [{}], [{}], toUInt64(0))", partitions.join(","), offsets.join(","));
-    let events: Vec<CountRow> = clickhouse
-        .fetch_all(clickhouse.client().query(&format!("SELECT count() AS n FROM events_raw WHERE {committed}")))
-        .await?;
+    // A year of events_raw takes longer to count than a request usually may.
+    let long = clickhouse.with_request_timeout(timeout);
+    let events: Vec<CountRow> =
+        long.fetch_all(long.client().query(&format!("SELECT count() AS n FROM events_raw WHERE {committed}"))).await?;
     let events = events.first().map_or(0, |r| r.n);
     // The count tables of committed epochs must hold exactly what events_raw holds: periods run
     // with --no-events-raw (or raw rows deleted) would be lost by a replay.
-    let counted: Vec<CountRow> = clickhouse
+    let counted: Vec<CountRow> = long
         .fetch_all(
-            clickhouse
-                .client()
+            long.client()
                 .query("SELECT toUInt64(sum(count)) AS n FROM event_counts_minute WHERE epoch <= ?")
                 .bind(last),
         )
@@ -104,42 +85,34 @@ pub async fn replay_from_raw(
              counted with --no-events-raw (or raw rows deleted) would be lost by a replay, so nothing was replaced"
         )));
     }
-    let long = clickhouse.with_request_timeout(timeout);
 
     let stamp = videocount_events::clock::now_ms();
     let mut renames = Vec::new();
     let mut old_tables = Vec::new();
+    let mut created = Vec::new();
+    let built = build_tables(&long, &committed, stamp, timeout, &mut created).await;
+    if let Err(e) = built {
+        // Nothing is swapped in: stop what the server may still be filling and drop it.
+        discard(clickhouse, &created).await;
+        return Err(match e {
+            SinkError::Unavailable(why) => SinkError::Unavailable(format!(
+                "{why}: the recomputation did not finish within {timeout:?} (raise --timeout-secs: a year of events \
+                 takes minutes); nothing was replaced and the half-built tables were dropped"
+            )),
+            other => other,
+        });
+    }
     for grain in Grain::ALL {
         let table = grain.table();
-        let new = format!("{table}_replay_{stamp}");
-        let old = format!("{table}_old_{stamp}");
-        clickhouse.execute(&create_statement(table, &new)?).await?;
-        let bucket = match grain {
-            Grain::Minute => "toStartOfMinute(toDateTime(intDiv(ts, 1000), 'UTC'))",
-            Grain::Hour => "toStartOfHour(toDateTime(intDiv(ts, 1000), 'UTC'))",
-            Grain::Day => "toDate(toDateTime(intDiv(ts, 1000), 'UTC'))",
-        };
-        let column = match grain {
-            Grain::Minute => "minute",
-            Grain::Hour => "hour",
-            Grain::Day => "day",
-        };
-        info!(table = %new, "replaying from events_raw");
-        long.execute(&format!(
-            "INSERT INTO {new} (video_id, event_type, {column}, count, epoch) \
-                 SELECT video_id, event_type, {bucket} AS b, count() AS c, toUInt64(0) \
-                 FROM events_raw WHERE {committed} GROUP BY video_id, event_type, b \
-                 SETTINGS insert_deduplicate = 0"
-        ))
-        .await?;
-        renames.push(format!("{table} TO {old}, {new} TO {table}"));
-        old_tables.push(old);
+        renames.push(format!("{table} TO {table}_old_{stamp}, {table}_replay_{stamp} TO {table}"));
+        old_tables.push(format!("{table}_old_{stamp}"));
     }
 
     let now = checkpoints::load(clickhouse, job, topic).await?;
     if now.last_committed != state.last_committed || now.base_epoch != state.base_epoch {
+        discard(clickhouse, &created).await;
         return Err(SinkError::Rejected(format!(
-            "job {job} committed epochs during the replay: stop it, then replay again (the new tables are left as *_replay_{stamp})"
+            "job {job} committed epochs during the replay: stop it, then replay again (nothing was replaced)"
         )));
     }
     // Swapped only while the lease is held: a replay paused past it lets the job run again.
@@ -149,8 +122,9 @@ pub async fn replay_from_raw(
         videocount_lease::Permit::Lost(reason) => Some(reason),
     };
     if let Some(reason) = unheld {
+        discard(clickhouse, &created).await;
         return Err(SinkError::Fenced(format!(
-            "{reason}: the replay did not swap its tables in (they are left as *_replay_{stamp})"
+            "{reason}: the replay did not swap its tables in (nothing was replaced)"
         )));
     }
     clickhouse.execute(&format!("RENAME TABLE {}", renames.join(", "))).await?;
@@ -164,6 +138,55 @@ pub async fn replay_from_raw(
         last_committed_epoch: Some(last),
         old_tables: if keep_old { old_tables } else { Vec::new() },
     })
+}
+
+/// Creates `<table>_replay_<stamp>` for every grain and fills it from `events_raw` below the
+/// committed ends (`committed`), each within `timeout` (also the server's own limit). Pushes
+/// every table it created onto `created`.
+async fn build_tables(
+    long: &ClickHouse,
+    committed: &str,
+    stamp: u64,
+    timeout: std::time::Duration,
+    created: &mut Vec<String>,
+) -> Result<(), SinkError> {
+    let limit = timeout.as_secs().max(1);
+    for grain in Grain::ALL {
+        let table = grain.table();
+        let new = format!("{table}_replay_{stamp}");
+        long.execute(&create_statement(table, &new)?).await?;
+        created.push(new.clone());
+        let bucket = match grain {
+            Grain::Minute => "toStartOfMinute(toDateTime(intDiv(ts, 1000), 'UTC'))",
+            Grain::Hour => "toStartOfHour(toDateTime(intDiv(ts, 1000), 'UTC'))",
+            Grain::Day => "toDate(toDateTime(intDiv(ts, 1000), 'UTC'))",
+        };
+        let column = grain.column();
+        info!(table = %new, "replaying from events_raw");
+        long.execute(&format!(
+            "INSERT INTO {new} (video_id, event_type, {column}, count, epoch) \
+                 SELECT video_id, event_type, {bucket} AS b, count() AS c, toUInt64(0) \
+                 FROM events_raw WHERE {committed} GROUP BY video_id, event_type, b \
+                 SETTINGS insert_deduplicate = 0, max_execution_time = {limit}"
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Stops the server-side fills of `tables` (a client that gave up does not stop them) and
+/// drops the tables; failures are logged (the tables are named `*_replay_<stamp>`).
+async fn discard(clickhouse: &ClickHouse, tables: &[String]) {
+    for table in tables {
+        // Names built here from constants and a number; the pattern matches only the INSERT.
+        let kill = format!("KILL QUERY WHERE query LIKE 'INSERT INTO {table} (%' SYNC");
+        if let Err(e) = clickhouse.execute(&kill).await {
+            tracing::warn!(%table, error = %e, "could not stop the replay's fill");
+        }
+        if let Err(e) = clickhouse.execute(&format!("DROP TABLE IF EXISTS {table}")).await {
+            tracing::warn!(%table, error = %e, "could not drop the half-built table; drop it by hand");
+        }
+    }
 }
 
 #[cfg(test)]

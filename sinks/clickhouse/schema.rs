@@ -26,6 +26,35 @@ pub async fn apply(clickhouse: &ClickHouse) -> Result<(), SinkError> {
     for statement in statements(SCHEMA_SQL) {
         clickhouse.execute(&statement).await?;
     }
+    add_missing_columns(clickhouse).await
+}
+
+/// Columns added to `sql/schema.sql` after its tables first shipped: `CREATE TABLE IF NOT
+/// EXISTS` leaves an existing table as it was, and ClickHouse 18.16 has no `ADD COLUMN IF NOT
+/// EXISTS`, so a database made by an older version gets them here.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("checkpoint_generations", "lease_token", "UInt64 DEFAULT 0")];
+
+async fn add_missing_columns(clickhouse: &ClickHouse) -> Result<(), SinkError> {
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Present {
+        n: u64,
+    }
+    for (table, column, definition) in ADDED_COLUMNS {
+        let system = clickhouse.with_database("system");
+        let present: Vec<Present> = system
+            .fetch_all(
+                system
+                    .client()
+                    .query("SELECT count() AS n FROM system.columns WHERE database = ? AND table = ? AND name = ?")
+                    .bind(clickhouse.database())
+                    .bind(*table)
+                    .bind(*column),
+            )
+            .await?;
+        if present.first().is_none_or(|p| p.n == 0) {
+            clickhouse.execute(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}")).await?;
+        }
+    }
     Ok(())
 }
 
