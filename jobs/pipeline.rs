@@ -52,7 +52,11 @@ type Sourced<D> = Located<<D as Dataflow>::Event>;
 /// Refuses to start when the schema is missing: a clear message instead of failed inserts.
 async fn check_schema(clickhouse: &ClickHouse) -> anyhow::Result<()> {
     let missing = videocount_clickhouse::schema::missing_tables(clickhouse).await?;
-    if !missing.is_empty() {
+    if missing.is_empty() {
+        videocount_clickhouse::schema::add_missing_columns(clickhouse)
+            .await
+            .context("adding the columns newer versions of sql/schema.sql have")?;
+    } else {
         bail!(
             "database {} lacks tables {missing:?}: apply the schema first (make schema CLICKHOUSE_DATABASE={})",
             clickhouse.database(),
@@ -159,19 +163,6 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
             )),
             other => anyhow::Error::new(other),
         })?;
-        // The lease's token must be above every token a run recorded: a smaller one means another
-        // instance took the lease after this one queued for it (this one was paused), or the
-        // leases' ZooKeeper data was reset (docs/exactly-once.md).
-        if args.process == 0 && lease.token() <= state.newest_lease_token {
-            bail!(
-                "the lease token {} of this instance is not above {}, the newest a run of {job_name} recorded: another \
-                 instance held the lease after this one queued for it, so this one stops. If ZooKeeper's data was \
-                 reset (a new ensemble), make the recorded tokens 0 first: ALTER TABLE checkpoint_generations UPDATE \
-                 lease_token = 0 WHERE job = '{job_name}'",
-                lease.token(),
-                state.newest_lease_token
-            );
-        }
         if let Some((&first_pending, _)) = state.pending.first_key_value() {
             let recorded = checkpoints::run_fingerprint(&clickhouse, &job_name, &args.topic, first_pending).await?;
             if let Some(recorded) = recorded.filter(|&recorded| recorded != fingerprint) {
@@ -244,7 +235,19 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
     if let Some(listen) = args.metrics_listen {
         metrics::serve(&runtime, listen, &job_name, Arc::clone(&progress), writer.clone(), args.queue_capacity)?;
     }
-    let lease_token = lease.token();
+    // The token this run records: above every recorded one while ZooKeeper keeps its history.
+    // A new ensemble starts its transaction ids again; a token not above the recorded ones is
+    // then recorded as 0 (never judged) rather than making this run's plans look fenced.
+    let lease_token = if lease.token() > state.newest_lease_token {
+        lease.token()
+    } else {
+        warn!(
+            token = lease.token(),
+            newest_recorded = state.newest_lease_token,
+            "the lease's token is not above the recorded ones (a new ZooKeeper ensemble?): this run records none"
+        );
+        0
+    };
     let state = Arc::new(state);
     let args = Arc::new(args);
     let dataflow = Arc::new(dataflow);

@@ -303,8 +303,12 @@ impl Fence {
 pub struct Lease {
     fence: Fence,
     node: String,
+    token: u64,
     keeper: tokio::task::JoinHandle<()>,
     lock: Option<zk::OwnedLockClient>,
+    /// The runtime the client runs on: dropping the lock spawns its deletion there, also when
+    /// the lease is dropped outside the runtime (a start that stops with an error).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Lease {
@@ -317,11 +321,11 @@ impl Lease {
         &self.node
     }
 
-    /// The lease's fencing token: its node's sequence number plus one (0 stays "no lease"),
-    /// which grows with every instance that queues for this lease. A later holder always has a
-    /// larger token than an earlier one.
+    /// The lease's fencing token: the ZooKeeper transaction id that created its node (`czxid`).
+    /// Transaction ids only grow over an ensemble's life (whatever the lease's path), so a later
+    /// holder always has a larger token than an earlier one; only a new ensemble starts again.
     pub fn token(&self) -> u64 {
-        token_of(&self.node) + 1
+        self.token
     }
 
     /// Lets the lease go now and waits (up to `timeout`) until ZooKeeper has deleted the node, so
@@ -342,13 +346,10 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.keeper.abort();
+        self.fence.lose(format!("the lease {} was let go", self.node));
+        let _inside = self.runtime.enter();
+        drop(self.lock.take());
     }
-}
-
-/// The sequence number ZooKeeper appended to a lock node's name (0 if there is none).
-fn token_of(node: &str) -> u64 {
-    let digits = node.len() - node.trim_end_matches(|c: char| c.is_ascii_digit()).len();
-    node[node.len() - digits..].parse().unwrap_or(0)
 }
 
 async fn connect(config: &LeaseConfig) -> Result<zk::Client, LeaseError> {
@@ -402,7 +403,7 @@ pub async fn acquire(config: &LeaseConfig, me: &str, fence: &Fence) -> Result<Le
     // Confirm once before anything is written: the lock recipe's answer is as old as its watch.
     let session = client.session_timeout();
     let sent = boot_now();
-    confirm(&client, lock.lock_path())
+    let token = confirm(&client, lock.lock_path())
         .await
         .map_err(|(Unconfirmed::Lost(e) | Unconfirmed::Transient(e))| LeaseError::Lost(e))?;
     fence.extend(sent + session * 2 / 3);
@@ -410,7 +411,7 @@ pub async fn acquire(config: &LeaseConfig, me: &str, fence: &Fence) -> Result<Le
     let node = lock.lock_path().to_owned();
     info!(lease = %node, session_ms = session.as_millis() as u64, waited_secs = waited.elapsed().as_secs_f64(), "took the lease");
     let keeper = tokio::spawn(keep(client, node.clone(), fence.clone(), session));
-    Ok(Lease { fence, node, keeper, lock: Some(lock) })
+    Ok(Lease { fence, node, token, keeper, lock: Some(lock), runtime: tokio::runtime::Handle::current() })
 }
 
 /// Why a confirmation failed: for good, or maybe only for now.
@@ -438,7 +439,7 @@ pub async fn acquire_within(
 
 /// One confirmation: the node still exists and belongs to this session, as of a `sync` (which
 /// brings the server this session talks to up to date with the ensemble).
-async fn confirm(client: &zk::Client, node: &str) -> Result<(), Unconfirmed> {
+async fn confirm(client: &zk::Client, node: &str) -> Result<u64, Unconfirmed> {
     let failed = |e: zk::Error| match e {
         zk::Error::SessionExpired | zk::Error::ClientClosed | zk::Error::AuthFailed => {
             Unconfirmed::Lost(format!("the ZooKeeper session ended: {e}"))
@@ -447,7 +448,7 @@ async fn confirm(client: &zk::Client, node: &str) -> Result<(), Unconfirmed> {
     };
     client.sync(node).await.map_err(failed)?;
     match client.check_stat(node).await.map_err(failed)? {
-        Some(stat) if stat.ephemeral_owner == client.session_id().0 => Ok(()),
+        Some(stat) if stat.ephemeral_owner == client.session_id().0 => Ok(stat.czxid.max(0) as u64),
         Some(_) => Err(Unconfirmed::Lost(format!("the lease node {node} belongs to another session"))),
         None => Err(Unconfirmed::Lost(format!("the lease node {node} is gone"))),
     }
@@ -461,7 +462,7 @@ async fn keep(client: zk::Client, node: String, fence: Fence, session: Duration)
         tokio::time::sleep(every).await;
         let sent = boot_now();
         match tokio::time::timeout(session, confirm(&client, &node)).await {
-            Ok(Ok(())) => {
+            Ok(Ok(_)) => {
                 fence.extend(sent + session * 2 / 3);
                 if let Some(since) = failing_since.take() {
                     info!(lease = %node, after_secs = (boot_now() - since).as_secs_f64(), "lease confirmed again");
@@ -509,12 +510,6 @@ mod tests {
         let gone = Process { pid: u32::MAX - 1, ..me };
         assert!(gone.is_dead_here(), "a pid that does not exist is dead");
         assert!(Process::parse("an old description without ids").is_none());
-    }
-
-    #[test]
-    fn the_token_is_the_nodes_sequence_number() {
-        assert_eq!(token_of("/videocount/leases/db/view_counts/process-0/_c_ab-12-lease-0000000042"), 42);
-        assert_eq!(token_of("/no/sequence"), 0);
     }
 
     #[test]

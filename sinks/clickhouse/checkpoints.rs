@@ -223,7 +223,7 @@ pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Job
     let planned = planned_by_generation(clickhouse, job, topic, snapshot.as_ref().map(|(epoch, _)| *epoch)).await?;
     let mut void = void_plans(&planned, &generations);
     // Every plan of a fenced generation is void (its first epoch is generation << 32).
-    for generation in fenced {
+    for &generation in &fenced {
         void.retain(|(g, _)| *g != generation);
         void.push((generation, (generation << GENERATION_SHIFT).saturating_sub(1)));
     }
@@ -269,9 +269,11 @@ pub async fn load(clickhouse: &ClickHouse, job: &str, topic: &str) -> Result<Job
         )
         .await?;
 
-    // The newest plan that counts, and a generation above every one found.
+    // The newest plan that counts (none of a fenced generation), and a generation above every
+    // one found.
     let base_epoch = planned
         .iter()
+        .filter(|p| !fenced.contains(&p.generation))
         .map(|p| void.iter().find(|(g, _)| *g == p.generation).map_or(p.max_epoch, |(_, base)| p.max_epoch.min(*base)))
         .chain(last_committed)
         .max()

@@ -291,5 +291,6 @@ async fn a_fenced_generation_changes_nothing() {
     assert_eq!(state.resume[&0], 30, "generation 1's plans after the stale base still count");
     assert_eq!(state.newest_lease_token, 6);
     assert_eq!(state.generation, 3);
+    assert_eq!(state.base_epoch, G + 2, "the fenced generation's plan is not what this run builds on");
     schema::drop_database(&clickhouse).await.unwrap();
 }

@@ -34,7 +34,9 @@ pub async fn apply(clickhouse: &ClickHouse) -> Result<(), SinkError> {
 /// EXISTS`, so a database made by an older version gets them here.
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("checkpoint_generations", "lease_token", "UInt64 DEFAULT 0")];
 
-async fn add_missing_columns(clickhouse: &ClickHouse) -> Result<(), SinkError> {
+/// Adds [`ADDED_COLUMNS`] a database lacks (the jobs call it at start too, so an upgraded job
+/// runs on a database made by an older version).
+pub async fn add_missing_columns(clickhouse: &ClickHouse) -> Result<(), SinkError> {
     #[derive(clickhouse::Row, serde::Deserialize)]
     struct Present {
         n: u64,

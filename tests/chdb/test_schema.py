@@ -27,7 +27,7 @@ EXPECTED_COLUMNS = {
     "dead_letters": ["job", "topic", "partition", "offset", "reason", "detail", "payload", "message_ts"],
     "checkpoint_ranges": ["job", "topic", "epoch", "partition", "start_offset", "end_offset", "peers"],
     "checkpoint_commits": ["job", "topic", "epoch", "committed_at"],
-    "checkpoint_generations": ["job", "topic", "generation", "base_epoch", "started_at"],
+    "checkpoint_generations": ["job", "topic", "generation", "base_epoch", "started_at", "lease_token"],
     "checkpoint_snapshots": ["job", "topic", "epoch", "partition", "end_offset"],
 }
 
