@@ -424,7 +424,26 @@ pub fn snapshot_block(job: &str, topic: &str, epoch: u64, offsets: &BTreeMap<u32
 /// reads what a start reads, so the checkpoint tables stay the size of the interval between
 /// trims instead of growing with the job's age.
 pub async fn trim_checkpoint(clickhouse: &ClickHouse, job: &str, topic: &str, below: u64) -> Result<(), SinkError> {
+    // Commits are trimmed only while a newer one stays: an idle job's epochs commit without
+    // rows, and compaction and the one-topic check look for its newest commit.
+    let newer: Vec<MaxRow> = clickhouse
+        .fetch_all(
+            clickhouse
+                .client()
+                .query(
+                    "SELECT count() AS rows, toUInt64(max(epoch)) AS max_epoch FROM checkpoint_commits \
+                     WHERE job = ? AND topic = ? AND epoch >= ?",
+                )
+                .bind(job)
+                .bind(topic)
+                .bind(below),
+        )
+        .await?;
+    let keep_commits = newer.first().is_none_or(|r| r.rows == 0);
     for table in ["checkpoint_snapshots", "checkpoint_ranges", "checkpoint_commits"] {
+        if table == "checkpoint_commits" && keep_commits {
+            continue;
+        }
         let query = clickhouse
             .client()
             .query(&format!("ALTER TABLE {table} DELETE WHERE job = ? AND topic = ? AND epoch < ?"))
