@@ -16,7 +16,7 @@ RELEASE := target/release
 BINARIES := $(RELEASE)/view_counts $(RELEASE)/event_stats $(RELEASE)/videocount $(RELEASE)/loadgen $(RELEASE)/ingest $(RELEASE)/query $(RELEASE)/load_test
 PYTHON ?= python3
 
-.PHONY: help up down topic schema build ui run-job stop-job replay test lint unit-test chdb-test bench bench-ingest bench-query load-test stress-test clean
+.PHONY: help up down topic schema build ui run-job stop-job replay test lint unit-test chdb-test bench bench-ingest bench-query bench-replay load-test stress-test clean
 
 help: ## This list.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ bench: up build ## Catch-up throughput on 10M events: 1 and 2 workers, with and 
 
 bench-ingest: up build ## The ingest service on loopback: events/s in batches, requests/s of single events, p50/p99.
 	@scripts/bench-ingest.sh
+
+bench-replay: up build ## videocount replay over a year of events_raw (20M events; BENCH_REPLAY_EVENTS), vs the same GROUP BYs as plain SQL.
+	@scripts/bench-replay.sh
 
 bench-query: up build ## The query service over a loaded year of 10,000 videos: p50/p99/p999 and requests/s, 100 clients, vs plain SQL.
 	@scripts/bench-query.sh

@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use videocount_aggregates::Registry;
-use videocount_clickhouse::compact::compact;
+use videocount_clickhouse::compact::{RoundLimits, compact};
 use videocount_clickhouse::config::ClickHouseArgs;
 use videocount_clickhouse::{ClickHouse, replay, schema};
 use videocount_lease::{Fence, LeaseArgs, LeaseError, describe_me};
@@ -93,6 +93,10 @@ enum Command {
         /// Buckets whose end is less than this many seconds ago are left open.
         #[arg(long, default_value_t = 120)]
         grace_secs: u64,
+        /// Unmerged states a round merges per table at most; rounds follow one another until
+        /// every closed bucket is compacted.
+        #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+        max_states: u64,
     },
     /// Recompute every count table from events_raw and swap the results in. Stop the job first.
     Replay {
@@ -183,20 +187,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 });
                 print_number(&range, resolved, answer.value, fields);
             }
-            Command::Compact { topic, job_name, grace_secs } => {
+            Command::Compact { topic, job_name, grace_secs, max_states } => {
                 let now = u64::from(videocount_events::clock::now_secs());
-                let report =
-                    compact(&clickhouse, &Registry::builtin(), &job_name, &topic, now, grace_secs).await.with_context(
-                        || format!("compacting the stats of {job_name} on {topic} in {}", cli.clickhouse.database),
-                    )?;
-                if report.is_empty() {
-                    println!("nothing to compact");
+                let mut limits = RoundLimits { max_states, ..RoundLimits::default() };
+                let long = clickhouse.with_request_timeout(std::time::Duration::from_secs(600));
+                let mut compacted_any = false;
+                for round in 1.. {
+                    let report =
+                        compact(&long, &Registry::builtin(), &job_name, &topic, (now, grace_secs), limits.clone())
+                            .await
+                            .with_context(|| {
+                                format!("compacting the stats of {job_name} on {topic} in {}", cli.clickhouse.database)
+                            })?;
+                    for table in &report.tables {
+                        compacted_any = true;
+                        println!(
+                            "round {round}: {}: {} buckets from {} states, through epoch {}",
+                            table.table, table.buckets, table.states, table.through_epoch
+                        );
+                    }
+                    if !report.more {
+                        break;
+                    }
+                    limits.after = report.reached;
                 }
-                for table in report {
-                    println!(
-                        "{}: {} buckets from {} states, through epoch {}",
-                        table.table, table.buckets, table.states, table.through_epoch
-                    );
+                if !compacted_any {
+                    println!("nothing to compact");
                 }
             }
             Command::Schema => {

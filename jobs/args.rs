@@ -103,6 +103,11 @@ pub struct EventStatsArgs {
     /// `videocount compact`).
     #[arg(long, env = "VIDEOCOUNT_COMPACT_EVERY_SECS", default_value_t = 300)]
     pub compact_every_secs: u64,
+    /// Unmerged states one compaction round merges per table at most (its memory and the length
+    /// of its queries); a backlog takes several rounds, one after the other.
+    #[arg(long, env = "VIDEOCOUNT_COMPACT_MAX_STATES", default_value_t = 200_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub compact_max_states: u64,
     /// A bucket is closed for compaction once its end is this many seconds in the past.
     #[arg(long, env = "VIDEOCOUNT_COMPACT_GRACE_SECS", default_value_t = 120)]
     pub compact_grace_secs: u64,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 use videocount_aggregates::Registry;
 use videocount_clickhouse::ClickHouse;
-use videocount_clickhouse::compact::compact;
+use videocount_clickhouse::compact::{RoundLimits, compact};
 use videocount_lease::{Fence, Permit};
 
 use crate::JobArgs;
@@ -15,16 +15,22 @@ use crate::dataflow::Dataflow;
 use crate::dataflow::event_stats::EventStats;
 
 /// Compacts `event_stats`' closed buckets every `every`, on a thread of its own (see
-/// `videocount_clickhouse::compact`). Failures are logged and retried at the next round.
+/// `videocount_clickhouse::compact`), each round bounded by `max_states` per table; while a
+/// round leaves closed buckets behind (a backlog), the next one follows at once. The first pass
+/// looks at every closed bucket; once it is through, rounds look only at buckets that late events
+/// can still reach (`--max-age-secs` and a day before now). Failures are logged and retried at the
+/// next round.
 pub(crate) fn spawn_compactor(
     args: &JobArgs,
     registry: Registry,
     every: Duration,
-    grace_secs: u64,
+    (grace_secs, max_states): (u64, u64),
     stop: Arc<AtomicBool>,
     fence: Fence,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let clickhouse = ClickHouse::new(args.clickhouse.config());
+    // A round's queries read a slice of a year-sized table: more than a write's timeout.
+    let clickhouse = ClickHouse::new(args.clickhouse.config()).with_request_timeout(Duration::from_secs(600));
+    let reach_secs = args.max_age_secs + 86_400;
     let job = args.job_name.clone().unwrap_or_else(|| EventStats::NAME.to_owned());
     let topic = args.topic.clone();
     std::thread::Builder::new().name("compactor".into()).spawn(move || {
@@ -33,12 +39,13 @@ pub(crate) fn spawn_compactor(
             return;
         };
         let mut next = Instant::now() + every;
+        let mut since_s = None;
+        let mut after = std::collections::BTreeMap::new();
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(200));
             if Instant::now() < next {
                 continue;
             }
-            next = Instant::now() + every;
             // Only the instance that holds the job's lease compacts (a standby waits, and an
             // instance that lost it stops).
             match fence.check() {
@@ -48,15 +55,26 @@ pub(crate) fn spawn_compactor(
             }
             let started = Instant::now();
             let now = u64::from(videocount_events::clock::now_secs());
-            match runtime.block_on(compact(&clickhouse, &registry, &job, &topic, now, grace_secs)) {
+            let limits = RoundLimits { max_states, since_s, after: std::mem::take(&mut after) };
+            next = Instant::now() + every;
+            match runtime.block_on(compact(&clickhouse, &registry, &job, &topic, (now, grace_secs), limits)) {
                 Ok(report) => {
-                    for table in report {
+                    if report.more {
+                        // The rest of the backlog, after this round's buckets.
+                        next = Instant::now();
+                        after = report.reached.clone();
+                    } else {
+                        // Through every closed bucket: from now on, only those late events reach.
+                        since_s = Some(now.saturating_sub(reach_secs));
+                    }
+                    for table in report.tables {
                         info!(
                             table = table.table,
                             buckets = table.buckets,
                             states = table.states,
                             through_epoch = table.through_epoch,
                             seconds = started.elapsed().as_secs_f64(),
+                            more = report.more,
                             "compacted"
                         );
                     }

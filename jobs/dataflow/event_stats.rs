@@ -115,7 +115,7 @@ pub fn run_event_stats(args: EventStatsArgs) -> anyhow::Result<()> {
             &args.job,
             functions.registry().clone(),
             Duration::from_secs(args.compact_every_secs),
-            args.compact_grace_secs,
+            (args.compact_grace_secs, args.compact_max_states),
             Arc::clone(&stop),
             fence.clone(),
         )

@@ -34,6 +34,52 @@ pub enum CompactError {
     Corrupt(String),
 }
 
+/// How much one round takes on, so that a round stays bounded however large the tables and
+/// the backlog grow: per table, the oldest closed buckets whose unmerged states add up to at
+/// most `max_states` (always at least one bucket), and only buckets that start at or after
+/// `since_s` when given (a compactor that already passed over the older ones; late events reach
+/// back at most the job's `--max-age-secs`). Within one pass over a backlog, `after` holds, per
+/// table, the last bucket the previous round took: its states are emptied by a background
+/// `UPDATE` that may not have run yet, so the next round starts after it instead of taking the
+/// same buckets again.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoundLimits {
+    pub max_states: u64,
+    pub since_s: Option<u64>,
+    pub after: std::collections::BTreeMap<&'static str, u32>,
+}
+
+/// What a round did, and whether closed buckets were left for the next round (then `reached`
+/// is the `after` of the next round of the pass).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Round {
+    pub tables: Vec<Compacted>,
+    pub more: bool,
+    pub reached: std::collections::BTreeMap<&'static str, u32>,
+}
+
+/// How many buckets of unmerged states a round looks at to choose its slice.
+const SLICE_CANDIDATES: usize = 10_000;
+
+/// The slice of a round: from the buckets with unmerged states, oldest first, with their state
+/// counts (at most [`SLICE_CANDIDATES`] of them), the last bucket of the longest prefix within
+/// `max_states` (at least the first), and whether buckets remain after it.
+fn choose_slice(counts: &[(u32, u64)], max_states: u64) -> Option<(u32, bool)> {
+    let mut total = 0;
+    let mut last = None;
+    for (i, &(bucket, n)) in counts.iter().enumerate() {
+        if last.is_some() && total + n > max_states {
+            return Some((last?, true));
+        }
+        total += n;
+        last = Some(bucket);
+        if i + 1 == counts.len() {
+            return Some((bucket, counts.len() >= SLICE_CANDIDATES));
+        }
+    }
+    None
+}
+
 /// What one table's compaction did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Compacted {
@@ -90,16 +136,17 @@ impl KeyedState {
     }
 }
 
-/// Compacts the closed buckets of every stats table, up to `job`'s last committed epoch on
-/// `topic`. Returns what it did per table (nothing before the first commit).
+/// Compacts closed buckets of every stats table, up to `job`'s last committed epoch on `topic`,
+/// within `limits`. Returns what it did per table (nothing before the first commit) and whether
+/// another round has more to do.
 pub async fn compact(
     clickhouse: &ClickHouse,
     registry: &Registry,
     job: &str,
     topic: &str,
-    now_s: u64,
-    grace_s: u64,
-) -> Result<Vec<Compacted>, CompactError> {
+    (now_s, grace_s): (u64, u64),
+    limits: RoundLimits,
+) -> Result<Round, CompactError> {
     #[derive(Row, Deserialize)]
     struct Last {
         epoch: u64,
@@ -115,13 +162,43 @@ pub async fn compact(
         )
         .await?;
     let Some(through) = last.first().filter(|l| l.commits > 0).map(|l| l.epoch) else {
-        return Ok(Vec::new());
+        return Ok(Round::default());
     };
-    let mut report = Vec::new();
+    let mut report = Round::default();
     for grain in Grain::ALL {
         let table = grain.stats_table();
         let column = grain.column();
         let (closed, _) = closed_condition(grain, now_s, grace_s);
+        let mut since = limits.since_s.map_or("1".to_owned(), |since| match grain {
+            Grain::Day => format!("toUInt32(day) >= {}", since / 86_400),
+            grain => format!("toUInt32({}) >= {since}", grain.column()),
+        });
+        if let Some(after) = limits.after.get(table) {
+            since = format!("{since} AND toUInt32({column}) > {after}");
+        }
+        #[derive(Row, Deserialize)]
+        struct Bucket {
+            bucket: u32,
+            n: u64,
+        }
+        let candidates: Vec<Bucket> = clickhouse
+            .fetch_all(
+                clickhouse
+                    .client()
+                    .query(&format!(
+                        "SELECT toUInt32({column}) AS bucket, count() AS n FROM {table} \
+                         WHERE compacted = 0 AND state != '' AND epoch <= ? AND {closed} AND {since} \
+                         GROUP BY bucket ORDER BY bucket LIMIT {SLICE_CANDIDATES}"
+                    ))
+                    .bind(through),
+            )
+            .await?;
+        let counts: Vec<(u32, u64)> = candidates.iter().map(|b| (b.bucket, b.n)).collect();
+        let Some((last_bucket, more)) = choose_slice(&counts, limits.max_states) else { continue };
+        report.more |= more;
+        report.reached.insert(table, last_bucket);
+        // This round's buckets: numbers only, computed here.
+        let closed = format!("{closed} AND {since} AND toUInt32({column}) <= {last_bucket}");
         let sql = format!(
             "SELECT video_id, event_type, aggregate, state, toUInt32(0) AS segment, toUInt32({column}) AS bucket, epoch, compacted \
              FROM {table} \
@@ -173,7 +250,7 @@ pub async fn compact(
             let buckets = compacted.len();
             let insert = stats_block(grain, through, true, &mut compacted);
             clickhouse.insert_native(&insert.table, insert.body).await?;
-            report.push(Compacted { table, buckets, states, through_epoch: through });
+            report.tables.push(Compacted { table, buckets, states, through_epoch: through });
         }
         // Empty the merged states (also those an interrupted round left behind).
         let update = format!(
@@ -190,6 +267,17 @@ pub async fn compact(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_takes_the_oldest_buckets_within_its_states() {
+        let counts = [(60, 40), (120, 50), (180, 30), (240, 10)];
+        assert_eq!(choose_slice(&counts, 100), Some((120, true)), "40 + 50 fit, 30 more would not");
+        assert_eq!(choose_slice(&counts, 130), Some((240, false)), "everything fits");
+        assert_eq!(choose_slice(&counts, 10), Some((60, true)), "at least one bucket, however many states");
+        assert_eq!(choose_slice(&[], 10), None, "nothing to compact");
+        let full: Vec<(u32, u64)> = (0..SLICE_CANDIDATES as u32).map(|b| (b, 1)).collect();
+        assert_eq!(choose_slice(&full, u64::MAX), Some((SLICE_CANDIDATES as u32 - 1, true)), "more beyond the look");
+    }
 
     #[test]
     fn closed_buckets_end_a_grace_before_now() {
