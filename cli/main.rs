@@ -209,7 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     if !report.more {
                         break;
                     }
-                    limits.after = report.reached;
+                    limits.after.extend(report.reached);
                 }
                 if !compacted_any {
                     println!("nothing to compact");

@@ -41,6 +41,7 @@ pub(crate) fn spawn_compactor(
         let mut next = Instant::now() + every;
         let mut since_s = None;
         let mut after = std::collections::BTreeMap::new();
+        let mut last_full_pass = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(200));
             if Instant::now() < next {
@@ -55,16 +56,24 @@ pub(crate) fn spawn_compactor(
             }
             let started = Instant::now();
             let now = u64::from(videocount_events::clock::now_secs());
-            let limits = RoundLimits { max_states, since_s, after: std::mem::take(&mut after) };
+            // Once a day, a pass over every closed bucket again: late states below `since_s`
+            // (a job that caught up on old messages) are compacted then.
+            if last_full_pass.elapsed() >= Duration::from_secs(86_400) && after.is_empty() {
+                since_s = None;
+                last_full_pass = Instant::now();
+            }
+            let limits = RoundLimits { max_states, since_s, after: after.clone() };
             next = Instant::now() + every;
             match runtime.block_on(compact(&clickhouse, &registry, &job, &topic, (now, grace_secs), limits)) {
                 Ok(report) => {
                     if report.more {
-                        // The rest of the backlog, after this round's buckets.
+                        // The rest of the backlog, after this round's states (a table that had
+                        // nothing left keeps its mark).
                         next = Instant::now();
-                        after = report.reached.clone();
+                        after.extend(report.reached.clone());
                     } else {
                         // Through every closed bucket: from now on, only those late events reach.
+                        after.clear();
                         since_s = Some(now.saturating_sub(reach_secs));
                     }
                     for table in report.tables {

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stops the services that services/up.sh started (Kafka first, ZooKeeper last). Data stays in var/.
+# Stops the services that services/up.sh and services/up-ha.sh started (Kafka first, ZooKeeper
+# last). Data stays in var/.
 set -uo pipefail
 VAR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/var"
 
@@ -20,3 +21,7 @@ stop() {
 stop kafka
 stop clickhouse
 stop zookeeper
+# The HA stack (make up-ha), if it runs.
+for node in kafka-1 kafka-2 kafka-3 clickhouse-1 clickhouse-2 zookeeper-1 zookeeper-2 zookeeper-3; do
+    stop "ha/$node"
+done

@@ -9,28 +9,8 @@ VAR="$ROOT/var"
 SERVICES="$ROOT/services"
 KAFKA_LIBS="$VAR/kafka/libs"
 
-log() { printf 'up: %s\n' "$*"; }
-die() { printf 'up: error: %s\n' "$*" >&2; exit 1; }
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-# wait_for NAME SECONDS LOGFILE COMMAND...: retries COMMAND until it succeeds.
-wait_for() {
-    local name=$1 seconds=$2 logfile=$3
-    shift 3
-    local deadline=$((SECONDS + seconds))
-    until "$@" >/dev/null 2>&1; do
-        if ((SECONDS >= deadline)); then
-            echo "---- last lines of $logfile ----" >&2
-            tail -n 40 "$logfile" >&2 || true
-            die "$name did not answer within ${seconds}s"
-        fi
-        sleep 0.5
-    done
-    log "$name is up"
-}
-
-render() { sed "s#VAR#$VAR#g" "$1" >"$2"; }
+# shellcheck source=services/lib.sh
+source "$SERVICES/lib.sh"
 
 install_packages() {
     local missing=()
@@ -141,6 +121,8 @@ start_kafka() {
 
 mkdir -p "$VAR"
 install_packages
+# services/up-ha.sh needs the packages and Kafka's jars, not this single-node stack.
+[ "${1:-}" = "--install-only" ] && exit 0
 start_zookeeper
 start_clickhouse
 start_kafka

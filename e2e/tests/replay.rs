@@ -3,6 +3,14 @@
 use videocount_e2e::TestEnv;
 use videocount_loadgen::{Amount, Spec, produce};
 
+/// Tables a replay built or replaced that are still there (`*_replay_*`, `*_old_*`).
+fn leftover_tables(env: &TestEnv) -> u64 {
+    env.scalar(&format!(
+        "SELECT count() FROM system.tables WHERE database = '{}' AND (name LIKE '%_replay_%' OR name LIKE '%_old_%')",
+        env.database
+    ))
+}
+
 #[test]
 #[ignore = "needs Kafka and ClickHouse: make up, then make test"]
 fn replay_equals_live() {
@@ -28,11 +36,7 @@ fn replay_equals_live() {
 
     assert!(env.counts("event_counts_minute", "minute") == live, "replayed minutes equal live ones");
     env.assert_exact(&expected);
-    let leftovers = env.scalar(&format!(
-        "SELECT count() FROM system.tables WHERE database = '{}' AND (name LIKE '%_replay_%' OR name LIKE '%_old_%')",
-        env.database
-    ));
-    assert_eq!(leftovers, 0, "no half-built or old tables remain");
+    assert_eq!(leftover_tables(&env), 0, "no half-built or old tables remain");
 
     // The job goes on counting into the swapped-in tables.
     let mut expected = expected;
@@ -90,11 +94,7 @@ fn a_replay_beside_a_running_job_is_refused() {
     let (code, _, stderr) = env.videocount(&["replay", "--topic", &env.topic]);
     assert_ne!(code, 0, "a replay beside the running job is refused");
     assert!(stderr.contains("is running"), "it says why: {stderr}");
-    let leftovers = format!(
-        "SELECT count() FROM system.tables WHERE database = '{}' AND (name LIKE '%_replay_%' OR name LIKE '%_old_%')",
-        env.database
-    );
-    assert_eq!(env.scalar(&leftovers), 0, "nothing was built");
+    assert_eq!(leftover_tables(&env), 0, "nothing was built");
 
     let pid = job.0.id().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
@@ -103,7 +103,7 @@ fn a_replay_beside_a_running_job_is_refused() {
     assert_eq!(code, 0, "the replay runs once the job stopped: {stderr}");
     assert!(stdout.contains(&format!("replayed {} events", expected.events)), "{stdout}");
     env.assert_exact(&expected);
-    assert_eq!(env.scalar(&leftovers), 0, "no half-built or old tables remain");
+    assert_eq!(leftover_tables(&env), 0, "no half-built or old tables remain");
     env.drop();
 }
 
@@ -130,11 +130,7 @@ fn a_replay_that_runs_out_of_time_replaces_nothing() {
     };
     let error = replay(std::time::Duration::from_millis(50)).expect_err("50 ms is too short for 1M events");
     assert!(error.to_string().contains("nothing was replaced"), "{error}");
-    let leftovers = format!(
-        "SELECT count() FROM system.tables WHERE database = '{}' AND (name LIKE '%_replay_%' OR name LIKE '%_old_%')",
-        env.database
-    );
-    assert_eq!(env.scalar(&leftovers), 0, "the half-built tables were dropped");
+    assert_eq!(leftover_tables(&env), 0, "the half-built tables were dropped");
     assert!(env.counts("event_counts_minute", "minute") == live, "the counts are untouched");
     env.assert_exact(&expected);
 
@@ -142,6 +138,6 @@ fn a_replay_that_runs_out_of_time_replaces_nothing() {
     assert_eq!(report.events, expected.events);
     assert!(env.counts("event_counts_minute", "minute") == live, "replayed minutes equal live ones");
     env.assert_exact(&expected);
-    assert_eq!(env.scalar(&leftovers), 0);
+    assert_eq!(leftover_tables(&env), 0);
     env.drop();
 }

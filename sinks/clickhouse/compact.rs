@@ -36,17 +36,17 @@ pub enum CompactError {
 
 /// How much one round takes on, so that a round stays bounded however large the tables and
 /// the backlog grow: per table, the oldest closed buckets whose unmerged states add up to at
-/// most `max_states` (always at least one bucket), and only buckets that start at or after
-/// `since_s` when given (a compactor that already passed over the older ones; late events reach
-/// back at most the job's `--max-age-secs`). Within one pass over a backlog, `after` holds, per
-/// table, the last bucket the previous round took: its states are emptied by a background
-/// `UPDATE` that may not have run yet, so the next round starts after it instead of taking the
-/// same buckets again.
+/// most `max_states`, and only buckets that start at or after `since_s` when given (a compactor
+/// that already passed over the older ones). A bucket too big for one round is taken in shards
+/// (a hash of the key, [`SHARDS`] per bucket): a slice is a run of (bucket, shard) pairs, and a
+/// round takes at least one. Within one pass over a backlog, `after` holds, per table, the last
+/// (bucket, shard) a round took: its states are emptied by a background `UPDATE` that may not
+/// have run yet, so the next round starts after it instead of taking the same states again.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RoundLimits {
     pub max_states: u64,
     pub since_s: Option<u64>,
-    pub after: std::collections::BTreeMap<&'static str, u32>,
+    pub after: std::collections::BTreeMap<&'static str, (u32, u32)>,
 }
 
 /// What a round did, and whether closed buckets were left for the next round (then `reached`
@@ -55,26 +55,29 @@ pub struct RoundLimits {
 pub struct Round {
     pub tables: Vec<Compacted>,
     pub more: bool,
-    pub reached: std::collections::BTreeMap<&'static str, u32>,
+    pub reached: std::collections::BTreeMap<&'static str, (u32, u32)>,
 }
 
-/// How many buckets of unmerged states a round looks at to choose its slice.
-const SLICE_CANDIDATES: usize = 10_000;
+/// How many (bucket, shard) pairs of unmerged states a round looks at to choose its slice.
+const SLICE_CANDIDATES: usize = 100_000;
 
-/// The slice of a round: from the buckets with unmerged states, oldest first, with their state
-/// counts (at most [`SLICE_CANDIDATES`] of them), the last bucket of the longest prefix within
-/// `max_states` (at least the first), and whether buckets remain after it.
-fn choose_slice(counts: &[(u32, u64)], max_states: u64) -> Option<(u32, bool)> {
+/// Shards per bucket: a round can take part of a bucket (a key's states are never split).
+const SHARDS: u32 = 64;
+
+/// The slice of a round: from the (bucket, shard) pairs with unmerged states, oldest first, with
+/// their state counts (at most [`SLICE_CANDIDATES`] of them), the last pair of the longest prefix
+/// within `max_states` (at least the first), and whether pairs remain after it.
+fn choose_slice(counts: &[((u32, u32), u64)], max_states: u64) -> Option<((u32, u32), bool)> {
     let mut total = 0;
     let mut last = None;
-    for (i, &(bucket, n)) in counts.iter().enumerate() {
+    for (i, &(pair, n)) in counts.iter().enumerate() {
         if last.is_some() && total + n > max_states {
             return Some((last?, true));
         }
         total += n;
-        last = Some(bucket);
+        last = Some(pair);
         if i + 1 == counts.len() {
-            return Some((bucket, counts.len() >= SLICE_CANDIDATES));
+            return Some((pair, counts.len() >= SLICE_CANDIDATES));
         }
     }
     None
@@ -173,12 +176,18 @@ pub async fn compact(
             Grain::Day => format!("toUInt32(day) >= {}", since / 86_400),
             grain => format!("toUInt32({}) >= {since}", grain.column()),
         });
-        if let Some(after) = limits.after.get(table) {
-            since = format!("{since} AND toUInt32({column}) > {after}");
+        // A key's shard: every state of one (video, type, aggregate, bucket) is in one shard.
+        let shard = format!("toUInt32(cityHash64(video_id, event_type, aggregate) % {SHARDS})");
+        let bucket = format!("toUInt32({column})");
+        if let Some((after_bucket, after_shard)) = limits.after.get(table) {
+            since = format!(
+                "{since} AND ({bucket} > {after_bucket} OR ({bucket} = {after_bucket} AND {shard} > {after_shard}))"
+            );
         }
         #[derive(Row, Deserialize)]
         struct Bucket {
             bucket: u32,
+            shard: u32,
             n: u64,
         }
         let candidates: Vec<Bucket> = clickhouse
@@ -186,19 +195,21 @@ pub async fn compact(
                 clickhouse
                     .client()
                     .query(&format!(
-                        "SELECT toUInt32({column}) AS bucket, count() AS n FROM {table} \
+                        "SELECT {bucket} AS bucket, {shard} AS shard, count() AS n FROM {table} \
                          WHERE compacted = 0 AND state != '' AND epoch <= ? AND {closed} AND {since} \
-                         GROUP BY bucket ORDER BY bucket LIMIT {SLICE_CANDIDATES}"
+                         GROUP BY bucket, shard ORDER BY bucket, shard LIMIT {SLICE_CANDIDATES}"
                     ))
                     .bind(through),
             )
             .await?;
-        let counts: Vec<(u32, u64)> = candidates.iter().map(|b| (b.bucket, b.n)).collect();
-        let Some((last_bucket, more)) = choose_slice(&counts, limits.max_states) else { continue };
+        let counts: Vec<((u32, u32), u64)> = candidates.iter().map(|b| ((b.bucket, b.shard), b.n)).collect();
+        let Some(((last_bucket, last_shard), more)) = choose_slice(&counts, limits.max_states) else { continue };
         report.more |= more;
-        report.reached.insert(table, last_bucket);
-        // This round's buckets: numbers only, computed here.
-        let closed = format!("{closed} AND {since} AND toUInt32({column}) <= {last_bucket}");
+        report.reached.insert(table, (last_bucket, last_shard));
+        // This round's states: numbers only, computed here.
+        let closed = format!(
+            "{closed} AND {since} AND ({bucket} < {last_bucket} OR ({bucket} = {last_bucket} AND {shard} <= {last_shard}))"
+        );
         let sql = format!(
             "SELECT video_id, event_type, aggregate, state, toUInt32(0) AS segment, toUInt32({column}) AS bucket, epoch, compacted \
              FROM {table} \
@@ -270,13 +281,17 @@ mod tests {
 
     #[test]
     fn a_round_takes_the_oldest_buckets_within_its_states() {
-        let counts = [(60, 40), (120, 50), (180, 30), (240, 10)];
-        assert_eq!(choose_slice(&counts, 100), Some((120, true)), "40 + 50 fit, 30 more would not");
-        assert_eq!(choose_slice(&counts, 130), Some((240, false)), "everything fits");
-        assert_eq!(choose_slice(&counts, 10), Some((60, true)), "at least one bucket, however many states");
+        let counts = [((60, 0), 40), ((60, 9), 50), ((120, 3), 30), ((180, 0), 10)];
+        assert_eq!(choose_slice(&counts, 100), Some(((60, 9), true)), "40 + 50 fit, 30 more would not");
+        assert_eq!(choose_slice(&counts, 130), Some(((180, 0), false)), "everything fits");
+        assert_eq!(choose_slice(&counts, 10), Some(((60, 0), true)), "at least one shard, however many states");
         assert_eq!(choose_slice(&[], 10), None, "nothing to compact");
-        let full: Vec<(u32, u64)> = (0..SLICE_CANDIDATES as u32).map(|b| (b, 1)).collect();
-        assert_eq!(choose_slice(&full, u64::MAX), Some((SLICE_CANDIDATES as u32 - 1, true)), "more beyond the look");
+        let full: Vec<((u32, u32), u64)> = (0..SLICE_CANDIDATES as u32).map(|b| ((b, 0), 1)).collect();
+        assert_eq!(
+            choose_slice(&full, u64::MAX),
+            Some(((SLICE_CANDIDATES as u32 - 1, 0), true)),
+            "more beyond the look"
+        );
     }
 
     #[test]
