@@ -16,7 +16,7 @@ RELEASE := target/release
 BINARIES := $(RELEASE)/view_counts $(RELEASE)/event_stats $(RELEASE)/videocount $(RELEASE)/loadgen $(RELEASE)/ingest $(RELEASE)/query $(RELEASE)/load_test
 PYTHON ?= python3
 
-.PHONY: help up up-ha down topic schema build ui run-job stop-job replay test lint unit-test chdb-test bench bench-ingest bench-query bench-replay load-test stress-test clean
+.PHONY: help up up-ha down-ha down topic schema build ui run-job stop-job replay test lint unit-test chdb-test bench bench-ingest bench-query bench-replay load-test stress-test clean
 
 help: ## This list.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ up: ## Install what is missing, start Kafka, ClickHouse and ZooKeeper, wait unti
 
 up-ha: ## The replicated stack beside it: 3 ZooKeeper, 3 Kafka brokers (RF 3, min ISR 2), 2 ClickHouse replicas (var/ha/).
 	@services/up-ha.sh
+
+down-ha: ## Stop only the HA stack (data stays in var/ha/).
+	@services/down.sh ha
 
 down: ## Stop the services, the HA stack's too (data stays in var/).
 	@services/down.sh

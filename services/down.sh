@@ -18,9 +18,12 @@ stop() {
     rm -f "$pidfile"
 }
 
-stop kafka
-stop clickhouse
-stop zookeeper
+# `down.sh ha` stops only the HA stack (make down-ha).
+if [ "${1:-}" != ha ]; then
+    stop kafka
+    stop clickhouse
+    stop zookeeper
+fi
 # The HA stack (make up-ha), if it runs.
 for node in kafka-1 kafka-2 kafka-3 clickhouse-1 clickhouse-2 zookeeper-1 zookeeper-2 zookeeper-3; do
     stop "ha/$node"
