@@ -141,6 +141,12 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
         let lease = videocount_lease::acquire(&lease_config, &describe_me(&job_name), &fence)
             .await
             .context("taking the job's lease")?;
+        // With replicas: read the checkpoint only once this replica has every acknowledged write.
+        clickhouse
+            .with_request_timeout(Duration::from_secs(300))
+            .sync_replica(&checkpoints::TABLES)
+            .await
+            .context("waiting for this ClickHouse replica to have the whole checkpoint (SYSTEM SYNC REPLICA)")?;
         check_one_topic(&clickhouse, &args.topic).await?;
         let mut tables = dataflow.blocks_per_epoch(peers);
         tables.push(("dead_letters", peers));

@@ -28,6 +28,10 @@ pub fn generation(epoch: u64) -> u64 {
     epoch >> GENERATION_SHIFT
 }
 
+/// The tables of the checkpoint (a start reads them all).
+pub const TABLES: [&str; 5] =
+    ["checkpoint_ranges", "checkpoint_commits", "checkpoint_generations", "checkpoint_snapshots", "job_runs"];
+
 /// Where a job left off, as recorded in ClickHouse.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct JobState {

@@ -172,6 +172,8 @@ pub async fn compact(
         let table = grain.stats_table();
         let column = grain.column();
         let (closed, _) = closed_condition(grain, now_s, grace_s);
+        // The UPDATE empties states on every replica: what it merges must be all of them.
+        clickhouse.sync_replica(&[table]).await?;
         let mut since = limits.since_s.map_or("1".to_owned(), |since| match grain {
             Grain::Day => format!("toUInt32(day) >= {}", since / 86_400),
             grain => format!("toUInt32({}) >= {since}", grain.column()),

@@ -5,7 +5,8 @@ use std::time::Duration;
 /// Where and how to reach ClickHouse.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClickHouseConfig {
-    /// HTTP endpoint, e.g. `http://127.0.0.1:8123`.
+    /// HTTP endpoint, e.g. `http://127.0.0.1:8123`, or the endpoints of the replicas,
+    /// comma-separated: requests go to one, and move to the next when it is unavailable.
     pub url: String,
     /// Database holding the tables of `sql/schema.sql`.
     pub database: String,
@@ -33,7 +34,8 @@ impl Default for ClickHouseConfig {
 /// environment. Global, so a CLI takes them before or after its subcommand.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ClickHouseArgs {
-    /// ClickHouse HTTP endpoint.
+    /// ClickHouse HTTP endpoint, or the replicas' endpoints comma-separated (requests move to
+    /// the next when one is unavailable).
     #[arg(long = "clickhouse-url", global = true, env = "CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
     pub url: String,
     /// ClickHouse database holding the tables of sql/schema.sql.
@@ -79,9 +81,18 @@ pub fn valid_identifier(name: &str) -> bool {
 }
 
 impl ClickHouseConfig {
+    /// The endpoints of `url`, in order.
+    pub fn urls(&self) -> Vec<&str> {
+        self.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+        let urls = self.urls();
+        if urls.is_empty() {
             return Err(ConfigError::BadUrl(self.url.clone()));
+        }
+        if let Some(bad) = urls.iter().find(|u| !(u.starts_with("http://") || u.starts_with("https://"))) {
+            return Err(ConfigError::BadUrl((*bad).to_owned()));
         }
         if !valid_identifier(&self.database) {
             return Err(ConfigError::BadDatabase(self.database.clone()));
@@ -106,6 +117,11 @@ mod tests {
             c.validate().unwrap_err()
         };
         assert!(matches!(bad(|c| c.url = "127.0.0.1:8123".into()), ConfigError::BadUrl(_)));
+        assert!(matches!(bad(|c| c.url = "http://a:8123,b:8123".into()), ConfigError::BadUrl(u) if u == "b:8123"));
+        assert!(matches!(bad(|c| c.url = " , ".into()), ConfigError::BadUrl(_)));
+        let replicas = ClickHouseConfig { url: "http://a:8123, http://b:8123".into(), ..ClickHouseConfig::default() };
+        assert!(replicas.validate().is_ok());
+        assert_eq!(replicas.urls(), ["http://a:8123", "http://b:8123"]);
         assert!(matches!(bad(|c| c.database = "x; DROP TABLE y".into()), ConfigError::BadDatabase(_)));
         assert!(matches!(bad(|c| c.database = "1db".into()), ConfigError::BadDatabase(_)));
         assert_eq!(bad(|c| c.request_timeout = Duration::ZERO), ConfigError::ZeroTimeout);

@@ -67,10 +67,16 @@ pub fn classify(error: clickhouse::error::Error) -> SinkError {
     }
 }
 
-/// A handle to one ClickHouse database. Cheap to clone.
+/// A handle to one ClickHouse database, on one server or on any of its replicas. Cheap to
+/// clone (clones share which replica is in use).
+///
+/// With several endpoints, requests go to one replica; a request that finds it unavailable
+/// moves every later request to the next (the caller retries, as the writer does: a block
+/// retried on another replica is deduplicated by the replication log they share).
 #[derive(Clone)]
 pub struct ClickHouse {
-    client: Client,
+    replicas: std::sync::Arc<Vec<Client>>,
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     config: ClickHouseConfig,
 }
 
@@ -82,20 +88,61 @@ impl std::fmt::Debug for ClickHouse {
 
 impl ClickHouse {
     pub fn new(config: ClickHouseConfig) -> Self {
-        let mut client = Client::default()
-            .with_url(&config.url)
-            .with_database(&config.database)
-            // Validation asks the server for a format and a setting that 18.16 lacks.
-            .with_validation(false)
-            // 18.16 answers a SELECT with an empty body when the client asks for LZ4.
-            .with_compression(clickhouse::Compression::None);
-        if let Some(user) = &config.user {
-            client = client.with_user(user);
+        ClickHouse { replicas: std::sync::Arc::new(Self::clients(&config)), current: Default::default(), config }
+    }
+
+    /// Another handle on the same replicas (sharing which one is in use) with `config`.
+    fn derive(&self, config: ClickHouseConfig) -> ClickHouse {
+        ClickHouse {
+            replicas: std::sync::Arc::new(Self::clients(&config)),
+            current: std::sync::Arc::clone(&self.current),
+            config,
         }
-        if let Some(password) = &config.password {
-            client = client.with_password(password);
+    }
+
+    fn clients(config: &ClickHouseConfig) -> Vec<Client> {
+        let urls = config.urls();
+        let urls = if urls.is_empty() { vec![config.url.as_str()] } else { urls };
+        urls.into_iter()
+            .map(|url| {
+                let mut client = Client::default()
+                    .with_url(url)
+                    .with_database(&config.database)
+                    // Validation asks the server for a format and a setting that 18.16 lacks.
+                    .with_validation(false)
+                    // 18.16 answers a SELECT with an empty body when the client asks for LZ4.
+                    .with_compression(clickhouse::Compression::None);
+                if let Some(user) = &config.user {
+                    client = client.with_user(user);
+                }
+                if let Some(password) = &config.password {
+                    client = client.with_password(password);
+                }
+                client
+            })
+            .collect()
+    }
+
+    /// The index of the replica requests go to now.
+    fn replica(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::Relaxed) % self.replicas.len()
+    }
+
+    /// After a request to replica `used` failed: unavailable means the next requests go to the
+    /// next replica (once per failure, however many requests saw it).
+    fn after<T>(&self, used: usize, result: Result<T, SinkError>) -> Result<T, SinkError> {
+        if let Err(SinkError::Unavailable(_)) = &result
+            && self.replicas.len() > 1
+        {
+            let next = (used + 1) % self.replicas.len();
+            let _ = self.current.compare_exchange(
+                used,
+                next,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
-        ClickHouse { client, config }
+        result
     }
 
     pub fn config(&self) -> &ClickHouseConfig {
@@ -108,23 +155,29 @@ impl ClickHouse {
 
     /// The same server, another database.
     pub fn with_database(&self, database: &str) -> ClickHouse {
-        ClickHouse::new(ClickHouseConfig { database: database.into(), ..self.config.clone() })
+        self.derive(ClickHouseConfig { database: database.into(), ..self.config.clone() })
     }
 
     /// The same server and database, waiting up to `timeout` for each answer (a long
     /// `INSERT ... SELECT`, such as a replay's).
     pub fn with_request_timeout(&self, timeout: Duration) -> ClickHouse {
-        ClickHouse::new(ClickHouseConfig { request_timeout: timeout, ..self.config.clone() })
+        self.derive(ClickHouseConfig { request_timeout: timeout, ..self.config.clone() })
     }
 
     /// The same handle with a ClickHouse setting sent on every request (e.g. `max_threads`).
     pub fn with_setting(&self, name: &str, value: &str) -> ClickHouse {
-        ClickHouse { client: self.client.clone().with_setting(name, value), config: self.config.clone() }
+        let replicas = self.replicas.iter().map(|c| c.clone().with_setting(name, value)).collect();
+        ClickHouse {
+            replicas: std::sync::Arc::new(replicas),
+            current: std::sync::Arc::clone(&self.current),
+            config: self.config.clone(),
+        }
     }
 
-    /// The underlying client, for typed queries (`query(..).bind(..).fetch_all()`).
+    /// The client of the replica in use, for typed queries (`query(..).bind(..)`, then
+    /// [`ClickHouse::fetch_all`] or [`ClickHouse::execute_query`]).
     pub fn client(&self) -> &Client {
-        &self.client
+        &self.replicas[self.replica()]
     }
 
     fn timeout(&self) -> Duration {
@@ -133,28 +186,36 @@ impl ClickHouse {
 
     /// Inserts one native-format block into `table`.
     pub async fn insert_native(&self, table: &str, body: Bytes) -> Result<(), SinkError> {
-        let mut insert = self
-            .client
-            .insert_formatted_with(format!("INSERT INTO {table} FORMAT Native"))
-            .with_timeouts(Some(self.timeout()), Some(self.timeout()));
-        insert.send(body).await.map_err(classify)?;
-        insert.end().await.map_err(classify)
+        let used = self.replica();
+        let result = async {
+            let mut insert = self.replicas[used]
+                .insert_formatted_with(format!("INSERT INTO {table} FORMAT Native"))
+                .with_timeouts(Some(self.timeout()), Some(self.timeout()));
+            insert.send(body).await.map_err(classify)?;
+            insert.end().await.map_err(classify)
+        }
+        .await;
+        self.after(used, result)
     }
 
     /// Runs a statement that returns nothing.
     pub async fn execute(&self, sql: &str) -> Result<(), SinkError> {
-        tokio::time::timeout(self.timeout(), self.client.query(sql).execute())
+        let used = self.replica();
+        let result = tokio::time::timeout(self.timeout(), self.replicas[used].query(sql).execute())
             .await
-            .map_err(|_| SinkError::Unavailable(format!("no answer within {:?}", self.timeout())))?
-            .map_err(classify)
+            .map_err(|_| SinkError::Unavailable(format!("no answer within {:?}", self.timeout())))
+            .and_then(|r| r.map_err(classify));
+        self.after(used, result)
     }
 
     /// Runs a statement with bound values that returns nothing.
     pub async fn execute_query(&self, query: clickhouse::query::Query) -> Result<(), SinkError> {
-        tokio::time::timeout(self.timeout(), query.execute())
+        let used = self.replica();
+        let result = tokio::time::timeout(self.timeout(), query.execute())
             .await
-            .map_err(|_| SinkError::Unavailable(format!("no answer within {:?}", self.timeout())))?
-            .map_err(classify)
+            .map_err(|_| SinkError::Unavailable(format!("no answer within {:?}", self.timeout())))
+            .and_then(|r| r.map_err(classify));
+        self.after(used, result)
     }
 
     /// Fetches typed rows, with the request timeout.
@@ -162,15 +223,38 @@ impl ClickHouse {
     where
         T: clickhouse::RowOwned + clickhouse::RowRead,
     {
-        tokio::time::timeout(self.timeout(), query.fetch_all::<T>())
+        let used = self.replica();
+        let result = tokio::time::timeout(self.timeout(), query.fetch_all::<T>())
             .await
-            .map_err(|_| SinkError::Unavailable(format!("no answer within {:?}", self.timeout())))?
-            .map_err(classify)
+            .map_err(|_| SinkError::Unavailable(format!("no answer within {:?}", self.timeout())))
+            .and_then(|r| r.map_err(classify));
+        self.after(used, result)
     }
 
-    /// Answers `Ok` when the server is reachable.
+    /// Waits until the replica in use has every part the other replicas acknowledged before
+    /// this call for each of `tables` (`SYSTEM SYNC REPLICA`): what a start or a compaction
+    /// round reads must include everything written through another replica.
+    pub async fn sync_replica(&self, tables: &[&str]) -> Result<(), SinkError> {
+        if self.replicas.len() < 2 {
+            return Ok(());
+        }
+        for table in tables {
+            self.execute(&format!("SYSTEM SYNC REPLICA {table}")).await?;
+        }
+        Ok(())
+    }
+
+    /// Answers `Ok` when a replica is reachable, trying each in turn; later requests (of every
+    /// handle derived from this one) go to the one that answered.
     pub async fn ping(&self) -> Result<(), SinkError> {
-        self.execute("SELECT 1").await
+        let mut result = Ok(());
+        for _ in 0..self.replicas.len() {
+            result = self.execute("SELECT 1").await;
+            if result.is_ok() {
+                break;
+            }
+        }
+        result
     }
 }
 
