@@ -143,7 +143,6 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
             .context("taking the job's lease")?;
         // With replicas: read the checkpoint only once this replica has every acknowledged write.
         clickhouse
-            .with_request_timeout(Duration::from_secs(300))
             .sync_replica(&checkpoints::TABLES)
             .await
             .context("waiting for this ClickHouse replica to have the whole checkpoint (SYSTEM SYNC REPLICA)")?;

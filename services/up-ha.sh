@@ -97,4 +97,4 @@ mkdir -p "$HA"/{zookeeper-1,zookeeper-2,zookeeper-3,kafka-1,kafka-2,kafka-3,clic
 start_zookeepers
 start_clickhouses
 start_kafkas
-log "HA stack up: --brokers $HA_BROKERS --clickhouse-url http://127.0.0.1:8221 (replica r1) or :8222 (r2) --zookeeper 127.0.0.1:2281,127.0.0.1:2282,127.0.0.1:2283"
+log "HA stack up: --brokers $HA_BROKERS --clickhouse-url http://127.0.0.1:8221,http://127.0.0.1:8222 --zookeeper 127.0.0.1:2281,127.0.0.1:2282,127.0.0.1:2283"

@@ -28,9 +28,11 @@ pub fn generation(epoch: u64) -> u64 {
     epoch >> GENERATION_SHIFT
 }
 
-/// The tables of the checkpoint (a start reads them all).
+/// The tables of the checkpoint (a start reads them all), in the order a start syncs a replica:
+/// the plans last, so that the plan of every commit and snapshot synced before is fetched too
+/// (a plan is written before its commit).
 pub const TABLES: [&str; 5] =
-    ["checkpoint_ranges", "checkpoint_commits", "checkpoint_generations", "checkpoint_snapshots", "job_runs"];
+    ["checkpoint_commits", "checkpoint_snapshots", "checkpoint_generations", "job_runs", "checkpoint_ranges"];
 
 /// Where a job left off, as recorded in ClickHouse.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -50,6 +50,26 @@ pub async fn replay_from_raw(
     timeout: std::time::Duration,
     fence: &videocount_lease::Fence,
 ) -> Result<ReplayReport, SinkError> {
+    // The replay's CREATE, RENAME and DROP are not replicated on ClickHouse 18.16: on replicas
+    // they would leave the replicas with different tables and different replication logs.
+    #[derive(Row, Deserialize)]
+    struct Replicas {
+        n: u64,
+    }
+    let replicas: Vec<Replicas> =
+        clickhouse
+            .fetch_all(clickhouse.client().query(
+                "SELECT toUInt64(max(total_replicas)) AS n FROM system.replicas WHERE database = currentDatabase()",
+            ))
+            .await?;
+    if replicas.first().is_some_and(|r| r.n > 1) {
+        return Err(SinkError::Rejected(
+            "the tables have several replicas, and a replay's CREATE, RENAME and DROP would run on one of them \
+             only (their replication logs would part): replay is for a single server for now"
+                .into(),
+        ));
+    }
+    clickhouse.sync_replica(&checkpoints::TABLES).await?;
     let state = checkpoints::load(clickhouse, job, topic).await?;
     let Some(last) = state.last_committed else {
         return Err(SinkError::Rejected(format!(

@@ -232,18 +232,31 @@ impl ClickHouse {
     }
 
     /// Waits until the replica in use has every part the other replicas acknowledged before
-    /// this call for each of `tables` (`SYSTEM SYNC REPLICA`): what a start or a compaction
-    /// round reads must include everything written through another replica.
+    /// this call for each of `tables` (`SYSTEM SYNC REPLICA`, which waits for the replica's
+    /// whole queue): what a start or a compaction round reads must include everything written
+    /// through another replica. Also with one endpoint (a load balancer may hide replicas; on a
+    /// lone server it returns at once). A replica that cannot sync (read-only, no ZooKeeper)
+    /// moves the handle to the next one, which is tried in turn. ClickHouse 18.16 answers OK,
+    /// without having synced, once its `receive_timeout` passed: that is raised far above the
+    /// request's own limit, so a sync that takes too long is an error here, never a silent OK.
     pub async fn sync_replica(&self, tables: &[&str]) -> Result<(), SinkError> {
-        if self.replicas.len() < 2 {
-            return Ok(());
+        const LIMIT: Duration = Duration::from_secs(120);
+        let mut result = Ok(());
+        for _ in 0..self.replicas.len() {
+            let syncing = self.with_request_timeout(LIMIT).with_setting("receive_timeout", "86400");
+            result = async {
+                for table in tables {
+                    syncing.execute(&format!("SYSTEM SYNC REPLICA {table}")).await?;
+                }
+                Ok(())
+            }
+            .await;
+            if !matches!(result, Err(SinkError::Unavailable(_))) {
+                break;
+            }
         }
-        for table in tables {
-            self.execute(&format!("SYSTEM SYNC REPLICA {table}")).await?;
-        }
-        Ok(())
+        result
     }
-
     /// Answers `Ok` when a replica is reachable, trying each in turn; later requests (of every
     /// handle derived from this one) go to the one that answered.
     pub async fn ping(&self) -> Result<(), SinkError> {
