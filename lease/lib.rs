@@ -316,11 +316,6 @@ impl Lease {
         self.fence.clone()
     }
 
-    /// The lease's node in ZooKeeper (for logs).
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
     /// The lease's fencing token: the ZooKeeper transaction id that created its node (`czxid`).
     /// Transaction ids only grow over an ensemble's life (whatever the lease's path), so a later
     /// holder always has a larger token than an earlier one; only a new ensemble starts again.

@@ -217,43 +217,33 @@ async fn a_snapshot_bounds_what_a_start_reads_and_changes_nothing() {
     // Old snapshots, plans and commits are trimmed (mutations, applied in the background); the
     // start is unchanged.
     checkpoints::trim_checkpoint(&clickhouse, job, topic, 2 * G + 3).await.unwrap();
-    #[derive(clickhouse::Row, serde::Deserialize)]
-    struct Left {
-        n: u64,
-    }
-    let mut left = 0;
-    for _ in 0..100 {
-        let rows: Vec<Left> = clickhouse
-            .fetch_all(clickhouse.client().query("SELECT count() AS n FROM checkpoint_snapshots"))
-            .await
-            .unwrap();
-        left = rows[0].n;
-        if left == 2 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let left = count_after_mutations(&clickhouse, "SELECT count() AS n FROM checkpoint_snapshots", 2).await;
     assert_eq!(left, 2, "only the newest snapshot's two partitions remain");
-    let mut plans = u64::MAX;
-    for _ in 0..100 {
-        let rows: Vec<Left> = clickhouse
-            .fetch_all(
-                clickhouse
-                    .client()
-                    .query(&format!("SELECT count() AS n FROM checkpoint_ranges WHERE epoch < {}", 2 * G + 3)),
-            )
-            .await
-            .unwrap();
-        plans = rows[0].n;
-        if plans == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let plans_before = format!("SELECT count() AS n FROM checkpoint_ranges WHERE epoch < {}", 2 * G + 3);
+    let plans = count_after_mutations(&clickhouse, &plans_before, 0).await;
     assert_eq!(plans, 0, "the plans before the snapshot are gone");
     let trimmed = checkpoints::load(&capped, job, topic).await.unwrap();
     assert_eq!(trimmed, latest);
     schema::drop_database(&clickhouse).await.unwrap();
+}
+
+/// The count `sql` answers once it is `expected`, or after 10 s (mutations apply in the
+/// background), whichever comes first.
+async fn count_after_mutations(clickhouse: &ClickHouse, sql: &str, expected: u64) -> u64 {
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Count {
+        n: u64,
+    }
+    let mut n = u64::MAX;
+    for _ in 0..100 {
+        let rows: Vec<Count> = clickhouse.fetch_all(clickhouse.client().query(sql)).await.unwrap();
+        n = rows[0].n;
+        if n == expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    n
 }
 
 /// A generation row recorded by an instance that had lost the lease (lower token than the

@@ -201,21 +201,12 @@ impl ClickHouse {
     /// Runs a statement that returns nothing.
     pub async fn execute(&self, sql: &str) -> Result<(), SinkError> {
         let used = self.replica();
-        let result = tokio::time::timeout(self.timeout(), self.replicas[used].query(sql).execute())
-            .await
-            .map_err(|_| SinkError::Unavailable(format!("no answer within {:?}", self.timeout())))
-            .and_then(|r| r.map_err(classify));
-        self.after(used, result)
+        self.bounded(used, self.replicas[used].query(sql).execute()).await
     }
 
     /// Runs a statement with bound values that returns nothing.
     pub async fn execute_query(&self, query: clickhouse::query::Query) -> Result<(), SinkError> {
-        let used = self.replica();
-        let result = tokio::time::timeout(self.timeout(), query.execute())
-            .await
-            .map_err(|_| SinkError::Unavailable(format!("no answer within {:?}", self.timeout())))
-            .and_then(|r| r.map_err(classify));
-        self.after(used, result)
+        self.bounded(self.replica(), query.execute()).await
     }
 
     /// Fetches typed rows, with the request timeout.
@@ -223,8 +214,17 @@ impl ClickHouse {
     where
         T: clickhouse::RowOwned + clickhouse::RowRead,
     {
-        let used = self.replica();
-        let result = tokio::time::timeout(self.timeout(), query.fetch_all::<T>())
+        self.bounded(self.replica(), query.fetch_all::<T>()).await
+    }
+
+    /// A request to replica `used` within the request timeout, its error classified, and the
+    /// handle moved on if the replica was unavailable.
+    async fn bounded<T>(
+        &self,
+        used: usize,
+        request: impl Future<Output = Result<T, clickhouse::error::Error>>,
+    ) -> Result<T, SinkError> {
+        let result = tokio::time::timeout(self.timeout(), request)
             .await
             .map_err(|_| SinkError::Unavailable(format!("no answer within {:?}", self.timeout())))
             .and_then(|r| r.map_err(classify));
@@ -257,6 +257,7 @@ impl ClickHouse {
         }
         result
     }
+
     /// Answers `Ok` when a replica is reachable, trying each in turn; later requests (of every
     /// handle derived from this one) go to the one that answered.
     pub async fn ping(&self) -> Result<(), SinkError> {
