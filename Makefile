@@ -16,7 +16,7 @@ RELEASE := target/release
 BINARIES := $(RELEASE)/view_counts $(RELEASE)/event_stats $(RELEASE)/videocount $(RELEASE)/loadgen $(RELEASE)/ingest $(RELEASE)/query $(RELEASE)/load_test
 PYTHON ?= python3
 
-.PHONY: help up up-ha down-ha down topic schema build ui run-job stop-job replay test lint unit-test chdb-test bench bench-ingest bench-query bench-replay load-test stress-test clean
+.PHONY: help up up-ha down-ha down topic schema build ui run-job stop-job replay chaos-test test lint unit-test chdb-test bench bench-ingest bench-query bench-replay load-test stress-test clean
 
 help: ## This list.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -27,10 +27,12 @@ up: ## Install what is missing, start Kafka, ClickHouse and ZooKeeper, wait unti
 up-ha: ## The replicated stack beside it: 3 ZooKeeper, 3 Kafka brokers (RF 3, min ISR 2), 2 ClickHouse replicas (var/ha/).
 	@services/up-ha.sh
 
-down-ha: ## Stop only the HA stack (data stays in var/ha/).
+down-ha: ## Stop only the HA stack and what runs on it (data stays in var/ha/).
+	@scripts/stop-ha.sh
 	@services/down.sh ha
 
 down: ## Stop the services, the HA stack's too (data stays in var/).
+	@scripts/stop-ha.sh
 	@services/down.sh
 
 topic: up ## Create topic TOPIC with PARTITIONS partitions (if missing).
@@ -45,10 +47,16 @@ ui: ## Bundle the browser UI into ui/dist (npm ci, esbuild; the query service se
 schema: up build ## Apply sql/schema.sql to CLICKHOUSE_DATABASE (idempotent).
 	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" schema
 
-run-job: up build ui ## Start view_counts, event_stats, ingest and query on TOPIC, feed them demo traffic, print the UI address.
+run-job: build ui ## Start view_counts, event_stats, ingest and query on TOPIC, feed them demo traffic, print the UI address. HA=1: on make up-ha, two of each.
+ifeq ($(HA),1)
+	@services/up-ha.sh
+	@scripts/run-ha.sh
+else
+	@services/up.sh
 	@services/kafka/topic.sh "$(TOPIC)" "$(PARTITIONS)" >/dev/null
 	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" schema
 	@scripts/run-job.sh
+endif
 
 load-test: up build ui ## Start the stack if needed; RATE events/s (2000) for DURATION s (30) via the client; check every event via the read API.
 	@services/kafka/topic.sh "$(TOPIC)" "$(PARTITIONS)" >/dev/null
@@ -60,8 +68,9 @@ stress-test: up build ui ## Raise the rate until p99, errors or freshness break;
 	@$(RELEASE)/videocount --database "$(CLICKHOUSE_DATABASE)" schema
 	@scripts/stress-test.sh
 
-stop-job: ## Stop what run-job started (each job flushes and records offsets first).
+stop-job: ## Stop what run-job started (each job flushes and records offsets first), HA=1's too.
 	@scripts/stop-job.sh
+	@scripts/stop-ha.sh
 
 replay: up build ## Recompute all counts from events_raw into fresh tables and swap them in (stops the stack first and starts it again after).
 	@TOPIC="$(TOPIC)" CLICKHOUSE_DATABASE="$(CLICKHOUSE_DATABASE)" scripts/replay.sh
@@ -76,6 +85,10 @@ test: up lint ui ## Every test (unit, integration against the real services, the
 chdb-test: up ## sql/schema.sql on current ClickHouse (chdb), with the local ZooKeeper.
 	@$(PYTHON) -c 'import chdb, pytest' 2>/dev/null || $(PYTHON) -m pip install -q chdb pytest
 	$(PYTHON) -m pytest -q tests/chdb
+
+chaos-test: build ## On make up-ha, under 5,000 events/s: kill -9 a broker, a ClickHouse replica, the ZooKeeper leader, each active job, an ingest, a query; SIGSTOP a job past its lease. Lost must be 0.
+	@services/up-ha.sh
+	@scripts/chaos.py $(CHAOS_ARGS)
 
 bench: up build ## Catch-up throughput on 10M events: 1 and 2 workers, with and without events_raw, vs ClickHouse's Kafka engine.
 	@scripts/bench.sh

@@ -57,6 +57,7 @@ pub(super) async fn deliver(shared: Arc<Shared>, mut items: Vec<Pending>) {
             Err(wait) => (Some(wait), "every service address is refusing calls (circuit open)".to_owned()),
             Ok(endpoint) => {
                 attempts += 1;
+                shared.requests.sent.fetch_add(1, Ordering::Relaxed);
                 let body = batch_body(&items);
                 let answer =
                     tokio::time::timeout(config.request_timeout, shared.transport.post_events(&endpoint.url, body))
@@ -74,6 +75,7 @@ pub(super) async fn deliver(shared: Arc<Shared>, mut items: Vec<Pending>) {
                         let parsed = BatchReply::parse(&reply);
                         match reply.status {
                             200..=299 => {
+                                shared.requests.answered_2xx.fetch_add(1, Ordering::Relaxed);
                                 endpoint.breaker.on_success();
                                 settle(&shared, items, &parsed, &[], true);
                                 return;

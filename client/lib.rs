@@ -44,7 +44,7 @@ mod transport;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -116,6 +116,15 @@ struct Shared {
     in_flight: Semaphore,
     /// Events accepted by `send` and not yet resolved.
     outstanding: AtomicUsize,
+    requests: RequestCounts,
+}
+
+/// Requests the client sent, and how many a service answered with 2xx (see
+/// [`Client::request_counts`]).
+#[derive(Debug, Default)]
+pub(crate) struct RequestCounts {
+    pub(crate) sent: AtomicU64,
+    pub(crate) answered_2xx: AtomicU64,
 }
 
 pub struct Client {
@@ -171,6 +180,7 @@ impl Client {
             endpoints,
             next: AtomicUsize::new(0),
             outstanding: AtomicUsize::new(0),
+            requests: RequestCounts::default(),
         });
         let (commands, receiver) = mpsc::unbounded_channel();
         let batcher = tokio::spawn(batch(shared.clone(), receiver));
@@ -265,6 +275,13 @@ impl Client {
         if let Some(batcher) = batcher {
             let _ = batcher.await;
         }
+    }
+
+    /// `(sent, answered 2xx)`: the batch requests sent so far (first tries and retries) and those
+    /// answered with 2xx: the write availability this client saw, before its retries hid it.
+    pub fn request_counts(&self) -> (u64, u64) {
+        let requests = &self.shared.requests;
+        (requests.sent.load(Ordering::Relaxed), requests.answered_2xx.load(Ordering::Relaxed))
     }
 
     /// The breaker state of each address, in the order given.

@@ -1,10 +1,11 @@
 //! The job's Prometheus metrics (`GET /metrics` on `--metrics-listen`, OpenMetrics text):
 //! `videocount_job_*`, each with a `job` label. Every value is read from the source's and the
 //! writer's shared counters at scrape time (a [`Collector`]), so nothing on the hot path
-//! touches the registry.
+//! touches the registry. The endpoint answers from the start: a standby waiting for the lease
+//! shows `videocount_job_lease_held 0` and nothing else of the job's.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::Ordering;
 
 use anyhow::Context;
@@ -18,13 +19,38 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use videocount_clickhouse::Writer;
 use videocount_http::ProcessCollector;
+use videocount_lease::{Fence, Permit};
 use videocount_operators::kafka_source::SourceProgress;
+
+/// What the metrics read once the job holds its lease and runs; a standby has none yet.
+#[derive(Debug)]
+pub struct Running {
+    pub progress: Arc<SourceProgress>,
+    pub writer: Writer,
+    pub queue_capacity: usize,
+}
+
+/// The metrics' view of the job: its fence (held or not) from the start, the rest once running.
+#[derive(Debug, Clone)]
+pub struct JobState {
+    fence: Fence,
+    running: Arc<OnceLock<Running>>,
+}
+
+impl JobState {
+    pub fn new(fence: Fence) -> JobState {
+        JobState { fence, running: Arc::new(OnceLock::new()) }
+    }
+
+    /// The job runs: its counters become visible.
+    pub fn running(&self, running: Running) {
+        let _ = self.running.set(running);
+    }
+}
 
 #[derive(Debug)]
 struct JobCollector {
-    progress: Arc<SourceProgress>,
-    writer: Writer,
-    queue_capacity: usize,
+    state: JobState,
 }
 
 /// Writes one metric: the first value alone when `label` is `None`, else one sample per
@@ -48,8 +74,17 @@ fn encode_metric<M: EncodeMetric>(
 
 impl Collector for JobCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let progress = &self.progress;
-        let stats = self.writer.stats();
+        let held = matches!(self.state.fence.check(), Permit::Granted);
+        encode_metric(
+            &mut encoder,
+            "lease_held",
+            "1 while this instance holds the job's lease and may write (active), 0 while it waits (standby) \
+             or after it lost the lease",
+            None,
+            vec![(String::new(), ConstGauge::new(i64::from(held)))],
+        )?;
+        let Some(Running { progress, writer, queue_capacity }) = self.state.running.get() else { return Ok(()) };
+        let stats = writer.stats();
         let counter =
             |v: &std::sync::atomic::AtomicU64| vec![(String::new(), ConstCounter::new(v.load(Ordering::Relaxed)))];
         encode_metric(&mut encoder, "messages", "Kafka messages read", None, counter(&progress.messages))?;
@@ -83,14 +118,14 @@ impl Collector for JobCollector {
             "writer_queue_batches",
             "Batches waiting for the ClickHouse writer",
             None,
-            gauge(self.writer.queued()),
+            gauge(writer.queued()),
         )?;
         encode_metric(
             &mut encoder,
             "writer_queue_capacity_batches",
             "The writer queue's capacity",
             None,
-            gauge(self.queue_capacity),
+            gauge(*queue_capacity),
         )?;
         let positions = progress.positions.lock().map(|p| p.clone()).unwrap_or_default();
         let lag_messages =
@@ -133,13 +168,11 @@ pub fn serve(
     runtime: &tokio::runtime::Runtime,
     listen: SocketAddr,
     job: &str,
-    progress: Arc<SourceProgress>,
-    writer: Writer,
-    queue_capacity: usize,
+    state: JobState,
 ) -> anyhow::Result<()> {
     let mut registry =
         Registry::with_prefix_and_labels("videocount_job", [("job".into(), job.to_owned().into())].into_iter());
-    registry.register_collector(Box::new(JobCollector { progress, writer, queue_capacity }));
+    registry.register_collector(Box::new(JobCollector { state }));
     registry.register_collector(Box::new(ProcessCollector));
     let registry = Arc::new(registry);
     let app = axum::Router::new().route(

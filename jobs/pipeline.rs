@@ -127,6 +127,11 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
     let max_commit_lag = dataflow.max_commit_lag().unwrap_or(args.max_epochs_in_flight);
     let settings = block_settings(&args, &dataflow);
     let fingerprint = xxhash_rust::xxh3::xxh3_64(settings.as_bytes());
+    // Served before the lease is taken: a standby shows `lease_held 0`.
+    let metrics_state = metrics::JobState::new(fence.clone());
+    if let Some(listen) = args.metrics_listen {
+        metrics::serve(&runtime, listen, &job_name, metrics_state.clone())?;
+    }
     let (state, lease) = runtime.block_on(async {
         clickhouse
             .with_database("default")
@@ -237,9 +242,11 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
         Arc::clone(&shutdown),
         Duration::from_secs(2),
     );
-    if let Some(listen) = args.metrics_listen {
-        metrics::serve(&runtime, listen, &job_name, Arc::clone(&progress), writer.clone(), args.queue_capacity)?;
-    }
+    metrics_state.running(metrics::Running {
+        progress: Arc::clone(&progress),
+        writer: writer.clone(),
+        queue_capacity: args.queue_capacity,
+    });
     // The token this run records: above every recorded one while ZooKeeper keeps its history.
     // A new ensemble starts its transaction ids again; a token not above the recorded ones is
     // then recorded as 0 (never judged) rather than making this run's plans look fenced.

@@ -38,7 +38,8 @@ const TYPES: [(&str, f64); 4] = [("view", 0.80), ("like", 0.10), ("share", 0.05)
 #[derive(Clone, Debug)]
 pub struct LoadConfig {
     pub ingest_urls: Vec<String>,
-    pub query_url: String,
+    /// Query service base URLs: reads go to the first that answers.
+    pub query_urls: Vec<String>,
     pub token: Option<String>,
     /// Events per second.
     pub rate: f64,
@@ -86,6 +87,7 @@ fn new_client(config: &LoadConfig, batch_size: usize, linger: Duration) -> anyho
 /// Runs the load, then (with `check`) the exactness check.
 pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(config.rate > 0.0 && config.videos > 0, "the rate and the number of videos must be above 0");
+    anyhow::ensure!(!config.query_urls.is_empty(), "no query service URL given");
     let run_id = format!("lt{:06x}", rand::random::<u32>() & 0xff_ffff);
     info!(%run_id, rate = config.rate, seconds = config.duration.as_secs_f64(), videos = config.videos, "load test starts");
     let client = new_client(config, 1_000, Duration::from_millis(5))?;
@@ -130,8 +132,9 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut canaries = Vec::new();
     for i in 0..config.canaries.max(1) {
+        let query_url = &config.query_urls[i % config.query_urls.len()];
         let mut canary =
-            Canary::new(new_client(config, 1, Duration::ZERO)?, &config.query_url, format!("{run_id}-canary{i}"));
+            Canary::new(new_client(config, 1, Duration::ZERO)?, query_url, format!("{run_id}-canary{i}"));
         canary.timeout = config.settle.max(Duration::from_secs(1));
         let (stop, every) = (Arc::clone(&stop), config.canary_every);
         canaries.push(tokio::spawn(async move {
@@ -152,6 +155,25 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
             (samples, failures)
         }));
     }
+
+    // Read availability: a reader asks for a count every 100 ms, as a client with the list of
+    // query services would (the next one when one does not answer 2xx within 2 s).
+    let reader = {
+        let (stop, urls) = (Arc::clone(&stop), config.query_urls.clone());
+        let path = format!("v1/videos/{run_id}-v0/views?from={}", now_ms().saturating_sub(3_600_000));
+        tokio::spawn(async move {
+            let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("a plain HTTP client");
+            let (mut reads, mut failed) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                reads += 1;
+                if get_json(&http, &urls, &path).await.is_none() {
+                    failed += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (reads, failed)
+        })
+    };
 
     let zipf = Zipf::new(config.videos as f64, config.zipf).context("Zipf parameters")?;
     let mut rng = SmallRng::from_os_rng();
@@ -199,7 +221,9 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
     let seconds = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     drop(tx);
+    let (requests, requests_2xx) = client.request_counts();
     client.close().await;
+    let (reads, reads_failed) = reader.await.context("the reader")?;
     let tally = collector.await.context("the ack collector")?;
     let (mut freshness, mut freshness_failures) = (Vec::new(), 0);
     for canary in canaries {
@@ -227,6 +251,10 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
         freshness_s: quantiles(&fresh, 1_000_000.0),
         freshness_samples: freshness.len(),
         freshness_failures,
+        requests,
+        requests_2xx,
+        reads,
+        reads_failed,
         exactness: None,
     };
     if config.check {
@@ -250,39 +278,35 @@ async fn check(config: &LoadConfig, run_id: &str, tally: &Tally, from: u64, to: 
     let started = Instant::now();
     let mut last: HashMap<(u32, u8), Option<u64>> = HashMap::new();
     let mut open = keys;
+    let mut steady = 0;
     info!(keys = total, events, "checking every count through the read API");
     loop {
         let answers: Vec<((u32, u8), Option<u64>)> = futures_util::stream::iter(open.iter().copied())
             .map(|key| {
-                let url = format!(
-                    "{}/v1/videos/{run_id}-v{}/events/{}/count?from={from}&to={to}",
-                    config.query_url.trim_end_matches('/'),
-                    key.0,
-                    TYPES[key.1 as usize].0
-                );
+                let path =
+                    format!("v1/videos/{run_id}-v{}/events/{}/count?from={from}&to={to}", key.0, TYPES[key.1 as usize].0);
                 let http = &http;
-                async move {
-                    let value = async {
-                        let body: serde_json::Value = http.get(&url).send().await.ok()?.json().await.ok()?;
-                        body["value"].as_u64()
-                    }
-                    .await;
-                    (key, value)
-                }
+                async move { (key, get_json(http, &config.query_urls, &path).await.and_then(|b| b["value"].as_u64())) }
             })
             .buffer_unordered(config.check_concurrency.max(1))
             .collect()
             .await;
         open.clear();
+        let mut changed = false;
+        let mut short = false;
         for (key, value) in answers {
             let accepted = tally.accepted.get(&key).copied().unwrap_or(0);
             let unknown = tally.unknown.get(&key).copied().unwrap_or(0);
             if !value.is_some_and(|v| v >= accepted && v <= accepted + unknown) {
                 open.push(key);
+                short |= value.is_none_or(|v| v < accepted);
             }
-            last.insert(key, value);
+            changed |= last.insert(key, value) != Some(value);
         }
-        if open.is_empty() || started.elapsed() >= config.settle {
+        // Keys counted above the ceiling never settle: once nothing is short and nothing
+        // moved for five polls, the counts are final.
+        steady = if short || changed { 0 } else { steady + 1 };
+        if open.is_empty() || steady >= 5 || started.elapsed() >= config.settle {
             break;
         }
         info!(open = open.len(), "waiting for counts to settle");
@@ -295,9 +319,19 @@ async fn check(config: &LoadConfig, run_id: &str, tally: &Tally, from: u64, to: 
         missing_events: 0,
         over_keys: 0,
         extra_events: 0,
+        counted: 0,
+        lost_events: 0,
+        doubled_events: 0,
         first_mismatch: None,
         seconds: started.elapsed().as_secs_f64(),
     };
+    for (key, value) in &last {
+        let accepted = tally.accepted.get(key).copied().unwrap_or(0);
+        let counted = value.unwrap_or(0);
+        exactness.counted += counted;
+        exactness.lost_events += accepted.saturating_sub(counted);
+        exactness.doubled_events += counted.saturating_sub(accepted);
+    }
     open.sort_unstable();
     for key in open {
         let accepted = tally.accepted.get(&key).copied().unwrap_or(0);
@@ -319,4 +353,18 @@ async fn check(config: &LoadConfig, run_id: &str, tally: &Tally, from: u64, to: 
         });
     }
     exactness
+}
+
+/// `GET {url}/{path}` from the first of `urls` that answers 2xx with JSON.
+async fn get_json(http: &reqwest::Client, urls: &[String], path: &str) -> Option<serde_json::Value> {
+    for url in urls {
+        let Ok(response) = http.get(format!("{}/{path}", url.trim_end_matches('/'))).send().await else { continue };
+        if !response.status().is_success() {
+            continue;
+        }
+        if let Ok(body) = response.json().await {
+            return Some(body);
+        }
+    }
+    None
 }

@@ -57,9 +57,9 @@ struct LoadArgs {
     /// Ingest service base URLs (comma-separated: the client balances over them).
     #[arg(long, env = "VIDEOCOUNT_INGEST_URL", value_delimiter = ',', default_value = "http://127.0.0.1:8080")]
     ingest_url: Vec<String>,
-    /// Query service base URL.
-    #[arg(long, env = "VIDEOCOUNT_QUERY_URL", default_value = "http://127.0.0.1:8081")]
-    query_url: String,
+    /// Query service base URLs (comma-separated: reads go to the first that answers).
+    #[arg(long, env = "VIDEOCOUNT_QUERY_URL", value_delimiter = ',', default_value = "http://127.0.0.1:8081")]
+    query_url: Vec<String>,
     #[arg(long, env = "VIDEOCOUNT_INGEST_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Seconds per run (per step for stress).
@@ -93,7 +93,7 @@ impl LoadArgs {
         anyhow::ensure!(self.zipf > 0.0, "--zipf must be above 0");
         Ok(LoadConfig {
             ingest_urls: self.ingest_url.clone(),
-            query_url: self.query_url.clone(),
+            query_urls: self.query_url.clone(),
             token: self.token.clone(),
             rate,
             duration: Duration::from_secs_f64(self.duration),
@@ -119,7 +119,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 load.videos,
                 load.zipf,
                 load.ingest_url.join(","),
-                load.query_url
+                load.query_url.join(",")
             );
             let report = run(&config).await?;
             report.print();

@@ -25,6 +25,12 @@ pub struct Exactness {
     /// learned: those may or may not have been written).
     pub over_keys: usize,
     pub extra_events: u64,
+    /// Over every key: the events counted; accepted but not counted (lost); counted more than
+    /// accepted (doubled: a retry after a lost acknowledgement whose first try had landed, or
+    /// an event whose outcome the client never learned and which was written anyway).
+    pub counted: u64,
+    pub lost_events: u64,
+    pub doubled_events: u64,
     pub first_mismatch: Option<String>,
     pub seconds: f64,
 }
@@ -55,6 +61,13 @@ pub struct LoadReport {
     pub freshness_s: Quantiles,
     pub freshness_samples: usize,
     pub freshness_failures: usize,
+    /// Batch requests sent by the client (tries and retries), and those answered 2xx.
+    pub requests: u64,
+    pub requests_2xx: u64,
+    /// Reads of the read API every 100 ms (failing over between query services), and those
+    /// that got no 2xx from any.
+    pub reads: u64,
+    pub reads_failed: u64,
     pub exactness: Option<Exactness>,
 }
 
@@ -85,6 +98,16 @@ impl LoadReport {
             self.achieved_rate, self.target_rate, self.seconds
         );
         println!("request latency (send to Kafka ack) ms: {}", q(&self.latency_ms, 1));
+        let share = |part: u64, all: u64| if all == 0 { 100.0 } else { 100.0 * part as f64 / all as f64 };
+        println!(
+            "write requests answered 2xx: {} of {} ({:.2} %); reads answered: {} of {} ({:.2} %)",
+            self.requests_2xx,
+            self.requests,
+            share(self.requests_2xx, self.requests),
+            self.reads - self.reads_failed,
+            self.reads,
+            share(self.reads - self.reads_failed, self.reads)
+        );
         println!(
             "freshness (ack to counted, canary) s: {}  ({} samples, {} failed)",
             q(&self.freshness_s, 2),
@@ -94,13 +117,18 @@ impl LoadReport {
         match &self.exactness {
             None => println!("exactness: not checked"),
             Some(e) if e.exact() => println!(
-                "exactness: {} (video, type) keys, {} events: every accepted event counted exactly once (settled in {:.1} s)",
-                e.keys, e.events, e.seconds
+                "exactness: {} (video, type) keys, {} events: every accepted event counted exactly once (settled in {:.1} s); \
+                 counted {}, lost {}, doubled {}",
+                e.keys, e.events, e.seconds, e.counted, e.lost_events, e.doubled_events
             ),
             Some(e) => println!(
-                "exactness: FAILED over {} keys / {} events: {} keys short by {} events, {} keys over by {}; first: {}",
+                "exactness: FAILED over {} keys / {} events (counted {}, lost {}, doubled {}): {} keys short by {} \
+                 events, {} keys over by {}; first: {}",
                 e.keys,
                 e.events,
+                e.counted,
+                e.lost_events,
+                e.doubled_events,
                 e.short_keys,
                 e.missing_events,
                 e.over_keys,

@@ -145,7 +145,7 @@ pub async fn stress(config: &StressConfig) -> anyhow::Result<StressReport> {
     while rate <= config.max_rate {
         info!(rate, "stress step");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let watcher = tokio::spawn(watch(config.load.query_url.trim_end_matches('/').to_owned(), stop_rx));
+        let watcher = tokio::spawn(watch(config.load.query_urls[0].trim_end_matches('/').to_owned(), stop_rx));
         let started = Instant::now();
         let report = run(&LoadConfig { rate, check: false, ..config.load.clone() }).await?;
         let _ = stop_tx.send(true);

@@ -1,7 +1,7 @@
 # Shared by the stack scripts (source it): where things are and the addresses they use.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VAR="$ROOT/var"
-BIN="$ROOT/target/release"
+BIN="${VIDEOCOUNT_BIN:-$ROOT/target/release}"
 TOPIC=${TOPIC:-video-events}
 DB=${CLICKHOUSE_DATABASE:-video_counts}
 WORKERS=${WORKERS:-2}

@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""`make chaos-test`: one fault at a time on the replicated stack, under steady load.
+
+Needs `make up-ha`. Starts videocount on it (scripts/start-ha.sh: two ingest, two query, an
+active and a standby instance of each job) in a fresh topic and database, then for each fault:
+runs `load_test run` through the client library over both ingest services (RATE events/s),
+injects the fault BEFORE seconds in, holds it HOLD seconds, heals it (restarts what was killed,
+SIGCONT what was stopped) and lets the load run AFTER more seconds; then the load test waits
+until the counts settle and checks every (video, type) count through the read API, failing
+over between both query services.
+
+Per fault it reports: events acknowledged and counted; lost (acknowledged, not counted: must
+be 0); doubled (counted more often than acknowledged: client retries after a lost
+acknowledgement, which event ids will close); the share of write requests answered 2xx (the
+client retries the rest on the other ingest); the share of reads answered (a reader every
+100 ms over both query services); the job's failover time (the fault until another instance
+holds the lease, read from the jobs' `videocount_job_lease_held`); freshness p99 over the run
+(a canary: acknowledged to counted). Prints a Markdown table and writes it to
+var/chaos-report.md. Exits 1 if any fault lost an event or the stack did not heal.
+
+  scripts/chaos.py [--short] [--faults a,b] [--rate R] [--before S] [--hold S] [--after S]
+
+--short (make test) runs three faults, shorter. CHAOS_BIN picks the binaries' directory
+(target/release by default).
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HA = os.path.join(ROOT, "var", "ha")
+APPS = os.path.join(HA, "apps")
+BIN = os.environ.get("CHAOS_BIN", os.path.join(ROOT, "target", "release"))
+INGEST_URLS = "http://127.0.0.1:8180,http://127.0.0.1:8182"
+QUERY_URLS = "http://127.0.0.1:8181,http://127.0.0.1:8183"
+JOB_METRICS = {
+    "view_counts": {"view_counts-a": 9201, "view_counts-b": 9202},
+    "event_stats": {"event_stats-a": 9203, "event_stats-b": 9204},
+}
+SERVICE_NODES = ["zookeeper-1", "zookeeper-2", "zookeeper-3", "kafka-1", "kafka-2", "kafka-3",
+                 "clickhouse-1", "clickhouse-2"]
+APP_NAMES = ["ingest-1", "ingest-2", "query-1", "query-2"] + [i for j in JOB_METRICS.values() for i in j]
+
+
+def say(message):
+    print(f"chaos: {message}", flush=True)
+
+
+def pid_of(path):
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def node_pid(node):
+    return pid_of(os.path.join(HA, node, "pid"))
+
+
+def app_pid(name):
+    return pid_of(os.path.join(APPS, name, "pid"))
+
+
+def lease_held(port):
+    """1 or 0 from an instance's metrics; None when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    found = re.search(r"^videocount_job_lease_held\{[^}]*\} (\d+)", text, re.M)
+    return int(found.group(1)) if found else None
+
+
+def active_instance(job):
+    for name, port in JOB_METRICS[job].items():
+        if lease_held(port) == 1:
+            return name
+    return None
+
+
+def zookeeper_leader():
+    for n in (1, 2, 3):
+        try:
+            out = subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/228{n}; printf stat >&3; cat <&3"],
+                                 capture_output=True, text=True, timeout=5).stdout
+        except subprocess.TimeoutExpired:
+            continue
+        if "Mode: leader" in out:
+            return f"zookeeper-{n}"
+    return "zookeeper-1"
+
+
+class Stack:
+    def __init__(self, topic, database):
+        self.env = dict(os.environ, TOPIC=topic, CLICKHOUSE_DATABASE=database, VIDEOCOUNT_BIN=BIN)
+
+    def start_apps(self, first=False):
+        args = [os.path.join(ROOT, "scripts", "start-ha.sh")] + ([] if first else ["--apps-only"])
+        subprocess.run(args, env=self.env, check=True)
+
+    def heal_services(self):
+        subprocess.run([os.path.join(ROOT, "services", "up-ha.sh")], check=True, stdout=subprocess.DEVNULL)
+
+    def wait_healthy(self, limit=180):
+        """Every node and app runs, and each job has an active instance."""
+        deadline = time.time() + limit
+        while time.time() < deadline:
+            missing = [n for n in SERVICE_NODES if node_pid(n) is None] + [a for a in APP_NAMES if app_pid(a) is None]
+            inactive = [job for job in JOB_METRICS if active_instance(job) is None]
+            if not missing and not inactive:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"the stack is not healthy after {limit} s: not running {missing}, no active {inactive}")
+
+
+def kill(pid, sig=signal.SIGKILL):
+    if pid is not None:
+        os.kill(pid, sig)
+
+
+def watch_failover(job, killed, since, limit):
+    """Seconds from `since` until an instance other than `killed` holds the job's lease."""
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        for name, port in JOB_METRICS[job].items():
+            if name != killed and lease_held(port) == 1:
+                return time.time() - since
+        time.sleep(0.1)
+    return None
+
+
+# Each fault: (inject(stack) -> (what, job, killed instance, heal(stack))).
+def service_fault(node_choice):
+    def inject(stack):
+        node = node_choice()
+        kill(node_pid(node))
+        return f"kill -9 {node}", None, None, lambda s: s.heal_services()
+    return inject
+
+
+def job_fault(job, sig):
+    def inject(stack):
+        name = active_instance(job)
+        pid = app_pid(name)
+        kill(pid, sig)
+        if sig == signal.SIGSTOP:
+            return f"SIGSTOP active {job} ({name}) past its lease", job, name, lambda s: (kill(pid, signal.SIGCONT),
+                                                                                           time.sleep(3), s.start_apps())
+        return f"kill -9 active {job} ({name})", job, name, lambda s: s.start_apps()
+    return inject
+
+
+def app_fault(name):
+    def inject(stack):
+        kill(app_pid(name))
+        return f"kill -9 {name}", None, None, lambda s: s.start_apps()
+    return inject
+
+
+def no_fault(stack):
+    return "none (baseline)", None, None, lambda s: None
+
+
+FAULTS = {
+    "none": no_fault,
+    "kafka": service_fault(lambda: "kafka-2"),
+    "clickhouse": service_fault(lambda: "clickhouse-1"),
+    "zookeeper": service_fault(zookeeper_leader),
+    "view_counts": job_fault("view_counts", signal.SIGKILL),
+    "event_stats": job_fault("event_stats", signal.SIGKILL),
+    "pause": job_fault("view_counts", signal.SIGSTOP),
+    "ingest": app_fault("ingest-1"),
+    "query": app_fault("query-1"),
+}
+SHORT = ["clickhouse", "view_counts", "ingest"]
+FULL = [f for f in FAULTS if f != "none"]
+
+
+def run_fault(stack, key, args):
+    stack.wait_healthy()
+    duration = args.before + args.hold + args.after
+    load = subprocess.Popen(
+        [os.path.join(BIN, "load_test"), "run", "--rate", str(args.rate), "--duration", str(duration),
+         "--ingest-url", INGEST_URLS, "--query-url", QUERY_URLS, "--settle", "240", "--videos", "500",
+         "--max-error-rate", "1", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    time.sleep(args.before)
+    at = time.time()
+    what, job, killed, heal = FAULTS[key](stack)
+    say(f"{key}: {what}")
+    failover = watch_failover(job, killed, at, args.hold) if job else None
+    time.sleep(max(0.0, at + args.hold - time.time()))
+    say(f"{key}: healing")
+    heal(stack)
+    out, _ = load.communicate()
+    result = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), None)
+    if result is None:
+        raise RuntimeError(f"load_test printed no result for {key}:\n{out}")
+    exact = result["exactness"] or {}
+    share = lambda part, whole: 100.0 * part / whole if whole else 100.0
+    row = {
+        "fault": what,
+        "acknowledged": result["accepted"],
+        "counted": exact.get("counted"),
+        "lost": exact.get("lost_events"),
+        "doubled": exact.get("doubled_events"),
+        "write_2xx": share(result["requests_2xx"], result["requests"]),
+        "read_ok": share(result["reads"] - result["reads_failed"], result["reads"]),
+        "failover_s": failover,
+        "freshness_p99_s": result["freshness_s"]["p99"],
+        "unacknowledged": result["failed"],
+    }
+    say(f"{key}: {json.dumps(row)}")
+    return row
+
+
+def table(rows, args):
+    head = ("| fault | acknowledged | counted | lost | doubled | write requests 2xx | reads answered "
+            "| job failover | freshness p99 |\n|---|---|---|---|---|---|---|---|---|\n")
+    fmt = lambda v, f: "-" if v is None else f.format(v)
+    body = "".join(
+        f"| {r['fault']} | {r['acknowledged']:,} | {fmt(r['counted'], '{:,}')} | {fmt(r['lost'], '{:,}')} "
+        f"| {fmt(r['doubled'], '{:,}')} | {r['write_2xx']:.2f} % | {r['read_ok']:.2f} % "
+        f"| {fmt(r['failover_s'], '{:.1f} s')} | {fmt(r['freshness_p99_s'], '{:.1f} s')} |\n" for r in rows)
+    return (f"{args.rate:,} events/s through the client over both ingest services; each fault "
+            f"{args.before} s in, held {args.hold} s, then healed; {args.after} s more load.\n\n" + head + body)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--short", action="store_true", help="three faults, shorter (make test)")
+    parser.add_argument("--faults", help=f"comma-separated, of {','.join(FAULTS)}")
+    parser.add_argument("--rate", type=int, default=5000)
+    parser.add_argument("--before", type=int, default=10)
+    parser.add_argument("--hold", type=int, default=30)
+    parser.add_argument("--after", type=int, default=15)
+    args = parser.parse_args()
+    if args.short:
+        args.rate, args.before, args.hold, args.after = min(args.rate, 2000), 5, 15, 5
+    faults = args.faults.split(",") if args.faults else (SHORT if args.short else ["none"] + FULL)
+    unknown = [f for f in faults if f not in FAULTS]
+    if unknown:
+        parser.error(f"unknown faults {unknown}; known: {','.join(FAULTS)}")
+    if any(node_pid(n) is None for n in SERVICE_NODES):
+        sys.exit("chaos: the HA stack is not running: make up-ha")
+    run = uuid.uuid4().hex[:8]
+    stack = Stack(f"chaos-{run}", f"chaos_{run}")
+    subprocess.run([os.path.join(ROOT, "scripts", "stop-ha.sh")], check=True)
+    say(f"topic chaos-{run}, database chaos_{run}; faults: {', '.join(faults)}")
+    stack.start_apps(first=True)
+    rows, failed = [], []
+    try:
+        for key in faults:
+            try:
+                rows.append(run_fault(stack, key, args))
+            except Exception as error:  # noqa: BLE001 - a fault that breaks the stack is a finding
+                failed.append(f"{key}: {error}")
+                say(f"{key}: FAILED: {error}")
+        stack.wait_healthy()
+    except RuntimeError as error:
+        failed.append(str(error))
+    finally:
+        subprocess.run([os.path.join(ROOT, "scripts", "stop-ha.sh")], check=False, stdout=subprocess.DEVNULL)
+    report = table(rows, args)
+    os.makedirs(os.path.join(ROOT, "var"), exist_ok=True)
+    with open(os.path.join(ROOT, "var", "chaos-report.md"), "w") as f:
+        f.write(report)
+    print(report)
+    lost = sum(r["lost"] or 0 for r in rows)
+    unchecked = [r["fault"] for r in rows if r["lost"] is None]
+    summary = f"chaos: {len(rows)} of {len(faults)} faults run, lost {lost}, doubled {sum(r['doubled'] or 0 for r in rows)}"
+    if failed or lost or unchecked:
+        print(f"{summary}: FAILED {'; '.join(failed + [f'unchecked: {u}' for u in unchecked])}")
+        sys.exit(1)
+    print(f"{summary}: passed")
+
+
+if __name__ == "__main__":
+    main()
