@@ -169,6 +169,38 @@ def app_fault(name):
     return inject
 
 
+CUT_CGROUP = "/sys/fs/cgroup/unified/videocount-chaos"
+
+
+def iptables(action, *rule):
+    subprocess.run(["iptables", action, *rule], check=True)
+
+
+def network_fault(node, ports):
+    """Cuts `node` off: nothing reaches its ports, nothing it sends leaves (its process is put in
+    a cgroup whose packets the OUTPUT chain drops), both ways on loopback, as a switch that
+    lost the host would. Healed by removing the rules."""
+    output = ["OUTPUT", "-o", "lo", "-m", "cgroup", "--path", os.path.basename(CUT_CGROUP), "-j", "DROP"]
+    inbound = ["INPUT", "-i", "lo", "-p", "tcp", "-m", "multiport", "--dports", ports, "-j", "DROP"]
+
+    def inject(stack):
+        pid = node_pid(node)
+        os.makedirs(CUT_CGROUP, exist_ok=True)
+        with open(os.path.join(CUT_CGROUP, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+        iptables("-I", *output)
+        iptables("-I", *inbound)
+
+        def heal(stack):
+            iptables("-D", *inbound)
+            iptables("-D", *output)
+            with open(os.path.join(os.path.dirname(CUT_CGROUP), "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+            os.rmdir(CUT_CGROUP)
+        return f"network: {node} cut off (iptables)", None, None, heal
+    return inject
+
+
 def no_fault(stack):
     return "none (baseline)", None, None, lambda s: None
 
@@ -181,6 +213,7 @@ FAULTS = {
     "view_counts": job_fault("view_counts", signal.SIGKILL),
     "event_stats": job_fault("event_stats", signal.SIGKILL),
     "pause": job_fault("view_counts", signal.SIGSTOP),
+    "partition": network_fault("kafka-2", "9192,9292"),
     "ingest": app_fault("ingest-1"),
     "query": app_fault("query-1"),
 }

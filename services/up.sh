@@ -23,6 +23,8 @@ install_packages() {
     # The UI is bundled with npm and tested in Debian's Chromium (never a downloaded browser).
     command -v npm >/dev/null || missing+=(npm)
     command -v chromium >/dev/null || missing+=(chromium)
+    # The chaos test cuts a broker off the network with it (make chaos-test).
+    command -v iptables >/dev/null || missing+=(iptables)
     if ((${#missing[@]})); then
         log "installing Debian packages: ${missing[*]}"
         apt-get update -qq
