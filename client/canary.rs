@@ -41,7 +41,8 @@ impl CanaryError {
 pub struct Canary {
     client: Client,
     http: reqwest::Client,
-    read_url: String,
+    /// Read API base URLs: each probe reads the first that answers.
+    read_urls: Vec<String>,
     video_id: String,
     /// Views acknowledged per event minute (epoch ms of the minute's start).
     sent: BTreeMap<u64, u64>,
@@ -52,14 +53,15 @@ pub struct Canary {
 }
 
 impl Canary {
-    /// `read_url` is the query service's base URL; `video_id` should be used by nothing else.
+    /// `read_url` is the query service's base URL, or several comma-separated (each read goes
+    /// to the first that answers); `video_id` should be used by nothing else.
     pub fn new(client: Client, read_url: &str, video_id: impl Into<String>) -> Canary {
         let http =
             reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("a plain HTTP client builds");
         Canary {
             client,
             http,
-            read_url: read_url.trim_end_matches('/').to_owned(),
+            read_urls: read_url.split(',').map(|url| url.trim().trim_end_matches('/').to_owned()).collect(),
             video_id: video_id.into(),
             sent: BTreeMap::new(),
             timeout: Duration::from_secs(60),
@@ -71,9 +73,21 @@ impl Canary {
         &self.video_id
     }
 
-    /// The view count of the canary's video in `minute` as the read API gives it.
+    /// The view count of the canary's video in `minute` as the first read API that answers
+    /// gives it.
     async fn counted(&self, minute: u64) -> Result<u64, CanaryError> {
-        let url = format!("{}/v1/videos/{}/views?from={minute}&to={}", self.read_url, self.video_id, minute + 60_000);
+        let mut error = CanaryError::Read("no read API address".into());
+        for url in &self.read_urls {
+            match self.counted_at(url, minute).await {
+                Ok(count) => return Ok(count),
+                Err(e) => error = e,
+            }
+        }
+        Err(error)
+    }
+
+    async fn counted_at(&self, read_url: &str, minute: u64) -> Result<u64, CanaryError> {
+        let url = format!("{read_url}/v1/videos/{}/views?from={minute}&to={}", self.video_id, minute + 60_000);
         let response = self.http.get(&url).send().await.map_err(|e| CanaryError::Read(e.to_string()))?;
         let status = response.status();
         let body: serde_json::Value = response.json().await.map_err(|e| CanaryError::Read(e.to_string()))?;

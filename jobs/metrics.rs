@@ -5,8 +5,8 @@
 //! shows `videocount_job_lease_held 0` and nothing else of the job's.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use axum::http::header;
@@ -164,12 +164,7 @@ impl Collector for JobCollector {
 }
 
 /// Serves `/metrics` on `listen` from the runtime until the process exits.
-pub fn serve(
-    runtime: &tokio::runtime::Runtime,
-    listen: SocketAddr,
-    job: &str,
-    state: JobState,
-) -> anyhow::Result<()> {
+pub fn serve(runtime: &tokio::runtime::Runtime, listen: SocketAddr, job: &str, state: JobState) -> anyhow::Result<()> {
     let mut registry =
         Registry::with_prefix_and_labels("videocount_job", [("job".into(), job.to_owned().into())].into_iter());
     registry.register_collector(Box::new(JobCollector { state }));

@@ -55,6 +55,13 @@ pub fn router(state: Arc<AppState>, request_timeout: Duration, ui_dir: Option<Pa
         .route("/metrics", get(metrics))
         .route("/v1/{*rest}", get(no_route))
         .layer(middleware::from_fn_with_state(
+            crate::replicas::DelayHeader {
+                clickhouse: state.reader.clickhouse().clone(),
+                delay: state.metrics.replica_delay.clone(),
+            },
+            crate::replicas::header,
+        ))
+        .layer(middleware::from_fn_with_state(
             Arc::new(Tracking {
                 metrics: state.metrics.http.clone(),
                 deadline: request_timeout,

@@ -17,6 +17,7 @@ pub mod hot;
 pub mod live;
 pub mod metrics;
 pub mod prometheus;
+pub mod replicas;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +51,11 @@ pub struct QueryArgs {
     /// A ClickHouse query taking longer fails; the request gets 503 with Retry-After.
     #[arg(long, env = "VIDEOCOUNT_QUERY_CLICKHOUSE_TIMEOUT_MS", default_value_t = 2_000)]
     pub clickhouse_timeout_ms: u64,
+    /// Move reads to another ClickHouse replica when the one in use is more than this many
+    /// seconds behind (checked every 2 s; the delay goes out with every answer as
+    /// `X-Videocount-Replica-Delay`).
+    #[arg(long, env = "VIDEOCOUNT_QUERY_MAX_REPLICA_DELAY_SECS", default_value_t = 10)]
+    pub max_replica_delay_secs: u64,
     /// Count in whole minutes instead of reading the partial minutes at the range's edges from
     /// events_raw: for jobs run with --no-events-raw.
     #[arg(long, env = "VIDEOCOUNT_QUERY_NO_RAW_EDGES")]
@@ -113,6 +119,12 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
         Err(error) => warn!(%error, "ClickHouse is not ready yet; requests get 503 until it is"),
     }
     let metrics = metrics::Metrics::new();
+    tokio::spawn(replicas::watch(
+        clickhouse.clone(),
+        metrics.replica_delay.clone(),
+        Duration::from_secs(args.max_replica_delay_secs),
+        Duration::from_secs(2),
+    ));
     let hot = (!args.no_hot_cache).then(|| {
         let config = HotConfig {
             window_hours: args.hot_hours,

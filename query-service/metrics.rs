@@ -21,6 +21,8 @@ pub struct Metrics {
     /// Seconds since the hot cache's last refresh that worked (-1 before the first).
     pub hot_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub canary: CanaryStats,
+    /// How far behind the ClickHouse replica in use is (replicas.rs).
+    pub replica_delay: crate::replicas::ReplicaDelay,
 }
 
 impl Metrics {
@@ -44,7 +46,13 @@ impl Metrics {
             hot_age.clone(),
         );
         let canary = CanaryStats::register(&mut registry);
-        Arc::new(Metrics { registry, http, clickhouse_errors, hot, hot_keys, hot_age, canary })
+        let replica_delay = crate::replicas::ReplicaDelay::default();
+        registry.register(
+            "replica_delay_seconds",
+            "How far behind the ClickHouse replica reads go to is (system.replicas absolute_delay; -1: unknown)",
+            replica_delay.gauge.clone(),
+        );
+        Arc::new(Metrics { registry, http, clickhouse_errors, hot, hot_keys, hot_age, canary, replica_delay })
     }
 
     pub fn encode(&self) -> String {

@@ -50,6 +50,10 @@ SERVICE_NODES = ["zookeeper-1", "zookeeper-2", "zookeeper-3", "kafka-1", "kafka-
 APP_NAMES = ["ingest-1", "ingest-2", "query-1", "query-2"] + [i for j in JOB_METRICS.values() for i in j]
 
 
+REPLICAS = ["http://127.0.0.1:8221", "http://127.0.0.1:8222"]
+HA_BROKERS = "127.0.0.1:9191,127.0.0.1:9192,127.0.0.1:9193"
+
+
 def say(message):
     print(f"chaos: {message}", flush=True)
 
@@ -102,8 +106,78 @@ def zookeeper_leader():
     return "zookeeper-1"
 
 
+def sql(query, database, timeout=30):
+    """The answer of the first replica that gives one (TSV, stripped)."""
+    error = None
+    for url in REPLICAS:
+        request = urllib.request.Request(f"{url}/?database={database}", data=query.encode())
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                return r.read().decode().strip()
+        except OSError as e:
+            error = e
+    raise RuntimeError(f"no replica answered {query!r}: {error}")
+
+
+def kafka_messages(topic):
+    """Messages in the topic: the sum of its partitions' end offsets (nothing was deleted)."""
+    libs = os.path.join(ROOT, "var", "kafka", "libs", "*")
+    out = subprocess.run(
+        ["java", "-Xmx128m", "-cp", libs, "org.apache.kafka.tools.GetOffsetShell", "--bootstrap-server", HA_BROKERS,
+         "--topic", topic], capture_output=True, text=True, timeout=120, check=True).stdout
+    return sum(int(line.rsplit(":", 1)[1]) for line in out.split() if line.count(":") >= 2)
+
+
+def job_check(database, run_id, limit=120):
+    """What the jobs wrote for one load run, against the messages they read: every message in
+    events_raw once, the counts equal to events_raw, and event_stats' count of every function
+    equal to the events of its type. Returns a list of problems (empty: exact)."""
+    videos = f"video_id LIKE '{run_id}-v%'"
+    deadline = time.time() + limit
+    while True:
+        for table in ("events_raw", "event_counts_minute", "stats_minute"):
+            sql(f"SYSTEM SYNC REPLICA {table}", database, timeout=150)
+        rows, messages = map(int, sql(f"SELECT count(), uniqExact(partition, offset) FROM events_raw WHERE {videos}",
+                                      database).split())
+        counted = int(sql(f"SELECT sum(count) FROM event_counts_minute WHERE {videos}", database) or 0)
+        by_type = dict(line.split("\t") for line in sql(
+            f"SELECT event_type, count() FROM events_raw WHERE {videos} GROUP BY event_type", database).splitlines())
+        stats = [line.split("\t") for line in sql(
+            f"SELECT event_type, aggregate, sum(count) FROM stats_minute WHERE {videos} GROUP BY event_type, aggregate",
+            database).splitlines()]
+        problems = []
+        if rows != messages:
+            problems.append(f"events_raw holds {rows - messages} messages twice")
+        if counted != rows:
+            problems.append(f"event_counts_minute counts {counted} for {rows} events in events_raw")
+        for event_type, function, count in stats:
+            if int(count) != int(by_type.get(event_type, 0)):
+                problems.append(f"stats_minute {event_type}/{function} counts {count} for {by_type.get(event_type, 0)}")
+        if not problems or time.time() >= deadline:
+            return problems
+        time.sleep(2)
+
+
+def topic_check(topic, database, limit=180):
+    """Every message of the session's topic (load, canaries) is in events_raw or dead_letters,
+    once: the jobs skipped nothing. Returns a list of problems."""
+    total = kafka_messages(topic)
+    deadline = time.time() + limit
+    while True:
+        sql("SYSTEM SYNC REPLICA events_raw", database, timeout=150)
+        raw = int(sql("SELECT uniqExact(partition, offset) FROM events_raw", database))
+        dead = int(sql("SELECT count() FROM dead_letters", database))
+        if raw + dead == total:
+            say(f"the topic's {total:,} messages: {raw:,} in events_raw, {dead:,} dead letters, none missing")
+            return []
+        if time.time() >= deadline:
+            return [f"the topic holds {total} messages; events_raw has {raw} of them and dead_letters {dead}"]
+        time.sleep(2)
+
+
 class Stack:
     def __init__(self, topic, database):
+        self.topic, self.database = topic, database
         self.env = dict(os.environ, TOPIC=topic, CLICKHOUSE_DATABASE=database, VIDEOCOUNT_BIN=BIN)
 
     def start_apps(self, first=False):
@@ -242,6 +316,9 @@ def run_fault(stack, key, args):
     if result is None:
         raise RuntimeError(f"load_test printed no result for {key}:\n{out}")
     exact = result["exactness"] or {}
+    problems = job_check(stack.database, result["run_id"])
+    for problem in problems:
+        say(f"{key}: JOB NOT EXACT: {problem}")
     share = lambda part, whole: 100.0 * part / whole if whole else 100.0
     row = {
         "fault": what,
@@ -254,18 +331,19 @@ def run_fault(stack, key, args):
         "failover_s": failover,
         "freshness_p99_s": result["freshness_s"]["p99"],
         "unacknowledged": result["failed"],
+        "jobs_exact": not problems,
     }
     say(f"{key}: {json.dumps(row)}")
     return row
 
 
 def table(rows, args):
-    head = ("| fault | acknowledged | counted | lost | doubled | write requests 2xx | reads answered "
-            "| job failover | freshness p99 |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| fault | acknowledged | counted | lost | doubled | jobs: each message once | write requests 2xx "
+            "| reads answered | job failover | freshness p99 |\n|---|---|---|---|---|---|---|---|---|---|\n")
     fmt = lambda v, f: "-" if v is None else f.format(v)
     body = "".join(
         f"| {r['fault']} | {r['acknowledged']:,} | {fmt(r['counted'], '{:,}')} | {fmt(r['lost'], '{:,}')} "
-        f"| {fmt(r['doubled'], '{:,}')} | {r['write_2xx']:.2f} % | {r['read_ok']:.2f} % "
+        f"| {fmt(r['doubled'], '{:,}')} | {'yes' if r['jobs_exact'] else 'NO'} | {r['write_2xx']:.2f} % | {r['read_ok']:.2f} % "
         f"| {fmt(r['failover_s'], '{:.1f} s')} | {fmt(r['freshness_p99_s'], '{:.1f} s')} |\n" for r in rows)
     return (f"{args.rate:,} events/s through the client over both ingest services; each fault "
             f"{args.before} s in, held {args.hold} s, then healed; {args.after} s more load.\n\n" + head + body)
@@ -302,6 +380,7 @@ def main():
                 failed.append(f"{key}: {error}")
                 say(f"{key}: FAILED: {error}")
         stack.wait_healthy()
+        failed += topic_check(stack.topic, stack.database)
     except RuntimeError as error:
         failed.append(str(error))
     finally:
@@ -313,6 +392,8 @@ def main():
     print(report)
     lost = sum(r["lost"] or 0 for r in rows)
     unchecked = [r["fault"] for r in rows if r["lost"] is None]
+    failed += [f"{r['fault']}: the jobs wrote something twice or missed it (see above)" for r in rows
+               if not r["jobs_exact"]]
     summary = f"chaos: {len(rows)} of {len(faults)} faults run, lost {lost}, doubled {sum(r['doubled'] or 0 for r in rows)}"
     if failed or lost or unchecked:
         print(f"{summary}: FAILED {'; '.join(failed + [f'unchecked: {u}' for u in unchecked])}")

@@ -13,38 +13,63 @@ use videocount_clickhouse::{ClickHouse, ClickHouseConfig, schema};
 use videocount_loadgen::Expected;
 
 use crate::{
-    BROKERS, CLICKHOUSE_URL, Ingest, QueryService, Running, answers_ok, free_port, repo_path, tool, wait_until,
+    BROKERS, CLICKHOUSE_URL, HA_BROKERS, HA_CLICKHOUSE_URLS, HA_ZOOKEEPER, Ingest, QueryService, Running, ZOOKEEPER,
+    answers_ok, free_port, repo_path, tool, wait_until,
 };
 
 /// A topic and a database of one test.
 pub struct TestEnv {
     pub topic: String,
     pub database: String,
+    /// On the first (or only) ClickHouse server.
     pub clickhouse: ClickHouse,
     pub runtime: tokio::runtime::Runtime,
+    /// Kafka bootstrap servers and ClickHouse URL(s) the binaries are given.
+    pub brokers: &'static str,
+    pub clickhouse_url: &'static str,
+    /// The jobs' lease's ZooKeeper (`VIDEOCOUNT_ZOOKEEPER`).
+    pub zookeeper: &'static str,
 }
 
 impl TestEnv {
+    /// On `make up`'s single nodes.
     pub fn new(name: &str, partitions: i32) -> TestEnv {
+        TestEnv::on(name, partitions, (BROKERS, CLICKHOUSE_URL, ZOOKEEPER), 1)
+    }
+
+    /// On `make up-ha`'s replicated stack: the topic with 3 replicas, the schema on both
+    /// ClickHouse replicas; the binaries get every broker and both replicas.
+    pub fn new_ha(name: &str, partitions: i32) -> TestEnv {
+        TestEnv::on(name, partitions, (HA_BROKERS, HA_CLICKHOUSE_URLS, HA_ZOOKEEPER), 3)
+    }
+
+    /// `stack`: Kafka brokers, ClickHouse URLs, ZooKeeper.
+    fn on(name: &str, partitions: i32, stack: (&'static str, &'static str, &'static str), replication: i32) -> TestEnv {
+        let (brokers, urls, zookeeper) = stack;
         let suffix: u32 = rand::rng().random();
         let topic = format!("test-{name}-{suffix:08x}");
         let database = format!("test_{name}_{suffix:08x}");
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let clickhouse = ClickHouse::new(ClickHouseConfig {
-            url: CLICKHOUSE_URL.into(),
-            database: database.clone(),
-            ..ClickHouseConfig::default()
-        });
+        let server = |url: &str| {
+            ClickHouse::new(ClickHouseConfig {
+                url: url.into(),
+                database: database.clone(),
+                ..ClickHouseConfig::default()
+            })
+        };
+        let clickhouse = server(urls.split(',').next().unwrap());
         runtime.block_on(async {
             let admin: AdminClient<DefaultClientContext> =
-                ClientConfig::new().set("bootstrap.servers", BROKERS).create().unwrap();
-            let new = NewTopic::new(&topic, partitions, TopicReplication::Fixed(1));
+                ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+            let new = NewTopic::new(&topic, partitions, TopicReplication::Fixed(replication));
             for result in admin.create_topics([&new], &AdminOptions::new()).await.unwrap() {
                 result.expect("topic created");
             }
-            schema::apply(&clickhouse).await.expect("schema applied (is `make up` running?)");
+            for url in urls.split(',') {
+                schema::apply(&server(url)).await.expect("schema applied (is `make up` / `make up-ha` running?)");
+            }
         });
-        TestEnv { topic, database, clickhouse, runtime }
+        TestEnv { topic, database, clickhouse, runtime, brokers, clickhouse_url: urls, zookeeper }
     }
 
     /// The `view_counts` binary with this test's topic and database.
@@ -81,16 +106,17 @@ impl TestEnv {
     }
 
     fn job_binary_on(&self, binary: &std::path::Path, database: &str, extra: &[&str]) -> Command {
-        self.job_binary_at(binary, database, CLICKHOUSE_URL, extra)
+        self.job_binary_at(binary, database, self.clickhouse_url, extra)
     }
 
     fn job_binary_at(&self, binary: &std::path::Path, database: &str, url: &str, extra: &[&str]) -> Command {
         let mut command = Command::new(binary);
         command
-            .args(["--brokers", BROKERS, "--topic", &self.topic, "--clickhouse-url", url])
+            .args(["--brokers", self.brokers, "--topic", &self.topic, "--clickhouse-url", url])
             .args(["--database", database])
             .args(extra)
             .env("RUST_LOG", "warn")
+            .env("VIDEOCOUNT_ZOOKEEPER", self.zookeeper)
             .stdin(Stdio::null());
         command
     }
@@ -100,7 +126,7 @@ impl TestEnv {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let child = Command::new(tool("ingest"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--brokers", BROKERS, "--topic", &self.topic])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--brokers", self.brokers, "--topic", &self.topic])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -113,11 +139,16 @@ impl TestEnv {
 
     /// `query` reading this test's database and serving the built UI, once it answers.
     pub fn query_service(&self, extra: &[&str]) -> QueryService {
+        self.query_service_via(self.clickhouse_url, extra)
+    }
+
+    /// `query` reading this test's database at `urls` (ClickHouse endpoints, comma-separated).
+    pub fn query_service_via(&self, urls: &str, extra: &[&str]) -> QueryService {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let ui = repo_path("ui/dist");
         let child = Command::new(tool("query"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--clickhouse-url", CLICKHOUSE_URL])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--clickhouse-url", urls])
             .args(["--database", &self.database, "--ui-dir"])
             .arg(ui)
             .args(extra)
@@ -161,7 +192,7 @@ impl TestEnv {
     /// `videocount` with this test's database: (exit code, stdout, stderr).
     pub fn videocount(&self, args: &[&str]) -> (i32, String, String) {
         let output = Command::new(tool("videocount"))
-            .args(["--clickhouse-url", CLICKHOUSE_URL, "--database", &self.database])
+            .args(["--clickhouse-url", self.clickhouse_url, "--database", &self.database])
             .args(args)
             .env("RUST_LOG", "warn")
             .output()
@@ -236,11 +267,14 @@ impl TestEnv {
     }
 
     pub fn drop(self) {
-        self.runtime.block_on(schema::drop_database(&self.clickhouse)).ok();
+        for url in self.clickhouse_url.split(',') {
+            let server = ClickHouse::new(ClickHouseConfig { url: url.into(), ..self.clickhouse.config().clone() });
+            self.runtime.block_on(schema::drop_database(&server)).ok();
+        }
         let topics = [self.topic.clone(), format!("{}-dlq", self.topic)];
         self.runtime.block_on(async {
             let admin: AdminClient<DefaultClientContext> =
-                ClientConfig::new().set("bootstrap.servers", BROKERS).create().unwrap();
+                ClientConfig::new().set("bootstrap.servers", self.brokers).create().unwrap();
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
             admin.delete_topics(&names, &AdminOptions::new()).await.ok();
         });

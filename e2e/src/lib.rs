@@ -23,6 +23,11 @@ pub use topics::{ReadMessage, produce_keyed, read_messages, read_topic};
 
 pub const BROKERS: &str = "127.0.0.1:9092";
 pub const CLICKHOUSE_URL: &str = "http://127.0.0.1:8123";
+/// `make up-ha`'s brokers and ClickHouse replicas (tests in `e2e/tests/replicas.rs`).
+pub const HA_BROKERS: &str = "127.0.0.1:9191,127.0.0.1:9192,127.0.0.1:9193";
+pub const HA_CLICKHOUSE_URLS: &str = "http://127.0.0.1:8221,http://127.0.0.1:8222";
+pub const ZOOKEEPER: &str = "127.0.0.1:2181";
+pub const HA_ZOOKEEPER: &str = "127.0.0.1:2281,127.0.0.1:2282,127.0.0.1:2283";
 
 /// A loopback port nothing listens on now.
 pub fn free_port() -> u16 {

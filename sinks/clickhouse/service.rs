@@ -258,6 +258,33 @@ impl ClickHouse {
         result
     }
 
+    /// How many replicas (endpoints) this handle knows.
+    pub fn replica_count(&self) -> usize {
+        self.replicas.len()
+    }
+
+    /// The index (in the order given) of the replica requests go to now.
+    pub fn replica_in_use(&self) -> usize {
+        self.replica()
+    }
+
+    /// Sends every later request (of every handle derived from this one) to replica `index`.
+    pub fn use_replica(&self, index: usize) {
+        self.current.store(index % self.replicas.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How far replica `index` is behind, in seconds: the largest `absolute_delay` of this
+    /// database's replicated tables in its `system.replicas` (the age of the oldest part it
+    /// knows of and has not fetched yet; 0 when it has everything). Does not move the handle.
+    pub async fn replica_delay(&self, index: usize) -> Result<u64, SinkError> {
+        let query = self.replicas[index % self.replicas.len()]
+            .query("SELECT toUInt64(max(absolute_delay)) FROM system.replicas WHERE database = currentDatabase()");
+        tokio::time::timeout(self.timeout(), query.fetch_one::<u64>())
+            .await
+            .map_err(|_| SinkError::Unavailable(format!("no answer within {:?}", self.timeout())))?
+            .map_err(classify)
+    }
+
     /// Answers `Ok` when a replica is reachable, trying each in turn; later requests (of every
     /// handle derived from this one) go to the one that answered.
     pub async fn ping(&self) -> Result<(), SinkError> {

@@ -1,0 +1,110 @@
+//! Reads on the replicated stack (`make up-ha`) never come from a ClickHouse replica that is
+//! behind without a check: a job's start syncs the replica it reads its checkpoint from, and
+//! the query service moves its reads off a lagging replica.
+//!
+//! Replica 2's fetches are stopped (`SYSTEM STOP FETCHES`) for the test's tables, so that it
+//! misses what replica 1 took, as a replica that was down or slow would.
+
+use std::time::Duration;
+
+use videocount_e2e::{TestEnv, sleep_ms, wait_until};
+use videocount_loadgen::{Amount, Expected, Spec, produce};
+
+const REPLICA_1: &str = "http://127.0.0.1:8221";
+const REPLICA_2: &str = "http://127.0.0.1:8222";
+
+fn sql(url: &str, query: &str) -> String {
+    let response = reqwest::blocking::Client::new().post(url).body(query.to_owned()).send().unwrap();
+    let status = response.status();
+    let text = response.text().unwrap();
+    assert!(status.is_success(), "{query} on {url}: {text}");
+    text.trim().to_owned()
+}
+
+/// `SYSTEM STOP FETCHES` or `START FETCHES` (`what`) on every table of the test's database on `url`.
+fn fetches(env: &TestEnv, url: &str, what: &str) {
+    let tables = sql(url, &format!("SELECT name FROM system.tables WHERE database = '{}'", env.database));
+    for table in tables.lines() {
+        sql(url, &format!("SYSTEM {what} FETCHES {}.{table}", env.database));
+    }
+}
+
+fn counted_on(env: &TestEnv, url: &str) -> u64 {
+    let query = format!("SELECT sum(count) FROM {}.event_counts_minute", env.database);
+    sql(url, &query).parse().unwrap_or(0)
+}
+
+fn produce_more(env: &TestEnv, expected: &mut Expected, seed: u64, events: u64) {
+    let spec = Spec { videos: 200, seed, ..Spec::default() };
+    expected.merge(produce(env.brokers, &env.topic, spec, Amount::Count(events)).unwrap());
+}
+
+#[test]
+#[ignore = "needs the replicated stack: make up-ha, then make test"]
+fn a_start_reads_its_checkpoint_only_once_its_replica_has_caught_up() {
+    let env = TestEnv::new_ha("replicasync", 4);
+    let mut expected = Expected::default();
+    fetches(&env, REPLICA_2, "STOP");
+    produce_more(&env, &mut expected, 1, 20_000);
+    // The first run writes through replica 1 only; replica 2 takes none of it.
+    TestEnv::run_command_until_caught_up(env.job_via(REPLICA_1, &["--epoch-ms", "200"]));
+    assert_eq!(counted_on(&env, REPLICA_1), expected.events);
+    assert_eq!(counted_on(&env, REPLICA_2), 0, "replica 2 is behind");
+
+    // The restart reads replica 2 first: its checkpoint there is empty until it fetches.
+    produce_more(&env, &mut expected, 2, 10_000);
+    let resume = std::thread::spawn({
+        let database = env.database.clone();
+        move || {
+            sleep_ms(5_000);
+            let tables = sql(REPLICA_2, &format!("SELECT name FROM system.tables WHERE database = '{database}'"));
+            for table in tables.lines() {
+                sql(REPLICA_2, &format!("SYSTEM START FETCHES {database}.{table}"));
+            }
+        }
+    });
+    let urls = format!("{REPLICA_2},{REPLICA_1}");
+    TestEnv::run_command_until_caught_up(env.job_via(&urls, &["--epoch-ms", "200"]));
+    resume.join().unwrap();
+    for url in [REPLICA_1, REPLICA_2] {
+        sql(url, &format!("SYSTEM SYNC REPLICA {}.event_counts_minute", env.database));
+        assert_eq!(counted_on(&env, url), expected.events, "counted once, on {url}");
+    }
+    env.assert_exact(&expected);
+    env.drop();
+}
+
+#[test]
+#[ignore = "needs the replicated stack: make up-ha, then make test"]
+fn the_query_service_moves_its_reads_off_a_replica_that_is_behind() {
+    let env = TestEnv::new_ha("replicalag", 2);
+    let mut expected = Expected::default();
+    fetches(&env, REPLICA_2, "STOP");
+    produce_more(&env, &mut expected, 3, 5_000);
+    TestEnv::run_command_until_caught_up(env.job_via(REPLICA_1, &["--epoch-ms", "200"]));
+
+    // Replica 2 first: it answers, but has nothing.
+    let urls = format!("{REPLICA_2},{REPLICA_1}");
+    let service = env.query_service_via(&urls, &["--max-replica-delay-secs", "2", "--no-hot-cache"]);
+    let ((video, _, _), _) = expected.minutes.iter().find(|((_, kind, _), _)| kind == "view").unwrap();
+    let views: u64 = expected.minutes.iter().filter(|((v, k, _), _)| v == video && k == "view").map(|(_, n)| n).sum();
+    let first = expected.minutes.keys().map(|k| k.2).min().unwrap() as u64 * 1000;
+    let last = expected.minutes.keys().map(|k| k.2).max().unwrap() as u64 * 1000 + 60_000;
+    let url = format!("{}/v1/videos/{video}/views?from={first}&to={last}", service.url);
+    let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let read = || {
+        let response = http.get(&url).send().unwrap();
+        let delay = response.headers().get("x-videocount-replica-delay").map(|v| v.to_str().unwrap().to_owned());
+        let body: serde_json::Value = response.json().unwrap();
+        (body["value"].as_u64(), delay)
+    };
+    wait_until("the query service reads from the replica that has the counts", Duration::from_secs(30), || {
+        read().0 == Some(views)
+    });
+    let (_, delay) = read();
+    let delay: u64 = delay.expect("every answer says how far behind its replica is").parse().unwrap();
+    assert!(delay <= 2, "reads moved to a replica at most 2 s behind, not {delay}");
+    fetches(&env, REPLICA_2, "START");
+    drop(service);
+    env.drop();
+}
