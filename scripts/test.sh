@@ -13,15 +13,17 @@ started=$SECONDS
 # #[ignore = "needs ..."], so a plain `cargo test` without `make up` lists them as ignored;
 # here they run (--include-ignored), and the totals line must say 0 ignored.
 cargo build --profile tests --workspace --bins || exit 1
+# The replicated stack (make up-ha) for e2e/tests/replicas.rs and the chaos run; one that ran
+# before stays up afterwards.
+ha_was_up=$(curl -fsS --max-time 2 http://127.0.0.1:8221/ping 2>/dev/null)
+services/up-ha.sh || exit 1
 cargo test --profile tests --workspace --no-fail-fast -- --include-ignored --test-threads=1 2>&1 | tee "$log"
 cargo_status=${PIPESTATUS[0]}
 make --no-print-directory chdb-test 2>&1 | tee var/chdb-test.log
 chdb_status=${PIPESTATUS[0]}
-# The short chaos run on the replicated stack (started only now, for its memory): a ClickHouse
-# replica, the active view_counts and an ingest killed under load; lost must be 0. A stack
-# that ran before stays up.
-ha_was_up=$(curl -fsS --max-time 2 http://127.0.0.1:8221/ping 2>/dev/null)
-{ services/up-ha.sh && CHAOS_BIN="$PWD/target/tests" scripts/chaos.py --short; } 2>&1 | tee var/chaos-test.log
+# The short chaos run on the replicated stack: a ClickHouse replica, the active view_counts and
+# an ingest killed under load; lost must be 0.
+CHAOS_BIN="$PWD/target/tests" scripts/chaos.py --short 2>&1 | tee var/chaos-test.log
 chaos_status=${PIPESTATUS[0]}
 [ -n "$ha_was_up" ] || services/down.sh ha >/dev/null
 
