@@ -15,8 +15,12 @@ acknowledgement, which event ids will close); the share of write requests answer
 client retries the rest on the other ingest); the share of reads answered (a reader every
 100 ms over both query services); the job's failover time (the fault until another instance
 holds the lease, read from the jobs' `videocount_job_lease_held`); freshness p99 over the run
-(a canary: acknowledged to counted). Prints a Markdown table and writes it to
-var/chaos-report.md. Exits 1 if any fault lost an event or the stack did not heal.
+(a canary: acknowledged to counted). Besides, per fault, the jobs' own output is checked
+against the messages they read (each Kafka message once in events_raw, the counts equal to
+it, every event_stats function's count equal to its type's events), and at the end every
+message of the topic must be in events_raw or dead_letters. Prints a Markdown table and
+writes it to var/chaos-report.md. Exits 1 if any fault lost an event, a job wrote a message
+twice or skipped one, reads fell below 95 %, or the stack did not heal.
 
   scripts/chaos.py [--short] [--faults a,b] [--rate R] [--before S] [--hold S] [--after S]
 
@@ -292,6 +296,9 @@ FAULTS = {
     "query": app_fault("query-1"),
 }
 SHORT = ["clickhouse", "view_counts", "ingest"]
+# Reads answered (%) below which a fault fails the run: one fault never takes both query
+# services or both replicas away.
+MIN_READS_ANSWERED = 95.0
 FULL = [f for f in FAULTS if f != "none"]
 
 
@@ -394,6 +401,9 @@ def main():
     unchecked = [r["fault"] for r in rows if r["lost"] is None]
     failed += [f"{r['fault']}: the jobs wrote something twice or missed it (see above)" for r in rows
                if not r["jobs_exact"]]
+    # Every fault leaves a query service and a replica answering: reads must keep working.
+    failed += [f"{r['fault']}: only {r['read_ok']:.1f} % of reads answered" for r in rows
+               if r["read_ok"] < MIN_READS_ANSWERED]
     summary = f"chaos: {len(rows)} of {len(faults)} faults run, lost {lost}, doubled {sum(r['doubled'] or 0 for r in rows)}"
     if failed or lost or unchecked:
         print(f"{summary}: FAILED {'; '.join(failed + [f'unchecked: {u}' for u in unchecked])}")
