@@ -43,6 +43,9 @@ impl HttpTransport {
         let http = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .pool_max_idle_per_host(64)
+            // The services close a connection idle for their header timeout (10 s by default):
+            // drop it sooner here than reuse one the server is closing.
+            .pool_idle_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .build()
             .map_err(|e| TransportError(format!("cannot build the HTTP client: {e}")))?;

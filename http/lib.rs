@@ -20,8 +20,10 @@ use prometheus_client::registry::Registry;
 
 mod error;
 mod process;
+mod serve;
 pub use error::ApiError;
 pub use process::{ProcessCollector, process_usage};
+pub use serve::{ServeArgs, ServeLimits, serve};
 
 /// Logs of every binary (services, jobs, CLI) go to stderr; `RUST_LOG` filters (default
 /// `info`); colour only on a terminal.

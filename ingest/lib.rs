@@ -65,6 +65,8 @@ pub struct IngestArgs {
     #[arg(long, env = "VIDEOCOUNT_INGEST_BREAKER_OPEN_MS", default_value_t = 2_000)]
     pub breaker_open_ms: u64,
     /// Raw librdkafka producer setting KEY=VALUE (repeatable), e.g. -X linger.ms=20.
+    #[command(flatten)]
+    pub serve: videocount_http::ServeArgs,
     #[arg(short = 'X', value_parser = videocount_kafka::parse_option)]
     pub kafka_options: Vec<(String, String)>,
 }
@@ -118,8 +120,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     info!(address = %listener.local_addr()?, auth = args.auth_token.is_some(), "listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(videocount_http::shutdown_signal())
+    videocount_http::serve(listener, app, args.serve.limits()?, videocount_http::shutdown_signal())
         .await
         .context("HTTP server failed")?;
     info!("stopping: waiting for Kafka to acknowledge what is queued");

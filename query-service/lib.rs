@@ -48,6 +48,8 @@ pub struct QueryArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub clickhouse: ClickHouseArgs,
+    #[command(flatten)]
+    pub serve: videocount_http::ServeArgs,
     /// A ClickHouse query taking longer fails; the request gets 503 with Retry-After.
     #[arg(long, env = "VIDEOCOUNT_QUERY_CLICKHOUSE_TIMEOUT_MS", default_value_t = 2_000)]
     pub clickhouse_timeout_ms: u64,
@@ -161,8 +163,7 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
         }
         _ => info!("freshness canary off (needs --ingest-url and --canary-interval-ms > 0)"),
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(videocount_http::shutdown_signal())
+    videocount_http::serve(listener, app, args.serve.limits()?, videocount_http::shutdown_signal())
         .await
         .context("HTTP server failed")?;
     Ok(())

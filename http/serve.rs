@@ -1,0 +1,109 @@
+//! Serving a router with the limits a service facing the Internet needs, which `axum::serve`
+//! does not set: a client must send a request's headers within `header_timeout` (also between
+//! requests on a kept-alive connection, so an idle connection is closed after it), and at most
+//! `max_connections` are open at once (further clients wait in the listen backlog). Slow or
+//! silent clients (slowloris) therefore hold a connection for `header_timeout` at most, token
+//! or not. HTTP/1.1 only (hyper), shut down gracefully: on the signal, no new connections,
+//! requests in flight answered, for up to 30 s.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+use tracing::{debug, info, warn};
+
+/// The connection limits of [`serve`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServeLimits {
+    /// Time a client has to send a request's headers, and to start the next one on a kept-alive
+    /// connection.
+    pub header_timeout: Duration,
+    /// Connections open at once at most.
+    pub max_connections: usize,
+}
+
+/// The flags of [`ServeLimits`], flattened into each service's own.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// A client has this long to send a request's headers, and to start its next request on a
+    /// kept-alive connection; then the connection is closed.
+    #[arg(long, env = "VIDEOCOUNT_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// Connections open at once at most; further clients wait in the listen backlog.
+    #[arg(long, env = "VIDEOCOUNT_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+}
+
+impl ServeArgs {
+    pub fn limits(&self) -> anyhow::Result<ServeLimits> {
+        anyhow::ensure!(
+            self.header_timeout_ms > 0 && self.max_connections > 0,
+            "--header-timeout-ms and --max-connections must be above 0"
+        );
+        Ok(ServeLimits {
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            max_connections: self.max_connections,
+        })
+    }
+}
+
+/// How long a graceful shutdown waits for requests in flight.
+const DRAIN: Duration = Duration::from_secs(30);
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ServeLimits,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = app.clone().map_request(|request: hyper::Request<Incoming>| request.map(Body::new));
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%peer, %error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    info!("no new connections; answering the requests in flight");
+    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+        warn!(seconds = DRAIN.as_secs(), "requests still in flight after the drain; closing");
+    }
+    Ok(())
+}
