@@ -38,3 +38,30 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// Middleware: an error answer without a body of its own (a 405 from the router, a 500 from a
+/// file service, a 413 from a body limit) gets the JSON error body every other answer has,
+/// keeping its status and headers (`Allow`, `Retry-After`).
+pub async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) || response.headers().contains_key(header::CONTENT_TYPE)
+    {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    let (error, message) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method not allowed",
+            "this route does not take that method (the Allow header lists those it takes)".into(),
+        ),
+        StatusCode::NOT_FOUND => ("not found", "no such route".to_owned()),
+        StatusCode::PAYLOAD_TOO_LARGE => ("too large", "the body is over the limit".to_owned()),
+        status if status.is_client_error() => ("bad request", status.to_string()),
+        status => ("internal", status.to_string()),
+    };
+    let body = json!({"error": error, "field": "", "message": message}).to_string();
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
+}

@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 mod error;
 mod process;
 mod serve;
-pub use error::ApiError;
+pub use error::{ApiError, json_errors};
 pub use process::{ProcessCollector, process_usage};
 pub use serve::{ServeArgs, ServeLimits, serve};
 

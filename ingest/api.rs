@@ -51,8 +51,9 @@ pub fn router(state: Arc<AppState>, request_timeout: Duration) -> Router {
         .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not found", "body", "no such route") })
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not found", "path", "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(videocount_http::json_errors))
         .layer(middleware::from_fn_with_state(
             Arc::new(Tracking {
                 metrics: state.metrics.http.clone(),

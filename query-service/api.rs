@@ -12,12 +12,13 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
+use axum::handler::HandlerWithoutStateExt;
 use axum::http::{StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
-use tower_http::services::{ServeDir, ServeFile};
+use tower_http::services::ServeDir;
 use videocount_clickhouse::SinkError;
 use videocount_events::clock::now_ms;
 use videocount_events::{DEFAULT_EVENT_TYPE, valid_event_type, valid_video_id};
@@ -70,13 +71,22 @@ pub fn router(state: Arc<AppState>, request_timeout: Duration, ui_dir: Option<Pa
             videocount_http::track,
         ))
         .with_state(state);
-    match ui_dir {
-        Some(dir) => {
-            let index = dir.join("index.html");
-            api.fallback_service(ServeDir::new(dir).fallback(ServeFile::new(index)))
-        }
+    // The UI's files (it routes nothing by path: anything else is the JSON 404), and for every
+    // answer without a body of its own (405, a file service's 500) the JSON error body.
+    let app = match ui_dir {
+        Some(dir) => api.fallback_service(ServeDir::new(dir).not_found_service(no_route.into_service())),
         None => api.fallback(no_route),
+    };
+    app.layer(middleware::from_fn(videocount_http::json_errors)).layer(middleware::from_fn(reject_long_paths))
+}
+
+/// A path segment longer than any file name or id (255 bytes) is no route, before anything
+/// tries to open it (the file service answered 500 for it).
+async fn reject_long_paths(request: axum::extract::Request, next: middleware::Next) -> Response {
+    if request.uri().path().split('/').any(|segment| segment.len() > 255) {
+        return no_route().await.into_response();
     }
+    next.run(request).await
 }
 
 async fn no_route() -> ApiError {

@@ -72,3 +72,41 @@ fn slow_and_idle_clients_are_disconnected_after_the_header_timeout() {
     assert!(ingest.ready() && videocount_e2e::answers_ok(&format!("{}/healthz", query.url)));
     env.drop();
 }
+
+/// `(status, content type, body)` of `method url`.
+fn answer(method: &str, url: &str) -> (u16, String, String) {
+    let http = reqwest::blocking::Client::new();
+    let response = http.request(method.parse().unwrap(), url).send().unwrap();
+    let status = response.status().as_u16();
+    let kind = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    (status, kind, response.text().unwrap())
+}
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: make up, then make test"]
+fn every_error_answer_is_json_and_unknown_paths_are_404() {
+    let env = TestEnv::new("errorsjson", 1);
+    let ingest = env.ingest(&[]);
+    let query = env.query_service(&[]);
+    let long = "a".repeat(300);
+    let cases = [
+        ("GET", format!("{}/v2/videos/x/views", query.url), 404),
+        ("GET", format!("{}/{long}", query.url), 404),
+        ("GET", format!("{}/v1/videos/{long}/views", query.url), 404),
+        ("DELETE", format!("{}/v1/top", query.url), 405),
+        ("POST", format!("{}/healthz", query.url), 405),
+        ("GET", format!("{}/v1/events", ingest.url), 405),
+        ("GET", format!("{}/nothing", ingest.url), 404),
+    ];
+    for (method, url, status) in cases {
+        let (got, kind, body) = answer(method, &url);
+        assert_eq!(got, status, "{method} {url}: {body}");
+        assert!(kind.starts_with("application/json"), "{method} {url}: content type {kind:?}, body {body:?}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(body["error"].is_string() && body["message"].is_string(), "{method} {url}: {body}");
+    }
+    // The UI's own files are still served.
+    let (status, kind, _) = answer("GET", &format!("{}/", query.url));
+    assert_eq!((status, kind.starts_with("text/html")), (200, true));
+    env.drop();
+}
