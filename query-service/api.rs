@@ -116,17 +116,27 @@ fn query_error(state: &AppState, error: QueryError, field: &str) -> ApiError {
     }
 }
 
+/// A route's query string as its pairs, in order (so that a repeated name is seen).
+type QueryString = Result<Query<Vec<(String, String)>>, QueryRejection>;
+
 /// The query string, or a 400 naming what is wrong with it.
 struct Params(HashMap<String, String>);
 
 impl Params {
-    fn new(query: Result<Query<HashMap<String, String>>, QueryRejection>, allowed: &[&str]) -> Result<Self, ApiError> {
-        let Query(map) = query.map_err(|e| invalid("query", e.body_text()))?;
-        if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(invalid(
-                unknown,
-                format!("unknown parameter {unknown:?}; this route takes {}", allowed.join(", ")),
-            ));
+    fn new(query: QueryString, allowed: &[&str]) -> Result<Self, ApiError> {
+        let Query(pairs) = query.map_err(|e| invalid("query", e.body_text()))?;
+        let mut map = HashMap::with_capacity(pairs.len());
+        for (name, value) in pairs {
+            if !allowed.contains(&name.as_str()) {
+                return Err(invalid(
+                    &name,
+                    format!("unknown parameter {name:?}; this route takes {}", allowed.join(", ")),
+                ));
+            }
+            if map.contains_key(&name) {
+                return Err(invalid(&name, format!("{name} is given more than once")));
+            }
+            map.insert(name, value);
         }
         Ok(Params(map))
     }
@@ -205,7 +215,7 @@ async fn count_range(state: &AppState, video_id: &str, event_type: &str, range: 
 async fn views(
     State(state): State<Arc<AppState>>,
     Path(video_id): Path<String>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: QueryString,
 ) -> Result<axum::Json<Value>, ApiError> {
     check_video(&video_id)?;
     let range = Params::new(query, &["from", "to"])?.range(None)?;
@@ -215,7 +225,7 @@ async fn views(
 async fn count(
     State(state): State<Arc<AppState>>,
     Path((video_id, event_type)): Path<(String, String)>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: QueryString,
 ) -> Result<axum::Json<Value>, ApiError> {
     check_video(&video_id)?;
     check_type(&event_type)?;
@@ -226,7 +236,7 @@ async fn count(
 async fn stats(
     State(state): State<Arc<AppState>>,
     Path((video_id, event_type, function)): Path<(String, String, String)>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: QueryString,
 ) -> Result<axum::Json<Value>, ApiError> {
     check_video(&video_id)?;
     check_type(&event_type)?;
@@ -264,7 +274,7 @@ pub fn default_step(range: TimeRange) -> Grain {
 async fn series(
     State(state): State<Arc<AppState>>,
     Path((video_id, event_type)): Path<(String, String)>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: QueryString,
 ) -> Result<axum::Json<Value>, ApiError> {
     check_video(&video_id)?;
     check_type(&event_type)?;
@@ -292,10 +302,7 @@ async fn series(
     })))
 }
 
-async fn top(
-    State(state): State<Arc<AppState>>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<axum::Json<Value>, ApiError> {
+async fn top(State(state): State<Arc<AppState>>, query: QueryString) -> Result<axum::Json<Value>, ApiError> {
     let params = Params::new(query, &["event_type", "from", "to", "limit"])?;
     let event_type = params.get("event_type").unwrap_or(DEFAULT_EVENT_TYPE).to_owned();
     check_type(&event_type)?;

@@ -84,7 +84,7 @@ fn answer(method: &str, url: &str) -> (u16, String, String) {
 
 #[test]
 #[ignore = "needs Kafka and ClickHouse: make up, then make test"]
-fn every_error_answer_is_json_and_unknown_paths_are_404() {
+fn every_error_answer_is_json_unknown_paths_are_404_and_repeated_parameters_400() {
     let env = TestEnv::new("errorsjson", 1);
     let ingest = env.ingest(&[]);
     let query = env.query_service(&[]);
@@ -97,6 +97,8 @@ fn every_error_answer_is_json_and_unknown_paths_are_404() {
         ("POST", format!("{}/healthz", query.url), 405),
         ("GET", format!("{}/v1/events", ingest.url), 405),
         ("GET", format!("{}/nothing", ingest.url), 404),
+        // A repeated parameter is refused, not silently the last one.
+        ("GET", format!("{}/v1/videos/v1/views?from=0&from=60000", query.url), 400),
     ];
     for (method, url, status) in cases {
         let (got, kind, body) = answer(method, &url);
