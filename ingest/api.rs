@@ -267,7 +267,9 @@ async fn process_events(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
-    let items: Vec<&[u8]> = match media_type(&headers).as_deref() {
+    // Each event with its index in the answer: its array position, or its 0-based line
+    // number in NDJSON (blank lines are skipped but counted, so indexes are line numbers).
+    let items: Vec<(usize, &[u8])> = match media_type(&headers).as_deref() {
         Some("application/json") => {
             let items: Vec<&RawValue> = serde_json::from_slice(&body).map_err(|e| {
                 ApiError::new(
@@ -277,12 +279,13 @@ async fn process_events(
                     format!("expected a JSON array of events: {e}"),
                 )
             })?;
-            items.into_iter().map(|raw| raw.get().as_bytes()).collect()
+            items.into_iter().map(|raw| raw.get().as_bytes()).enumerate().collect()
         }
         Some("application/x-ndjson" | "application/ndjson") => body
             .split(|b| *b == b'\n')
             .map(<[u8]>::trim_ascii)
-            .filter(|line| !line.is_empty())
+            .enumerate()
+            .filter(|(_, line)| !line.is_empty())
             .take(MAX_BATCH_EVENTS + 1)
             .collect(),
         other => {
@@ -313,7 +316,7 @@ async fn process_events(
     let mut accepted = Vec::with_capacity(items.len());
     let mut indexes = Vec::with_capacity(items.len());
     let mut rejected = Vec::new();
-    for (index, item) in items.iter().enumerate() {
+    for &(index, item) in &items {
         match state.validate(item, now) {
             Ok(outgoing) => {
                 accepted.push(outgoing);

@@ -19,14 +19,22 @@ pub struct Server {
 
 impl Server {
     fn find(name: &'static str, pattern: &str, pid_file: impl Fn(&[String]) -> std::path::PathBuf) -> Server {
+        // `make up`'s server, never a node of the replicated stack (`make up-ha`, under var/ha/),
+        // which runs beside it during `make test`.
         let output = Command::new("pgrep").args(["-f", pattern]).output().unwrap();
-        let pid = String::from_utf8_lossy(&output.stdout).lines().next().expect("a running server").to_owned();
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-        let command: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
+        let (pid, command) = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let command: Vec<String> = cmdline
+                    .split(|b| *b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                (!command.iter().any(|a| a.contains("/var/ha/"))).then(|| (pid.to_owned(), command))
+            })
+            .next()
+            .unwrap_or_else(|| panic!("no running {name} of make up"));
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
         let pid_file = pid_file(&command);
         Server { pid, command, cwd, pid_file, name }

@@ -112,3 +112,22 @@ fn every_error_answer_is_json_unknown_paths_are_404_and_repeated_parameters_400(
     assert_eq!((status, kind.starts_with("text/html")), (200, true));
     env.drop();
 }
+
+#[test]
+#[ignore = "needs Kafka and ClickHouse: make up, then make test"]
+fn an_ndjson_rejection_names_its_line_number_blank_lines_counted() {
+    let env = TestEnv::new("ndjsonindex", 1);
+    let ingest = env.ingest(&[]);
+    let body = "{\"video_id\":\"v1\"}\n\n\n{\"video_id\":\"not valid!\"}\n";
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/events", ingest.url))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let answer: serde_json::Value = response.json().unwrap();
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    assert_eq!(answer["rejected"][0]["index"], 3, "the bad event is on line 3 (0-based): {answer}");
+    env.drop();
+}
