@@ -37,6 +37,8 @@ pub struct AppState {
     pub limits: TimeLimits,
     pub metrics: Arc<Metrics>,
     pub auth_token: Option<String>,
+    /// How long a request's body may take to arrive (after its headers).
+    pub body_timeout: Duration,
 }
 
 pub fn router(state: Arc<AppState>, request_timeout: Duration) -> Router {
@@ -45,6 +47,8 @@ pub fn router(state: Arc<AppState>, request_timeout: Duration) -> Router {
         .route("/v1/videos/{video_id}/events/{event_type}", post(count_event))
         .route("/v1/videos/{video_id}/events/{event_type}/{function}", post(process_event))
         .route("/v1/events", post(process_events))
+        // The token first, then the body: an unauthorized client never has a body buffered.
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body_in_time))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .merge(v1)
@@ -387,6 +391,53 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// Bearer-token check of the `/v1` routes, when the service has a token.
+/// Reads a write's body before its handler, bounded in size and time: a declared
+/// `Content-Length` over the limit is a 413 at once, a body still incomplete after
+/// `--body-timeout-ms` a 408. Either way nothing was written, and the answer says so.
+async fn read_body_in_time(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body too large",
+            "body",
+            format!("a request body is at most {MAX_BODY_BYTES} bytes; nothing was written"),
+        )
+        .into_response()
+    };
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return too_large();
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(error)) => {
+            let length_limit =
+                std::error::Error::source(&error).is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
+            if length_limit {
+                return too_large();
+            }
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad body",
+                "body",
+                format!("the body could not be read ({error}); nothing was written"),
+            )
+            .into_response();
+        }
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body timeout",
+                "body",
+                format!("the body did not arrive within {:?}; nothing was written", state.body_timeout),
+            )
+            .into_response();
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
+
 async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if let Some(token) = &state.auth_token {
         let given = request

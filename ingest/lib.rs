@@ -65,6 +65,10 @@ pub struct IngestArgs {
     #[arg(long, env = "VIDEOCOUNT_INGEST_BREAKER_OPEN_MS", default_value_t = 2_000)]
     pub breaker_open_ms: u64,
     /// Raw librdkafka producer setting KEY=VALUE (repeatable), e.g. -X linger.ms=20.
+    /// A write's body must arrive within this long after its headers, or the answer is 408
+    /// (nothing written); keep it below --request-timeout-ms.
+    #[arg(long, env = "VIDEOCOUNT_INGEST_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub body_timeout_ms: u64,
     #[command(flatten)]
     pub serve: videocount_http::ServeArgs,
     #[arg(short = 'X', value_parser = videocount_kafka::parse_option)]
@@ -91,6 +95,14 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
             args.delivery_timeout_ms
         );
     }
+    if args.body_timeout_ms == 0 || args.body_timeout_ms >= args.request_timeout_ms {
+        anyhow::bail!(
+            "--body-timeout-ms ({}) must be above 0 and below --request-timeout-ms ({}): a slow body is answered \
+             408 before the request's deadline",
+            args.body_timeout_ms,
+            args.request_timeout_ms
+        );
+    }
     let functions = FunctionsConfig::load_or_default(args.functions.as_deref())?;
     let publisher = Publisher::new(PublisherConfig {
         kafka: videocount_kafka::KafkaClients::new(args.brokers.clone(), args.kafka_options.clone()),
@@ -113,6 +125,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         limits: TimeLimits::default(),
         metrics: metrics::Metrics::new(),
         auth_token: args.auth_token.clone(),
+        body_timeout: Duration::from_millis(args.body_timeout_ms),
     });
     tokio::spawn(log_progress(state.clone()));
     let app = api::router(state.clone(), Duration::from_millis(args.request_timeout_ms));
