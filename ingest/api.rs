@@ -49,6 +49,7 @@ pub fn router(state: Arc<AppState>, request_timeout: Duration) -> Router {
         .route("/v1/events", post(process_events))
         // The token first, then the body: an unauthorized client never has a body buffered.
         .route_layer(middleware::from_fn_with_state(state.clone(), read_body_in_time))
+        .route_layer(middleware::from_fn(refuse_query_parameters))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .merge(v1)
@@ -391,6 +392,23 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// Bearer-token check of the `/v1` routes, when the service has a token.
+/// A write takes no query parameters: one given (`?ts=5`) is refused rather than ignored.
+async fn refuse_query_parameters(request: Request, next: Next) -> Response {
+    match request.uri().query().filter(|q| !q.is_empty()) {
+        Some(query) => {
+            let name = query.split(['=', '&']).next().unwrap_or_default().to_owned();
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid argument",
+                &name,
+                format!("the write API takes no query parameters (got {name:?}); put fields in the body"),
+            )
+            .into_response()
+        }
+        None => next.run(request).await,
+    }
+}
+
 /// Reads a write's body before its handler, bounded in size and time: a declared
 /// `Content-Length` over the limit is a 413 at once, a body still incomplete after
 /// `--body-timeout-ms` a 408. Either way nothing was written, and the answer says so.

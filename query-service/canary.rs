@@ -44,6 +44,10 @@ impl CanaryStats {
         );
         let failures = Family::<KindLabels, Counter>::default();
         registry.register("canary_failures", "Canary probes that gave no sample, by kind", failures.clone());
+        // Every kind from the start (0 until it happens), so rates and alerts need no special case.
+        for kind in ["write", "read", "timeout"] {
+            let _ = failures.get_or_create(&KindLabels { kind: kind.to_owned() });
+        }
         CanaryStats {
             freshness,
             failures,

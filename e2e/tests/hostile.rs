@@ -97,6 +97,8 @@ fn every_error_answer_is_json_unknown_paths_are_404_and_repeated_parameters_400(
         ("POST", format!("{}/healthz", query.url), 405),
         ("GET", format!("{}/v1/events", ingest.url), 405),
         ("GET", format!("{}/nothing", ingest.url), 404),
+        // A write takes no query parameters: refused, not ignored.
+        ("POST", format!("{}/v1/videos/v1/views?ts=5", ingest.url), 400),
         // A repeated parameter is refused, not silently the last one.
         ("GET", format!("{}/v1/videos/v1/views?from=0&from=60000", query.url), 400),
     ];
@@ -106,6 +108,12 @@ fn every_error_answer_is_json_unknown_paths_are_404_and_repeated_parameters_400(
         assert!(kind.starts_with("application/json"), "{method} {url}: content type {kind:?}, body {body:?}");
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert!(body["error"].is_string() && body["message"].is_string(), "{method} {url}: {body}");
+    }
+    // Every canary failure kind is exported from the start (0 until it happens).
+    let (_, _, metrics) = answer("GET", &format!("{}/metrics", query.url));
+    for kind in ["write", "read", "timeout"] {
+        let series = format!("videocount_query_canary_failures_total{{kind=\"{kind}\"}} 0");
+        assert!(metrics.contains(&series), "{series} in /metrics");
     }
     // The UI's own files are still served.
     let (status, kind, _) = answer("GET", &format!("{}/", query.url));
