@@ -39,6 +39,9 @@ pub struct AppState {
     pub auth_token: Option<String>,
     /// How long a request's body may take to arrive (after its headers).
     pub body_timeout: Duration,
+    /// Bytes of request bodies held at once (reading, validating, waiting for Kafka), one permit
+    /// a byte: the bound on the service's memory for requests (`--max-inflight-mb`).
+    pub inflight_bytes: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(state: Arc<AppState>, request_timeout: Duration) -> Router {
@@ -426,6 +429,19 @@ async fn read_body_in_time(State(state): State<Arc<AppState>>, request: Request,
     if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
         return too_large();
     }
+    // Held until the answer: a body of unknown length counts as the largest allowed.
+    let size = declared.map_or(MAX_BODY_BYTES, |length| length as usize).max(1);
+    let Ok(_held) = Arc::clone(&state.inflight_bytes).try_acquire_many_owned(size as u32) else {
+        state.metrics.overloaded.inc();
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "body",
+            "too many request bytes in flight (--max-inflight-mb); nothing was written, retry",
+        )
+        .retry_after(Duration::from_secs(1))
+        .into_response();
+    };
     let (parts, body) = request.into_parts();
     let bytes = match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
         Ok(Ok(bytes)) => bytes,

@@ -69,6 +69,10 @@ pub struct IngestArgs {
     /// (nothing written); keep it below --request-timeout-ms.
     #[arg(long, env = "VIDEOCOUNT_INGEST_BODY_TIMEOUT_MS", default_value_t = 10_000)]
     pub body_timeout_ms: u64,
+    /// MiB of request bodies held at once (being read, validated or waiting for Kafka); a
+    /// request beyond it is a 503 with Retry-After at once. Bounds the memory requests take.
+    #[arg(long, env = "VIDEOCOUNT_INGEST_MAX_INFLIGHT_MB", default_value_t = 256)]
+    pub max_inflight_mb: usize,
     #[command(flatten)]
     pub serve: videocount_http::ServeArgs,
     #[arg(short = 'X', value_parser = videocount_kafka::parse_option)]
@@ -103,6 +107,12 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
             args.request_timeout_ms
         );
     }
+    if !(4..=4096).contains(&args.max_inflight_mb) {
+        anyhow::bail!(
+            "--max-inflight-mb ({}) must be 4 to 4096: one request body is up to 4 MiB",
+            args.max_inflight_mb
+        );
+    }
     let functions = FunctionsConfig::load_or_default(args.functions.as_deref())?;
     let publisher = Publisher::new(PublisherConfig {
         kafka: videocount_kafka::KafkaClients::new(args.brokers.clone(), args.kafka_options.clone()),
@@ -126,6 +136,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         metrics: metrics::Metrics::new(),
         auth_token: args.auth_token.clone(),
         body_timeout: Duration::from_millis(args.body_timeout_ms),
+        inflight_bytes: Arc::new(tokio::sync::Semaphore::new(args.max_inflight_mb << 20)),
     });
     tokio::spawn(log_progress(state.clone()));
     let app = api::router(state.clone(), Duration::from_millis(args.request_timeout_ms));

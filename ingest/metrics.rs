@@ -28,6 +28,8 @@ pub struct Metrics {
     pub producer_queue_capacity: Gauge,
     /// 0 closed, 1 open, 2 half open.
     pub breaker_state: Gauge,
+    /// Requests refused because --max-inflight-mb of bodies were in flight.
+    pub overloaded: Counter,
 }
 
 impl Metrics {
@@ -59,7 +61,14 @@ impl Metrics {
             "Circuit breaker: 0 closed, 1 open, 2 half open",
             breaker_state.clone(),
         );
+        let overloaded = Counter::default();
+        registry.register(
+            "requests_overloaded",
+            "Requests refused at once (503) because --max-inflight-mb of bodies were in flight",
+            overloaded.clone(),
+        );
         Arc::new(Metrics {
+            overloaded,
             registry,
             http,
             events_accepted,
