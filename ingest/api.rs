@@ -427,6 +427,23 @@ async fn read_body_in_time(State(state): State<Arc<AppState>>, request: Request,
     };
     let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        // Answered at once; the body is read and dropped meanwhile (never held, at most 64 MiB
+        // and the body timeout) so that a client still sending it gets to read the answer
+        // instead of a broken pipe.
+        let mut body = request.into_body();
+        let timeout = state.body_timeout;
+        tokio::spawn(async move {
+            let drain = async {
+                let mut seen = 0usize;
+                while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+                    seen += frame.data_ref().map_or(0, |data| data.len());
+                    if seen > 64 << 20 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(timeout, drain).await;
+        });
         return too_large();
     }
     // Held until the answer: a body of unknown length counts as the largest allowed.

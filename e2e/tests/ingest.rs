@@ -211,7 +211,7 @@ fn every_bad_input_gets_its_status_and_writes_nothing() {
         ("/v1/events".into(), Some("text/plain"), r#"[{"video_id":"v1"}]"#.into(), 415, "unsupported media type", "body"),
         ("/v1/events".into(), None, r#"[{"video_id":"v1"}]"#.into(), 415, "unsupported media type", "body"),
         ("/v1/videos/v1/views".into(), Some("text/plain"), r#"{"ts":1}"#.into(), 415, "unsupported media type", "body"),
-        ("/v2/nothing".into(), None, "".into(), 404, "not found", "body"),
+        ("/v2/nothing".into(), None, "".into(), 404, "not found", "path"),
     ];
     for (path, content_type, body, status, error, field) in cases {
         let a = post(&env, &format!("{base}{path}"), content_type, body, None);
