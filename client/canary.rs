@@ -56,8 +56,11 @@ impl Canary {
     /// `read_url` is the query service's base URL, or several comma-separated (each read goes
     /// to the first that answers); `video_id` should be used by nothing else.
     pub fn new(client: Client, read_url: &str, video_id: impl Into<String>) -> Canary {
-        let http =
-            reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("a plain HTTP client builds");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build()
+            .expect("a plain HTTP client builds");
         Canary {
             client,
             http,

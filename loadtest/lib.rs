@@ -165,7 +165,11 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
         let (stop, urls) = (Arc::clone(&stop), config.query_urls.clone());
         let path = format!("v1/videos/{run_id}-v0/views?from={}", now_ms().saturating_sub(3_600_000));
         tokio::spawn(async move {
-            let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("a plain HTTP client");
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .pool_idle_timeout(Duration::from_secs(5))
+                .build()
+                .expect("a plain HTTP client");
             let (mut reads, mut failed) = (0u64, 0u64);
             while !stop.load(Ordering::Relaxed) {
                 reads += 1;
@@ -272,7 +276,11 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
 /// Asks the read API for every key's count until each equals what was accepted (up to the
 /// events whose outcome is unknown), or `settle` passes.
 async fn check(config: &LoadConfig, run_id: &str, tally: &Tally, from: u64, to: u64) -> Exactness {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("a plain HTTP client builds");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build()
+        .expect("a plain HTTP client builds");
     let mut keys: Vec<(u32, u8)> = tally.accepted.keys().chain(tally.unknown.keys()).copied().collect();
     keys.sort_unstable();
     keys.dedup();

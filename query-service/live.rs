@@ -135,8 +135,11 @@ pub struct Golden {
 
 impl Golden {
     pub fn new(ingest_url: Option<String>, job_urls: Vec<String>, own: Arc<Metrics>) -> Golden {
-        let http =
-            reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("a plain HTTP client builds");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build()
+            .expect("a plain HTTP client builds");
         let trim = |u: String| u.trim_end_matches('/').to_owned();
         let jobs = job_urls.iter().map(|_| Scrapes::default()).collect();
         Golden {

@@ -159,7 +159,13 @@ impl TestEnv {
         let service = QueryService {
             url,
             process: Running(child),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            http: reqwest::Client::builder()
+                // Below the service's idle close (its header timeout, 10 s): this runtime does not
+                // run between requests, so a connection closed meanwhile would only be seen on reuse.
+                .pool_idle_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
         };
         let healthz = format!("{}/healthz", service.url);
         wait_until("query answering /healthz", Duration::from_secs(60), || answers_ok(&healthz));

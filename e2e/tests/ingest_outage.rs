@@ -54,7 +54,7 @@ fn kafka_stopped_mid_stream_loses_and_duplicates_nothing() {
         *expected.entry((video.clone(), "view".into(), (ts / 60_000 * 60) as u32)).or_default() += 1;
         Event::view(video).at(ts).viewer(format!("u{}", i % 101))
     };
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(5)).build().unwrap();
     let single = format!("{}/v1/videos/direct/views", ingest.url);
     let client = runtime.block_on(async { Client::new(config).unwrap() });
     let mut acks = Vec::new();

@@ -50,7 +50,7 @@ fn wait_for(url: &str, what: &str, done: impl Fn(&[Sample]) -> bool) -> Vec<Samp
 fn assert_cpu_counter_moves(runtime: &tokio::runtime::Runtime, url: &str, name: &str, first: &[Sample]) {
     let start = value(first, name, &[]).unwrap_or_else(|| panic!("{url} exports {name}"));
     assert!(start.is_finite() && start >= 0.0, "{name} = {start}");
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(5)).build().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = start;
     let mut scrapes = 0;
@@ -82,7 +82,7 @@ fn every_binary_exports_golden_signals_that_follow_the_events() {
     let ingest = env.ingest(&[]);
 
     // 1,000 events through the write API in 10 requests, 10 malformed straight into Kafka.
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(5)).build().unwrap();
     for batch in 0..10 {
         let events: Vec<_> = (0..100)
             .map(|i| serde_json::json!({"video_id": format!("m{}", i % 7), "event_type": "view", "viewer_id": format!("u{batch}x{i}")}))
