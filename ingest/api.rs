@@ -394,7 +394,6 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// Bearer-token check of the `/v1` routes, when the service has a token.
 /// A write takes no query parameters: one given (`?ts=5`) is refused rather than ignored.
 async fn refuse_query_parameters(request: Request, next: Next) -> Response {
     match request.uri().query().filter(|q| !q.is_empty()) {
@@ -489,6 +488,7 @@ async fn read_body_in_time(State(state): State<Arc<AppState>>, request: Request,
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
+/// Bearer-token check of the `/v1` routes, when the service has a token.
 async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if let Some(token) = &state.auth_token {
         let given = request
