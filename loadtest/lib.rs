@@ -301,6 +301,12 @@ async fn check(config: &LoadConfig, run_id: &str, tally: &Tally, from: u64, to: 
             .buffer_unordered(config.check_concurrency.max(1))
             .collect::<Vec<((u32, u8), Option<u64>)>>()
     };
+    // A key's count is right between the events acknowledged and those plus the ones whose
+    // outcome the client never learned.
+    let bounds = |key: (u32, u8)| {
+        let accepted = tally.accepted.get(&key).copied().unwrap_or(0);
+        (accepted, accepted + tally.unknown.get(&key).copied().unwrap_or(0))
+    };
     let mut open = keys.clone();
     let mut steady = 0;
     info!(keys = total, events, "checking every count through the read API");
@@ -309,9 +315,8 @@ async fn check(config: &LoadConfig, run_id: &str, tally: &Tally, from: u64, to: 
         let mut changed = false;
         let mut short = false;
         for (key, value) in answers {
-            let accepted = tally.accepted.get(&key).copied().unwrap_or(0);
-            let unknown = tally.unknown.get(&key).copied().unwrap_or(0);
-            if !value.is_some_and(|v| v >= accepted && v <= accepted + unknown) {
+            let (accepted, ceiling) = bounds(key);
+            if !value.is_some_and(|v| v >= accepted && v <= ceiling) {
                 open.push(key);
                 short |= value.is_none_or(|v| v < accepted);
             }
@@ -331,9 +336,8 @@ async fn check(config: &LoadConfig, run_id: &str, tally: &Tally, from: u64, to: 
     tokio::time::sleep(Duration::from_secs(2)).await;
     open.clear();
     for (key, value) in read_all(keys).await {
-        let accepted = tally.accepted.get(&key).copied().unwrap_or(0);
-        let unknown = tally.unknown.get(&key).copied().unwrap_or(0);
-        if !value.is_some_and(|v| v >= accepted && v <= accepted + unknown) {
+        let (accepted, ceiling) = bounds(key);
+        if !value.is_some_and(|v| v >= accepted && v <= ceiling) {
             open.push(key);
         }
         last.insert(key, value);
@@ -351,8 +355,8 @@ async fn check(config: &LoadConfig, run_id: &str, tally: &Tally, from: u64, to: 
         first_mismatch: None,
         seconds: started.elapsed().as_secs_f64(),
     };
-    for (key, value) in &last {
-        let accepted = tally.accepted.get(key).copied().unwrap_or(0);
+    for (&key, value) in &last {
+        let (accepted, _) = bounds(key);
         let counted = value.unwrap_or(0);
         exactness.counted += counted;
         exactness.lost_events += accepted.saturating_sub(counted);
@@ -360,8 +364,7 @@ async fn check(config: &LoadConfig, run_id: &str, tally: &Tally, from: u64, to: 
     }
     open.sort_unstable();
     for key in open {
-        let accepted = tally.accepted.get(&key).copied().unwrap_or(0);
-        let ceiling = accepted + tally.unknown.get(&key).copied().unwrap_or(0);
+        let (accepted, ceiling) = bounds(key);
         let counted = last.get(&key).copied().flatten();
         match counted {
             Some(v) if v > ceiling => {
