@@ -11,8 +11,8 @@ use crate::{Function, Input, Registry};
 /// A configuration that cannot be used, with what is wrong in it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path}: {detail}")]
     Invalid { path: String, detail: String },
 }
@@ -50,7 +50,7 @@ impl FunctionsConfig {
 
     pub fn load(path: &Path, registry: Registry) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+            .map_err(|error| ConfigError::Read { path: path.display().to_string(), error })?;
         Self::parse(&text, registry).map_err(|detail| ConfigError::Invalid { path: path.display().to_string(), detail })
     }
 

@@ -3,12 +3,12 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use videocount_aggregates::Registry;
+use videocount_aggregates::{FunctionsConfig, Registry};
 use videocount_clickhouse::compact::{RoundLimits, compact};
 use videocount_clickhouse::config::ClickHouseArgs;
 use videocount_clickhouse::{ClickHouse, replay, schema};
 use videocount_lease::{Fence, LeaseArgs, LeaseError, describe_me};
-use videocount_query::{QueryError, Reader, TimeRange, format_time, parse_time};
+use videocount_query::{CountPlan, Edges, QueryError, Reader, TimeRange, parse_time};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Operate a videocount ClickHouse database.")]
@@ -19,7 +19,7 @@ struct Cli {
     command: Command,
 }
 
-/// The range of a read: half-open `[from, to)`, in whole minutes.
+/// The range of a read: half-open `[from, to)` in milliseconds, as the HTTP API takes it.
 #[derive(Args, Debug)]
 struct Range {
     /// Start (inclusive): RFC 3339 (2026-11-27T10:00:00Z) or epoch milliseconds.
@@ -28,9 +28,14 @@ struct Range {
     /// End (exclusive), same forms; default: now.
     #[arg(long, value_parser = parse_time)]
     to: Option<u64>,
-    /// Print a JSON object instead of the bare number.
+    /// Print the HTTP API's JSON answer instead of the bare number.
     #[arg(long)]
     json: bool,
+    /// Count whole minutes only (a minute counts when its start is in the range) instead of
+    /// reading the partial minutes at both ends from events_raw: for jobs run with
+    /// --no-events-raw. Stats are always whole minutes.
+    #[arg(long)]
+    whole_minutes: bool,
 }
 
 fn video_id(s: &str) -> Result<String, String> {
@@ -51,14 +56,15 @@ fn event_type(s: &str) -> Result<String, String> {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Views of a video in a range (getViewsCount).
+    /// Views of a video in a range (getViewsCount), exact to the millisecond like the HTTP API.
     Views {
         #[arg(value_parser = video_id)]
         video_id: String,
         #[command(flatten)]
         range: Range,
     },
-    /// Events of one type for a video in a range (getCount).
+    /// Events of one type for a video in a range (getCount), exact to the millisecond like the
+    /// HTTP API.
     Count {
         #[arg(value_parser = video_id)]
         video_id: String,
@@ -68,8 +74,9 @@ enum Command {
         range: Range,
     },
     /// A function over a video's events of one type in a range (getStats): count, sum, min,
-    /// max, avg, p1..p99 or uniq. Prints `null` where a function has no value without data
-    /// (sum, min, max, avg, pNN); count and uniq of nothing are 0.
+    /// max, avg, p1..p99 or uniq, over the whole minutes that start in the range. Prints
+    /// `null` where a function has no value without data (sum, min, max, avg, pNN); count and
+    /// uniq of nothing are 0. A function event_stats does not keep for the type is an error.
     Stats {
         #[arg(value_parser = video_id)]
         video_id: String,
@@ -78,6 +85,9 @@ enum Command {
         function: String,
         #[command(flatten)]
         range: Range,
+        /// The functions config event_stats runs with (default: the built-in one).
+        #[arg(long, env = "VIDEOCOUNT_FUNCTIONS")]
+        functions: Option<std::path::PathBuf>,
     },
     /// Create the database and apply sql/schema.sql to it (idempotent).
     Schema,
@@ -126,7 +136,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("videocount: error: {e:#}");
             match e.downcast_ref::<QueryError>() {
-                Some(QueryError::Invalid(_)) => std::process::ExitCode::from(2),
+                Some(QueryError::Invalid(_) | QueryError::NotKept(_)) => std::process::ExitCode::from(2),
                 _ => std::process::ExitCode::FAILURE,
             }
         }
@@ -139,23 +149,26 @@ impl Range {
     }
 }
 
-fn print_number(range: &Range, resolved: TimeRange, value: Option<f64>, fields: serde_json::Value) {
+/// Prints `answer`: the JSON object with `--json`, else its bare `value` (`null` for none).
+fn print_answer(range: &Range, answer: serde_json::Value) {
     if range.json {
-        let mut object = serde_json::json!({
-            "from": format_time(resolved.from_ms),
-            "to": format_time(resolved.to_ms),
-            "value": value,
-        });
-        if let (Some(object), serde_json::Value::Object(fields)) = (object.as_object_mut(), fields) {
-            object.extend(fields);
-        }
-        println!("{object}");
+        println!("{answer}");
     } else {
-        match value {
-            Some(v) => println!("{v}"),
-            None => println!("null"),
-        }
+        println!("{}", answer["value"]);
     }
+}
+
+/// `views` and `count`: the answer the HTTP API gives for the same range.
+async fn count(reader: &Reader, video_id: String, event_type: String, range: &Range) -> anyhow::Result<()> {
+    let resolved = range.resolve()?;
+    let edges = if range.whole_minutes { Edges::WholeMinutes } else { Edges::Raw };
+    let reader = reader.clone().with_edges(edges);
+    let value = reader.count(&video_id, &event_type, resolved).await?;
+    let answer = serde_json::json!({
+        "video_id": video_id, "event_type": event_type, "range": resolved, "value": value, "edges": edges.name(),
+    });
+    print_answer(range, answer);
+    Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -167,25 +180,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Views { video_id, range } => {
-                let resolved = range.resolve()?;
-                let count = reader.views(&video_id, resolved).await?;
-                let fields = serde_json::json!({"video_id": video_id, "event_type": "view"});
-                print_number(&range, resolved, Some(count as f64), fields);
+                let event_type = videocount_events::DEFAULT_EVENT_TYPE.to_owned();
+                count(&reader, video_id, event_type, &range).await?;
             }
-            Command::Count { video_id, event_type, range } => {
+            Command::Count { video_id, event_type, range } => count(&reader, video_id, event_type, &range).await?,
+            Command::Stats { video_id, event_type, function, range, functions } => {
                 let resolved = range.resolve()?;
-                let count = reader.count(&video_id, &event_type, resolved).await?;
-                let fields = serde_json::json!({"video_id": video_id, "event_type": event_type});
-                print_number(&range, resolved, Some(count as f64), fields);
-            }
-            Command::Stats { video_id, event_type, function, range } => {
-                let resolved = range.resolve()?;
-                let answer = reader.stats(&video_id, &event_type, &function, resolved).await?;
-                let fields = serde_json::json!({
-                    "video_id": video_id, "event_type": event_type, "function": function,
-                    "states_merged": answer.states,
-                });
-                print_number(&range, resolved, answer.value, fields);
+                let functions = FunctionsConfig::load_or_default(functions.as_deref())?;
+                let answer =
+                    reader.with_functions(functions).stats(&video_id, &event_type, &function, resolved).await?;
+                let minutes = CountPlan::new(resolved, Edges::WholeMinutes).minute_range();
+                print_answer(
+                    &range,
+                    serde_json::json!({
+                        "video_id": video_id, "event_type": event_type, "function": function,
+                        "range": resolved, "minutes": minutes, "value": answer.value, "states": answer.states,
+                    }),
+                );
             }
             Command::Compact { topic, job_name, grace_secs, max_states } => {
                 let now = u64::from(videocount_events::clock::now_secs());

@@ -4,7 +4,9 @@
 //!
 //! Used by the query service (`videocount_query_canary_freshness_seconds`) and the load test.
 //! Each canary keeps its own video id so that its expected count is known: the views it had
-//! acknowledged in the event's minute.
+//! acknowledged in the event's minute. A sample needs exactly that count: a higher one (a view
+//! counted twice, or views someone else wrote to the canary's video to fake freshness) is an
+//! [`CanaryError::Overcount`], never a sample. The id should be unguessable and unpublished.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,20 +21,35 @@ use crate::{Client, ClientError, Event};
 #[derive(Debug, thiserror::Error)]
 pub enum CanaryError {
     #[error("the canary event was not accepted: {0}")]
-    Write(#[from] ClientError),
+    Write(ClientError),
     #[error("the read API failed: {0}")]
     Read(String),
     #[error("the canary event was not counted within {0:?}")]
     Timeout(Duration),
+    /// The canary's video has more views than the canary wrote: a view counted twice, or
+    /// someone else writing to the canary's video. No sample: the count no longer says when
+    /// the canary's own view arrived.
+    #[error("the canary's video counts {counted} views in the minute, {expected} were written")]
+    Overcount { expected: u64, counted: u64 },
+}
+
+impl From<ClientError> for CanaryError {
+    fn from(error: ClientError) -> Self {
+        CanaryError::Write(error)
+    }
 }
 
 impl CanaryError {
-    /// A short label for metrics: `write`, `read` or `timeout`.
+    /// Every [`CanaryError::kind`].
+    pub const KINDS: [&'static str; 4] = ["write", "read", "timeout", "overcount"];
+
+    /// A short label for metrics: `write`, `read`, `timeout` or `overcount`.
     pub fn kind(&self) -> &'static str {
         match self {
             CanaryError::Write(_) => "write",
             CanaryError::Read(_) => "read",
             CanaryError::Timeout(_) => "timeout",
+            CanaryError::Overcount { .. } => "overcount",
         }
     }
 }
@@ -115,7 +132,12 @@ impl Canary {
         self.sent.retain(|m, _| *m + 3_600_000 > minute);
         loop {
             match self.counted(minute).await {
-                Ok(count) if count >= expected => return Ok(accepted.elapsed()),
+                Ok(count) if count == expected => return Ok(accepted.elapsed()),
+                Ok(counted) if counted > expected => {
+                    // The next probe in this minute expects one more than is counted now.
+                    self.sent.insert(minute, counted);
+                    return Err(CanaryError::Overcount { expected, counted });
+                }
                 Ok(_) => {}
                 Err(error) if accepted.elapsed() >= self.timeout => return Err(error),
                 Err(_) => {}

@@ -1,10 +1,16 @@
 //! Serving a router with the limits a service facing the Internet needs, which `axum::serve`
-//! does not set: a client must send a request's headers within `header_timeout` (also between
-//! requests on a kept-alive connection, so an idle connection is closed after it), and at most
-//! `max_connections` are open at once (further clients wait in the listen backlog). Slow or
-//! silent clients (slowloris) therefore hold a connection for `header_timeout` at most, token
-//! or not. HTTP/1.1 only (hyper), shut down gracefully: on the signal, no new connections,
-//! requests in flight answered, for up to 30 s.
+//! does not set:
+//! - a client must send a request's headers within `header_timeout` (also between requests on
+//!   a kept-alive connection, so an idle connection is closed after it, and each answer says so
+//!   in `Keep-Alive: timeout=`), so slow or silent clients (slowloris) hold a connection for
+//!   `header_timeout` at most, token or not;
+//! - a client that stops reading an answer holds its connection for `write_timeout` at most;
+//! - a request's head (request line and headers) is at most [`MAX_HEAD_BYTES`];
+//! - an HTTP/1.1 request without exactly one `Host` is refused (RFC 9112 section 3.2);
+//! - at most `max_connections` are open at once (further clients wait in the listen backlog).
+//!
+//! HTTP/1.1 only (hyper), shut down gracefully: on the signal, no new connections, requests in
+//! flight answered, for up to 30 s.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,6 +18,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, Version, header};
+use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -29,6 +37,8 @@ pub struct ServeLimits {
     pub header_timeout: Duration,
     /// Connections open at once at most.
     pub max_connections: usize,
+    /// Time an answer's bytes may wait for a client that does not read them.
+    pub write_timeout: Duration,
 }
 
 /// The flags of [`ServeLimits`], flattened into each service's own.
@@ -41,23 +51,54 @@ pub struct ServeArgs {
     /// Connections open at once at most; further clients wait in the listen backlog.
     #[arg(long, env = "VIDEOCOUNT_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+    /// A client that reads none of an answer for this long (its connection's send buffer full)
+    /// is disconnected.
+    #[arg(long, env = "VIDEOCOUNT_WRITE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub write_timeout_ms: u64,
 }
 
 impl ServeArgs {
     pub fn limits(&self) -> anyhow::Result<ServeLimits> {
         anyhow::ensure!(
-            self.header_timeout_ms > 0 && self.max_connections > 0,
-            "--header-timeout-ms and --max-connections must be above 0"
+            self.header_timeout_ms > 0 && self.max_connections > 0 && self.write_timeout_ms > 0,
+            "--header-timeout-ms, --max-connections and --write-timeout-ms must be above 0"
         );
         Ok(ServeLimits {
             header_timeout: Duration::from_millis(self.header_timeout_ms),
             max_connections: self.max_connections,
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
         })
     }
 }
 
 /// How long a graceful shutdown waits for requests in flight.
 const DRAIN: Duration = Duration::from_secs(30);
+
+/// A request's line and headers together are at most this long; longer ones get hyper's 431
+/// (or 414 for a long request line) and the connection closes. hyper's own minimum is 8 KiB.
+pub const MAX_HEAD_BYTES: usize = 64 << 10;
+
+/// Middleware of every connection: refuses an HTTP/1.1 request without exactly one `Host`, and tells
+/// kept-alive clients when an idle connection will be closed.
+async fn connection_rules(
+    keep_alive: HeaderValue,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let hosts = request.headers().get_all(header::HOST).iter().count();
+    if request.version() == Version::HTTP_11 && hosts != 1 {
+        return crate::ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "missing host",
+            "host",
+            format!("an HTTP/1.1 request carries exactly one Host header (RFC 9112, section 3.2), not {hosts}"),
+        )
+        .into_response();
+    }
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(header::HeaderName::from_static("keep-alive"), keep_alive);
+    response
+}
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains.
 pub async fn serve(
@@ -66,6 +107,12 @@ pub async fn serve(
     limits: ServeLimits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    // One second under the real timeout, so that a client does not reuse a connection the
+    // service is closing at that moment.
+    let idle = limits.header_timeout.as_secs().saturating_sub(1).max(1);
+    let keep_alive = HeaderValue::from_str(&format!("timeout={idle}")).expect("an ASCII header value");
+    let app =
+        app.layer(axum::middleware::from_fn(move |request, next| connection_rules(keep_alive.clone(), request, next)));
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -87,11 +134,15 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(limits.write_timeout));
         let service = app.clone().map_request(|request: hyper::Request<Incoming>| request.map(Body::new));
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            .max_header_size(MAX_HEAD_BYTES)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .serve_connection(TokioIo::new(Box::pin(stream)), TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -52,7 +52,7 @@ pub fn router(state: Arc<AppState>, request_timeout: Duration) -> Router {
         .route("/v1/events", post(process_events))
         // The token first, then the body: an unauthorized client never has a body buffered.
         .route_layer(middleware::from_fn_with_state(state.clone(), read_body_in_time))
-        .route_layer(middleware::from_fn(refuse_query_parameters))
+        .route_layer(middleware::from_fn_with_state(state.clone(), refuse_query_parameters))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .merge(v1)
@@ -395,10 +395,11 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// A write takes no query parameters: one given (`?ts=5`) is refused rather than ignored.
-async fn refuse_query_parameters(request: Request, next: Next) -> Response {
+async fn refuse_query_parameters(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     match request.uri().query().filter(|q| !q.is_empty()) {
         Some(query) => {
             let name = query.split(['=', '&']).next().unwrap_or_default().to_owned();
+            discard_body(request.into_body(), state.body_timeout);
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid argument",
@@ -426,29 +427,15 @@ async fn read_body_in_time(State(state): State<Arc<AppState>>, request: Request,
     };
     let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
-        // Answered at once; the body is read and dropped meanwhile (never held, at most 64 MiB
-        // and the body timeout) so that a client still sending it gets to read the answer
-        // instead of a broken pipe.
-        let mut body = request.into_body();
-        let timeout = state.body_timeout;
-        tokio::spawn(async move {
-            let drain = async {
-                let mut seen = 0usize;
-                while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
-                    seen += frame.data_ref().map_or(0, |data| data.len());
-                    if seen > 64 << 20 {
-                        break;
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(timeout, drain).await;
-        });
+        // Answered at once, the body discarded meanwhile.
+        discard_body(request.into_body(), state.body_timeout);
         return too_large();
     }
     // Held until the answer: a body of unknown length counts as the largest allowed.
     let size = declared.map_or(MAX_BODY_BYTES, |length| length as usize).max(1);
     let Ok(_held) = Arc::clone(&state.inflight_bytes).try_acquire_many_owned(size as u32) else {
         state.metrics.overloaded.inc();
+        discard_body(request.into_body(), state.body_timeout);
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
@@ -459,14 +446,10 @@ async fn read_body_in_time(State(state): State<Arc<AppState>>, request: Request,
         .into_response();
     };
     let (parts, body) = request.into_parts();
-    let bytes = match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
-        Ok(Ok(bytes)) => bytes,
+    let bytes = match tokio::time::timeout(state.body_timeout, read_body(body, declared)).await {
+        Ok(Ok(Some(bytes))) => bytes,
+        Ok(Ok(None)) => return too_large(),
         Ok(Err(error)) => {
-            let length_limit =
-                std::error::Error::source(&error).is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
-            if length_limit {
-                return too_large();
-            }
             return ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad body",
@@ -488,6 +471,41 @@ async fn read_body_in_time(State(state): State<Arc<AppState>>, request: Request,
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
+/// The body, at most [`MAX_BODY_BYTES`] (`None` past it), copied frame by frame into one buffer:
+/// a chunked body of one-byte chunks takes the memory of its bytes, not a buffer entry per
+/// chunk (tens of times more).
+async fn read_body(mut body: Body, declared: Option<u64>) -> Result<Option<Bytes>, axum::Error> {
+    let mut buffer = bytes::BytesMut::with_capacity(declared.map_or(64 << 10, |length| length as usize));
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        if let Some(data) = frame?.data_ref() {
+            if buffer.len() + data.len() > MAX_BODY_BYTES {
+                return Ok(None);
+            }
+            buffer.extend_from_slice(data);
+        }
+    }
+    Ok(Some(buffer.freeze()))
+}
+
+/// Reads and drops the body of a request answered before it was read (refused: too large,
+/// overloaded, unauthorized, bad parameters), in the background, for `within` and 64 MiB at
+/// most. A client still sending it then gets to read the answer; closing the connection with
+/// its bytes unread would reset it, and the client would see a broken pipe instead.
+fn discard_body(mut body: Body, within: Duration) {
+    tokio::spawn(async move {
+        let drain = async {
+            let mut seen = 0usize;
+            while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+                seen += frame.data_ref().map_or(0, |data| data.len());
+                if seen > 64 << 20 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(within, drain).await;
+    });
+}
+
 /// Bearer-token check of the `/v1` routes, when the service has a token.
 async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if let Some(token) = &state.auth_token {
@@ -506,6 +524,7 @@ async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: N
             )
             .into_response();
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            discard_body(request.into_body(), state.body_timeout);
             return response;
         }
     }

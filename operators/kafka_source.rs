@@ -158,8 +158,8 @@ impl ConsumerContext for SourceContext {}
 /// A source that cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("Kafka consumer for {topic}: {source}")]
-    Kafka { topic: String, source: rdkafka::error::KafkaError },
+    #[error("Kafka consumer for {topic}: {error}")]
+    Kafka { topic: String, error: rdkafka::error::KafkaError },
     /// Retention deleted offsets the checkpoint needs (the job checks this before it starts;
     /// this is the same check at the moment of reading, for retention that ran in between).
     #[error(
@@ -259,7 +259,7 @@ where
 {
     let worker = scope.index();
     let peers = scope.peers();
-    let kafka_err = |source| SourceError::Kafka { topic: config.topic.clone(), source };
+    let kafka_err = |error| SourceError::Kafka { topic: config.topic.clone(), error };
     let context = SourceContext { topic: config.topic.clone(), progress: Arc::clone(&config.progress) };
     let consumer: BaseConsumer<SourceContext> =
         consumer_config(&config.kafka, &config.job, worker).create_with_context(context).map_err(kafka_err)?;

@@ -7,17 +7,31 @@ use redb::{Database, Durability, TableDefinition};
 
 use crate::stats_epoch::LocatedInput;
 
-/// A spill file that failed: the slow stream stops with it rather than lose an epoch.
+/// A spill file that failed: the slow stream stops with it rather than lose an epoch. The
+/// message includes the cause, which is therefore not also a `source` (it would be printed
+/// twice in a chain).
 #[derive(Debug, thiserror::Error)]
 pub enum SpillError {
-    #[error("creating the spill file {path}: {source}")]
-    Create { path: PathBuf, source: redb::Error },
+    #[error("creating the spill file {path}: {error}")]
+    Create { path: PathBuf, error: redb::Error },
     #[error("spill file: {0}")]
-    Store(#[from] redb::Error),
+    Store(redb::Error),
     #[error("spill file: encoding a batch: {0}")]
-    Encoding(#[from] postcard::Error),
+    Encoding(postcard::Error),
     #[error("spill file: batch {0} missing")]
     Missing(u64),
+}
+
+impl From<redb::Error> for SpillError {
+    fn from(error: redb::Error) -> Self {
+        SpillError::Store(error)
+    }
+}
+
+impl From<postcard::Error> for SpillError {
+    fn from(error: postcard::Error) -> Self {
+        SpillError::Encoding(error)
+    }
 }
 
 /// The slow stream's batches that wait on disk, by sequence number. The file is scratch: after
@@ -40,7 +54,7 @@ impl Spill {
         let db = Database::builder()
             .set_cache_size(16 << 20)
             .create(&path)
-            .map_err(|e| SpillError::Create { path: path.clone(), source: e.into() })?;
+            .map_err(|e| SpillError::Create { path: path.clone(), error: e.into() })?;
         Ok(Spill { path, db })
     }
 

@@ -80,10 +80,12 @@ pub fn router(state: Arc<AppState>, request_timeout: Duration, ui_dir: Option<Pa
     app.layer(middleware::from_fn(videocount_http::json_errors)).layer(middleware::from_fn(reject_long_paths))
 }
 
-/// A path segment longer than any file name or id (255 bytes) is no route, before anything
-/// tries to open it (the file service answered 500 for it).
+/// A path segment longer than any file name or id (255 bytes), or a path longer than any route
+/// (1 KiB), is no route, before anything tries to open it (the file service answered 500 for
+/// both: the system refuses such names).
 async fn reject_long_paths(request: axum::extract::Request, next: middleware::Next) -> Response {
-    if request.uri().path().split('/').any(|segment| segment.len() > 255) {
+    let path = request.uri().path();
+    if path.len() > 1024 || path.split('/').any(|segment| segment.len() > 255) {
         return no_route().await.into_response();
     }
     next.run(request).await
@@ -103,6 +105,7 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
 fn query_error(state: &AppState, error: QueryError, field: &str) -> ApiError {
     match error {
         QueryError::Invalid(message) => invalid(field, message),
+        QueryError::NotKept(message) => ApiError::new(StatusCode::NOT_FOUND, "function not kept", "function", message),
         QueryError::Store(SinkError::Unavailable(message)) => {
             state.metrics.clickhouse_errors.inc();
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "clickhouse unavailable", "", message)
@@ -178,8 +181,7 @@ fn check_type(event_type: &str) -> Result<(), ApiError> {
 }
 
 fn echo(range: TimeRange) -> Value {
-    json!({"from": format_time(range.from_ms), "to": format_time(range.to_ms),
-           "from_ms": range.from_ms, "to_ms": range.to_ms})
+    json!(range)
 }
 
 /// Counts `[from, to)`: the recent whole minutes from the hot cache when it holds them, the
@@ -199,10 +201,7 @@ async fn count_range(state: &AppState, video_id: &str, event_type: &str, range: 
     }
     let stored =
         state.reader.count_plan(video_id, event_type, &rest).await.map_err(|e| query_error(state, e, "range"))?;
-    let edges = match state.reader.edges() {
-        Edges::Raw => "raw",
-        Edges::WholeMinutes => "whole_minutes",
-    };
+    let edges = state.reader.edges().name();
     Ok(json!({
         "video_id": video_id,
         "event_type": event_type,

@@ -14,7 +14,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 use tracing::{info, warn};
-use videocount_client::canary::Canary;
+use videocount_client::canary::{Canary, CanaryError};
 
 /// Samples the live panel summarises.
 const RECENT: Duration = Duration::from_secs(300);
@@ -29,12 +29,11 @@ pub struct CanaryStats {
     pub failures: Family<KindLabels, Counter>,
     recent: Mutex<VecDeque<(Instant, f64)>>,
     last_error: Mutex<Option<String>>,
-    video_id: Mutex<Option<String>>,
 }
 
 impl CanaryStats {
     /// Registers `canary_freshness_seconds` (buckets 0.05 s to 102 s, doubling) and
-    /// `canary_failures_total{kind=write|read|timeout}`.
+    /// `canary_failures_total{kind=write|read|timeout|overcount}`.
     pub fn register(registry: &mut Registry) -> CanaryStats {
         let freshness = Histogram::new((0..12).map(|i| 0.05 * f64::from(1u32 << i)));
         registry.register(
@@ -45,16 +44,10 @@ impl CanaryStats {
         let failures = Family::<KindLabels, Counter>::default();
         registry.register("canary_failures", "Canary probes that gave no sample, by kind", failures.clone());
         // Every kind from the start (0 until it happens), so rates and alerts need no special case.
-        for kind in ["write", "read", "timeout"] {
+        for kind in CanaryError::KINDS {
             let _ = failures.get_or_create(&KindLabels { kind: kind.to_owned() });
         }
-        CanaryStats {
-            freshness,
-            failures,
-            recent: Mutex::default(),
-            last_error: Mutex::default(),
-            video_id: Mutex::default(),
-        }
+        CanaryStats { freshness, failures, recent: Mutex::default(), last_error: Mutex::default() }
     }
 
     fn record(&self, seconds: f64) {
@@ -84,8 +77,8 @@ impl CanaryStats {
             (!samples.is_empty())
                 .then(|| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1])
         };
+        // No video id: a client that knew it could write views to it.
         serde_json::json!({
-            "video_id": *self.video_id.lock().expect("canary lock"),
             "samples": samples.len(),
             "p50_seconds": quantile(0.5),
             "p99_seconds": quantile(0.99),
@@ -97,7 +90,6 @@ impl CanaryStats {
 /// Probes about every `every` after the previous probe ended, for ever.
 pub async fn run(mut canary: Canary, every: Duration, metrics: std::sync::Arc<crate::metrics::Metrics>) {
     let stats = &metrics.canary;
-    *stats.video_id.lock().expect("canary lock") = Some(canary.video_id().to_owned());
     let mut failing = false;
     loop {
         // A random pause (mean `every`): probes at a fixed phase to the jobs' epochs and the hot

@@ -27,7 +27,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tracing::{info, warn};
-use videocount_aggregates::Registry;
+use videocount_aggregates::{FunctionsConfig, Registry};
 use videocount_clickhouse::config::ClickHouseArgs;
 use videocount_clickhouse::{ClickHouse, ClickHouseConfig};
 use videocount_client::canary::Canary;
@@ -58,6 +58,11 @@ pub struct QueryArgs {
     /// `X-Videocount-Replica-Delay`).
     #[arg(long, env = "VIDEOCOUNT_QUERY_MAX_REPLICA_DELAY_SECS", default_value_t = 10)]
     pub max_replica_delay_secs: u64,
+    /// The functions config event_stats runs with (TOML; default: the built-in
+    /// config/functions.toml): a stats query for a function it does not keep for the event
+    /// type is a 404 naming those it keeps.
+    #[arg(long, env = "VIDEOCOUNT_FUNCTIONS")]
+    pub functions: Option<std::path::PathBuf>,
     /// Count in whole minutes instead of reading the partial minutes at the range's edges from
     /// events_raw: for jobs run with --no-events-raw.
     #[arg(long, env = "VIDEOCOUNT_QUERY_NO_RAW_EDGES")]
@@ -94,9 +99,9 @@ pub struct QueryArgs {
     /// 0 turns the canary off.
     #[arg(long, env = "VIDEOCOUNT_CANARY_INTERVAL_MS", default_value_t = 1_000)]
     pub canary_interval_ms: u64,
-    /// The canary's video id (default: videocount-canary- and a random suffix per process, so
-    /// that each canary knows its expected count). Top lists leave out ids starting with
-    /// `videocount-canary`.
+    /// The canary's video id (default: videocount-canary- and 128 random bits per process, so
+    /// that each canary knows its expected count and nobody else can write to it; it is not
+    /// published). Top lists leave out ids starting with `videocount-canary`.
     #[arg(long, env = "VIDEOCOUNT_CANARY_VIDEO")]
     pub canary_video: Option<String>,
 }
@@ -115,7 +120,8 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
     // than every query spreading over all cores.
     let clickhouse = ClickHouse::new(config).with_setting("max_threads", "1");
     let edges = if args.no_raw_edges { Edges::WholeMinutes } else { Edges::Raw };
-    let reader = Reader::new(clickhouse.clone(), Registry::builtin()).with_edges(edges);
+    let functions = FunctionsConfig::load_or_default(args.functions.as_deref())?;
+    let reader = Reader::new(clickhouse.clone(), Registry::builtin()).with_edges(edges).with_functions(functions);
     match reader.ready().await {
         Ok(()) => info!(url = %args.clickhouse.url, database = %args.clickhouse.database, "ClickHouse is ready"),
         Err(error) => warn!(%error, "ClickHouse is not ready yet; requests get 503 until it is"),
@@ -158,7 +164,7 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
     match (&args.ingest_url, args.canary_interval_ms) {
         (Some(ingest), every) if every > 0 => {
             let canary = start_canary(&args, ingest, address)?;
-            info!(video_id = canary.video_id(), every_ms = every, "freshness canary on");
+            info!(every_ms = every, "freshness canary on");
             tokio::spawn(canary::run(canary, Duration::from_millis(every), metrics));
         }
         _ => info!("freshness canary off (needs --ingest-url and --canary-interval-ms > 0)"),
@@ -187,7 +193,8 @@ fn start_canary(args: &QueryArgs, ingest: &str, address: SocketAddr) -> anyhow::
     let video = match &args.canary_video {
         Some(video) if videocount_events::valid_video_id(video) => video.clone(),
         Some(video) => anyhow::bail!("--canary-video {video:?} is not a valid video id (1-64 of [A-Za-z0-9_-])"),
-        None => format!("{CANARY_PREFIX}-{:08x}", rand::random::<u32>()),
+        // 128 random bits: nobody can guess it to write views to it (see CanaryError::Overcount).
+        None => format!("{CANARY_PREFIX}-{:032x}", rand::random::<u128>()),
     };
     Ok(Canary::new(client, &format!("http://{read}"), video))
 }

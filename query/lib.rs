@@ -16,7 +16,7 @@ mod stats;
 
 use clickhouse::Row;
 use serde::Deserialize;
-use videocount_aggregates::{Function, Registry};
+use videocount_aggregates::{Function, FunctionsConfig, Registry};
 pub use videocount_clickhouse::rows::Grain;
 use videocount_clickhouse::{ClickHouse, SinkError};
 use videocount_events::{DEFAULT_EVENT_TYPE, valid_event_type, valid_video_id};
@@ -34,8 +34,12 @@ pub enum QueryError {
     /// The caller's input is wrong: says which argument and which rule.
     #[error("{0}")]
     Invalid(String),
+    /// The function is not kept for the event type (see `Reader::with_functions`): names those
+    /// that are.
+    #[error("{0}")]
+    NotKept(String),
     /// ClickHouse failed or is unreachable.
-    #[error("ClickHouse: {0}")]
+    #[error(transparent)]
     Store(#[from] SinkError),
     /// A stored state could not be decoded.
     #[error("{0}")]
@@ -53,6 +57,16 @@ pub enum Edges {
     Raw,
     /// Whole minutes only: a minute counts when its start is in the range.
     WholeMinutes,
+}
+
+impl Edges {
+    /// As answers name it: `raw` or `whole_minutes`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Edges::Raw => "raw",
+            Edges::WholeMinutes => "whole_minutes",
+        }
+    }
 }
 
 /// The pieces a count range is read from: whole minutes `[start_s, end_s)` from the rollups
@@ -138,12 +152,23 @@ pub struct Reader {
     clickhouse: ClickHouse,
     registry: Registry,
     edges: Edges,
+    /// What `event_stats` keeps per event type: a stats query for a function it does not keep
+    /// is an error rather than a believable 0 or null.
+    functions: FunctionsConfig,
 }
 
 impl Reader {
-    /// A reader answering counts in whole minutes; see [`Reader::with_edges`].
+    /// A reader answering counts in whole minutes (see [`Reader::with_edges`]) and stats of
+    /// the functions of the built-in config (see [`Reader::with_functions`]).
     pub fn new(clickhouse: ClickHouse, registry: Registry) -> Self {
-        Reader { clickhouse, registry, edges: Edges::WholeMinutes }
+        let functions = FunctionsConfig::load_or_default(None).expect("the built-in functions config is valid");
+        Reader { clickhouse, registry, edges: Edges::WholeMinutes, functions }
+    }
+
+    /// The functions config `event_stats` runs with.
+    pub fn with_functions(mut self, functions: FunctionsConfig) -> Self {
+        self.functions = functions;
+        self
     }
 
     /// How counts treat the partial minutes at the ends of a range.

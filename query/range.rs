@@ -29,6 +29,19 @@ impl TimeRange {
     }
 }
 
+/// A range as answers show it: `from` and `to` in RFC 3339 and in epoch milliseconds.
+impl serde::Serialize for TimeRange {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut fields = serializer.serialize_struct("TimeRange", 4)?;
+        fields.serialize_field("from", &format_time(self.from_ms))?;
+        fields.serialize_field("to", &format_time(self.to_ms))?;
+        fields.serialize_field("from_ms", &self.from_ms)?;
+        fields.serialize_field("to_ms", &self.to_ms)?;
+        fields.end()
+    }
+}
+
 /// Parses a time: RFC 3339 (`2026-11-27T10:00:00Z`, any offset) or epoch milliseconds.
 pub fn parse_time(text: &str) -> Result<u64, String> {
     let text = text.trim();

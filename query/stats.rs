@@ -3,6 +3,8 @@
 
 use videocount_clickhouse::states::{StoredState, live_states};
 
+use videocount_aggregates::Function;
+
 use crate::{Bounds, QueryError, Reader, TimeRange, bucket_condition, check_ids, segments};
 
 /// The answer to a stats query.
@@ -16,6 +18,25 @@ pub struct StatsAnswer {
 }
 
 impl Reader {
+    /// An error naming the functions `event_stats` keeps for `event_type` when `function` is
+    /// not one of them (nor shares an aggregate with one: `avg` with `sum`, `p75` with `p50`).
+    /// Only asked when no state was found: events that name a function in their `function`
+    /// field feed it whatever the config, and then it has an answer.
+    fn check_kept(&self, event_type: &str, function: &Function) -> Result<(), QueryError> {
+        let kept = self.functions.functions(event_type);
+        if kept.iter().any(|f| f.aggregate == function.aggregate) {
+            return Ok(());
+        }
+        let names: Vec<&str> = kept.iter().map(|f| f.name.as_str()).collect();
+        Err(QueryError::NotKept(format!(
+            "{} is not kept for event type {event_type}: event_stats applies {} to it (its --functions config), \
+             and no event in this range named {} in its function field",
+            function.name,
+            names.join(", "),
+            function.name
+        )))
+    }
+
     /// `getStats`: `function` over the events of `event_type` (as kept by `event_stats`).
     pub async fn stats(
         &self,
@@ -29,6 +50,7 @@ impl Reader {
         let aggregate = self.registry.get(function.aggregate);
         let segments = segments(range);
         if segments.is_empty() {
+            self.check_kept(event_type, &function)?;
             let empty = aggregate.create();
             return Ok(StatsAnswer { value: aggregate.finish(&empty, &function.name), states: 0 });
         }
@@ -65,6 +87,9 @@ impl Reader {
                 aggregate.merge(&mut merged, &state);
                 states += 1;
             }
+        }
+        if states == 0 {
+            self.check_kept(event_type, &function)?;
         }
         let value = aggregate.finish(&merged, &function.name);
         Ok(StatsAnswer { value, states })

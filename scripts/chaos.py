@@ -127,7 +127,7 @@ def kafka_end_offsets(topic):
     """Each partition's end offset: the messages it holds, from 0 (nothing was deleted)."""
     libs = os.path.join(ROOT, "var", "kafka", "libs", "*")
     out = subprocess.run(
-        ["java", "-Xmx128m", "-cp", libs, "org.apache.kafka.tools.GetOffsetShell", "--bootstrap-server", HA_BROKERS,
+        ["java", "-Xmx128m", f"-Dkafka.logs.dir={os.path.join(ROOT, 'var', 'kafka')}", "-cp", libs, "org.apache.kafka.tools.GetOffsetShell", "--bootstrap-server", HA_BROKERS,
          "--topic", topic], capture_output=True, text=True, timeout=120, check=True).stdout
     ends = {}
     for line in out.split():

@@ -136,6 +136,16 @@ fn every_endpoint_equals_a_direct_count_over_events_raw() {
             assert_eq!(answer["value"], expected, "{name}: {video} {event_type} [{from}, {to})");
             assert_eq!(answer["edges"], "raw");
             assert_eq!(answer["range"]["from_ms"], *from);
+            // The CLI gives the same answer, to the millisecond.
+            let (from_text, to_text) = (from.to_string(), to.to_string());
+            let range = ["--from", from_text.as_str(), "--to", to_text.as_str(), "--json"];
+            let (code, out, err) = if event_type == "view" {
+                env.videocount(&[&["views", video][..], &range].concat())
+            } else {
+                env.videocount(&[&["count", video, event_type][..], &range].concat())
+            };
+            assert_eq!(code, 0, "{err}");
+            assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap(), answer, "{name}: the CLI's answer");
             checked += 1;
         }
     }

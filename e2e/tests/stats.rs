@@ -188,6 +188,11 @@ fn check(what: &str, function: &str, got: Option<f64>, expected: Option<f64>) {
 fn stats(env: &TestEnv, video: &str, event_type: &str, function: &str, from: u64, to: u64) -> Option<f64> {
     let (code, out, err) =
         env.videocount(&["stats", video, event_type, function, "--from", &from.to_string(), "--to", &to.to_string()]);
+    // A function the config does not keep for the type (latency's p95, fed only by events that
+    // name it) has no answer where no such event was: an error that says so, not a null.
+    if code == 2 && err.contains("p95 is not kept for event type latency: event_stats applies count to it") {
+        return None;
+    }
     assert_eq!(code, 0, "videocount stats failed: {err}");
     if out == "null" { None } else { Some(out.parse().unwrap_or_else(|_| panic!("not a number: {out}"))) }
 }
@@ -244,9 +249,11 @@ fn stats_over_ranges_equal_the_reference() {
                         + refused_here.filter(|_| in_range(now_ms - 1000)).count()
                 };
                 let (from, to) = (from.to_string(), to.to_string());
-                let (code, out, err) = env.videocount(&["views", video, "--from", &from, "--to", &to]);
+                let (code, out, err) =
+                    env.videocount(&["views", video, "--from", &from, "--to", &to, "--whole-minutes"]);
                 assert_eq!((code, out.parse::<usize>().ok()), (0, Some(all("view"))), "{name}: views {video}: {err}");
-                let (code, out, err) = env.videocount(&["count", video, "latency", "--from", &from, "--to", &to]);
+                let (code, out, err) =
+                    env.videocount(&["count", video, "latency", "--from", &from, "--to", &to, "--whole-minutes"]);
                 assert_eq!(
                     (code, out.parse::<usize>().ok()),
                     (0, Some(all("latency"))),
@@ -260,7 +267,7 @@ fn stats_over_ranges_equal_the_reference() {
         let (from, to) = ((now_ms - 4 * DAY_MS).to_string(), (now_ms + 3_600_000).to_string());
         let (code, out, err) = env.videocount(&["stats", "v0", "view", "uniq", "--from", &from, "--to", &to, "--json"]);
         assert_eq!(code, 0, "{err}");
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()["states_merged"].as_u64().unwrap()
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["states"].as_u64().unwrap()
     };
     let before = states_merged();
     eprintln!("states merged for v0's views over everything: {before} before compaction");
@@ -361,7 +368,8 @@ fn bad_arguments_exit_2_with_a_message() {
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["value"], 0.0);
     assert_eq!(json["function"], "uniq");
-    assert_eq!(json["from"], "1970-01-01T00:00:00Z");
+    assert_eq!(json["range"]["from"], "1970-01-01T00:00:00Z");
+    assert_eq!(json["minutes"]["to_ms"], 86_400_000);
     // ClickHouse unreachable: exit 1, not 2.
     let output = std::process::Command::new(videocount_e2e::tool("videocount"))
         .args(["--clickhouse-url", "http://127.0.0.1:9", "views", "v1", "--from", "0", "--to", "1000000"])

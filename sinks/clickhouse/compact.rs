@@ -27,7 +27,7 @@ use crate::states::{StoredState, live_states};
 /// A compaction round that failed; the next round starts over (see the module documentation).
 #[derive(Debug, thiserror::Error)]
 pub enum CompactError {
-    #[error("ClickHouse: {0}")]
+    #[error(transparent)]
     Store(#[from] SinkError),
     /// A stored state could not be decoded, or names an aggregate this binary does not know.
     #[error("{0}")]
