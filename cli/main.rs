@@ -153,8 +153,13 @@ impl Range {
 fn print_answer(range: &Range, answer: serde_json::Value) {
     if range.json {
         println!("{answer}");
+    } else if let Some(count) = answer["value"].as_u64() {
+        println!("{count}");
+    } else if let Some(value) = answer["value"].as_f64() {
+        // Rust's shortest form: 103 for 103.0, 0.1 for 0.1.
+        println!("{value}");
     } else {
-        println!("{}", answer["value"]);
+        println!("null");
     }
 }
 

@@ -3,12 +3,13 @@
 //! being queryable is one freshness sample.
 //!
 //! Used by the query service (`videocount_query_canary_freshness_seconds`) and the load test.
-//! Each canary keeps its own video id so that its expected count is known: the views it had
-//! acknowledged in the event's minute. A sample needs exactly that count: a higher one (a view
-//! counted twice, or views someone else wrote to the canary's video to fake freshness) is an
-//! [`CanaryError::Overcount`], never a sample. The id should be unguessable and unpublished.
+//! Each canary keeps its own video id. A probe reads the minute's count first, then writes one
+//! view and waits for exactly one more: a higher count (a view counted twice, or views someone
+//! else wrote to the canary's video to fake freshness) is an [`CanaryError::Overcount`], never
+//! a sample. After a failed probe (its view may still arrive, or arrive twice) the rest of the
+//! minute is left alone: the next probe waits for the next minute. The id should be
+//! unguessable and unpublished.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use videocount_events::clock::now_ms;
@@ -29,7 +30,7 @@ pub enum CanaryError {
     /// The canary's video has more views than the canary wrote: a view counted twice, or
     /// someone else writing to the canary's video. No sample: the count no longer says when
     /// the canary's own view arrived.
-    #[error("the canary's video counts {counted} views in the minute, {expected} were written")]
+    #[error("the canary's video counts {counted} views in the minute where {expected} were expected")]
     Overcount { expected: u64, counted: u64 },
 }
 
@@ -61,8 +62,8 @@ pub struct Canary {
     /// Read API base URLs: each probe reads the first that answers.
     read_urls: Vec<String>,
     video_id: String,
-    /// Views acknowledged per event minute (epoch ms of the minute's start).
-    sent: BTreeMap<u64, u64>,
+    /// The minute (epoch ms of its start) of the last failed probe: its count is not known.
+    tainted: Option<u64>,
     /// How long a probe waits for its view to be counted.
     pub timeout: Duration,
     /// How often it asks the read API meanwhile.
@@ -83,7 +84,7 @@ impl Canary {
             http,
             read_urls: read_url.split(',').map(|url| url.trim().trim_end_matches('/').to_owned()).collect(),
             video_id: video_id.into(),
-            sent: BTreeMap::new(),
+            tainted: None,
             timeout: Duration::from_secs(60),
             poll: Duration::from_millis(50),
         }
@@ -120,24 +121,28 @@ impl Canary {
     /// Sends one view and waits until the read API counts it: the seconds from the write's
     /// acknowledgement to the first answer that includes it.
     pub async fn probe(&mut self) -> Result<Duration, CanaryError> {
-        let ts = now_ms();
+        let result = self.probe_once().await;
+        if result.is_err() {
+            let ts = now_ms();
+            self.tainted = Some(ts - ts % 60_000);
+        }
+        result
+    }
+
+    async fn probe_once(&mut self) -> Result<Duration, CanaryError> {
+        let mut ts = now_ms();
+        if self.tainted == Some(ts - ts % 60_000) {
+            tokio::time::sleep(Duration::from_millis(60_000 - ts % 60_000)).await;
+            ts = now_ms();
+        }
         let minute = ts - ts % 60_000;
+        let expected = self.counted(minute).await? + 1;
         self.client.send(Event::view(self.video_id.clone()).at(ts))?.await?;
         let accepted = Instant::now();
-        let expected = {
-            let sent = self.sent.entry(minute).or_default();
-            *sent += 1;
-            *sent
-        };
-        self.sent.retain(|m, _| *m + 3_600_000 > minute);
         loop {
             match self.counted(minute).await {
                 Ok(count) if count == expected => return Ok(accepted.elapsed()),
-                Ok(counted) if counted > expected => {
-                    // The next probe in this minute expects one more than is counted now.
-                    self.sent.insert(minute, counted);
-                    return Err(CanaryError::Overcount { expected, counted });
-                }
+                Ok(counted) if counted > expected => return Err(CanaryError::Overcount { expected, counted }),
                 Ok(_) => {}
                 Err(error) if accepted.elapsed() >= self.timeout => return Err(error),
                 Err(_) => {}

@@ -60,6 +60,10 @@ pub struct ClientConfig {
     pub health_interval: Option<Duration>,
     /// Sent as `Authorization: Bearer ...` when set.
     pub auth_token: Option<String>,
+    /// Give every event without an `event_id` one (this client's random 64-bit id and a
+    /// sequence number), kept across its retries, so that the jobs count it once however often
+    /// it is sent. On by default.
+    pub assign_event_ids: bool,
 }
 
 impl ClientConfig {
@@ -77,6 +81,7 @@ impl ClientConfig {
             breaker: BreakerConfig::default(),
             health_interval: Some(Duration::from_secs(5)),
             auth_token: None,
+            assign_event_ids: true,
         }
     }
 }

@@ -16,6 +16,11 @@ pub struct Event {
     pub viewer_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub function: Option<String>,
+    /// What identifies the event across retries: the jobs count an id once (1-64 characters of
+    /// `[A-Za-z0-9_-]`). The client assigns one when it is absent (see
+    /// [`crate::ClientConfig::assign_event_ids`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
 }
 
 impl Event {
@@ -27,6 +32,7 @@ impl Event {
             value: None,
             viewer_id: None,
             function: None,
+            event_id: None,
         }
     }
 
@@ -51,6 +57,12 @@ impl Event {
 
     pub fn function(mut self, function: impl Into<String>) -> Self {
         self.function = Some(function.into());
+        self
+    }
+
+    /// An id of the caller's own (an id from the player, say), instead of the client's.
+    pub fn id(mut self, event_id: impl Into<String>) -> Self {
+        self.event_id = Some(event_id.into());
         self
     }
 }

@@ -117,6 +117,9 @@ struct Shared {
     /// Events accepted by `send` and not yet resolved.
     outstanding: AtomicUsize,
     requests: RequestCounts,
+    /// This client's part of the event ids it assigns, and the number of the next one.
+    id_prefix: u64,
+    next_id: AtomicU64,
 }
 
 /// Requests the client sent, and how many a service answered with 2xx (see
@@ -181,6 +184,8 @@ impl Client {
             next: AtomicUsize::new(0),
             outstanding: AtomicUsize::new(0),
             requests: RequestCounts::default(),
+            id_prefix: rand::random(),
+            next_id: AtomicU64::new(0),
         });
         let (commands, receiver) = mpsc::unbounded_channel();
         let batcher = tokio::spawn(batch(shared.clone(), receiver));
@@ -240,7 +245,12 @@ impl Client {
             return Err(ClientError::BufferFull { limit });
         }
         let mut acks = Vec::with_capacity(n);
-        for event in events {
+        for mut event in events {
+            if self.shared.config.assign_event_ids && event.event_id.is_none() {
+                let n = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+                event.event_id = Some(format!("{:016x}-{n:x}", self.shared.id_prefix));
+            }
+            // Serialized once: every retry sends these bytes, with the same id.
             let json = serde_json::to_string(&event).expect("an Event always serializes");
             let (tx, rx) = oneshot::channel();
             if self.commands.send(Command::Send(Pending { json, ack: tx })).is_err() {

@@ -72,6 +72,17 @@ struct Fields<'a> {
     viewer_id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     function: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    event_id: Option<&'a RawValue>,
+}
+
+/// What identifies an event across a client's retries: the 128-bit xxh3 hash of its
+/// `event_id` (1-64 characters of `[A-Za-z0-9_-]`), as the jobs remember it to count it once.
+pub type EventId = u128;
+
+/// The [`EventId`] of an `event_id` string.
+pub fn event_id_hash(event_id: &str) -> EventId {
+    xxhash_rust::xxh3::xxh3_128(event_id.as_bytes())
 }
 
 /// An event with the fields that aggregate functions read (`event_stats`).
@@ -93,6 +104,11 @@ pub fn valid_video_id(s: &str) -> bool {
 
 /// `viewer_id`: the same rule as `video_id`.
 pub fn valid_viewer_id(s: &str) -> bool {
+    valid_video_id(s)
+}
+
+/// `event_id`: the same rule as `video_id`.
+pub fn valid_event_id(s: &str) -> bool {
     valid_video_id(s)
 }
 
@@ -127,7 +143,17 @@ fn shorten(s: &str) -> String {
 /// `message_ts_ms` is the Kafka timestamp of the message: the event time when the payload has
 /// no `ts`, and the reference for the too-old / too-far-ahead checks.
 pub fn parse_event(payload: Option<&[u8]>, message_ts_ms: Option<i64>, limits: TimeLimits) -> Result<Event, Rejection> {
-    parse_with(payload, message_ts_ms, limits, |event, _| Ok(event))
+    parse_event_with_id(payload, message_ts_ms, limits).map(|(event, _)| event)
+}
+
+/// [`parse_event`], and the event's [`EventId`] when it has an `event_id`.
+pub fn parse_event_with_id(
+    payload: Option<&[u8]>,
+    message_ts_ms: Option<i64>,
+    limits: TimeLimits,
+) -> Result<(Event, Option<EventId>), Rejection> {
+    let (event, id) = parse_with(payload, message_ts_ms, limits, |event, _| Ok(event))?;
+    Ok((event, id.map(|id| event_id_hash(&id))))
 }
 
 /// Parses a message for `event_stats`: [`parse_event`]'s rules, plus `value` (a finite number),
@@ -137,6 +163,26 @@ pub fn parse_stats_event(
     message_ts_ms: Option<i64>,
     limits: TimeLimits,
 ) -> Result<StatsEvent, Rejection> {
+    parse_stats_event_with_id_text(payload, message_ts_ms, limits).map(|(event, _)| event)
+}
+
+/// [`parse_stats_event`], and the event's [`EventId`] when it has an `event_id`.
+pub fn parse_stats_event_with_id(
+    payload: Option<&[u8]>,
+    message_ts_ms: Option<i64>,
+    limits: TimeLimits,
+) -> Result<(StatsEvent, Option<EventId>), Rejection> {
+    let (event, id) = parse_stats_event_with_id_text(payload, message_ts_ms, limits)?;
+    Ok((event, id.map(|id| event_id_hash(&id))))
+}
+
+/// [`parse_stats_event`], and the event's `event_id` as written (the ingest service passes it
+/// on).
+pub fn parse_stats_event_with_id_text<'a>(
+    payload: Option<&'a [u8]>,
+    message_ts_ms: Option<i64>,
+    limits: TimeLimits,
+) -> Result<(StatsEvent, Option<Cow<'a, str>>), Rejection> {
     use RejectReason::*;
     parse_with(payload, message_ts_ms, limits, |event, fields| {
         let value = match fields.value.filter(|raw| raw.get() != "null") {
@@ -174,12 +220,12 @@ fn optional_string(
     }
 }
 
-fn parse_with<T>(
-    payload: Option<&[u8]>,
+fn parse_with<'a, T>(
+    payload: Option<&'a [u8]>,
     message_ts_ms: Option<i64>,
     limits: TimeLimits,
     rest: impl FnOnce(Event, &Fields<'_>) -> Result<T, Rejection>,
-) -> Result<T, Rejection> {
+) -> Result<(T, Option<Cow<'a, str>>), Rejection> {
     use RejectReason::*;
     let payload = match payload {
         Some(p) if !p.iter().all(u8::is_ascii_whitespace) => p,
@@ -258,12 +304,24 @@ fn parse_with<T>(
         return Err(Rejection::new(InvalidTs, format!("ts {ts_ms} is after the year 2106")));
     }
 
+    let event_id = match fields.event_id.filter(|raw| raw.get() != "null") {
+        None => None,
+        Some(raw) => match string_field(raw) {
+            Some(id) if valid_event_id(&id) => Some(id),
+            _ => {
+                return Err(Rejection::new(
+                    InvalidEventId,
+                    format!("{} is not a string of 1-64 characters of [A-Za-z0-9_-]", shorten(raw.get())),
+                ));
+            }
+        },
+    };
     let event = Event {
         video_id: CompactString::from(video_id.as_ref()),
         event_type: CompactString::from(event_type.as_ref()),
         ts_ms,
     };
-    rest(event, &fields)
+    Ok((rest(event, &fields)?, event_id))
 }
 
 #[cfg(test)]

@@ -19,10 +19,13 @@ pub enum RejectReason {
     UnknownFunction,
     MissingValue,
     MissingViewerId,
+    InvalidEventId,
+    /// Not malformed: an event whose `event_id` was already counted (a client's retry).
+    DuplicateEventId,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 16] = [
+    pub const ALL: [RejectReason; 18] = [
         RejectReason::EmptyPayload,
         RejectReason::InvalidJson,
         RejectReason::NotAnObject,
@@ -39,6 +42,8 @@ impl RejectReason {
         RejectReason::UnknownFunction,
         RejectReason::MissingValue,
         RejectReason::MissingViewerId,
+        RejectReason::InvalidEventId,
+        RejectReason::DuplicateEventId,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -59,6 +64,8 @@ impl RejectReason {
             RejectReason::UnknownFunction => "unknown function",
             RejectReason::MissingValue => "missing value",
             RejectReason::MissingViewerId => "missing viewer_id",
+            RejectReason::InvalidEventId => "invalid event_id",
+            RejectReason::DuplicateEventId => "duplicate event_id",
         }
     }
 }

@@ -78,6 +78,36 @@ const DRAIN: Duration = Duration::from_secs(30);
 /// (or 414 for a long request line) and the connection closes. hyper's own minimum is 8 KiB.
 pub const MAX_HEAD_BYTES: usize = 64 << 10;
 
+/// File descriptors kept for what is not a client connection: ClickHouse and Kafka sockets,
+/// files, the listener.
+const RESERVED_FDS: u64 = 512;
+
+/// `max_connections`, within the process's file-descriptor limit: the soft limit is raised to
+/// the hard one, and the connections lowered (with a warning) when even that leaves too few for
+/// the service's own sockets. Past the limit, `accept` and the service's own connections to
+/// ClickHouse and Kafka would fail instead.
+fn connection_limit(max_connections: usize) -> usize {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(error) => {
+            warn!(%error, "cannot read or raise the file-descriptor limit");
+            return max_connections.max(1);
+        }
+    };
+    let fits = limit.saturating_sub(RESERVED_FDS).max(1);
+    if max_connections as u64 > fits {
+        warn!(
+            max_connections,
+            file_descriptor_limit = limit,
+            lowered_to = fits,
+            "--max-connections does not fit the file-descriptor limit (ulimit -n) with {RESERVED_FDS} kept for the \
+             service's own sockets; raise the limit or lower --max-connections"
+        );
+        return fits as usize;
+    }
+    max_connections.max(1)
+}
+
 /// Middleware of every connection: refuses an HTTP/1.1 request without exactly one `Host`, and tells
 /// kept-alive clients when an idle connection will be closed.
 async fn connection_rules(
@@ -113,7 +143,7 @@ pub async fn serve(
     let keep_alive = HeaderValue::from_str(&format!("timeout={idle}")).expect("an ASCII header value");
     let app =
         app.layer(axum::middleware::from_fn(move |request, next| connection_rules(keep_alive.clone(), request, next)));
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let permits = Arc::new(Semaphore::new(connection_limit(limits.max_connections)));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {

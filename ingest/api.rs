@@ -20,7 +20,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use videocount_aggregates::FunctionsConfig;
 use videocount_events::clock::now_ms;
-use videocount_events::{RejectReason, Rejection, TimeLimits, parse_stats_event};
+use videocount_events::{RejectReason, Rejection, TimeLimits, parse_stats_event_with_id_text};
 use videocount_http::{ApiError, Tracking};
 
 use crate::metrics::{Metrics, ReasonLabels};
@@ -94,6 +94,7 @@ fn field(reason: RejectReason) -> &'static str {
         InvalidValue | MissingValue => "value",
         InvalidViewerId | MissingViewerId => "viewer_id",
         InvalidFunction | UnknownFunction => "function",
+        InvalidEventId | DuplicateEventId => "event_id",
     }
 }
 
@@ -109,12 +110,14 @@ struct Canonical<'a> {
     viewer_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     function: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<&'a str>,
 }
 
 impl AppState {
     /// One event's JSON checked as the jobs will check it, turned into its message.
     fn validate(&self, json: &[u8], now_ms: i64) -> Result<Outgoing, Rejection> {
-        let event = parse_stats_event(Some(json), Some(now_ms), self.limits)?;
+        let (event, event_id) = parse_stats_event_with_id_text(Some(json), Some(now_ms), self.limits)?;
         self.functions.resolve(&event)?;
         let payload = serde_json::to_vec(&Canonical {
             video_id: &event.event.video_id,
@@ -123,6 +126,7 @@ impl AppState {
             value: event.value,
             viewer_id: event.viewer_id.as_deref(),
             function: event.function.as_deref(),
+            event_id: event_id.as_deref(),
         })
         .expect("the canonical event always serializes");
         Ok(Outgoing { key: event.event.video_id, payload, timestamp_ms: now_ms })
@@ -267,6 +271,46 @@ async fn single(
     }
 }
 
+fn too_many_events() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too many events",
+        "body",
+        format!("a request carries at most {MAX_BATCH_EVENTS} events"),
+    )
+}
+
+/// The error [`json_array`] stops with past [`MAX_BATCH_EVENTS`] items.
+const TOO_MANY: &str = "too many events";
+
+/// The items of a JSON array, each kept raw; it stops at item [`MAX_BATCH_EVENTS`] + 1, so a
+/// body of millions of tiny items (`[0,0,0,...]`) costs no more than the largest batch.
+fn json_array(body: &[u8]) -> Result<Vec<&RawValue>, serde_json::Error> {
+    struct Items;
+    impl<'de> serde::de::Visitor<'de> for Items {
+        type Value = Vec<&'de RawValue>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON array")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<&'de RawValue>()? {
+                if items.len() == MAX_BATCH_EVENTS {
+                    return Err(serde::de::Error::custom(TOO_MANY));
+                }
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let items = serde::Deserializer::deserialize_seq(&mut deserializer, Items)?;
+    deserializer.end()?;
+    Ok(items)
+}
+
 /// `POST /v1/events`: a JSON array (`application/json`) or one event per line
 /// (`application/x-ndjson`).
 async fn process_events(
@@ -279,7 +323,10 @@ async fn process_events(
     // number in NDJSON (blank lines are skipped but counted, so indexes are line numbers).
     let items: Vec<(usize, &[u8])> = match media_type(&headers).as_deref() {
         Some("application/json") => {
-            let items: Vec<&RawValue> = serde_json::from_slice(&body).map_err(|e| {
+            let items = json_array(&body).map_err(|e| {
+                if e.to_string().starts_with(TOO_MANY) {
+                    return too_many_events();
+                }
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
                     RejectReason::InvalidJson.as_str(),
@@ -309,12 +356,7 @@ async fn process_events(
         }
     };
     if items.len() > MAX_BATCH_EVENTS {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too many events",
-            "body",
-            format!("a request carries at most {MAX_BATCH_EVENTS} events"),
-        ));
+        return Err(too_many_events());
     }
     if items.is_empty() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "no events", "body", "the body holds no events"));

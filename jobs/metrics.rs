@@ -145,6 +145,27 @@ impl Collector for JobCollector {
             Some("partition"),
             lag_seconds,
         )?;
+        let dedup_ids =
+            positions.iter().map(|(p, pos)| (p.to_string(), ConstGauge::new(pos.dedup_ids as i64))).collect();
+        encode_metric(
+            &mut encoder,
+            "dedup_ids",
+            "Event ids in the partition's dedup window (--dedup-window offsets), by partition",
+            Some("partition"),
+            dedup_ids,
+        )?;
+        let dedup_seconds = positions
+            .iter()
+            .map(|(p, pos)| (p.to_string(), ConstGauge::new(pos.dedup_window_ms as f64 / 1000.0)))
+            .collect();
+        encode_metric(
+            &mut encoder,
+            "dedup_window_seconds",
+            "How far back the dedup window remembers ids (last message minus the oldest id's Kafka timestamp), by \
+             partition: keep it above the clients' retry span",
+            Some("partition"),
+            dedup_seconds,
+        )?;
         let headroom: Vec<_> = positions
             .iter()
             .filter_map(|(p, pos)| pos.retention_headroom.map(|h| (p.to_string(), ConstGauge::new(h))))

@@ -94,14 +94,15 @@ async fn record_run(
 
 /// Everything the bytes of a re-run epoch's blocks depend on besides its offset ranges and the
 /// worker count (checked on its own): the block format, the parse limits (which messages are
-/// dead letters) and the dataflow's own settings. Its hash is the run's fingerprint in
+/// dead letters, and which are duplicates) and the dataflow's own settings. Its hash is the run's fingerprint in
 /// `job_runs`; an interrupted epoch is only re-run under the same one.
 pub fn block_settings<D: Dataflow>(args: &JobArgs, dataflow: &D) -> String {
     format!(
-        "block format {}; --max-age-secs {}; --max-ahead-secs {}; {}",
+        "block format {}; --max-age-secs {}; --max-ahead-secs {}; --dedup-window {}; {}",
         videocount_clickhouse::native::BLOCK_FORMAT,
         args.max_age_secs,
         args.max_ahead_secs,
+        args.dedup_window,
         dataflow.settings()
     )
 }
@@ -303,6 +304,7 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
                 state: Arc::clone(&state),
                 shutdown: Arc::clone(&shutdown),
                 progress: Arc::clone(&progress),
+                dedup_window: args.dedup_window,
             };
             let (writer, dlq, dlq_topic) = (writer.clone(), Arc::clone(&dlq), dlq_topic.clone());
             let dataflow = Arc::clone(&dataflow);

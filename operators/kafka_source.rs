@@ -32,10 +32,11 @@ use timely::dataflow::{Scope, Stream};
 use tracing::{info, warn};
 use videocount_clickhouse::checkpoints::{JobState, Range, generation};
 use videocount_clickhouse::rows::{DeadLetterRow, stored_payload};
-use videocount_events::{Event, Rejection, TimeLimits};
+use videocount_events::{Event, EventId, RejectReason, Rejection, TimeLimits};
 use videocount_kafka::KafkaClients;
 
 use crate::back_pressure::Throttle;
+use crate::dedup::DedupWindow;
 use crate::partition_cursor::{PartitionCursor, Placement};
 
 /// What the source emits.
@@ -102,6 +103,11 @@ pub struct PartitionPosition {
     /// monitor's last look): how many messages retention may still delete before it deletes
     /// some the job needs; negative once it has. `None` where unknown.
     pub retention_headroom: Option<i64>,
+    /// Event ids in the partition's dedup window.
+    pub dedup_ids: u64,
+    /// How far back the dedup window reaches: the last message's timestamp minus that of the
+    /// oldest id remembered (ms; 0 when empty).
+    pub dedup_window_ms: i64,
 }
 
 /// Settings of the source.
@@ -122,6 +128,9 @@ pub struct SourceConfig {
     /// Set by SIGINT/SIGTERM: close the current epoch and stop.
     pub shutdown: Arc<AtomicBool>,
     pub progress: Arc<SourceProgress>,
+    /// An event whose `event_id` a valid event less than this many offsets before it in its
+    /// partition had is a duplicate ([`crate::dedup`]); 0: ids are not looked at.
+    pub dedup_window: u64,
 }
 
 /// The source consumer's context: librdkafka reports an offset that is not on the broker (with
@@ -194,13 +203,23 @@ pub fn consumer_config(kafka: &KafkaClients, job: &str, worker: usize) -> Client
     client
 }
 
-/// Copies this worker's cursors into the shared positions (the lag monitor reads them).
-fn publish_positions(progress: &SourceProgress, partitions: &BTreeMap<u32, PartitionCursor>) {
+/// Copies this worker's cursors and dedup windows into the shared positions (the lag monitor
+/// and the metrics read them).
+fn publish_positions(
+    progress: &SourceProgress,
+    partitions: &BTreeMap<u32, PartitionCursor>,
+    windows: &BTreeMap<u32, DedupWindow>,
+) {
     let Ok(mut positions) = progress.positions.lock() else { return };
     for (p, cursor) in partitions {
         let position = positions.entry(*p).or_default();
         position.next = cursor.next();
         position.last_message_ms = cursor.last_message_ms();
+        if let Some(window) = windows.get(p) {
+            position.dedup_ids = window.len() as u64;
+            position.dedup_window_ms =
+                window.oldest_ms().map_or(0, |oldest| cursor.last_message_ms().saturating_sub(oldest).max(0));
+        }
     }
 }
 
@@ -244,9 +263,11 @@ fn add_partitions<C: ConsumerContext>(
 
 /// Builds the source for this worker. See the module documentation.
 ///
-/// `parse` turns a message (payload, Kafka timestamp, limits) into an event or a rejection:
-/// `videocount_events::parse_event` for `view_counts`. It must depend on nothing but its
-/// arguments, so that a re-run epoch parses exactly as the first run did.
+/// `parse` turns a message (payload, Kafka timestamp, limits) into an event and its
+/// `event_id`, or a rejection: `videocount_events::parse_event_with_id` for `view_counts`. It
+/// must depend on nothing but its arguments, so that a re-run epoch parses exactly as the first
+/// run did. With a dedup window, the source first reads up to that many offsets before the
+/// first one it counts in each partition, to remember their ids (see [`crate::dedup`]).
 pub fn kafka_source<'scope, E, F>(
     scope: Scope<'scope, u64>,
     config: SourceConfig,
@@ -255,7 +276,7 @@ pub fn kafka_source<'scope, E, F>(
 ) -> Result<Stream<'scope, u64, Vec<SourceItem<E>>>, SourceError>
 where
     E: Clone + 'static,
-    F: FnMut(Option<&[u8]>, Option<i64>, TimeLimits) -> Result<E, Rejection> + 'static,
+    F: FnMut(Option<&[u8]>, Option<i64>, TimeLimits) -> Result<(E, Option<EventId>), Rejection> + 'static,
 {
     let worker = scope.index();
     let peers = scope.peers();
@@ -266,6 +287,7 @@ where
 
     let owned: Vec<u32> = (0..config.partitions).filter(|p| *p as usize % peers == worker).collect();
     let mut partitions: BTreeMap<u32, PartitionCursor> = BTreeMap::new();
+    let mut windows: BTreeMap<u32, DedupWindow> = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
     let mut pending_epochs: BTreeMap<u64, usize> = BTreeMap::new();
     for &p in &owned {
@@ -293,11 +315,20 @@ where
             config.progress.stop(error.to_string());
             continue;
         }
-        assignment.add_partition_offset(&config.topic, p as i32, Offset::Offset(start as i64)).map_err(kafka_err)?;
-        partitions.insert(p, PartitionCursor::new(p, start, pending, high));
+        // The dedup window is rebuilt from the offsets before the first one counted (what is
+        // left of them: retention may have deleted the oldest, see docs/exactly-once.md).
+        let warm = if config.dedup_window > 0 { start.saturating_sub(config.dedup_window).max(low) } else { start };
+        if warm < start {
+            info!(worker, partition = p, from = warm, to = start, "reading the dedup window before counting");
+        }
+        assignment.add_partition_offset(&config.topic, p as i32, Offset::Offset(warm as i64)).map_err(kafka_err)?;
+        partitions.insert(p, PartitionCursor::new(p, start, pending, high).warm_from(warm));
+        if config.dedup_window > 0 {
+            windows.insert(p, DedupWindow::new(config.dedup_window));
+        }
     }
     consumer.assign(&assignment).map_err(kafka_err)?;
-    publish_positions(&config.progress, &partitions);
+    publish_positions(&config.progress, &partitions, &windows);
     info!(
         worker,
         partitions = ?owned,
@@ -375,8 +406,28 @@ where
                     }
                     let message_ts = message.timestamp().to_millis();
                     cursor.saw_timestamp(message_ts);
-                    let item = match parse(message.payload(), message_ts, config.limits) {
-                        Ok(event) => SourceItem::Event(event, p, offset),
+                    let parsed = parse(message.payload(), message_ts, config.limits);
+                    // Remembers the id of a valid event; a copy within the window is a dead letter.
+                    let duplicate = match (&parsed, windows.get_mut(&p)) {
+                        (Ok((_, Some(id))), Some(window)) => window.is_duplicate(offset, message_ts.unwrap_or(0), *id),
+                        _ => false,
+                    };
+                    if placement == Placement::Warmup {
+                        continue;
+                    }
+                    let parsed = match parsed {
+                        Ok(_) if duplicate => Err(Rejection::new(
+                            RejectReason::DuplicateEventId,
+                            format!(
+                                "an event with this event_id is less than {} offsets before it in partition {p}: a \
+                                 retry, counted once",
+                                config.dedup_window
+                            ),
+                        )),
+                        other => other,
+                    };
+                    let item = match parsed {
+                        Ok((event, _)) => SourceItem::Event(event, p, offset),
                         Err(rejection) => {
                             config.progress.dead_letters.fetch_add(1, Ordering::Relaxed);
                             if let Ok(mut reasons) = config.progress.dead_letter_reasons.lock() {
@@ -401,7 +452,7 @@ where
                 }
                 config.progress.messages.fetch_add(polled as u64, Ordering::Relaxed);
                 if polled > 0 {
-                    publish_positions(&config.progress, &partitions);
+                    publish_positions(&config.progress, &partitions, &windows);
                 }
                 // A full budget means more is waiting: come back at once.
                 more = polled >= 20_000 || started.elapsed() >= Duration::from_millis(5);
@@ -465,7 +516,12 @@ where
                         Ok(added) => {
                             info!(worker, epoch = epoch + 1, partitions = ?added, "reading partitions added to the topic");
                             known_partitions = seen;
-                            publish_positions(&config.progress, &partitions);
+                            if config.dedup_window > 0 {
+                                for p in &added {
+                                    windows.insert(*p, DedupWindow::new(config.dedup_window));
+                                }
+                            }
+                            publish_positions(&config.progress, &partitions, &windows);
                         }
                         Err(e) => {
                             warn!(worker, error = %e, "cannot read the partitions added to the topic yet; retrying in 5 s");

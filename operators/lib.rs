@@ -4,7 +4,8 @@
 //! - [`kafka_source`]: reads the partitions a worker owns, parses each message into an event
 //!   or a dead letter, and closes an epoch every interval, emitting the epoch's offset ranges;
 //!   after a crash it first re-runs pending epochs over exactly their recorded ranges, placing
-//!   each message with a [`partition_cursor`].
+//!   each message with a [`partition_cursor`]; an event whose `event_id` was counted shortly
+//!   before in its partition is a dead letter `duplicate event_id` ([`dedup`]).
 //! - [`flush_epochs`]: gathers a stream per epoch and, once the frontier (and a gate) passed
 //!   the epoch, hands its blocks to the bounded ClickHouse write queue, holding the epoch's
 //!   capability until they are written.
@@ -19,6 +20,7 @@
 
 pub mod back_pressure;
 pub mod count_events;
+pub mod dedup;
 pub mod flush_epochs;
 pub mod kafka_source;
 pub mod needed_offsets;

@@ -20,6 +20,8 @@ pub struct PartitionCursor {
     target: u64,
     /// Kafka timestamp of the last message placed (ms; 0 before the first).
     last_message_ms: i64,
+    /// Messages before this offset are read only to fill the dedup window, not counted.
+    count_from: u64,
 }
 
 /// Where a message goes.
@@ -31,6 +33,8 @@ pub enum Placement {
     Pending(u64),
     /// Part of the current live epoch.
     Live,
+    /// Before the first offset counted: read to rebuild the dedup window only.
+    Warmup,
 }
 
 impl PartitionCursor {
@@ -38,7 +42,14 @@ impl PartitionCursor {
     /// epoch order, contiguous from `start`) before live epochs.
     pub fn new(partition: u32, start: u64, pending: VecDeque<(u64, Range)>, target: u64) -> Self {
         let epoch_start = pending.back().map_or(start, |(_, r)| r.end);
-        PartitionCursor { partition, next: start, epoch_start, pending, target, last_message_ms: 0 }
+        PartitionCursor { partition, next: start, epoch_start, pending, target, last_message_ms: 0, count_from: start }
+    }
+
+    /// Reads from `from` (before the start) first, to rebuild the dedup window: those messages
+    /// are placed as [`Placement::Warmup`].
+    pub fn warm_from(mut self, from: u64) -> Self {
+        self.next = from.min(self.next);
+        self
     }
 
     /// Places the message at `offset`; `finished` receives each pending epoch whose range in
@@ -48,6 +59,9 @@ impl PartitionCursor {
             return Placement::Repeat;
         }
         self.next = offset + 1;
+        if offset < self.count_from {
+            return Placement::Warmup;
+        }
         while self.pending.front().is_some_and(|(_, r)| offset >= r.end) {
             finished.push(self.pending.pop_front().expect("front exists").0);
         }
@@ -148,6 +162,21 @@ mod tests {
         assert!(!cursor.replaying());
         assert_eq!(cursor.place(104, &mut finished), Placement::Live);
         assert_eq!(cursor.close_epoch(), Some(range(0, 104, 105)));
+    }
+
+    #[test]
+    fn a_warm_up_is_read_before_the_first_counted_offset() {
+        let pending = VecDeque::from([(7, range(0, 100, 102))]);
+        let mut cursor = PartitionCursor::new(0, 100, pending, 0).warm_from(95);
+        let mut finished = Vec::new();
+        assert_eq!(cursor.next(), 95);
+        assert_eq!(cursor.place(95, &mut finished), Placement::Warmup);
+        assert_eq!(cursor.place(99, &mut finished), Placement::Warmup);
+        assert_eq!(cursor.place(99, &mut finished), Placement::Repeat);
+        assert_eq!(cursor.place(100, &mut finished), Placement::Pending(7));
+        assert_eq!(cursor.place(101, &mut finished), Placement::Pending(7));
+        assert_eq!(cursor.place(102, &mut finished), Placement::Live);
+        assert_eq!(cursor.close_epoch(), Some(range(0, 102, 103)));
     }
 
     #[test]

@@ -18,22 +18,32 @@ pub struct StatsAnswer {
 }
 
 impl Reader {
-    /// An error naming the functions `event_stats` keeps for `event_type` when `function` is
-    /// not one of them (nor shares an aggregate with one: `avg` with `sum`, `p75` with `p50`).
-    /// Only asked when no state was found: events that name a function in their `function`
-    /// field feed it whatever the config, and then it has an answer.
-    fn check_kept(&self, event_type: &str, function: &Function) -> Result<(), QueryError> {
+    /// An error naming the functions `event_stats` keeps for `event_type` when `function` has
+    /// no answer there: it is kept when a configured function reads the same aggregate from the
+    /// same input (`avg` with `sum`, `p75` with `p50`). Otherwise it is answered only from states
+    /// that events naming a function in their `function` field fed (`states > 0` with an
+    /// aggregate the config does not feed for the type); where the config feeds the aggregate
+    /// from another input (`max` of views, whose `count` feeds the same moments), the states
+    /// hold only incidental values, and that is an error too.
+    fn check_kept(&self, event_type: &str, function: &Function, states: usize) -> Result<(), QueryError> {
         let kept = self.functions.functions(event_type);
-        if kept.iter().any(|f| f.aggregate == function.aggregate) {
+        if kept.iter().any(|f| f.aggregate == function.aggregate && f.input == function.input) {
+            return Ok(());
+        }
+        let fed_by_config = kept.iter().any(|f| f.aggregate == function.aggregate);
+        if states > 0 && !fed_by_config {
             return Ok(());
         }
         let names: Vec<&str> = kept.iter().map(|f| f.name.as_str()).collect();
+        let reason = if fed_by_config {
+            format!("configure {} for it to be kept", function.name)
+        } else {
+            format!("and no event in this range named {} in its function field", function.name)
+        };
         Err(QueryError::NotKept(format!(
-            "{} is not kept for event type {event_type}: event_stats applies {} to it (its --functions config), \
-             and no event in this range named {} in its function field",
+            "{} is not kept for event type {event_type}: event_stats applies {} to it (its --functions config), {reason}",
             function.name,
             names.join(", "),
-            function.name
         )))
     }
 
@@ -50,7 +60,7 @@ impl Reader {
         let aggregate = self.registry.get(function.aggregate);
         let segments = segments(range);
         if segments.is_empty() {
-            self.check_kept(event_type, &function)?;
+            self.check_kept(event_type, &function, 0)?;
             let empty = aggregate.create();
             return Ok(StatsAnswer { value: aggregate.finish(&empty, &function.name), states: 0 });
         }
@@ -88,9 +98,7 @@ impl Reader {
                 states += 1;
             }
         }
-        if states == 0 {
-            self.check_kept(event_type, &function)?;
-        }
+        self.check_kept(event_type, &function, states)?;
         let value = aggregate.finish(&merged, &function.name);
         Ok(StatsAnswer { value, states })
     }

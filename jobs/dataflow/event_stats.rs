@@ -11,7 +11,7 @@ use timely::dataflow::{Scope, Stream};
 use tracing::info;
 use videocount_aggregates::{FunctionsConfig, Speed};
 use videocount_clickhouse::Writer;
-use videocount_events::{Rejection, TimeLimits, parse_stats_event, route};
+use videocount_events::{EventId, Rejection, TimeLimits, parse_stats_event_with_id, route};
 use videocount_operators::FlushEpochs;
 use videocount_operators::pre_aggregate::{PreAggregate, SlowStream};
 use videocount_operators::stats_epoch::{LocatedInput, Partial, StatsEpoch, StatsInput};
@@ -34,10 +34,15 @@ impl Dataflow for EventStats {
     type Event = StatsInput;
     const NAME: &'static str = "event_stats";
 
-    fn parse(&self, payload: Option<&[u8]>, ts: Option<i64>, limits: TimeLimits) -> Result<StatsInput, Rejection> {
-        let event = parse_stats_event(payload, ts, limits)?;
+    fn parse(
+        &self,
+        payload: Option<&[u8]>,
+        ts: Option<i64>,
+        limits: TimeLimits,
+    ) -> Result<(StatsInput, Option<EventId>), Rejection> {
+        let (event, id) = parse_stats_event_with_id(payload, ts, limits)?;
         let aggregates = self.functions.resolve(&event)?;
-        Ok(StatsInput { event, aggregates })
+        Ok((StatsInput { event, aggregates }, id))
     }
 
     fn build<'scope>(

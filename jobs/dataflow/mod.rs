@@ -6,7 +6,7 @@ pub mod view_counts;
 
 use timely::dataflow::{Scope, Stream};
 use videocount_clickhouse::Writer;
-use videocount_events::{Located, Rejection, TimeLimits};
+use videocount_events::{EventId, Located, Rejection, TimeLimits};
 
 /// The part of a job between its source and its commit.
 pub trait Dataflow: Send + Sync + 'static {
@@ -14,13 +14,14 @@ pub trait Dataflow: Send + Sync + 'static {
     type Event: timely::ExchangeData + Clone;
     /// The default `--job-name`.
     const NAME: &'static str;
-    /// Parses one message; must depend on its arguments only (a re-run parses alike).
+    /// Parses one message, with its `event_id`; must depend on its arguments only (a re-run
+    /// parses alike).
     fn parse(
         &self,
         payload: Option<&[u8]>,
         message_ts_ms: Option<i64>,
         limits: TimeLimits,
-    ) -> Result<Self::Event, Rejection>;
+    ) -> Result<(Self::Event, Option<EventId>), Rejection>;
     /// The writes of an epoch's events, each gated on `planned`; the epoch commits once the
     /// frontier of every returned stream has passed it.
     fn build<'scope>(

@@ -4,7 +4,7 @@ use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::{Scope, Stream};
 use videocount_clickhouse::Writer;
 use videocount_clickhouse::rows::{RawRow, raw_block};
-use videocount_events::{Event, Located, Rejection, TimeLimits, parse_event, route};
+use videocount_events::{Event, EventId, Located, Rejection, TimeLimits, parse_event_with_id, route};
 use videocount_operators::{EventCounts, FlushEpochs};
 
 use super::{Dataflow, Writes};
@@ -20,8 +20,13 @@ impl Dataflow for ViewCounts {
     type Event = Event;
     const NAME: &'static str = "view_counts";
 
-    fn parse(&self, payload: Option<&[u8]>, ts: Option<i64>, limits: TimeLimits) -> Result<Event, Rejection> {
-        parse_event(payload, ts, limits)
+    fn parse(
+        &self,
+        payload: Option<&[u8]>,
+        ts: Option<i64>,
+        limits: TimeLimits,
+    ) -> Result<(Event, Option<EventId>), Rejection> {
+        parse_event_with_id(payload, ts, limits)
     }
 
     fn blocks_per_epoch(&self, peers: u64) -> Vec<(&'static str, u64)> {
