@@ -76,7 +76,9 @@ impl ClientConfig {
             max_buffered: 100_000,
             max_in_flight: 8,
             connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(10),
+            // Above the ingest service's own request timeout (20 s), which is above its Kafka
+            // delivery timeout (15 s), which is above a broker failover: an answer comes first.
+            request_timeout: Duration::from_secs(25),
             retry: RetryPolicy::default(),
             breaker: BreakerConfig::default(),
             health_interval: Some(Duration::from_secs(5)),

@@ -76,13 +76,24 @@ struct Fields<'a> {
     event_id: Option<&'a RawValue>,
 }
 
-/// What identifies an event across a client's retries: the 128-bit xxh3 hash of its
-/// `event_id` (1-64 characters of `[A-Za-z0-9_-]`), as the jobs remember it to count it once.
+/// What identifies an event across a client's retries, as the jobs remember it to count it
+/// once: the 128-bit xxh3 hash of its video, type and `event_id` (1-64 characters of
+/// `[A-Za-z0-9_-]`). Copies of one event agree on all three; an id a player reuses for another
+/// video or type (or that another sender chooses) names another event.
 pub type EventId = u128;
 
-/// The [`EventId`] of an `event_id` string.
-pub fn event_id_hash(event_id: &str) -> EventId {
-    xxhash_rust::xxh3::xxh3_128(event_id.as_bytes())
+/// The [`EventId`] of `event_id` on `event`.
+pub fn event_id_hash(event: &Event, event_id: &str) -> EventId {
+    // On the stack: three parts of at most 64 bytes and their separators (the parts are ASCII
+    // without NUL, so the separator keeps them apart); longer parts never pass validation.
+    let mut key = [0u8; 3 * 65];
+    let mut len = 0;
+    for part in [event.video_id.as_bytes(), event.event_type.as_bytes(), event_id.as_bytes()] {
+        let part = &part[..part.len().min(64)];
+        key[len..len + part.len()].copy_from_slice(part);
+        len += part.len() + 1;
+    }
+    xxhash_rust::xxh3::xxh3_128(&key[..len])
 }
 
 /// An event with the fields that aggregate functions read (`event_stats`).
@@ -153,7 +164,8 @@ pub fn parse_event_with_id(
     limits: TimeLimits,
 ) -> Result<(Event, Option<EventId>), Rejection> {
     let (event, id) = parse_with(payload, message_ts_ms, limits, |event, _| Ok(event))?;
-    Ok((event, id.map(|id| event_id_hash(&id))))
+    let id = id.map(|id| event_id_hash(&event, &id));
+    Ok((event, id))
 }
 
 /// Parses a message for `event_stats`: [`parse_event`]'s rules, plus `value` (a finite number),
@@ -173,7 +185,8 @@ pub fn parse_stats_event_with_id(
     limits: TimeLimits,
 ) -> Result<(StatsEvent, Option<EventId>), Rejection> {
     let (event, id) = parse_stats_event_with_id_text(payload, message_ts_ms, limits)?;
-    Ok((event, id.map(|id| event_id_hash(&id))))
+    let id = id.map(|id| event_id_hash(&event.event, &id));
+    Ok((event, id))
 }
 
 /// [`parse_stats_event`], and the event's `event_id` as written (the ingest service passes it
@@ -337,6 +350,21 @@ mod tests {
 
     fn reason(payload: &str) -> RejectReason {
         parse(payload).unwrap_err().reason
+    }
+
+    #[test]
+    fn an_event_id_names_one_event_of_one_video_and_type() {
+        let id = |payload: &str| parse_event_with_id(Some(payload.as_bytes()), Some(NOW), TimeLimits::default());
+        let (_, first) = id(r#"{"video_id":"v1","event_id":"a-1","ts":1795812377000}"#).unwrap();
+        let (_, again) = id(r#"{"event_id":"a-1","ts":1795812377000,"video_id":"v1"}"#).unwrap();
+        assert!(first.is_some() && first == again, "a copy has the same id");
+        assert_ne!(first, id(r#"{"video_id":"v2","event_id":"a-1"}"#).unwrap().1, "another video");
+        assert_ne!(first, id(r#"{"video_id":"v1","event_type":"like","event_id":"a-1"}"#).unwrap().1, "another type");
+        assert_eq!(id(r#"{"video_id":"v1","event_id":null}"#).unwrap().1, None);
+        for bad in [r#""a b""#, r#""""#, "17", &format!("\"{}\"", "x".repeat(65))] {
+            let payload = format!(r#"{{"video_id":"v1","event_id":{bad}}}"#);
+            assert_eq!(id(&payload).unwrap_err().reason, RejectReason::InvalidEventId, "{payload}");
+        }
     }
 
     #[test]

@@ -162,6 +162,8 @@ struct SingleBody<'a> {
     viewer_id: Option<&'a RawValue>,
     #[serde(borrow)]
     ts: Option<&'a RawValue>,
+    #[serde(borrow)]
+    event_id: Option<&'a RawValue>,
 }
 
 /// The event the path and the body describe, as event-format JSON.
@@ -177,6 +179,8 @@ struct Assembled<'a> {
     viewer_id: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ts: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<&'a RawValue>,
 }
 
 fn media_type(headers: &HeaderMap) -> Option<String> {
@@ -254,10 +258,17 @@ async fn single(
             )
         })?
     } else {
-        SingleBody { value: None, viewer_id: None, ts: None }
+        SingleBody { value: None, viewer_id: None, ts: None, event_id: None }
     };
-    let assembled =
-        Assembled { video_id, event_type, function, value: fields.value, viewer_id: fields.viewer_id, ts: fields.ts };
+    let assembled = Assembled {
+        video_id,
+        event_type,
+        function,
+        value: fields.value,
+        viewer_id: fields.viewer_id,
+        ts: fields.ts,
+        event_id: fields.event_id,
+    };
     let json = serde_json::to_vec(&assembled).expect("path strings and raw JSON always serialize");
     let outgoing = state.validate(&json, now_ms() as i64).map_err(|rejection| {
         state.count_rejection(rejection.reason);

@@ -50,10 +50,13 @@ pub struct IngestArgs {
     #[arg(long, env = "VIDEOCOUNT_FUNCTIONS")]
     pub functions: Option<PathBuf>,
     /// Kafka must acknowledge an event within this many milliseconds, or the request gets 503.
-    #[arg(long, env = "VIDEOCOUNT_INGEST_DELIVERY_TIMEOUT_MS", default_value_t = 5_000)]
+    /// Above a broker failover (a killed leader is replaced after the brokers' 9 s session
+    /// timeout), so that a failover delays writes instead of failing them into client retries.
+    #[arg(long, env = "VIDEOCOUNT_INGEST_DELIVERY_TIMEOUT_MS", default_value_t = 15_000)]
     pub delivery_timeout_ms: u64,
-    /// No request takes longer (503 after it); must exceed --delivery-timeout-ms.
-    #[arg(long, env = "VIDEOCOUNT_INGEST_REQUEST_TIMEOUT_MS", default_value_t = 15_000)]
+    /// No request takes longer (503 after it); must exceed --delivery-timeout-ms, and stay
+    /// below the clients' request timeout (the client library's: 25 s).
+    #[arg(long, env = "VIDEOCOUNT_INGEST_REQUEST_TIMEOUT_MS", default_value_t = 20_000)]
     pub request_timeout_ms: u64,
     /// Messages the producer queue holds; beyond, requests get 503 at once.
     #[arg(long, env = "VIDEOCOUNT_INGEST_QUEUE_CAPACITY", default_value_t = 1_000_000)]

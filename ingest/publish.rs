@@ -58,7 +58,15 @@ pub struct PublisherConfig {
 /// batches without making single-event requests wait noticeably), the user's `-X` options,
 /// then what the service relies on.
 pub fn producer_config(config: &PublisherConfig) -> ClientConfig {
-    let mut kafka = config.kafka.config(&[("linger.ms", "5"), ("batch.size", "1000000"), ("compression.type", "lz4")]);
+    // Metadata every 10 s (librdkafka's default: 5 min): partitions added to the topic are used
+    // by every instance within seconds, so an event and its retry through another instance land
+    // in the same partition (the jobs' event-id window is per partition) except in those seconds.
+    let mut kafka = config.kafka.config(&[
+        ("linger.ms", "5"),
+        ("batch.size", "1000000"),
+        ("compression.type", "lz4"),
+        ("topic.metadata.refresh.interval.ms", "10000"),
+    ]);
     // No loss, no duplicates from librdkafka's own retries, no reordering within a video.
     kafka.set("enable.idempotence", "true").set("acks", "all");
     // Every delivery report arrives within the request's deadline: a request never returns

@@ -48,9 +48,9 @@ pub struct JobArgs {
     /// An event whose `event_id` a valid event less than this many offsets before it in the
     /// same partition had is a duplicate (a client's retry): a dead letter `duplicate event_id`,
     /// not counted. A start first reads up to this many offsets per partition to rebuild the
-    /// window. It should cover the clients' retry span (2 min by default) at the topic's rate
-    /// per partition (videocount_job_dedup_window_seconds); 0: ids are not looked at.
-    #[arg(long, env = "VIDEOCOUNT_DEDUP_WINDOW", default_value_t = 250_000)]
+    /// window. It should cover the clients' retry span (the client library's: 5 min 25 s) at the
+    /// topic's rate per partition (videocount_job_dedup_window_seconds); 0: ids are not looked at.
+    #[arg(long, env = "VIDEOCOUNT_DEDUP_WINDOW", default_value_t = 1_000_000)]
     pub dedup_window: u64,
     /// Process up to the high watermarks seen at start, flush, record offsets and exit 0.
     #[arg(long, env = "VIDEOCOUNT_UNTIL_CAUGHT_UP")]

@@ -23,11 +23,21 @@ pub struct Spec {
     pub malformed_fraction: f64,
     /// Fraction of valid events sent twice (two messages, counted twice).
     pub duplicate_fraction: f64,
+    /// Give every valid event a distinct `event_id` (what the client library does): the jobs
+    /// then keep their dedup windows. Duplicates would be counted once: use none with it.
+    pub event_ids: bool,
 }
 
 impl Default for Spec {
     fn default() -> Self {
-        Spec { videos: 1000, seed: 1, late_fraction: 0.05, malformed_fraction: 0.01, duplicate_fraction: 0.01 }
+        Spec {
+            videos: 1000,
+            seed: 1,
+            late_fraction: 0.05,
+            malformed_fraction: 0.01,
+            duplicate_fraction: 0.01,
+            event_ids: false,
+        }
     }
 }
 
@@ -79,12 +89,20 @@ pub struct Generator {
     rng: StdRng,
     zipf: Zipf<f64>,
     now_ms: u64,
+    /// The number of the next event id.
+    next_id: u64,
 }
 
 impl Generator {
     pub fn new(spec: Spec) -> Self {
         let zipf = Zipf::new(spec.videos.max(1) as f64, 1.1).expect("valid zipf");
-        Generator { rng: StdRng::seed_from_u64(spec.seed), spec, zipf, now_ms: videocount_events::clock::now_ms() }
+        Generator {
+            rng: StdRng::seed_from_u64(spec.seed),
+            spec,
+            zipf,
+            now_ms: videocount_events::clock::now_ms(),
+            next_id: 0,
+        }
     }
 
     fn video(&mut self) -> String {
@@ -136,6 +154,12 @@ impl Generator {
             format!(r#","viewer_id":"u{}""#, self.rng.random_range(0..self.spec.videos.max(1) * 20))
         } else {
             String::new()
+        };
+        let viewer = if self.spec.event_ids {
+            self.next_id += 1;
+            format!(r#"{viewer},"event_id":"g{:x}-{:x}""#, self.spec.seed, self.next_id)
+        } else {
+            viewer
         };
         let payload = if kind == "view" && self.rng.random_bool(0.3) {
             format!(r#"{{"video_id":"{video}","ts":{ts},"client":"web"{viewer}}}"#)

@@ -33,6 +33,10 @@ struct Args {
     malformed_fraction: f64,
     #[arg(long, default_value_t = 0.01)]
     duplicate_fraction: f64,
+    /// Give every valid event a distinct event_id, as the client library does (needs
+    /// --duplicate-fraction 0: copies with one id are counted once).
+    #[arg(long)]
+    event_ids: bool,
     /// Where to write the expected counts (JSON).
     #[arg(long)]
     expected: Option<String>,
@@ -56,7 +60,12 @@ fn main() -> anyhow::Result<()> {
         late_fraction: args.late_fraction,
         malformed_fraction: args.malformed_fraction,
         duplicate_fraction: args.duplicate_fraction,
+        event_ids: args.event_ids,
     };
+    anyhow::ensure!(
+        !args.event_ids || args.duplicate_fraction == 0.0,
+        "--event-ids needs --duplicate-fraction 0: copies of an event with one id are counted once"
+    );
     let started = std::time::Instant::now();
     let expected = produce(&args.brokers, &args.topic, spec, amount)?;
     let total = expected.events + expected.dead_letters.values().sum::<u64>();

@@ -17,30 +17,8 @@
 //! before and cost nothing.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 
 use videocount_events::EventId;
-
-/// The map's hasher: an [`EventId`] is already a hash, its low 64 bits serve as it is.
-#[derive(Default)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only u128 keys are hashed (`write_u128`); anything else folds in byte by byte.
-        for byte in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
-        }
-    }
-
-    fn write_u128(&mut self, id: u128) {
-        self.0 = id as u64;
-    }
-}
 
 /// The ids of one partition's valid events at offsets in `[next - window, next)`.
 #[derive(Debug)]
@@ -49,18 +27,23 @@ pub struct DedupWindow {
     /// `(offset, Kafka timestamp ms, id)` of each event with an id, in offset order.
     seen: VecDeque<(u64, i64, EventId)>,
     /// Each id in `seen`, with the offset of its newest copy.
-    newest: HashMap<EventId, u64, BuildHasherDefault<IdHasher>>,
+    /// Hashed again with a seed of this process: ids are the senders' choice, and an unseeded
+    /// hash would let one craft ids that all fall in one bucket.
+    newest: HashMap<EventId, u64, foldhash::fast::RandomState>,
+    /// The first offset fed (the warm-up's start).
+    first_offset: Option<u64>,
 }
 
 impl DedupWindow {
     /// A window of `window` offsets (at least 1).
     pub fn new(window: u64) -> Self {
-        DedupWindow { window: window.max(1), seen: VecDeque::new(), newest: HashMap::default() }
+        DedupWindow { window: window.max(1), seen: VecDeque::new(), newest: HashMap::default(), first_offset: None }
     }
 
     /// Whether the valid event with `id` at `offset` is a duplicate (another copy is less than
     /// `window` offsets before it); it is remembered either way. Offsets must increase.
     pub fn is_duplicate(&mut self, offset: u64, message_ms: i64, id: EventId) -> bool {
+        self.first_offset.get_or_insert(offset);
         while let Some(&(first, _, old)) = self.seen.front() {
             if first.saturating_add(self.window) > offset {
                 break;
@@ -87,6 +70,12 @@ impl DedupWindow {
     /// The window's offsets.
     pub fn window(&self) -> u64 {
         self.window
+    }
+
+    /// Whether the window spans all of its offsets before `next` (it has seen that many since
+    /// it started), so that its reach in time is set by the rate, not by its start.
+    pub fn full(&self, next: u64) -> bool {
+        self.first_offset.is_some_and(|first| next.saturating_sub(first) >= self.window)
     }
 
     /// Kafka timestamp (ms) of the oldest id remembered.

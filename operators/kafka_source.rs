@@ -50,6 +50,10 @@ pub enum SourceItem<E = Event> {
     Range(Range),
 }
 
+/// How long the client library retries an event (`max_elapsed`, 5 min) plus its request
+/// timeout (25 s): a dedup window should reach back further.
+const RETRY_SPAN_MS: i64 = 330_000;
+
 /// Shared counters for progress logs and metrics.
 #[derive(Debug, Default)]
 pub struct SourceProgress {
@@ -348,6 +352,8 @@ where
         let mut known_partitions = config.partitions;
         let mut last_add_warning: Option<Instant> = None;
         let mut live_items: Vec<SourceItem<E>> = Vec::new();
+        let mut last_window_check = Instant::now();
+        let mut window_warnings: HashMap<u32, Instant> = HashMap::new();
         let mut pending_items: HashMap<u64, Vec<SourceItem<E>>> = HashMap::new();
         let mut stopping = false;
         // Kafka errors (a broker restarting) are logged at most every 5 s, with a count.
@@ -487,6 +493,29 @@ where
             if !live_items.is_empty() {
                 let capability = live.as_ref().expect("live capability");
                 output.session(capability).give_iterator(live_items.drain(..));
+            }
+
+            // A full window that reaches back less than the clients' retry span would count a late
+            // retry again: said in the log (every 10 minutes at most), beside the metric.
+            if last_window_check.elapsed() >= Duration::from_secs(10) {
+                last_window_check = Instant::now();
+                for (p, window) in &windows {
+                    let Some(cursor) = partitions.get(p) else { continue };
+                    let reach_ms = window.oldest_ms().map_or(i64::MAX, |oldest| cursor.last_message_ms() - oldest);
+                    let warned =
+                        window_warnings.get(p).is_some_and(|t: &Instant| t.elapsed() < Duration::from_secs(600));
+                    if window.full(cursor.next()) && reach_ms < RETRY_SPAN_MS && !warned {
+                        warn!(
+                            worker,
+                            partition = p,
+                            reach_s = reach_ms / 1000,
+                            window = window.window(),
+                            "the dedup window reaches back less than the client library's retry span (330 s) at \
+                             this partition's rate: a retry arriving later is counted again; raise --dedup-window"
+                        );
+                        window_warnings.insert(*p, Instant::now());
+                    }
+                }
             }
 
             let caught_up = config.until_caught_up && partitions.values().all(PartitionCursor::caught_up);

@@ -8,6 +8,9 @@ fresh database, reporting events/s and peak memory, and checking the counts. The
 same topic with ClickHouse's own Kafka engine and a materialized view into a minute table, the
 alternative a user would reach for. Prints a Markdown table. BENCH_ONLY=view_counts or
 BENCH_ONLY=event_stats runs one job's rows only (and skips the Kafka engine for event_stats).
+BENCH_ONLY=ids measures the cost of event ids instead: the same events with and without an
+`event_id` each (two topics), both jobs, events/s and peak memory (the dedup windows).
+BENCH_BIN picks the binaries (default target/release).
 """
 
 import json
@@ -19,7 +22,7 @@ import urllib.request
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+BIN = os.environ.get("BENCH_BIN", os.path.join(ROOT, "target", "release"))
 CH = os.environ.get("CLICKHOUSE_URL", "http://127.0.0.1:8123")
 EVENTS = int(os.environ.get("BENCH_EVENTS", "10000000"))
 PARTITIONS = int(os.environ.get("BENCH_PARTITIONS", "8"))
@@ -92,7 +95,47 @@ def clickhouse_kafka_engine(topic, expected):
             pass
 
 
+def fill(event_ids):
+    """A new topic with EVENTS valid events (each with an event_id when asked); the count."""
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    subprocess.run([os.path.join(ROOT, "services/kafka/topic.sh"), topic, str(PARTITIONS)], check=True, stdout=subprocess.DEVNULL)
+    print(f"bench: producing {EVENTS:,} events to {topic} ({PARTITIONS} partitions), ids {'on' if event_ids else 'off'}", flush=True)
+    expected_file = f"/tmp/{topic}.json"
+    subprocess.run(
+        [f"{BIN}/loadgen", "--topic", topic, "--events", str(EVENTS), "--videos", "100000",
+         "--malformed-fraction", "0", "--duplicate-fraction", "0", "--expected", expected_file]
+        + (["--event-ids"] if event_ids else []),
+        check=True,
+    )
+    return topic, json.load(open(expected_file))["events"]
+
+
+def bench_ids():
+    """Catch-up with and without event ids, in one run: the ratio is the cost of the ids."""
+    topics = {ids: fill(ids) for ids in (False, True)}
+    rows = []
+    for job, workers in (("view_counts", 2), ("event_stats", 1)):
+        for ids in (False, True):
+            topic, expected = topics[ids]
+            seconds, rss, counted = run_job(topic, workers, False, job)
+            ok = "exact" if counted == expected else f"WRONG ({counted})"
+            rows.append((job, workers, ids, expected / seconds, rss, ok))
+            print(f"bench: {job}, {workers} worker(s), ids {'on' if ids else 'off'}: {expected / seconds:,.0f} "
+                  f"events/s, peak RSS {rss:,.0f} MiB, {ok}", flush=True)
+    print()
+    print("| run | ids | events/s | peak memory | counts |")
+    print("|---|---|---:|---:|---|")
+    for job, workers, ids, rate, rss, ok in rows:
+        print(f"| {job}, {workers} worker(s), events_raw off | {'on' if ids else 'off'} | {rate:,.0f} | {rss:,.0f} MiB | {ok} |")
+    for (job, workers, _, off, rss_off, _), (_, _, _, on, rss_on, _) in zip(rows[::2], rows[1::2]):
+        print(f"\n{job}: ids on / off = {on / off:.2f}x events/s; memory {rss_on - rss_off:+,.0f} MiB "
+              f"({(rss_on - rss_off) / (EVENTS / 1e6):,.0f} MiB per million ids in the windows)")
+
+
 def main():
+    if os.environ.get("BENCH_ONLY") == "ids":
+        bench_ids()
+        return
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     subprocess.run([os.path.join(ROOT, "services/kafka/topic.sh"), topic, str(PARTITIONS)], check=True, stdout=subprocess.DEVNULL)
     print(f"bench: producing {EVENTS:,} events to {topic} ({PARTITIONS} partitions)", flush=True)

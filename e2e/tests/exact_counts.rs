@@ -8,7 +8,14 @@ use videocount_loadgen::{Amount, Spec, produce};
 #[ignore = "needs Kafka and ClickHouse: make up, then make test"]
 fn a_million_events_are_counted_exactly() {
     let env = TestEnv::new("exact", 8);
-    let spec = Spec { videos: 5000, seed: 7, late_fraction: 0.05, malformed_fraction: 0.01, duplicate_fraction: 0.02 };
+    let spec = Spec {
+        videos: 5000,
+        seed: 7,
+        late_fraction: 0.05,
+        malformed_fraction: 0.01,
+        duplicate_fraction: 0.02,
+        ..Spec::default()
+    };
     let expected = produce(videocount_e2e::BROKERS, &env.topic, spec, Amount::Count(1_000_000)).unwrap();
     assert!(expected.dead_letters.len() >= 7, "every kind of dead letter is produced: {:?}", expected.dead_letters);
 
