@@ -33,8 +33,9 @@ struct Range {
     json: bool,
     /// Count whole minutes only (a minute counts when its start is in the range) instead of
     /// reading the partial minutes at both ends from events_raw: for jobs run with
-    /// --no-events-raw. Stats are always whole minutes.
-    #[arg(long)]
+    /// --no-events-raw (the query service's --no-raw-edges, and its environment variable).
+    /// Stats are always whole minutes.
+    #[arg(long, env = "VIDEOCOUNT_QUERY_NO_RAW_EDGES")]
     whole_minutes: bool,
 }
 
@@ -191,7 +192,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Count { video_id, event_type, range } => count(&reader, video_id, event_type, &range).await?,
             Command::Stats { video_id, event_type, function, range, functions } => {
                 let resolved = range.resolve()?;
-                let functions = FunctionsConfig::load_or_default(functions.as_deref())?;
+                // A file that is missing or wrong is a bad argument (exit 2), like the others.
+                let functions = FunctionsConfig::load_or_default(functions.as_deref())
+                    .map_err(|e| QueryError::Invalid(format!("--functions: {e}")))?;
                 let answer =
                     reader.with_functions(functions).stats(&video_id, &event_type, &function, resolved).await?;
                 let minutes = CountPlan::new(resolved, Edges::WholeMinutes).minute_range();

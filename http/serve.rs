@@ -111,7 +111,7 @@ fn connection_limit(max_connections: usize) -> usize {
 /// Middleware of every connection: refuses an HTTP/1.1 request without exactly one `Host`, and tells
 /// kept-alive clients when an idle connection will be closed.
 async fn connection_rules(
-    keep_alive: HeaderValue,
+    keep_alive: Option<HeaderValue>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -126,7 +126,9 @@ async fn connection_rules(
         .into_response();
     }
     let mut response = next.run(request).await;
-    response.headers_mut().insert(header::HeaderName::from_static("keep-alive"), keep_alive);
+    if let Some(keep_alive) = keep_alive {
+        response.headers_mut().insert(header::HeaderName::from_static("keep-alive"), keep_alive);
+    }
     response
 }
 
@@ -138,9 +140,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     // One second under the real timeout, so that a client does not reuse a connection the
-    // service is closing at that moment.
-    let idle = limits.header_timeout.as_secs().saturating_sub(1).max(1);
-    let keep_alive = HeaderValue::from_str(&format!("timeout={idle}")).expect("an ASCII header value");
+    // service is closing at that moment (none under 2 s: the header counts whole seconds).
+    let idle = limits.header_timeout.as_secs().saturating_sub(1);
+    let keep_alive = (idle >= 1).then(|| HeaderValue::from_str(&format!("timeout={idle}")).expect("an ASCII value"));
     let app =
         app.layer(axum::middleware::from_fn(move |request, next| connection_rules(keep_alive.clone(), request, next)));
     let permits = Arc::new(Semaphore::new(connection_limit(limits.max_connections)));
