@@ -45,9 +45,10 @@ pub struct JobArgs {
     /// Events further ahead than this of their message's Kafka timestamp are dead letters.
     #[arg(long, env = "VIDEOCOUNT_MAX_AHEAD_SECS", default_value_t = 600)]
     pub max_ahead_secs: u64,
-    /// An event whose `event_id` a valid event less than this many offsets before it in the
-    /// same partition had is a duplicate (a client's retry): a dead letter `duplicate event_id`,
-    /// not counted. A start first reads up to this many offsets per partition to rebuild the
+    /// An event whose `event_id` a valid event before it in its chunk of this many offsets, or
+    /// in the chunk before, had is a duplicate (a client's retry): a dead letter `duplicate
+    /// event_id`, not counted. A copy less than this many offsets after an earlier one is always
+    /// caught. A start first reads up to twice this many offsets per partition to rebuild the
     /// window. It should cover the clients' retry span (the client library's: 5 min 25 s) at the
     /// topic's rate per partition (videocount_job_dedup_window_seconds); 0: ids are not looked at.
     #[arg(long, env = "VIDEOCOUNT_DEDUP_WINDOW", default_value_t = 1_000_000)]

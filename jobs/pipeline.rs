@@ -98,7 +98,7 @@ async fn record_run(
 /// `job_runs`; an interrupted epoch is only re-run under the same one.
 pub fn block_settings<D: Dataflow>(args: &JobArgs, dataflow: &D) -> String {
     format!(
-        "block format {}; --max-age-secs {}; --max-ahead-secs {}; --dedup-window {}; {}",
+        "block format {}; --max-age-secs {}; --max-ahead-secs {}; --dedup-window {} (chunks); {}",
         videocount_clickhouse::native::BLOCK_FORMAT,
         args.max_age_secs,
         args.max_ahead_secs,

@@ -1,86 +1,115 @@
-//! Counting an `event_id` once: the window of event ids one partition remembers.
+//! Counting an `event_id` once: the event ids one partition remembers.
 //!
 //! A client keeps an event's id across its retries, and the ingest service keys every message
 //! by video, so every copy of an event lands in the same partition, after the first. The rule
-//! is a function of the partition's log alone: **an event is a duplicate when a valid event
-//! with the same id is at an offset less than `window` before its own** (whether that one was
-//! counted or was itself a duplicate: a rule that looked at what was counted would depend on
-//! the whole history before the window, and a rebuilt window could not know it). The source
-//! applies it in offset order as it parses, so a re-run epoch decides exactly as the first run
-//! did, and both jobs of a topic decide alike. A copy of a rejected message is counted (the
-//! rejected one was not).
+//! is a function of the partition's log alone. Offsets are cut into *chunks* of `window`
+//! offsets (chunk `offset / window`): **an event is a duplicate when a valid event with the same
+//! id came before it in its own chunk or in the chunk before.** So a copy less than `window`
+//! offsets after an earlier one is always a duplicate, and one `2 x window` or more after it
+//! never is. The rule looks at the messages before it, not at what was counted (whether an
+//! earlier copy was itself a duplicate would depend on the whole history before the chunks, and
+//! no rebuilt window could know it). The source applies it in offset order as it parses, so a
+//! re-run epoch decides exactly as the first run did, and both jobs of a topic decide alike. A
+//! copy of a rejected message is counted (the rejected one was not).
 //!
-//! After a restart the window is rebuilt by reading the `window` offsets before the first
-//! offset the source counts (without counting them): the same messages, so the same state.
-//! Only ids take memory: 32 bytes in the queue and about 36 in the map per id (at its load
-//! factor), so about 70 MB per million ids in the window; events without an id are counted as
-//! before and cost nothing.
+//! After a restart the window is rebuilt by reading from the start of the chunk before the one
+//! holding the first offset the source counts (without counting): the same messages, so the
+//! same state. Only ids take memory, 16 bytes and the map's overhead each (about 20-40 MB per
+//! million ids remembered, up to `2 x window` per partition); events without an id are counted
+//! as before and cost nothing. Two sets take turns, each cleared and reused when its chunk ends,
+//! so a busy partition allocates nothing once both are grown.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashSet;
 
 use videocount_events::EventId;
 
-/// The ids of one partition's valid events at offsets in `[next - window, next)`.
+/// The ids of one partition's valid events in the current chunk and the one before.
 #[derive(Debug)]
 pub struct DedupWindow {
     window: u64,
-    /// `(offset, Kafka timestamp ms, id)` of each event with an id, in offset order.
-    seen: VecDeque<(u64, i64, EventId)>,
-    /// Each id in `seen`, with the offset of its newest copy.
+    /// The current chunk's number, once an event was fed.
+    chunk: Option<u64>,
     /// Hashed again with a seed of this process: ids are the senders' choice, and an unseeded
     /// hash would let one craft ids that all fall in one bucket.
-    newest: HashMap<EventId, u64, foldhash::fast::RandomState>,
-    /// The first offset fed (the warm-up's start).
-    first_offset: Option<u64>,
+    current: HashSet<EventId, foldhash::fast::RandomState>,
+    previous: HashSet<EventId, foldhash::fast::RandomState>,
+    /// Kafka timestamps (ms) of the first events fed in the current and the previous chunk.
+    current_first_ms: Option<i64>,
+    previous_first_ms: Option<i64>,
+    /// Chunks entered at their start (not the one the warm-up began in): once two were, the
+    /// previous one is complete and its time span says how far back `window` offsets reach.
+    chunks_entered: u64,
 }
 
 impl DedupWindow {
-    /// A window of `window` offsets (at least 1).
+    /// Chunks of `window` offsets (at least 1).
     pub fn new(window: u64) -> Self {
-        DedupWindow { window: window.max(1), seen: VecDeque::new(), newest: HashMap::default(), first_offset: None }
+        DedupWindow {
+            window: window.max(1),
+            chunk: None,
+            current: HashSet::default(),
+            previous: HashSet::default(),
+            current_first_ms: None,
+            previous_first_ms: None,
+            chunks_entered: 0,
+        }
     }
 
-    /// Whether the valid event with `id` at `offset` is a duplicate (another copy is less than
-    /// `window` offsets before it); it is remembered either way. Offsets must increase.
+    /// Where a window that counts from `start` must start reading: the start of the chunk
+    /// before `start`'s.
+    pub fn warm_up_from(&self, start: u64) -> u64 {
+        (start / self.window).saturating_sub(1) * self.window
+    }
+
+    /// Whether the valid event with `id` at `offset` is a duplicate (the same id came before
+    /// it in its chunk or the one before); it is remembered either way. Offsets must increase.
     pub fn is_duplicate(&mut self, offset: u64, message_ms: i64, id: EventId) -> bool {
-        self.first_offset.get_or_insert(offset);
-        while let Some(&(first, _, old)) = self.seen.front() {
-            if first.saturating_add(self.window) > offset {
-                break;
+        let chunk = offset / self.window;
+        match self.chunk {
+            Some(current) if current == chunk => {}
+            Some(current) => {
+                std::mem::swap(&mut self.current, &mut self.previous);
+                self.current.clear();
+                self.previous_first_ms = self.current_first_ms.take();
+                if chunk != current + 1 {
+                    // A gap of a whole chunk or more: nothing before it counts any more.
+                    self.previous.clear();
+                    self.previous_first_ms = None;
+                }
+                self.chunks_entered += 1;
+                self.chunk = Some(chunk);
             }
-            self.seen.pop_front();
-            if self.newest.get(&old) == Some(&first) {
-                self.newest.remove(&old);
-            }
+            None => self.chunk = Some(chunk),
         }
-        let duplicate = self.newest.insert(id, offset).is_some();
-        self.seen.push_back((offset, message_ms, id));
+        self.current_first_ms.get_or_insert(message_ms);
+        let duplicate = self.previous.contains(&id) || !self.current.insert(id);
+        if duplicate {
+            self.current.insert(id);
+        }
         duplicate
     }
 
     /// Ids remembered.
     pub fn len(&self) -> usize {
-        self.seen.len()
+        self.current.len() + self.previous.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
+        self.current.is_empty() && self.previous.is_empty()
     }
 
-    /// The window's offsets.
+    /// The chunk length in offsets.
     pub fn window(&self) -> u64 {
         self.window
     }
 
-    /// Whether the window spans all of its offsets before `next` (it has seen that many since
-    /// it started), so that its reach in time is set by the rate, not by its start.
-    pub fn full(&self, next: u64) -> bool {
-        self.first_offset.is_some_and(|first| next.saturating_sub(first) >= self.window)
-    }
-
-    /// Kafka timestamp (ms) of the oldest id remembered.
-    pub fn oldest_ms(&self) -> Option<i64> {
-        self.seen.front().map(|(_, ms, _)| *ms)
+    /// How long the last complete chunk took (ms of Kafka time): how far back `window` offsets
+    /// reach at the partition's rate. `None` until a chunk was read whole.
+    pub fn chunk_ms(&self) -> Option<i64> {
+        if self.chunks_entered < 2 {
+            return None;
+        }
+        Some(self.current_first_ms? - self.previous_first_ms?)
     }
 }
 
@@ -90,14 +119,28 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn an_id_seen_within_the_window_is_a_duplicate_and_not_after() {
+    fn a_copy_within_the_window_is_a_duplicate_and_one_two_windows_later_is_not() {
         let mut window = DedupWindow::new(10);
         assert!(!window.is_duplicate(100, 0, 7));
-        assert!(window.is_duplicate(105, 0, 7));
-        assert!(window.is_duplicate(114, 0, 7), "9 offsets after the copy at 105");
-        assert!(!window.is_duplicate(124, 0, 7), "10 after the newest copy: counted again");
-        assert!(!window.is_duplicate(125, 0, 8));
-        assert_eq!(window.len(), 2, "100, 105 and 114 have left the window");
+        assert!(window.is_duplicate(105, 0, 7), "same chunk");
+        assert!(window.is_duplicate(114, 0, 7), "the next chunk");
+        assert!(!window.is_duplicate(134, 0, 7), "two chunks after the last copy: counted again");
+        assert!(!window.is_duplicate(135, 0, 8));
+        assert!(window.is_duplicate(141, 0, 8), "the chunk after");
+        assert!(!window.is_duplicate(160, 0, 8), "a whole chunk skipped");
+        assert_eq!(window.warm_up_from(105), 90);
+        assert_eq!(window.warm_up_from(5), 0);
+    }
+
+    #[test]
+    fn the_reach_is_the_time_a_whole_chunk_took() {
+        let mut window = DedupWindow::new(10);
+        window.is_duplicate(5, 1_000, 1);
+        window.is_duplicate(12, 2_000, 2);
+        assert_eq!(window.chunk_ms(), None, "the first chunk began mid-way");
+        window.is_duplicate(20, 7_000, 3);
+        assert_eq!(window.chunk_ms(), Some(5_000));
+        assert_eq!(window.len(), 2);
     }
 
     /// The window's decisions from `count_from` on, fed the log from `warm_from`.
@@ -114,8 +157,8 @@ mod tests {
     }
 
     proptest! {
-        /// Fed only the `window` offsets before the resume point (what a restart reads), the
-        /// window decides as one that saw the whole log.
+        /// Fed only from the start of the chunk before the resume point's (what a restart
+        /// reads), the window decides as one that saw the whole log.
         #[test]
         fn a_rebuilt_window_decides_as_the_first_run_did(
             ids in proptest::collection::vec(0u128..40, 1..400),
@@ -128,7 +171,7 @@ mod tests {
             let log: Vec<(u64, u128)> = ids.iter().zip(&gaps).map(|(id, gap)| { offset += gap; (offset, *id) }).collect();
             let resume = log[cut % log.len()].0;
             let whole = decisions(&log, window, 0, resume);
-            let rebuilt = decisions(&log, window, resume.saturating_sub(window), resume);
+            let rebuilt = decisions(&log, window, DedupWindow::new(window).warm_up_from(resume), resume);
             prop_assert_eq!(whole, rebuilt);
         }
     }

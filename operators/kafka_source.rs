@@ -132,8 +132,8 @@ pub struct SourceConfig {
     /// Set by SIGINT/SIGTERM: close the current epoch and stop.
     pub shutdown: Arc<AtomicBool>,
     pub progress: Arc<SourceProgress>,
-    /// An event whose `event_id` a valid event less than this many offsets before it in its
-    /// partition had is a duplicate ([`crate::dedup`]); 0: ids are not looked at.
+    /// Chunks of this many offsets: an event whose `event_id` a valid event before it in its
+    /// chunk or the one before had is a duplicate ([`crate::dedup`]); 0: ids are not looked at.
     pub dedup_window: u64,
 }
 
@@ -221,8 +221,7 @@ fn publish_positions(
         position.last_message_ms = cursor.last_message_ms();
         if let Some(window) = windows.get(p) {
             position.dedup_ids = window.len() as u64;
-            position.dedup_window_ms =
-                window.oldest_ms().map_or(0, |oldest| cursor.last_message_ms().saturating_sub(oldest).max(0));
+            position.dedup_window_ms = window.chunk_ms().unwrap_or(0).max(0);
         }
     }
 }
@@ -321,7 +320,11 @@ where
         }
         // The dedup window is rebuilt from the offsets before the first one counted (what is
         // left of them: retention may have deleted the oldest, see docs/exactly-once.md).
-        let warm = if config.dedup_window > 0 { start.saturating_sub(config.dedup_window).max(low) } else { start };
+        let warm = if config.dedup_window > 0 {
+            DedupWindow::new(config.dedup_window).warm_up_from(start).max(low)
+        } else {
+            start
+        };
         if warm < start {
             info!(worker, partition = p, from = warm, to = start, "reading the dedup window before counting");
         }
@@ -425,8 +428,8 @@ where
                         Ok(_) if duplicate => Err(Rejection::new(
                             RejectReason::DuplicateEventId,
                             format!(
-                                "an event with this event_id is less than {} offsets before it in partition {p}: a \
-                                 retry, counted once",
+                                "an event with this event_id came before it in partition {p}, in its chunk of {} \
+                                 offsets or the one before: a retry, counted once",
                                 config.dedup_window
                             ),
                         )),
@@ -495,16 +498,15 @@ where
                 output.session(capability).give_iterator(live_items.drain(..));
             }
 
-            // A full window that reaches back less than the clients' retry span would count a late
-            // retry again: said in the log (every 10 minutes at most), beside the metric.
+            // A window whose offsets take less time than the clients' retry span would count a
+            // late retry again: said in the log (every 10 minutes at most), beside the metric.
             if last_window_check.elapsed() >= Duration::from_secs(10) {
                 last_window_check = Instant::now();
                 for (p, window) in &windows {
-                    let Some(cursor) = partitions.get(p) else { continue };
-                    let reach_ms = window.oldest_ms().map_or(i64::MAX, |oldest| cursor.last_message_ms() - oldest);
+                    let Some(reach_ms) = window.chunk_ms() else { continue };
                     let warned =
                         window_warnings.get(p).is_some_and(|t: &Instant| t.elapsed() < Duration::from_secs(600));
-                    if window.full(cursor.next()) && reach_ms < RETRY_SPAN_MS && !warned {
+                    if reach_ms < RETRY_SPAN_MS && !warned {
                         warn!(
                             worker,
                             partition = p,

@@ -204,13 +204,13 @@ fn answers_lost_after_the_write_are_retried_and_counted_once() {
 }
 
 /// Whether each message of a log of `(video, id)` is a duplicate under the documented rule: a
-/// message with the same id less than `window` offsets before it.
+/// message with the same id before it in its chunk of `window` offsets or the chunk before.
 fn reference(log: &[(String, String)], window: usize) -> Vec<bool> {
     let mut newest: HashMap<&str, usize> = HashMap::new();
     log.iter()
         .enumerate()
         .map(|(offset, (_, id))| {
-            let duplicate = newest.get(id.as_str()).is_some_and(|&before| offset - before < window);
+            let duplicate = newest.get(id.as_str()).is_some_and(|&before| before / window + 1 >= offset / window);
             newest.insert(id, offset);
             duplicate
         })
