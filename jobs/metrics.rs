@@ -154,18 +154,20 @@ impl Collector for JobCollector {
             Some("partition"),
             dedup_ids,
         )?;
-        let dedup_seconds = positions
+        let dedup_seconds: Vec<_> = positions
             .iter()
-            .map(|(p, pos)| (p.to_string(), ConstGauge::new(pos.dedup_window_ms as f64 / 1000.0)))
+            .filter_map(|(p, pos)| Some((p.to_string(), ConstGauge::new(pos.dedup_window_ms? as f64 / 1000.0))))
             .collect();
-        encode_metric(
-            &mut encoder,
-            "dedup_window_seconds",
-            "How far back the dedup window remembers ids (last message minus the oldest id's Kafka timestamp), by \
-             partition: keep it above the clients' retry span",
-            Some("partition"),
-            dedup_seconds,
-        )?;
+        if !dedup_seconds.is_empty() {
+            encode_metric(
+                &mut encoder,
+                "dedup_window_seconds",
+                "How far back --dedup-window offsets reach: the Kafka time the last whole chunk of them took, by \
+                 partition (absent until one was read): keep it above the clients' retry span",
+                Some("partition"),
+                dedup_seconds,
+            )?;
+        }
         let headroom: Vec<_> = positions
             .iter()
             .filter_map(|(p, pos)| pos.retention_headroom.map(|h| (p.to_string(), ConstGauge::new(h))))

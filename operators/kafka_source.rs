@@ -109,9 +109,9 @@ pub struct PartitionPosition {
     pub retention_headroom: Option<i64>,
     /// Event ids in the partition's dedup window.
     pub dedup_ids: u64,
-    /// How far back the dedup window reaches: the last message's timestamp minus that of the
-    /// oldest id remembered (ms; 0 when empty).
-    pub dedup_window_ms: i64,
+    /// How far back the dedup window reaches: the Kafka time the last whole chunk took (ms);
+    /// `None` until a whole chunk with ids was read since the start.
+    pub dedup_window_ms: Option<i64>,
 }
 
 /// Settings of the source.
@@ -221,7 +221,7 @@ fn publish_positions(
         position.last_message_ms = cursor.last_message_ms();
         if let Some(window) = windows.get(p) {
             position.dedup_ids = window.len() as u64;
-            position.dedup_window_ms = window.chunk_ms().unwrap_or(0).max(0);
+            position.dedup_window_ms = window.chunk_ms().filter(|ms| *ms >= 0);
         }
     }
 }
@@ -503,7 +503,7 @@ where
             if last_window_check.elapsed() >= Duration::from_secs(10) {
                 last_window_check = Instant::now();
                 for (p, window) in &windows {
-                    let Some(reach_ms) = window.chunk_ms() else { continue };
+                    let Some(reach_ms) = window.chunk_ms().filter(|ms| *ms >= 0) else { continue };
                     let warned =
                         window_warnings.get(p).is_some_and(|t: &Instant| t.elapsed() < Duration::from_secs(600));
                     if reach_ms < RETRY_SPAN_MS && !warned {
