@@ -5,6 +5,19 @@ use rand::Rng;
 use videocount_e2e::TestEnv;
 use videocount_loadgen::{Amount, Spec, produce};
 
+/// Two consecutive ports free now, below Linux's ephemeral range (32768 and up), which the
+/// tests' own Kafka and ClickHouse connections take from: a base drawn from 20000-40000 met one
+/// of those in CI ("Address already in use" when timely bound it).
+fn free_port_pair() -> u16 {
+    loop {
+        let base: u16 = rand::rng().random_range(20_000..32_000);
+        let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free(base) && free(base + 1) {
+            return base;
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs Kafka and ClickHouse: make up, then make test"]
 fn two_processes_count_exactly() {
@@ -14,7 +27,7 @@ fn two_processes_count_exactly() {
 
     let run_cluster = || {
         // Fresh ports each run: the previous run's connections may still hold its ports.
-        let base: u16 = rand::rng().random_range(20_000..40_000);
+        let base = free_port_pair();
         let hostfile = std::env::temp_dir().join(format!("{}-hosts-{base}.txt", env.topic));
         std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", base, base + 1)).unwrap();
         let hostfile = hostfile.to_str().unwrap().to_owned();
@@ -71,7 +84,7 @@ fn processes_that_read_different_checkpoints_stop_before_writing() {
         Amount::Count(5_000),
     )
     .unwrap();
-    let base: u16 = rand::rng().random_range(20_000..40_000);
+    let base = free_port_pair();
     let hostfile = std::env::temp_dir().join(format!("{}-hosts-{base}.txt", env.topic));
     std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", base, base + 1)).unwrap();
     let hostfile = hostfile.to_str().unwrap().to_owned();
