@@ -264,6 +264,11 @@ fn add_partitions<C: ConsumerContext>(
     Ok(owned)
 }
 
+/// A partition's dedup window, when the source looks at event ids.
+fn new_window(config: &SourceConfig) -> Option<DedupWindow> {
+    (config.dedup_window > 0).then(|| DedupWindow::new(config.dedup_window))
+}
+
 /// Builds the source for this worker. See the module documentation.
 ///
 /// `parse` turns a message (payload, Kafka timestamp, limits) into an event and its
@@ -320,19 +325,14 @@ where
         }
         // The dedup window is rebuilt from the offsets before the first one counted (what is
         // left of them: retention may have deleted the oldest, see docs/exactly-once.md).
-        let warm = if config.dedup_window > 0 {
-            DedupWindow::new(config.dedup_window).warm_up_from(start).max(low)
-        } else {
-            start
-        };
+        let window = new_window(&config);
+        let warm = window.as_ref().map_or(start, |window| window.warm_up_from(start).max(low));
         if warm < start {
             info!(worker, partition = p, from = warm, to = start, "reading the dedup window before counting");
         }
         assignment.add_partition_offset(&config.topic, p as i32, Offset::Offset(warm as i64)).map_err(kafka_err)?;
         partitions.insert(p, PartitionCursor::new(p, start, pending, high).warm_from(warm));
-        if config.dedup_window > 0 {
-            windows.insert(p, DedupWindow::new(config.dedup_window));
-        }
+        windows.extend(window.map(|window| (p, window)));
     }
     consumer.assign(&assignment).map_err(kafka_err)?;
     publish_positions(&config.progress, &partitions, &windows);
@@ -547,11 +547,7 @@ where
                         Ok(added) => {
                             info!(worker, epoch = epoch + 1, partitions = ?added, "reading partitions added to the topic");
                             known_partitions = seen;
-                            if config.dedup_window > 0 {
-                                for p in &added {
-                                    windows.insert(*p, DedupWindow::new(config.dedup_window));
-                                }
-                            }
+                            windows.extend(added.iter().filter_map(|p| Some((*p, new_window(&config)?))));
                             publish_positions(&config.progress, &partitions, &windows);
                         }
                         Err(e) => {

@@ -136,16 +136,7 @@ def main():
     if os.environ.get("BENCH_ONLY") == "ids":
         bench_ids()
         return
-    topic = f"bench-{uuid.uuid4().hex[:8]}"
-    subprocess.run([os.path.join(ROOT, "services/kafka/topic.sh"), topic, str(PARTITIONS)], check=True, stdout=subprocess.DEVNULL)
-    print(f"bench: producing {EVENTS:,} events to {topic} ({PARTITIONS} partitions)", flush=True)
-    expected_file = f"/tmp/{topic}.json"
-    subprocess.run(
-        [f"{BIN}/loadgen", "--topic", topic, "--events", str(EVENTS), "--videos", "100000",
-         "--malformed-fraction", "0", "--duplicate-fraction", "0", "--expected", expected_file],
-        check=True,
-    )
-    expected = json.load(open(expected_file))["events"]
+    topic, expected = fill(event_ids=False)
     only = os.environ.get("BENCH_ONLY")
     runs = []
     if only in (None, "", "view_counts"):

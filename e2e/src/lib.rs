@@ -75,6 +75,27 @@ pub fn http_get(url: &str) -> Option<(u16, String)> {
     Some((status, response.text().unwrap_or_default()))
 }
 
+/// The value of the sample `series` (its name and labels as exported, e.g.
+/// `videocount_job_dead_letters_total{job="view_counts",reason="invalid json"}`) in the
+/// `/metrics` of the service at `url`.
+pub fn metric(url: &str, series: &str) -> Option<f64> {
+    let (_, text) = http_get(&format!("{url}/metrics"))?;
+    text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// `POST url/v1/events` with a JSON body (ingest's batch endpoint): the status and the
+/// answer's text.
+pub fn post_events(url: &str, body: impl Into<String>) -> (u16, String) {
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{url}/v1/events"))
+        .header("content-type", "application/json")
+        .body(body.into())
+        .send()
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().unwrap())
+}
+
 /// Whether `GET url` answers 200 within 3 s.
 pub fn answers_ok(url: &str) -> bool {
     http_get(url).is_some_and(|(status, _)| status == 200)

@@ -10,29 +10,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use videocount_e2e::{TestEnv, free_port, produce_keyed, sleep_ms};
+use videocount_e2e::{TestEnv, free_port, metric, post_events, produce_keyed, sleep_ms};
 
 const DUPLICATE: &str = "duplicate event_id";
 
 fn post(url: &str, body: String) {
-    let response = reqwest::blocking::Client::new()
-        .post(format!("{url}/v1/events"))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 202, "{}", response.text().unwrap());
+    let (status, text) = post_events(url, body);
+    assert_eq!(status, 202, "{text}");
 }
 
 fn events(video: &str, ids: impl Iterator<Item = String>) -> String {
     let events: Vec<String> = ids.map(|id| format!(r#"{{"video_id":"{video}","event_id":"{id}"}}"#)).collect();
     format!("[{}]", events.join(","))
-}
-
-/// The value of `series` (name and labels) in the text of `/metrics` at `url`.
-fn metric(url: &str, series: &str) -> Option<f64> {
-    let (_, text) = videocount_e2e::http_get(&format!("{url}/metrics"))?;
-    text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
 }
 
 #[test]
@@ -47,14 +36,9 @@ fn an_event_id_sent_twice_is_counted_once_by_both_jobs() {
     post(&a.url, events("d1", ["twice".to_owned(), "twice".to_owned()].into_iter()));
     post(&b.url, r#"[{"video_id":"d1"},{"video_id":"d1"}]"#.to_owned());
     // An id that is not 1-64 of [A-Za-z0-9_-] is refused at the door.
-    let response = reqwest::blocking::Client::new()
-        .post(format!("{}/v1/events", a.url))
-        .header("content-type", "application/json")
-        .body(r#"[{"video_id":"d1","event_id":"no spaces"}]"#)
-        .send()
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 400);
-    let answer: serde_json::Value = response.json().unwrap();
+    let (status, text) = post_events(&a.url, r#"[{"video_id":"d1","event_id":"no spaces"}]"#);
+    assert_eq!(status, 400);
+    let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(answer["rejected"][0]["field"], "event_id", "{answer}");
 
     let port = free_port();

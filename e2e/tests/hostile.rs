@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use videocount_e2e::{TestEnv, sleep_ms};
+use videocount_e2e::{TestEnv, metric, post_events, sleep_ms};
 
 /// How long a connection lasts (until the service closes it) when a client sends one byte of
 /// a request line every 500 ms and never finishes it; `None` if it was still open at `limit`.
@@ -207,13 +207,7 @@ fn request_bytes_in_flight_are_bounded() {
     // Once the slow client is gone (its connection closed: a 400), the bytes are free again.
     drop(slow);
     sleep_ms(3_500);
-    let response = reqwest::blocking::Client::new()
-        .post(format!("{}/v1/events", ingest.url))
-        .header("content-type", "application/json")
-        .body(r#"[{"video_id":"v1"}]"#)
-        .send()
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 202);
+    assert_eq!(post_events(&ingest.url, r#"[{"video_id":"v1"}]"#).0, 202);
     let (_, _, metrics) = answer("GET", &format!("{}/metrics", ingest.url));
     assert!(metrics.contains("videocount_ingest_requests_overloaded_total 1"), "the refusal is counted");
     env.drop();
@@ -389,12 +383,6 @@ fn a_refusal_before_the_body_is_read_reaches_a_client_still_sending_it() {
     env.drop();
 }
 
-/// The value of the metric line starting with `series` (name and labels) in `url`'s /metrics.
-fn metric(url: &str, series: &str) -> Option<f64> {
-    let (_, _, text) = answer("GET", &format!("{url}/metrics"));
-    text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-}
-
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
@@ -477,20 +465,12 @@ fn the_freshness_canary_is_not_fooled_by_views_written_to_its_video() {
     videocount_e2e::wait_until("a canary sample", Duration::from_secs(60), || {
         metric(&query.url, "videocount_query_canary_freshness_seconds_count").is_some_and(|n| n >= 1.0)
     });
-    let http = reqwest::blocking::Client::new();
     let overcount = "videocount_query_canary_failures_total{kind=\"overcount\"}";
     let started = Instant::now();
     while metric(&query.url, overcount).unwrap_or(0.0) < 1.0 {
         assert!(started.elapsed() < Duration::from_secs(30), "no overcount seen in 30 s");
         let spoof = format!(r#"[{{"video_id":"known-canary","ts":{}}}]"#, now_ms());
-        let status = http
-            .post(format!("{}/v1/events", ingest.url))
-            .header("content-type", "application/json")
-            .body(spoof)
-            .send()
-            .unwrap()
-            .status();
-        assert_eq!(status.as_u16(), 202);
+        assert_eq!(post_events(&ingest.url, spoof).0, 202);
         sleep_ms(300);
     }
     env.drop();
@@ -530,16 +510,7 @@ fn an_array_of_millions_of_tiny_items_is_refused_without_building_it() {
     let clients: Vec<_> = (0..6)
         .map(|_| {
             let (url, body) = (ingest.url.clone(), body.clone());
-            std::thread::spawn(move || {
-                let response = reqwest::blocking::Client::new()
-                    .post(format!("{url}/v1/events"))
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .unwrap();
-                let status = response.status().as_u16();
-                (status, response.text().unwrap())
-            })
+            std::thread::spawn(move || post_events(&url, body))
         })
         .collect();
     for client in clients {
