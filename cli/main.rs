@@ -171,7 +171,7 @@ async fn count(reader: &Reader, video_id: String, event_type: String, range: &Ra
     let reader = reader.clone().with_edges(edges);
     let value = reader.count(&video_id, &event_type, resolved).await?;
     let answer = serde_json::json!({
-        "video_id": video_id, "event_type": event_type, "range": resolved, "value": value, "edges": edges.name(),
+        "video_id": video_id, "event_type": event_type, "range": resolved, "value": value, "edges": edges.name(), "source": "clickhouse",
     });
     print_answer(range, answer);
     Ok(())

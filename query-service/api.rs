@@ -23,10 +23,12 @@ use videocount_clickhouse::SinkError;
 use videocount_events::clock::now_ms;
 use videocount_events::{DEFAULT_EVENT_TYPE, valid_event_type, valid_video_id};
 use videocount_http::{ApiError, Tracking};
-use videocount_query::{CountPlan, Edges, Grain, QueryError, Reader, TimeRange, format_time, parse_time};
+use videocount_query::{
+    CountPlan, Edges, Grain, QueryError, Reader, TimeRange, format_time, parse_time, series_buckets,
+};
 
-use crate::hot::HotCache;
 use crate::live::{self, Golden};
+use crate::memory::Memory;
 use crate::metrics::Metrics;
 
 /// The OpenAPI description of every route.
@@ -36,7 +38,7 @@ pub const MAX_TOP: u32 = 1000;
 
 pub struct AppState {
     pub reader: Reader,
-    pub hot: Option<Arc<HotCache>>,
+    pub memory: Option<Arc<Memory>>,
     pub metrics: Arc<Metrics>,
     pub golden: Arc<Golden>,
 }
@@ -184,30 +186,41 @@ fn echo(range: TimeRange) -> Value {
     json!(range)
 }
 
-/// Counts `[from, to)`: the recent whole minutes from the hot cache when it holds them, the
-/// rest (older minutes, hours and days, and the partial minutes at the edges) in one query.
+/// Counts `[from, to)`: the whole minutes from memory when it holds the key (else it loads it
+/// for later requests), the rest (the partial minutes at the edges, or everything) in one query.
+/// `source` says where the answer came from: `memory`, `memory+raw` (whole minutes from memory,
+/// the edges from `events_raw`) or `clickhouse`.
 async fn count_range(state: &AppState, video_id: &str, event_type: &str, range: TimeRange) -> Result<Value, ApiError> {
     let plan = CountPlan::new(range, state.reader.edges());
     let mut rest = plan.clone();
-    let mut from_memory = 0;
     let (start, end) = plan.minutes;
-    if let Some(hot) = &state.hot
-        && end > hot.horizon_s()
-        && let Some((horizon, total)) =
-            hot.count(video_id, event_type, start, end).await.map_err(|e| query_error(state, e, "range"))?
-    {
-        from_memory = total;
-        rest.minutes.1 = end.min(horizon).max(start);
+    let from_memory = state.memory.as_ref().and_then(|memory| {
+        let found = memory.count(video_id, event_type, start, end.max(start));
+        if found.is_none() {
+            memory.want(video_id, event_type);
+        }
+        found
+    });
+    if from_memory.is_some() {
+        rest.minutes.1 = start;
     }
-    let stored =
-        state.reader.count_plan(video_id, event_type, &rest).await.map_err(|e| query_error(state, e, "range"))?;
-    let edges = state.reader.edges().name();
+    let stored = if from_memory.is_some() && rest.raw.is_empty() {
+        0
+    } else {
+        state.reader.count_plan(video_id, event_type, &rest).await.map_err(|e| query_error(state, e, "range"))?
+    };
+    let source = match (from_memory.is_some(), rest.raw.is_empty()) {
+        (true, true) => "memory",
+        (true, false) => "memory+raw",
+        (false, _) => "clickhouse",
+    };
     Ok(json!({
         "video_id": video_id,
         "event_type": event_type,
         "range": echo(range),
-        "value": from_memory + stored,
-        "edges": edges,
+        "value": from_memory.unwrap_or(0) + stored,
+        "edges": state.reader.edges().name(),
+        "source": source,
     }))
 }
 
@@ -286,8 +299,22 @@ async fn series(
         Some("day") => Grain::Day,
         Some(other) => return Err(invalid("step", format!("{other:?} is not minute, hour or day"))),
     };
-    let points =
-        state.reader.series(&video_id, &event_type, range, step).await.map_err(|e| query_error(&state, e, "step"))?;
+    let (first, width, count) = series_buckets(range, step).map_err(|e| query_error(&state, e, "step"))?;
+    let from_memory = state.memory.as_ref().and_then(|memory| {
+        let found = memory.series(&video_id, &event_type, first, width, count);
+        if found.is_none() {
+            memory.want(&video_id, &event_type);
+        }
+        found
+    });
+    let points = match from_memory {
+        Some(counts) => counts.into_iter().enumerate().map(|(i, n)| (first + i as u64 * width, n)).collect(),
+        None => state
+            .reader
+            .series(&video_id, &event_type, range, step)
+            .await
+            .map_err(|e| query_error(&state, e, "step"))?,
+    };
     let total: u64 = points.iter().map(|p| p.1).sum();
     let points: Vec<Value> =
         points.into_iter().map(|(t, n)| json!({"t": format_time(t * 1000), "t_ms": t * 1000, "count": n})).collect();
@@ -352,9 +379,10 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let metrics = &state.metrics;
-    if let Some(hot) = &state.hot {
-        metrics.hot_keys.set(hot.len() as i64);
-        metrics.hot_age.set(hot.age().map_or(-1.0, |age| age.as_secs_f64()));
+    if let Some(memory) = &state.memory {
+        metrics.memory_keys.set(memory.len() as i64);
+        metrics.memory_bytes.set(memory.bytes() as i64);
+        metrics.memory_age.set(memory.age().map_or(-1.0, |age| age.as_secs_f64()));
     }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
         .into_response()

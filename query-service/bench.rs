@@ -57,6 +57,19 @@ enum Command {
         /// Ask for this video only (e.g. heavy000) instead of random ones.
         #[arg(long)]
         video: Option<String>,
+        /// Ranges of whole minutes (both ends floored to a minute).
+        #[arg(long)]
+        aligned: bool,
+    },
+    /// Asks for every video's views once and waits until the service holds them all in memory;
+    /// prints how long that took and the memory the keys take.
+    Warm {
+        #[arg(long, default_value = "http://127.0.0.1:18091")]
+        url: String,
+        #[arg(long, default_value_t = 10_000)]
+        videos: u64,
+        #[arg(long, default_value_t = 8)]
+        clients: u64,
     },
 }
 
@@ -157,21 +170,23 @@ fn random_range(rng: &mut impl Rng, now: u64) -> (u64, u64) {
     (to - length, to)
 }
 
+/// Which videos and ranges the clients ask for.
+struct Pick {
+    videos: u64,
+    /// One video only instead of random ones.
+    only: Option<String>,
+    /// Whole-minute ranges.
+    aligned: bool,
+}
+
 #[derive(Default)]
 struct Tally {
     latencies_us: Vec<u32>,
     errors: u64,
 }
 
-async fn run(
-    clickhouse: ClickHouse,
-    url: String,
-    call: Call,
-    clients: usize,
-    seconds: u64,
-    videos: u64,
-    only: Option<String>,
-) {
+async fn run(clickhouse: ClickHouse, url: String, call: Call, clients: usize, seconds: u64, pick: Pick) {
+    let Pick { videos, only, aligned } = pick;
     let http = reqwest::Client::builder().pool_max_idle_per_host(clients).tcp_nodelay(true).build().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -187,7 +202,10 @@ async fn run(
                 let video = only.clone().unwrap_or_else(|| {
                     format!("vid{:06}", rng.random_range(0..videos).min(rng.random_range(0..videos)))
                 });
-                let (from, to) = random_range(&mut rng, now_ms());
+                let (mut from, mut to) = random_range(&mut rng, now_ms());
+                if aligned {
+                    (from, to) = (from / 60_000 * 60_000, to / 60_000 * 60_000);
+                }
                 let sent = Instant::now();
                 let ok = match call {
                     Call::RawSql => {
@@ -242,6 +260,7 @@ async fn run(
         serde_json::json!({
             "call": format!("{call:?}").to_lowercase(),
             "video": only.as_deref().unwrap_or("random"),
+            "ranges": if aligned { "whole minutes" } else { "milliseconds" },
             "clients": clients,
             "requests": all.latencies_us.len(),
             "errors": all.errors,
@@ -251,6 +270,52 @@ async fn run(
             "p999_ms": quantile(0.999),
         })
     );
+}
+
+/// A gauge of the service's `/metrics`.
+async fn gauge(http: &reqwest::Client, url: &str, name: &str) -> Option<f64> {
+    let text = http.get(format!("{url}/metrics")).send().await.ok()?.text().await.ok()?;
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn warm(url: &str, videos: u64, clients: u64) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let names: Arc<Vec<String>> =
+        Arc::new((0..videos).map(|i| format!("vid{i:06}")).chain(["heavy000".to_owned()]).collect());
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let (http, names, url) = (http.clone(), names.clone(), url.to_owned());
+        tasks.push(tokio::spawn(async move {
+            for name in names.iter().skip(client as usize).step_by(clients as usize) {
+                let _ = http.get(format!("{url}/v1/videos/{name}/views?from=0&to={}", now_ms())).send().await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let asked = started.elapsed().as_secs_f64();
+    let wanted = names.len() as f64;
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let keys = gauge(&http, url, "videocount_query_memory_keys").await.unwrap_or(0.0);
+        if keys >= wanted || Instant::now() > deadline {
+            let bytes = gauge(&http, url, "videocount_query_memory_bytes").await.unwrap_or(0.0);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "warm": "views of every video once",
+                    "keys": keys,
+                    "asked_seconds": (asked * 10.0).round() / 10.0,
+                    "loaded_seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                    "memory_mib": (bytes / 1048576.0 * 10.0).round() / 10.0,
+                })
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::main]
@@ -266,9 +331,10 @@ async fn main() -> anyhow::Result<()> {
     let clickhouse = ClickHouse::new(config);
     match args.command {
         Command::Load { videos, events, heavy_events } => load(&clickhouse, videos, events, heavy_events).await,
-        Command::Run { url, call, clients, seconds, videos, video } => {
-            run(clickhouse, url, call, clients, seconds, videos, video).await;
+        Command::Run { url, call, clients, seconds, videos, video, aligned } => {
+            run(clickhouse, url, call, clients, seconds, Pick { videos, only: video, aligned }).await;
             Ok(())
         }
+        Command::Warm { url, videos, clients } => warm(&url, videos, clients).await,
     }
 }

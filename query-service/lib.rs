@@ -9,12 +9,12 @@
 //!   `GET /v1/top?event_type=&from=&to=&limit=`, for charts; `GET /v1/live` for the live panel.
 //! - `GET /openapi.json`, `/healthz`, `/readyz`, `/metrics`; the UI at `/`.
 //!
-//! Recent minutes come from the hot cache ([`hot`]), the rest from ClickHouse.
+//! Whole minutes of the keys asked for come from memory ([`memory`]), the rest from ClickHouse.
 
 pub mod api;
 pub mod canary;
-pub mod hot;
 pub mod live;
+pub mod memory;
 pub mod metrics;
 pub mod prometheus;
 pub mod replicas;
@@ -36,8 +36,8 @@ pub use videocount_query::CANARY_PREFIX;
 use videocount_query::{Edges, Reader};
 
 use crate::api::AppState;
-use crate::hot::{HotCache, HotConfig};
 use crate::live::Golden;
+use crate::memory::{Memory, MemoryConfig};
 
 /// Flags of `query`; each also from the environment.
 #[derive(Parser, Debug, Clone)]
@@ -67,20 +67,17 @@ pub struct QueryArgs {
     /// events_raw: for jobs run with --no-events-raw.
     #[arg(long, env = "VIDEOCOUNT_QUERY_NO_RAW_EDGES")]
     pub no_raw_edges: bool,
-    /// Whole hours before the current one that the hot cache holds (besides the current one).
-    #[arg(long, env = "VIDEOCOUNT_QUERY_HOT_HOURS", default_value_t = 2)]
-    pub hot_hours: u64,
-    /// Read every cached key again this often: the cache's answers are at most this much older
-    /// than ClickHouse's.
-    #[arg(long, env = "VIDEOCOUNT_QUERY_HOT_REFRESH_MS", default_value_t = 1_000)]
-    pub hot_refresh_ms: u64,
-    /// Keys (video, event type) the hot cache holds at most; others read ClickHouse. Each
-    /// refresh reads all of them (500 a query), so this bounds the cache's load on ClickHouse.
-    #[arg(long, env = "VIDEOCOUNT_QUERY_HOT_KEYS", default_value_t = 1_000)]
-    pub hot_keys: usize,
+    /// Memory the in-memory counts may take (the minute counts of the keys asked for; the
+    /// least recently asked for leave first).
+    #[arg(long, env = "VIDEOCOUNT_QUERY_MEMORY_BUDGET_MB", default_value_t = 1_024)]
+    pub memory_budget_mb: usize,
+    /// Read the newest committed epoch this often and apply what it changed: an acknowledged
+    /// event is readable from memory within the job's epoch plus this.
+    #[arg(long, env = "VIDEOCOUNT_QUERY_MEMORY_POLL_MS", default_value_t = 100)]
+    pub memory_poll_ms: u64,
     /// Serve every count from ClickHouse.
-    #[arg(long, env = "VIDEOCOUNT_QUERY_NO_HOT_CACHE")]
-    pub no_hot_cache: bool,
+    #[arg(long, env = "VIDEOCOUNT_QUERY_NO_MEMORY")]
+    pub no_memory: bool,
     /// The built UI (`make ui`), served at /.
     #[arg(long, env = "VIDEOCOUNT_UI_DIR", default_value = "ui/dist")]
     pub ui_dir: PathBuf,
@@ -108,14 +105,15 @@ pub struct QueryArgs {
 
 /// Checks the flags and serves until SIGINT/SIGTERM.
 pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
-    if args.clickhouse_timeout_ms == 0 || args.hot_refresh_ms == 0 {
-        anyhow::bail!("--clickhouse-timeout-ms and --hot-refresh-ms must be above 0");
+    if args.clickhouse_timeout_ms == 0 || args.memory_poll_ms == 0 {
+        anyhow::bail!("--clickhouse-timeout-ms and --memory-poll-ms must be above 0");
     }
     let config = ClickHouseConfig {
         request_timeout: Duration::from_millis(args.clickhouse_timeout_ms),
         ..args.clickhouse.config()
     };
     config.validate()?;
+    let replicas = config.urls().len();
     // Reads here touch a few granules each: one thread per query serves many clients better
     // than every query spreading over all cores.
     let clickhouse = ClickHouse::new(config).with_setting("max_threads", "1");
@@ -133,17 +131,22 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
         Duration::from_secs(args.max_replica_delay_secs),
         Duration::from_secs(2),
     ));
-    let hot = (!args.no_hot_cache).then(|| {
-        let config = HotConfig {
-            window_hours: args.hot_hours,
-            refresh: Duration::from_millis(args.hot_refresh_ms),
-            max_keys: args.hot_keys,
-            ..HotConfig::default()
+    if replicas > 1 && !args.no_memory {
+        warn!(
+            replicas,
+            "in-memory counts are off with several ClickHouse replicas (their tables replicate independently, so the \
+             write order a load relies on holds only on the replica the job wrote to): counts read ClickHouse"
+        );
+    }
+    let memory = (!args.no_memory && replicas == 1).then(|| {
+        let config = MemoryConfig {
+            poll: Duration::from_millis(args.memory_poll_ms),
+            budget_bytes: args.memory_budget_mb.saturating_mul(1 << 20),
         };
-        Arc::new(HotCache::new(clickhouse.clone(), config, metrics.hot.clone()))
+        Arc::new(Memory::new(clickhouse.clone(), config, metrics.memory.clone()))
     });
-    if let Some(hot) = &hot {
-        tokio::spawn(hot.clone().run());
+    if let Some(memory) = &memory {
+        tokio::spawn(memory.clone().run());
     }
     let golden = Arc::new(Golden::new(args.ingest_url.clone(), args.job_metrics_url.clone(), metrics.clone()));
     tokio::spawn(golden.clone().run(Duration::from_secs(2)));
@@ -153,7 +156,7 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
         warn!(dir = %args.ui_dir.display(), "no built UI there (run `make ui`); / answers 404");
         None
     };
-    let state = Arc::new(AppState { reader, hot, metrics: metrics.clone(), golden });
+    let state = Arc::new(AppState { reader, memory, metrics: metrics.clone(), golden });
     let request_timeout = Duration::from_millis(args.clickhouse_timeout_ms * 2 + 1_000);
     let app = api::router(state, request_timeout, ui_dir);
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -9,17 +9,18 @@ use prometheus_client::registry::Registry;
 use videocount_http::{ProcessCollector, RequestMetrics};
 
 use crate::canary::CanaryStats;
-use crate::hot::HotStats;
+use crate::memory::MemoryStats;
 
 pub struct Metrics {
     pub registry: Registry,
     pub http: RequestMetrics,
     /// Queries ClickHouse failed (answered 503 or 500).
     pub clickhouse_errors: Counter,
-    pub hot: HotStats,
-    pub hot_keys: Gauge,
-    /// Seconds since the hot cache's last refresh that worked (-1 before the first).
-    pub hot_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub memory: MemoryStats,
+    pub memory_keys: Gauge,
+    pub memory_bytes: Gauge,
+    /// Seconds since the last poll of the committed epoch that worked (-1 before the first).
+    pub memory_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub canary: CanaryStats,
     /// How far behind the ClickHouse replica in use is (replicas.rs).
     pub replica_delay: crate::replicas::ReplicaDelay,
@@ -32,18 +33,28 @@ impl Metrics {
         registry.register_collector(Box::new(ProcessCollector));
         let clickhouse_errors = Counter::default();
         registry.register("clickhouse_errors", "Queries ClickHouse failed", clickhouse_errors.clone());
-        let hot = HotStats::default();
-        registry.register("hot_cache_hits", "Counts whose recent minutes came from memory", hot.hits.clone());
-        registry.register("hot_cache_misses", "Counts whose key was not in the hot cache", hot.misses.clone());
-        registry.register("hot_cache_refreshes", "Hot cache refreshes that worked", hot.refreshes.clone());
-        registry.register("hot_cache_refresh_errors", "Hot cache refreshes that failed", hot.refresh_errors.clone());
-        let hot_keys = Gauge::default();
-        registry.register("hot_cache_keys", "(video, event type) keys in the hot cache", hot_keys.clone());
-        let hot_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let memory = MemoryStats::default();
+        registry.register("memory_hits", "Counts and series answered from memory", memory.hits.clone());
+        registry.register("memory_misses", "Counts and series whose key was not in memory", memory.misses.clone());
+        registry.register("memory_loads", "Keys loaded into memory", memory.loads.clone());
         registry.register(
-            "hot_cache_age_seconds",
-            "Seconds since the last hot cache refresh that worked (-1 before the first)",
-            hot_age.clone(),
+            "memory_load_retries",
+            "Key loads that met an epoch being written and tried again",
+            memory.load_retries.clone(),
+        );
+        registry.register("memory_load_errors", "Key loads that failed", memory.load_errors.clone());
+        registry.register("memory_evictions", "Keys dropped to stay in --memory-budget-mb", memory.evictions.clone());
+        registry.register("memory_applies", "Polls that applied newly committed epochs", memory.applies.clone());
+        registry.register("memory_poll_errors", "Polls of the committed epoch that failed", memory.poll_errors.clone());
+        let memory_keys = Gauge::default();
+        registry.register("memory_keys", "(video, event type) keys in memory", memory_keys.clone());
+        let memory_bytes = Gauge::default();
+        registry.register("memory_bytes", "Bytes the keys in memory take", memory_bytes.clone());
+        let memory_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "memory_age_seconds",
+            "Seconds since the last poll of the committed epoch that worked (-1 before the first)",
+            memory_age.clone(),
         );
         let canary = CanaryStats::register(&mut registry);
         let replica_delay = crate::replicas::ReplicaDelay::default();
@@ -52,7 +63,17 @@ impl Metrics {
             "How far behind the ClickHouse replica reads go to is (system.replicas absolute_delay; -1: unknown)",
             replica_delay.gauge.clone(),
         );
-        Arc::new(Metrics { registry, http, clickhouse_errors, hot, hot_keys, hot_age, canary, replica_delay })
+        Arc::new(Metrics {
+            registry,
+            http,
+            clickhouse_errors,
+            memory,
+            memory_keys,
+            memory_bytes,
+            memory_age,
+            canary,
+            replica_delay,
+        })
     }
 
     pub fn encode(&self) -> String {

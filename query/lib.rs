@@ -146,6 +146,23 @@ fn check_ids(video_id: &str, event_type: &str) -> Result<(), QueryError> {
     Ok(())
 }
 
+/// The buckets of a series of `range` in steps of `step`: the first bucket's start (epoch
+/// seconds), the width (seconds) and how many (the first is the one `from` falls in, the last
+/// the one before `to`).
+pub fn series_buckets(range: TimeRange, step: Grain) -> Result<(u64, u64, u64), QueryError> {
+    let width = step.seconds();
+    let first = floor_to(range.from_ms / 1000, width);
+    let end = ceil_to(range.to_ms.div_ceil(1000), width);
+    let points = (end - first) / width;
+    if points > MAX_SERIES_POINTS {
+        return Err(QueryError::Invalid(format!(
+            "{points} points of one {} each; at most {MAX_SERIES_POINTS}: choose a coarser step or a shorter range",
+            step.column()
+        )));
+    }
+    Ok((first, width, points))
+}
+
 /// Reads counts and stats from one database.
 #[derive(Clone, Debug)]
 pub struct Reader {
@@ -257,16 +274,8 @@ impl Reader {
         step: Grain,
     ) -> Result<Vec<(u64, u64)>, QueryError> {
         check_ids(video_id, event_type)?;
-        let width = step.seconds();
-        let first = floor_to(range.from_ms / 1000, width);
-        let end = ceil_to(range.to_ms.div_ceil(1000), width);
-        let points = (end - first) / width;
-        if points > MAX_SERIES_POINTS {
-            return Err(QueryError::Invalid(format!(
-                "{points} points of one {} each; at most {MAX_SERIES_POINTS}: choose a coarser step or a shorter range",
-                step.column()
-            )));
-        }
+        let (first, width, points) = series_buckets(range, step)?;
+        let end = first + points * width;
         if points == 0 {
             return Ok(Vec::new());
         }

@@ -6,8 +6,10 @@
 # 2. Stats need event_stats' states: loadgen produces 2M events (Zipf over the same 10,000
 #    videos) and event_stats counts them (recent minutes only: the job refuses events older
 #    than 7 days).
-# 3. 100 concurrent clients over random ranges per read call, 1 client for views, views without
-#    the hot cache, then the same views as plain SQL over events_raw (100 clients and 1).
+# 3. The service warms up (every video asked for once), then 100 concurrent clients (and 1) over
+#    random ranges of whole minutes (answered from memory) and of milliseconds (their edges from
+#    events_raw), per read call; then views without memory, then the same views as plain SQL
+#    over events_raw.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="$ROOT/target/release"
@@ -41,21 +43,29 @@ stop() { kill "$QUERY" 2>/dev/null || true; wait "$QUERY" 2>/dev/null || true; }
 trap stop EXIT
 
 serve
-for call in views count stats; do
-    "$BIN/query_bench" --database "$DB" run --url "http://127.0.0.1:$PORT" --call "$call" --clients "$CLIENTS" --seconds "$SECONDS_EACH"
-done
-echo "bench-query: views with 1 client (the latency of one request, without queueing)"
-"$BIN/query_bench" --database "$DB" run --url "http://127.0.0.1:$PORT" --call views --clients 1 --seconds "$SECONDS_EACH"
-echo "bench-query: views of heavy000 (10M views over the year), 100 clients and 1"
-"$BIN/query_bench" --database "$DB" run --url "http://127.0.0.1:$PORT" --call views --video heavy000 --clients "$CLIENTS" --seconds "$SECONDS_EACH"
-"$BIN/query_bench" --database "$DB" run --url "http://127.0.0.1:$PORT" --call views --video heavy000 --clients 1 --seconds "$SECONDS_EACH"
+echo "bench-query: warm-up: every video's views asked for once, until memory holds them all"
+"$BIN/query_bench" --database "$DB" warm --url "http://127.0.0.1:$PORT"
+# run CLIENTS ARGS...: one measured run against the service.
+run() { local clients=$1; shift; "$BIN/query_bench" --database "$DB" run --url "http://127.0.0.1:$PORT" --clients "$clients" --seconds "$SECONDS_EACH" "$@"; }
+echo "bench-query: whole-minute ranges (from memory alone), 100 clients and 1, random videos and heavy000"
+run "$CLIENTS" --call views --aligned
+run "$CLIENTS" --call count --aligned
+run 1 --call views --aligned
+run "$CLIENTS" --call views --aligned --video heavy000
+echo "bench-query: millisecond ranges (whole minutes from memory, the edges from events_raw)"
+run "$CLIENTS" --call views
+run 1 --call views
+run "$CLIENTS" --call views --video heavy000
+echo "bench-query: stats (ClickHouse)"
+run "$CLIENTS" --call stats
 stop
-echo "bench-query: views again without the hot cache (--no-hot-cache)"
-serve --no-hot-cache
-"$BIN/query_bench" --database "$DB" run --url "http://127.0.0.1:$PORT" --call views --clients "$CLIENTS" --seconds "$SECONDS_EACH"
+echo "bench-query: views again without memory (--no-memory)"
+serve --no-memory
+run "$CLIENTS" --call views --aligned
+run "$CLIENTS" --call views
 stop
 echo "bench-query: the same views as plain SQL over events_raw"
-"$BIN/query_bench" --database "$DB" run --call raw-sql --clients "$CLIENTS" --seconds "$SECONDS_EACH"
-"$BIN/query_bench" --database "$DB" run --call raw-sql --clients 1 --seconds "$SECONDS_EACH"
-"$BIN/query_bench" --database "$DB" run --call raw-sql --video heavy000 --clients "$CLIENTS" --seconds "$SECONDS_EACH"
-"$BIN/query_bench" --database "$DB" run --call raw-sql --video heavy000 --clients 1 --seconds "$SECONDS_EACH"
+run "$CLIENTS" --call raw-sql --aligned
+run 1 --call raw-sql --aligned
+run "$CLIENTS" --call raw-sql
+run "$CLIENTS" --call raw-sql --video heavy000

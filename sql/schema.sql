@@ -51,6 +51,34 @@ PARTITION BY toYear(day)
 ORDER BY (video_id, event_type, day)
 SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
 
+-- The changelog of event_counts_minute, for the query service's in-memory counts: each epoch's
+-- minute block of view_counts, written here before the count tables, and a row in
+-- count_blocks (epoch, the worker that wrote the block, the workers in all) once the block is in
+-- all three count tables. Sorted by epoch, so the rows of the epochs after a given one are an
+-- indexed read. Internal: analysts read the count tables (docs/reads-from-memory.md).
+CREATE TABLE IF NOT EXISTS count_changes
+(
+    video_id String,
+    event_type String,
+    minute DateTime('UTC'),
+    count UInt64,
+    epoch UInt64
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/count_changes', '{replica}')
+PARTITION BY toYYYYMM(minute)
+ORDER BY (epoch, video_id, event_type, minute)
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+
+CREATE TABLE IF NOT EXISTS count_blocks
+(
+    epoch UInt64,
+    worker UInt32,
+    peers UInt32
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/count_blocks', '{replica}')
+ORDER BY (epoch, worker)
+SETTINGS replicated_deduplication_window = 1000;
+
 -- event_stats: the states of aggregate functions per (video, event type, aggregate, minute),
 -- one row per epoch that touched the key (merge the rows of a key; never read one alone).
 -- `aggregate` is the stored state: 'moments' answers count, sum, min, max and avg;

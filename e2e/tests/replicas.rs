@@ -85,7 +85,7 @@ fn the_query_service_moves_its_reads_off_a_replica_that_is_behind() {
 
     // Replica 2 first: it answers, but has nothing.
     let urls = format!("{REPLICA_2},{REPLICA_1}");
-    let service = env.query_service_via(&urls, &["--max-replica-delay-secs", "2", "--no-hot-cache"]);
+    let service = env.query_service_via(&urls, &["--max-replica-delay-secs", "2", "--no-memory"]);
     let ((video, _, _), _) = expected.minutes.iter().find(|((_, kind, _), _)| kind == "view").unwrap();
     let views: u64 = expected.minutes.iter().filter(|((v, k, _), _)| v == video && k == "view").map(|(_, n)| n).sum();
     let first = expected.minutes.keys().map(|k| k.2).min().unwrap() as u64 * 1000;

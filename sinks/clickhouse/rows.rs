@@ -91,6 +91,15 @@ pub fn counts_block(grain: Grain, epoch: u64, rows: &mut [CountRow]) -> Insert {
     Insert { table: grain.table().into(), rows: block.rows(), body: block.finish() }
 }
 
+/// The row of `count_blocks` saying that `worker` (of `peers`) wrote its count blocks of `epoch`.
+pub fn count_blocks_row(epoch: u64, worker: u32, peers: u32) -> Insert {
+    let mut block = NativeBlock::new(3, 1);
+    block.column_u64("epoch", std::iter::once(epoch));
+    block.column_u32("worker", "UInt32", std::iter::once(worker));
+    block.column_u32("peers", "UInt32", std::iter::once(peers));
+    Insert { table: "count_blocks".into(), rows: block.rows(), body: block.finish() }
+}
+
 /// One row of a `stats_*` table: a state of one (video, event type, aggregate, bucket) with
 /// the plain summary columns of the events that fed it.
 #[derive(Clone, Debug, PartialEq)]
