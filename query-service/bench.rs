@@ -287,20 +287,37 @@ async fn warm(url: &str, videos: u64, clients: u64) -> anyhow::Result<()> {
     for client in 0..clients {
         let (http, names, url) = (http.clone(), names.clone(), url.to_owned());
         tasks.push(tokio::spawn(async move {
+            let mut failed = 0u64;
             for name in names.iter().skip(client as usize).step_by(clients as usize) {
-                let _ = http.get(format!("{url}/v1/videos/{name}/views?from=0&to={}", now_ms())).send().await;
+                let to = now_ms();
+                let from = to - 9 * YEAR_MS;
+                let answer = http.get(format!("{url}/v1/videos/{name}/views?from={from}&to={to}")).send().await;
+                if !answer.is_ok_and(|a| a.status().is_success()) {
+                    failed += 1;
+                }
             }
+            failed
         }));
     }
+    let mut failed = 0u64;
     for task in tasks {
-        task.await?;
+        failed += task.await?;
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of the warm-up's requests failed");
     }
     let asked = started.elapsed().as_secs_f64();
     let wanted = names.len() as f64;
     let deadline = Instant::now() + Duration::from_secs(1800);
     loop {
         let keys = gauge(&http, url, "videocount_query_memory_keys").await.unwrap_or(0.0);
-        if keys >= wanted || Instant::now() > deadline {
+        let loads = gauge(&http, url, "videocount_query_memory_loads_total").await.unwrap_or(0.0);
+        let evictions = gauge(&http, url, "videocount_query_memory_evictions_total").await.unwrap_or(0.0);
+        // Done when every key loaded (some may have left again under the budget).
+        if loads >= wanted || Instant::now() > deadline {
+            if evictions > 0.0 {
+                println!("warm: {evictions} keys left again under --memory-budget-mb");
+            }
             let bytes = gauge(&http, url, "videocount_query_memory_bytes").await.unwrap_or(0.0);
             println!(
                 "{}",

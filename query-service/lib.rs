@@ -78,6 +78,10 @@ pub struct QueryArgs {
     /// Serve every count from ClickHouse.
     #[arg(long, env = "VIDEOCOUNT_QUERY_NO_MEMORY")]
     pub no_memory: bool,
+    /// The checkpoint name of the view_counts job writing the database (its --job-name):
+    /// memory follows its commits.
+    #[arg(long, env = "VIDEOCOUNT_JOB_NAME", default_value = "view_counts")]
+    pub job_name: String,
     /// The built UI (`make ui`), served at /.
     #[arg(long, env = "VIDEOCOUNT_UI_DIR", default_value = "ui/dist")]
     pub ui_dir: PathBuf,
@@ -142,6 +146,7 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
         let config = MemoryConfig {
             poll: Duration::from_millis(args.memory_poll_ms),
             budget_bytes: args.memory_budget_mb.saturating_mul(1 << 20),
+            job: args.job_name.clone(),
         };
         Arc::new(Memory::new(clickhouse.clone(), config, metrics.memory.clone()))
     });

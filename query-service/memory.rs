@@ -46,6 +46,8 @@ pub struct MemoryConfig {
     pub poll: Duration,
     /// Memory the keys may take (their arrays and changes).
     pub budget_bytes: usize,
+    /// The checkpoint name of the `view_counts` writing the count tables (its `--job-name`).
+    pub job: String,
 }
 
 /// Counters the service exports (`/metrics`).
@@ -83,10 +85,15 @@ struct Series {
 impl Series {
     fn new(rows: impl IntoIterator<Item = (u32, u64)>) -> Series {
         let mut series = Series { prefix: vec![0], ..Series::default() };
+        let mut total = 0;
         for (minute, count) in rows {
+            total += count;
             series.minutes.push(minute);
-            series.prefix.push(series.prefix.last().copied().unwrap_or(0) + count);
+            series.prefix.push(total);
         }
+        // Held for long: no spare capacity.
+        series.minutes.shrink_to_fit();
+        series.prefix.shrink_to_fit();
         series
     }
 
@@ -118,6 +125,14 @@ impl Series {
         self.used = AtomicU64::new(used);
     }
 
+    /// Marks it used now; written only when the second changed, so that readers of one hot key
+    /// do not all write the same cache line.
+    fn touch(&self, now_s: u64) {
+        if self.used.load(Ordering::Relaxed) != now_s {
+            self.used.store(now_s, Ordering::Relaxed);
+        }
+    }
+
     fn bytes(&self) -> usize {
         self.minutes.capacity() * 4 + self.prefix.capacity() * 8 + self.changes.len() * 32 + 160
     }
@@ -130,6 +145,10 @@ struct State {
     polled: Option<Instant>,
     /// What identifies the count table in use (its creation); a change empties the store.
     table: String,
+    /// Raised whenever the store is emptied: a load begun before does not install.
+    generation: u64,
+    /// The tables have several replicas: memory is off.
+    replicated: bool,
     keys: HashMap<Key, Series>,
     bytes: usize,
 }
@@ -148,6 +167,7 @@ pub struct Memory {
 struct Poll {
     committed: u64,
     table: String,
+    replicas: u64,
 }
 
 #[derive(Row, Deserialize)]
@@ -191,6 +211,8 @@ impl Memory {
                 applied: None,
                 polled: None,
                 table: String::new(),
+                generation: 0,
+                replicated: false,
                 keys: HashMap::new(),
                 bytes: 0,
             }),
@@ -217,7 +239,7 @@ impl Memory {
             self.stats.misses.inc();
             return None;
         };
-        series.used.store(self.now_s(), Ordering::Relaxed);
+        series.touch(self.now_s());
         self.stats.hits.inc();
         Some(series.sum(clamp(start_s), clamp(end_s)))
     }
@@ -230,7 +252,7 @@ impl Memory {
             self.stats.misses.inc();
             return None;
         };
-        series.used.store(self.now_s(), Ordering::Relaxed);
+        series.touch(self.now_s());
         self.stats.hits.inc();
         Some((0..points).map(|i| series.sum(clamp(first + i * width), clamp(first + (i + 1) * width))).collect())
     }
@@ -302,10 +324,10 @@ impl Memory {
     }
 
     async fn try_load(&self, key: &Key) -> Result<Outcome, QueryError> {
-        let (applied, table) = {
+        let (applied, generation) = {
             let state = self.state.read().expect("memory lock");
             match state.applied {
-                Some(applied) => (applied, state.table.clone()),
+                Some(applied) => (applied, state.generation),
                 None => return Ok(Outcome::Skipped),
             }
         };
@@ -360,7 +382,7 @@ impl Memory {
             let series = Series::new(rows.into_iter().filter(|(_, n)| *n > 0));
             series.used.store(self.now_s(), Ordering::Relaxed);
             let mut state = self.state.write().expect("memory lock");
-            if state.table != table || state.keys.contains_key(key) {
+            if state.generation != generation || state.keys.contains_key(key) {
                 return Ok(Outcome::Skipped);
             }
             if state.applied != Some(now_applied) {
@@ -400,17 +422,33 @@ impl Memory {
     /// Reads the committed epoch, applies the epochs committed since the last poll.
     pub async fn poll(&self) -> Result<(), QueryError> {
         let client = self.clickhouse.client();
-        let polled: Vec<Poll> = self
-            .clickhouse
-            .fetch_all(client.query(
-                "SELECT (SELECT toUInt64(max(epoch)) FROM checkpoint_commits WHERE job = 'view_counts') AS committed, \
+        let query = client
+            .query(
+                "SELECT (SELECT toUInt64(max(epoch)) FROM checkpoint_commits WHERE job = ?) AS committed, \
                  (SELECT toString(metadata_modification_time) FROM system.tables \
-                  WHERE database = currentDatabase() AND name = 'event_counts_minute') AS table",
-            ))
-            .await?;
-        let Some(Poll { committed, table }) = polled.into_iter().next() else {
+                  WHERE database = currentDatabase() AND name = 'event_counts_minute') AS table, \
+                 (SELECT toUInt64(max(total_replicas)) FROM system.replicas WHERE database = currentDatabase()) AS replicas",
+            )
+            .bind(&self.config.job);
+        let polled: Vec<Poll> = self.clickhouse.fetch_all(query).await?;
+        let Some(Poll { committed, table, replicas }) = polled.into_iter().next() else {
             return Err(QueryError::Corrupt("the poll query answered no row".into()));
         };
+        if replicas > 1 {
+            // Each table replicates on its own: the write order a load relies on holds only on
+            // the replica the job wrote to, and a commit may arrive before its changes.
+            let mut state = self.state.write().expect("memory lock");
+            if !state.replicated {
+                warn!(replicas, "the count tables have several replicas: memory is off, counts read ClickHouse");
+                state.replicated = true;
+            }
+            state.keys.clear();
+            state.bytes = 0;
+            state.applied = None;
+            state.generation += 1;
+            state.polled = None;
+            return Ok(());
+        }
         let applied = self.applied();
         let reset = match applied {
             None => true,
@@ -428,6 +466,8 @@ impl Memory {
             state.bytes = 0;
             state.applied = Some(committed);
             state.table = table;
+            state.generation += 1;
+            state.replicated = false;
             state.polled = Some(Instant::now());
             return Ok(());
         }

@@ -12,7 +12,7 @@
 #    over events_raw.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="$ROOT/target/release"
+BIN="${BENCH_BIN:-$ROOT/target/release}"
 DB=${BENCH_DATABASE:-bench_query}
 SECONDS_EACH=${BENCH_SECONDS:-15}
 CLIENTS=${BENCH_CLIENTS:-100}

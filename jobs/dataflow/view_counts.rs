@@ -45,7 +45,9 @@ impl Dataflow for ViewCounts {
     }
 
     fn settings(&self) -> String {
-        format!("events_raw {}", self.events_raw)
+        // "changelog": this build writes count_changes and count_blocks, which the query
+        // service's memory relies on; an older build must not re-run this one's epochs.
+        format!("events_raw {}, changelog", self.events_raw)
     }
 
     fn build<'scope>(
