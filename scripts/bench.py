@@ -15,6 +15,7 @@ BENCH_BIN picks the binaries (default target/release).
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -34,12 +35,13 @@ def sql(query, database=None):
         return r.read().decode().strip()
 
 
-def run_job(topic, workers, raw, job="view_counts"):
+def run_job(topic, workers, raw, job="view_counts", extra=()):
     database = f"bench_{uuid.uuid4().hex[:8]}"
     subprocess.run([f"{BIN}/videocount", "--database", database, "schema"], check=True, stdout=subprocess.DEVNULL)
     args = [f"{BIN}/{job}", "--topic", topic, "--database", database, "--workers", str(workers), "--until-caught-up"]
     if not raw:
         args.append("--no-events-raw")
+    args.extend(extra)
     started = time.monotonic()
     child = subprocess.Popen(args, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
     _, status, usage = os.wait4(child.pid, 0)
@@ -111,24 +113,34 @@ def fill(event_ids):
 
 
 def bench_ids():
-    """Catch-up with and without event ids, in one run: the ratio is the cost of the ids."""
+    """Catch-up with and without event ids, alternating, three times each: the ratio of the
+    medians is the cost of the ids (single runs of a few seconds vary by 10-20 %)."""
     topics = {ids: fill(ids) for ids in (False, True)}
     rows = []
     for job, workers in (("view_counts", 2), ("event_stats", 1)):
+        runs = {False: [], True: []}
+        for _ in range(3):
+            for ids in (False, True):
+                topic, expected = topics[ids]
+                seconds, rss, counted = run_job(topic, workers, False, job)
+                ok = "exact" if counted == expected else f"WRONG ({counted})"
+                runs[ids].append((expected / seconds, rss, ok))
+                print(f"bench: {job}, {workers} worker(s), ids {'on' if ids else 'off'}: {expected / seconds:,.0f} "
+                      f"events/s, peak RSS {rss:,.0f} MiB, {ok}", flush=True)
         for ids in (False, True):
-            topic, expected = topics[ids]
-            seconds, rss, counted = run_job(topic, workers, False, job)
-            ok = "exact" if counted == expected else f"WRONG ({counted})"
-            rows.append((job, workers, ids, expected / seconds, rss, ok))
-            print(f"bench: {job}, {workers} worker(s), ids {'on' if ids else 'off'}: {expected / seconds:,.0f} "
-                  f"events/s, peak RSS {rss:,.0f} MiB, {ok}", flush=True)
+            rates = [r for r, _, _ in runs[ids]]
+            rss = statistics.median(m for _, m, _ in runs[ids])
+            oks = {ok for _, _, ok in runs[ids]}
+            rows.append((job, workers, ids, statistics.median(rates), rates, rss, ", ".join(sorted(oks))))
     print()
-    print("| run | ids | events/s | peak memory | counts |")
-    print("|---|---|---:|---:|---|")
-    for job, workers, ids, rate, rss, ok in rows:
-        print(f"| {job}, {workers} worker(s), events_raw off | {'on' if ids else 'off'} | {rate:,.0f} | {rss:,.0f} MiB | {ok} |")
-    for (job, workers, _, off, rss_off, _), (_, _, _, on, rss_on, _) in zip(rows[::2], rows[1::2]):
-        print(f"\n{job}: ids on / off = {on / off:.2f}x events/s; memory {rss_on - rss_off:+,.0f} MiB "
+    print("| run | ids | events/s (median of 3) | the 3 runs | peak memory (median) | counts |")
+    print("|---|---|---:|---|---:|---|")
+    for job, workers, ids, rate, rates, rss, ok in rows:
+        runs_text = ", ".join(f"{r:,.0f}" for r in rates)
+        print(f"| {job}, {workers} worker(s), events_raw off | {'on' if ids else 'off'} | {rate:,.0f} | {runs_text} "
+              f"| {rss:,.0f} MiB | {ok} |")
+    for (job, _, _, off, _, rss_off, _), (_, _, _, on, _, rss_on, _) in zip(rows[::2], rows[1::2]):
+        print(f"\n{job}: ids on / off = {on / off:.2f}x events/s (medians); memory {rss_on - rss_off:+,.0f} MiB "
               f"({(rss_on - rss_off) / (EVENTS / 1e6):,.0f} MiB per million ids in the windows)")
 
 
