@@ -9,7 +9,8 @@ same topic with ClickHouse's own Kafka engine and a materialized view into a min
 alternative a user would reach for. Prints a Markdown table. BENCH_ONLY=view_counts or
 BENCH_ONLY=event_stats runs one job's rows only (and skips the Kafka engine for event_stats).
 BENCH_ONLY=ids measures the cost of event ids instead: the same events with and without an
-`event_id` each (two topics), both jobs, events/s and peak memory (the dedup windows).
+`event_id` each (two topics), both jobs, three alternating runs each: the medians of events/s
+and of peak memory (the dedup windows).
 BENCH_BIN picks the binaries (default target/release).
 """
 
