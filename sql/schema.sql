@@ -55,7 +55,9 @@ SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
 -- minute block of view_counts, written here before the count tables, and a row in
 -- count_blocks (epoch, the worker that wrote the block, the workers in all) once the block is in
 -- all three count tables. Sorted by epoch, so the rows of the epochs after a given one are an
--- indexed read. Internal: analysts read the count tables (docs/reads-from-memory.md).
+-- indexed read; partitioned by ranges of 2^20 epochs (an epoch's block lands in one part, and
+-- old ranges can be dropped whole). Internal: analysts read the count tables
+-- (docs/reads-from-memory.md).
 CREATE TABLE IF NOT EXISTS count_changes
 (
     video_id String,
@@ -65,7 +67,7 @@ CREATE TABLE IF NOT EXISTS count_changes
     epoch UInt64
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/count_changes', '{replica}')
-PARTITION BY toYYYYMM(minute)
+PARTITION BY intDiv(epoch, 1048576)
 ORDER BY (epoch, video_id, event_type, minute)
 SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
 
@@ -76,6 +78,7 @@ CREATE TABLE IF NOT EXISTS count_blocks
     peers UInt32
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/count_blocks', '{replica}')
+PARTITION BY intDiv(epoch, 1048576)
 ORDER BY (epoch, worker)
 SETTINGS replicated_deduplication_window = 1000;
 
