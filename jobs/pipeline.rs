@@ -293,6 +293,8 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
             let job = job_name.clone();
             let topic = args.topic.clone();
             let (snapshot_job, snapshot_topic) = (job.clone(), topic.clone());
+            // The job writes the query service's changelog: it drops its old partitions too.
+            let changelog = dataflow.blocks_per_epoch(1).iter().any(|(table, _)| *table == "count_changes");
             let source_config = SourceConfig {
                 job: job.clone(),
                 topic: topic.clone(),
@@ -437,9 +439,15 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
                                 warn!(error = %e, "checkpoint snapshot not written (the next one will be)");
                             } else if let Some(below) = trim_below
                                 && fence.wait().await.is_ok()
-                                && let Err(e) = checkpoints::trim_checkpoint(&clickhouse, &job, &topic, below).await
                             {
-                                warn!(error = %e, "old checkpoint rows not deleted (the next trim will)");
+                                if let Err(e) = checkpoints::trim_checkpoint(&clickhouse, &job, &topic, below).await {
+                                    warn!(error = %e, "old checkpoint rows not deleted (the next trim will)");
+                                }
+                                if changelog
+                                    && let Err(e) = checkpoints::drop_old_changelog(&clickhouse, below).await
+                                {
+                                    warn!(error = %e, "old changelog partitions not dropped (the next trim will)");
+                                }
                             }
                         });
                     }

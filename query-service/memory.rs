@@ -33,6 +33,10 @@ use tracing::{info, warn};
 use videocount_clickhouse::ClickHouse;
 use videocount_query::QueryError;
 
+/// A service whose polls failed longer than this empties memory when they work again: the job
+/// drops changelog ranges at least 2^20 epochs behind its commits (17 minutes at 1 ms epochs),
+/// and the epochs it missed may be gone.
+const AWAY_LIMIT: Duration = Duration::from_secs(300);
 /// Keys loaded at once (each load is three small queries).
 const CONCURRENT_LOADS: usize = 4;
 /// Loads a key tries before it gives up (and leaves it to a later request).
@@ -452,7 +456,12 @@ impl Memory {
         let applied = self.applied();
         let reset = match applied {
             None => true,
-            Some(applied) => committed < applied || self.state.read().expect("memory lock").table != table,
+            Some(applied) => {
+                let state = self.state.read().expect("memory lock");
+                // Away longer than the job keeps the changelog for sure: start over.
+                let away = state.polled.is_none_or(|at| at.elapsed() > AWAY_LIMIT);
+                committed < applied || state.table != table || away
+            }
         };
         if reset {
             let mut state = self.state.write().expect("memory lock");

@@ -429,6 +429,38 @@ pub fn snapshot_block(job: &str, topic: &str, epoch: u64, offsets: &BTreeMap<u32
 /// the background). A start reads only the newest snapshot and what follows it, and a replay
 /// reads what a start reads, so the checkpoint tables stay the size of the interval between
 /// trims instead of growing with the job's age.
+/// Epochs per partition of `count_changes` and `count_blocks` (their `PARTITION BY`).
+pub const CHANGELOG_PARTITION_EPOCHS: u64 = 1 << 20;
+
+/// Drops the partitions of the query service's changelog (`count_changes`, `count_blocks`)
+/// that end before the partition before `below`'s: at least 2^20 epochs before `below` stay
+/// (17 minutes at 1 ms epochs, 12 days at the default 1 s). A service that was away longer
+/// starts over (docs/reads-from-memory.md). Returns how many partitions went.
+pub async fn drop_old_changelog(clickhouse: &ClickHouse, below: u64) -> Result<usize, SinkError> {
+    let keep_from = (below / CHANGELOG_PARTITION_EPOCHS).saturating_sub(1);
+    #[derive(Row, Deserialize)]
+    struct Part {
+        table: String,
+        partition: String,
+    }
+    let parts: Vec<Part> = clickhouse
+        .fetch_all(clickhouse.client().query(
+            "SELECT DISTINCT table, partition FROM system.parts WHERE database = currentDatabase() \
+             AND table IN ('count_changes', 'count_blocks') AND active",
+        ))
+        .await?;
+    let mut dropped = 0;
+    for part in parts {
+        // The partition of an integer key is its number; anything else is not ours to drop.
+        let Ok(number) = part.partition.trim_matches('\'').parse::<u64>() else { continue };
+        if number < keep_from {
+            clickhouse.execute(&format!("ALTER TABLE {} DROP PARTITION {number}", part.table)).await?;
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
+}
+
 pub async fn trim_checkpoint(clickhouse: &ClickHouse, job: &str, topic: &str, below: u64) -> Result<(), SinkError> {
     // Commits are trimmed only while a newer one stays: an idle job's epochs commit without
     // rows, and compaction and the one-topic check look for its newest commit.

@@ -284,3 +284,36 @@ async fn a_fenced_generation_changes_nothing() {
     assert_eq!(state.base_epoch, G + 2, "the fenced generation's plan is not what this run builds on");
     schema::drop_database(&clickhouse).await.unwrap();
 }
+
+#[tokio::test]
+#[ignore = "needs ClickHouse: make up, then make test"]
+async fn old_changelog_ranges_are_dropped_whole_and_recent_ones_stay() {
+    let clickhouse = fresh_database("changelog").await;
+    let span = crate::checkpoints::CHANGELOG_PARTITION_EPOCHS;
+    for range in 0..4u64 {
+        let epoch = range * span + 5;
+        let marker = crate::rows::count_blocks_row(epoch, 0, 1);
+        clickhouse.insert_native(&marker.table, marker.body).await.unwrap();
+        clickhouse
+            .execute(&format!(
+                "INSERT INTO count_changes (video_id, event_type, minute, count, epoch) VALUES ('v', 'view', 60, 1, {epoch})"
+            ))
+            .await
+            .unwrap();
+    }
+    let epochs = |table: &'static str| {
+        let clickhouse = clickhouse.clone();
+        async move {
+            let sql = format!("SELECT epoch FROM {table} ORDER BY epoch");
+            clickhouse.fetch_all::<u64>(clickhouse.client().query(&sql)).await.unwrap()
+        }
+    };
+    // Below an epoch of the fourth range: the third stays with it, the first two go.
+    let dropped = crate::checkpoints::drop_old_changelog(&clickhouse, 3 * span + 10).await.unwrap();
+    assert_eq!(dropped, 4, "two ranges of two tables");
+    for table in ["count_changes", "count_blocks"] {
+        assert_eq!(epochs(table).await, vec![2 * span + 5, 3 * span + 5], "{table}");
+    }
+    assert_eq!(crate::checkpoints::drop_old_changelog(&clickhouse, 3 * span + 10).await.unwrap(), 0);
+    clickhouse.execute(&format!("DROP DATABASE {}", clickhouse.database())).await.unwrap();
+}
