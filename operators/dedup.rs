@@ -165,8 +165,12 @@ mod tests {
             gaps in proptest::collection::vec(1u64..25, 400),
             window in 1u64..40,
         ) {
-            let mut offset = 0;
-            let log: Vec<(u64, u128)> = ids.iter().zip(&gaps).map(|(id, gap)| { offset += gap; (offset, *id) }).collect();
+            // Ids with both halves in use; offsets far enough for chunk numbers to pass 2^32
+            // with the smallest windows.
+            let mut offset = (1u64 << 32) * window.min(2) - 200;
+            let spread = |id: u128| id.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835) ^ (id << 100);
+            let log: Vec<(u64, u128)> =
+                ids.iter().zip(&gaps).map(|(id, gap)| { offset += gap; (offset, spread(*id)) }).collect();
             let decided = decisions(&log, window, 0, 0);
             for (i, &(offset, id)) in log.iter().enumerate() {
                 let chunk = offset / window;

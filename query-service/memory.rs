@@ -290,7 +290,7 @@ impl Memory {
         let key = (video_id.to_owned(), event_type.to_owned());
         {
             let state = self.state.read().expect("memory lock");
-            if state.applied.is_none() || state.keys.contains_key(&key) {
+            if state.replicated || state.keys.contains_key(&key) {
                 return;
             }
         }
@@ -310,6 +310,13 @@ impl Memory {
 
     /// Loads a key, trying again while epochs are being written.
     pub async fn load(&self, key: &Key) -> Result<(), QueryError> {
+        // Asked for before the first poll (just after the start): wait for it a little.
+        for _ in 0..50 {
+            if self.applied().is_some() {
+                break;
+            }
+            tokio::time::sleep(self.config.poll).await;
+        }
         for attempt in 0..LOAD_ATTEMPTS {
             match self.try_load(key).await? {
                 Outcome::Installed => {
