@@ -237,19 +237,19 @@ impl Memory {
     /// The count of whole minutes `[start_s, end_s)` of a key, when it is held and the store
     /// is current.
     pub fn count(&self, video_id: &str, event_type: &str, start_s: u64, end_s: u64) -> Option<u64> {
-        let state = self.state.read().expect("memory lock");
-        let found = self.fresh(&state).then(|| state.keys.get(&(video_id.to_owned(), event_type.to_owned()))).flatten();
-        let Some(series) = found else {
-            self.stats.misses.inc();
-            return None;
-        };
-        series.touch(self.now_s());
-        self.stats.hits.inc();
-        Some(series.sum(clamp(start_s), clamp(end_s)))
+        self.read(video_id, event_type, |series| series.sum(clamp(start_s), clamp(end_s)))
     }
 
     /// The counts per bucket of `width` seconds from `first` (`points` buckets), when held.
     pub fn series(&self, video_id: &str, event_type: &str, first: u64, width: u64, points: u64) -> Option<Vec<u64>> {
+        self.read(video_id, event_type, |series| {
+            (0..points).map(|i| series.sum(clamp(first + i * width), clamp(first + (i + 1) * width))).collect()
+        })
+    }
+
+    /// `answer` of the key's minutes, when it is held and the store is current; counts the hit
+    /// or the miss.
+    fn read<T>(&self, video_id: &str, event_type: &str, answer: impl FnOnce(&Series) -> T) -> Option<T> {
         let state = self.state.read().expect("memory lock");
         let found = self.fresh(&state).then(|| state.keys.get(&(video_id.to_owned(), event_type.to_owned()))).flatten();
         let Some(series) = found else {
@@ -258,7 +258,7 @@ impl Memory {
         };
         series.touch(self.now_s());
         self.stats.hits.inc();
-        Some((0..points).map(|i| series.sum(clamp(first + i * width), clamp(first + (i + 1) * width))).collect())
+        Some(answer(series))
     }
 
     /// Keys held.
