@@ -34,6 +34,10 @@ pub struct Event {
     pub ts_ms: u64,
 }
 
+/// Video ids of the query service's freshness canaries start with this; top lists (and the
+/// job's trending) leave them out.
+pub const CANARY_PREFIX: &str = "videocount-canary";
+
 /// An item with the Kafka partition and offset it was read from: what the source emits and
 /// the raw log and dead letters record.
 pub type Located<E = Event> = (E, u32, u64);

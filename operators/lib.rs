@@ -17,6 +17,9 @@
 //!   stream's backlog in a [`spill`] file;
 //! - [`stats_epoch`]: the per-epoch partial states of aggregate functions and their merge into
 //!   minute, hour and day rows (a state type, like [`count_events`]).
+//! - [`trending`]: the top videos per event type of the last hour and day of event time, kept
+//!   incrementally with differential dataflow (hierarchical top K), and the rows each epoch
+//!   writes to `top_videos`.
 
 pub mod back_pressure;
 pub mod count_events;
@@ -28,6 +31,7 @@ pub mod partition_cursor;
 pub mod pre_aggregate;
 pub mod spill;
 pub mod stats_epoch;
+pub mod trending;
 
 pub use back_pressure::Throttle;
 pub use count_events::EventCounts;

@@ -25,8 +25,7 @@ pub use crate::range::{MAX_RANGE_MS, Segment, TimeRange, format_time, parse_time
 use crate::range::{ceil_to, floor_to};
 pub use crate::stats::StatsAnswer;
 
-/// Video ids of the query service's freshness canaries start with this; top lists leave them out.
-pub const CANARY_PREFIX: &str = "videocount-canary";
+pub use videocount_events::CANARY_PREFIX;
 
 /// Why a query cannot be answered.
 #[derive(Debug, thiserror::Error)]

@@ -82,6 +82,32 @@ PARTITION BY intDiv(epoch, 1048576)
 ORDER BY (epoch, worker)
 SETTINGS replicated_deduplication_window = 1000;
 
+-- view_counts' trending (on unless --no-trending): the top videos per event type over the last
+-- hour and the last 24 hours of event time ("now" is the newest minute of any event counted, so
+-- a replay of the same events gives the same lists). Each epoch that changes a list (or moves
+-- "now") writes the whole list again: `rank` 1 is the most counted (ties: the smaller video id
+-- first); an empty list is one row of rank 0 and no video. `from_ms`/`to_ms` are the window,
+-- [from, to) in epoch milliseconds. A reader takes, per (event_type, period), the rows of the
+-- newest epoch at or below the job's newest commit; a restarted job may write a list twice in
+-- one epoch, identical, so read one row per rank. Sorted by epoch (the lists newer than a known
+-- epoch are an indexed read); the job drops ranges of 2^16 epochs older than every list's
+-- newest epoch.
+CREATE TABLE IF NOT EXISTS top_videos
+(
+    epoch UInt64,
+    event_type String,
+    period String,
+    rank UInt32,
+    video_id String,
+    count UInt64,
+    from_ms UInt64,
+    to_ms UInt64
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/top_videos', '{replica}')
+PARTITION BY intDiv(epoch, 65536)
+ORDER BY (epoch, event_type, period, rank)
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+
 -- event_stats: the states of aggregate functions per (video, event type, aggregate, minute),
 -- one row per epoch that touched the key (merge the rows of a key; never read one alone).
 -- `aggregate` is the stored state: 'moments' answers count, sum, min, max and avg;

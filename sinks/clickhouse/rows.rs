@@ -100,6 +100,37 @@ pub fn count_blocks_row(epoch: u64, worker: u32, peers: u32) -> Insert {
     Insert { table: "count_blocks".into(), rows: block.rows(), body: block.finish() }
 }
 
+/// One row of `top_videos`: a video's place in the top list of one event type and window as of
+/// an epoch. An empty list is one row of rank 0 with no video.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TopRow {
+    pub event_type: String,
+    /// `1h` or `24h`.
+    pub window: String,
+    /// The window's first and end instants, epoch milliseconds (`[from_ms, to_ms)`).
+    pub from_ms: u64,
+    pub to_ms: u64,
+    /// 1 for the most counted; 0 for the row of an empty list.
+    pub rank: u32,
+    pub video_id: String,
+    pub count: u64,
+}
+
+/// The top lists one worker rewrote in `epoch`. Sorts `rows` in place.
+pub fn top_videos_block(epoch: u64, rows: &mut [TopRow]) -> Insert {
+    rows.sort_unstable();
+    let mut block = NativeBlock::new(8, rows.len());
+    block.column_u64("epoch", rows.iter().map(|_| epoch));
+    block.column_str("event_type", rows.iter().map(|r| r.event_type.as_str()));
+    block.column_str("period", rows.iter().map(|r| r.window.as_str()));
+    block.column_u32("rank", "UInt32", rows.iter().map(|r| r.rank));
+    block.column_str("video_id", rows.iter().map(|r| r.video_id.as_str()));
+    block.column_u64("count", rows.iter().map(|r| r.count));
+    block.column_u64("from_ms", rows.iter().map(|r| r.from_ms));
+    block.column_u64("to_ms", rows.iter().map(|r| r.to_ms));
+    Insert { table: "top_videos".into(), rows: block.rows(), body: block.finish() }
+}
+
 /// One row of a `stats_*` table: a state of one (video, event type, aggregate, bucket) with
 /// the plain summary columns of the events that fed it.
 #[derive(Clone, Debug, PartialEq)]

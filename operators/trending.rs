@@ -1,0 +1,420 @@
+//! Trending: per event type, the top K videos of the last hour and of the last 24 hours of event
+//! time, kept up to date incrementally with differential dataflow.
+//!
+//! ```text
+//!  events ─▶ Gather ─┬─ cells ──exchange(video)──▶ Window ─▶ counts in window ─▶ top_k ─▶ Top ─▶ rows
+//!  (worker)          └─ newest minute ─broadcast─┴────────────────────────────────────────┘
+//! ```
+//!
+//! - **"Now" is event time**: the newest minute of any event counted so far (every worker learns
+//!   every epoch's newest minute), never the wall clock, so a replay of the same events gives
+//!   the same lists. A window of `s` seconds holds the minutes `m` with `now - s < m <= now`.
+//! - [`Window`] holds, per worker, the minute counts of its videos for the largest window and
+//!   turns each epoch into changes of the per-window counts: an epoch's new counts for minutes
+//!   inside a window, and the old counts of minutes that "now" moved out of it. A late event for
+//!   a minute still inside a window changes it; one for a minute outside does not.
+//! - The counts in a window are a differential collection whose multiplicities are the counts
+//!   (`((event type, window), video)` with multiplicity = count); [`top_k`] keeps its top K per
+//!   (event type, window) through levels of hash buckets (4096, 256, 16, 1), so a change
+//!   re-ranks its bucket at each level instead of every video of the window.
+//! - [`Top`] applies the top lists' changes and, for every epoch that changed a list or moved
+//!   "now", writes the whole list ([`TopRow`]s, `top_videos`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use compact_str::CompactString;
+use differential_dataflow::AsCollection;
+use differential_dataflow::collection::vec::Collection;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::Stream;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::{Broadcast, Map as _};
+use videocount_clickhouse::rows::TopRow;
+use videocount_events::{CANARY_PREFIX, Event, Located, route};
+
+/// A fast, non-cryptographic hasher: keys come from our own validated events.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A sliding window of event time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// As the API and `top_videos.period` name it.
+    pub name: &'static str,
+    pub seconds: u32,
+}
+
+/// The windows kept, smallest first; a key names one by its index.
+pub const WINDOWS: [Window; 2] = [Window { name: "1h", seconds: 3600 }, Window { name: "24h", seconds: 86_400 }];
+
+/// The largest window: older minutes are in none.
+const SPAN: u32 = 86_400;
+
+impl Window {
+    /// Whether the minute starting at `minute` (seconds) is inside the window when the newest
+    /// minute is `now`.
+    pub fn covers(self, now: u32, minute: u32) -> bool {
+        minute <= now && u64::from(minute) + u64::from(self.seconds) > u64::from(now)
+    }
+
+    /// The window as `[from, to)` in epoch milliseconds.
+    pub fn range_ms(self, now: u32) -> (u64, u64) {
+        let to = (u64::from(now) + 60) * 1000;
+        (to.saturating_sub(u64::from(self.seconds) * 1000), to)
+    }
+}
+
+/// A list: an event type and the index of its window in [`WINDOWS`].
+pub type Key = (CompactString, u8);
+/// A video's count in a window, as a differential update: multiplicity = count.
+pub type Update = ((Key, CompactString), u64, isize);
+/// An (event type, video, minute) and its count.
+pub type Cell = ((CompactString, CompactString, u32), u64);
+
+/// What a restarted job knew as of its last committed epoch: the newest minute and the minute
+/// counts of the largest window (of this worker's videos).
+#[derive(Clone, Debug, Default)]
+pub struct Restored {
+    pub now: Option<u32>,
+    pub cells: Vec<Cell>,
+}
+
+/// One worker's minute counts of the largest window, and "now". See the module documentation.
+#[derive(Debug, Default)]
+pub struct WindowCells {
+    now: Option<u32>,
+    /// minute -> (event type, video) -> count.
+    minutes: BTreeMap<u32, Map<(CompactString, CompactString), u64>>,
+}
+
+impl WindowCells {
+    pub fn restored(restored: Restored) -> WindowCells {
+        let mut cells = WindowCells { now: restored.now, minutes: BTreeMap::new() };
+        for ((event_type, video, minute), count) in restored.cells {
+            if cells.now.is_some_and(|now| u64::from(minute) + u64::from(SPAN) > u64::from(now)) {
+                *cells.minutes.entry(minute).or_default().entry((event_type, video)).or_insert(0) += count;
+            }
+        }
+        cells
+    }
+
+    /// Everything held, as additions to the windows that cover it (what a restarted job adds
+    /// before its first epoch).
+    pub fn contributions(&self, out: &mut Vec<((Key, CompactString), isize)>) {
+        let Some(now) = self.now else { return };
+        for (&minute, cells) in &self.minutes {
+            for ((event_type, video), &count) in cells {
+                push_covered(now, minute, event_type, video, count as isize, out);
+            }
+        }
+    }
+
+    /// Applies one epoch: its new counts and the newest minute any worker saw in it. Pushes the
+    /// changes of the windows' counts.
+    pub fn advance(
+        &mut self,
+        newest: Option<u32>,
+        cells: impl IntoIterator<Item = Cell>,
+        out: &mut Vec<((Key, CompactString), isize)>,
+    ) {
+        let before = self.now;
+        let Some(now) = before.max(newest) else { return };
+        // Minutes "now" moved out of a window: their counts leave it.
+        if let Some(before) = before.filter(|&b| b < now) {
+            for (index, window) in WINDOWS.iter().enumerate() {
+                let first_out = before.saturating_sub(window.seconds - 60);
+                for (&minute, cells) in self.minutes.range(first_out..) {
+                    if window.covers(now, minute) {
+                        break;
+                    }
+                    for ((event_type, video), &count) in cells {
+                        out.push((((event_type.clone(), index as u8), video.clone()), -(count as isize)));
+                    }
+                }
+            }
+        }
+        for ((event_type, video, minute), count) in cells {
+            if u64::from(minute) + u64::from(SPAN) <= u64::from(now) {
+                continue; // older than every window
+            }
+            push_covered(now, minute, &event_type, &video, count as isize, out);
+            *self.minutes.entry(minute).or_default().entry((event_type, video)).or_insert(0) += count;
+        }
+        let oldest_kept = now.saturating_sub(SPAN - 60);
+        self.minutes = self.minutes.split_off(&oldest_kept);
+        self.now = Some(now);
+    }
+
+    /// Cells held.
+    pub fn len(&self) -> usize {
+        self.minutes.values().map(Map::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.minutes.is_empty()
+    }
+}
+
+fn push_covered(
+    now: u32,
+    minute: u32,
+    event_type: &CompactString,
+    video: &CompactString,
+    diff: isize,
+    out: &mut Vec<((Key, CompactString), isize)>,
+) {
+    for (index, window) in WINDOWS.iter().enumerate() {
+        if window.covers(now, minute) {
+            out.push((((event_type.clone(), index as u8), video.clone()), diff));
+        }
+    }
+}
+
+/// The top `k` of each key of a collection whose multiplicities are counts: the same collection
+/// restricted to each key's `k` largest counts (ties: the smaller video first). Hierarchical:
+/// each level keeps the top `k` of a hash bucket, then of coarser buckets.
+pub fn top_k<'scope>(
+    counts: Collection<'scope, u64, (Key, CompactString), isize>,
+    k: usize,
+) -> Collection<'scope, u64, (Key, CompactString), isize> {
+    let bucket = |video: &CompactString, bits: u32| route(video) & ((1u64 << bits) - 1);
+    let mut level = counts.map(move |(key, video)| {
+        let b = bucket(&video, 12);
+        ((key, b), video)
+    });
+    for (bits, next) in [(12, 8), (8, 4), (4, 0)] {
+        level = level.reduce_named(&format!("TopK{bits}"), move |_key, input, output| keep_top(input, k, output)).map(
+            move |((key, _), video)| {
+                let b = bucket(&video, next);
+                ((key, b), video)
+            },
+        );
+    }
+    level
+        .reduce_named("TopK0", move |_key, input, output| keep_top(input, k, output))
+        .map(|((key, _), video)| (key, video))
+}
+
+/// The `k` largest counts of a group, in the reduce's output.
+fn keep_top(input: &[(&CompactString, isize)], k: usize, output: &mut Vec<(CompactString, isize)>) {
+    let mut items: Vec<(isize, &CompactString)> =
+        input.iter().filter(|(_, n)| *n > 0).map(|(video, n)| (*n, *video)).collect();
+    let order = |a: &(isize, &CompactString), b: &(isize, &CompactString)| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1));
+    if items.len() > k {
+        items.select_nth_unstable_by(k, order);
+        items.truncate(k);
+    }
+    output.extend(items.into_iter().map(|(n, video)| (video.clone(), n)));
+}
+
+/// A piece of one worker's epoch: a cell, or the newest minute it saw.
+#[derive(Clone, Debug)]
+enum Piece {
+    Cell(Cell),
+    Newest(u32),
+}
+
+/// The whole trending dataflow on `events`: the rows of `top_videos` each epoch writes.
+/// `restored`: this worker's share of what the last committed epoch left (its videos by
+/// [`route`]), added in the first epoch that has events.
+pub fn trending<'scope>(
+    events: Stream<'scope, u64, Vec<Located<Event>>>,
+    k: usize,
+    restored: Restored,
+) -> Stream<'scope, u64, Vec<TopRow>> {
+    let pieces = gather(events);
+    let cells = pieces.clone().flat_map(|piece| match piece {
+        Piece::Cell(cell) => Some(cell),
+        Piece::Newest(_) => None,
+    });
+    let newest = pieces
+        .flat_map(|piece| match piece {
+            Piece::Newest(minute) => Some(minute),
+            Piece::Cell(_) => None,
+        })
+        .broadcast();
+    let restored_now = restored.now;
+    let counts = window(cells, newest.clone(), restored);
+    let top = top_k(counts, k);
+    rows(top.inner, newest, restored_now)
+}
+
+/// Each epoch's events of this worker as cells, and the newest minute among them.
+fn gather<'scope>(events: Stream<'scope, u64, Vec<Located<Event>>>) -> Stream<'scope, u64, Vec<Piece>> {
+    events.unary_frontier::<CapacityContainerBuilder<Vec<Piece>>, _, _, _>(Pipeline, "TrendingGather", |_, _| {
+        let mut open: BTreeMap<u64, (Capability<u64>, Map<(CompactString, CompactString, u32), u64>)> = BTreeMap::new();
+        move |(input, frontier), output| {
+            input.for_each(|stamp, data| {
+                let Some(&epoch) = stamp.least() else { return };
+                let (_, cells) = open.entry(epoch).or_insert_with(|| {
+                    (stamp.retain_least(output.output_index()).expect("stamp has a time"), Map::default())
+                });
+                for (event, _, _) in data.drain(..) {
+                    if event.video_id.starts_with(CANARY_PREFIX) {
+                        continue;
+                    }
+                    let minute = videocount_events::minute_start(event.ts_ms);
+                    *cells.entry((event.event_type, event.video_id, minute)).or_insert(0) += 1;
+                }
+            });
+            while let Some((&epoch, _)) = open.first_key_value() {
+                if frontier.less_equal(&epoch) {
+                    break;
+                }
+                let (capability, cells) = open.remove(&epoch).expect("first key exists");
+                let mut session = output.session(&capability);
+                if let Some(newest) = cells.keys().map(|(_, _, minute)| *minute).max() {
+                    session.give(Piece::Newest(newest));
+                }
+                for (cell, count) in cells {
+                    session.give(Piece::Cell((cell, count)));
+                }
+            }
+        }
+    })
+}
+
+/// Epochs not yet complete: their capability, what arrived, the newest minute.
+type Open<D> = BTreeMap<u64, (Capability<u64>, Vec<D>, Option<u32>)>;
+
+/// The counts of each window as a collection (see [`WindowCells`]).
+fn window<'scope>(
+    cells: Stream<'scope, u64, Vec<Cell>>,
+    newest: Stream<'scope, u64, Vec<u32>>,
+    restored: Restored,
+) -> Collection<'scope, u64, (Key, CompactString), isize> {
+    cells
+        .binary_frontier::<_, CapacityContainerBuilder<Vec<Update>>, _, _, _, _>(
+            newest,
+            Exchange::new(|((_, video, _), _): &Cell| route(video)),
+            Pipeline,
+            "TrendingWindow",
+            move |_, _| {
+                let mut state = WindowCells::restored(restored);
+                let mut started = false;
+                let mut open: Open<Cell> = BTreeMap::new();
+                let mut changes = Vec::new();
+                move |(cells, cells_frontier), (newest, newest_frontier), output| {
+                    cells.for_each(|stamp, data| {
+                        let Some(&epoch) = stamp.least() else { return };
+                        let entry = open.entry(epoch).or_insert_with(|| {
+                            (stamp.retain_least(output.output_index()).expect("stamp has a time"), Vec::new(), None)
+                        });
+                        entry.1.append(data);
+                    });
+                    newest.for_each(|stamp, data| {
+                        let Some(&epoch) = stamp.least() else { return };
+                        let entry = open.entry(epoch).or_insert_with(|| {
+                            (stamp.retain_least(output.output_index()).expect("stamp has a time"), Vec::new(), None)
+                        });
+                        entry.2 = entry.2.max(data.iter().copied().max());
+                    });
+                    while let Some((&epoch, _)) = open.first_key_value() {
+                        if cells_frontier.less_equal(&epoch) || newest_frontier.less_equal(&epoch) {
+                            break;
+                        }
+                        let (capability, cells, newest) = open.remove(&epoch).expect("first key exists");
+                        if !started {
+                            started = true;
+                            state.contributions(&mut changes);
+                        }
+                        state.advance(newest, cells, &mut changes);
+                        let mut session = output.session(&capability);
+                        for (data, diff) in changes.drain(..) {
+                            session.give((data, epoch, diff));
+                        }
+                    }
+                }
+            },
+        )
+        .as_collection()
+}
+
+/// Applies the top lists' changes; for each epoch, the rows of the lists it changed (all of
+/// this worker's lists when "now" moved).
+fn rows<'scope>(
+    top: Stream<'scope, u64, Vec<Update>>,
+    newest: Stream<'scope, u64, Vec<u32>>,
+    restored_now: Option<u32>,
+) -> Stream<'scope, u64, Vec<TopRow>> {
+    top.binary_frontier::<_, CapacityContainerBuilder<Vec<TopRow>>, _, _, _, _>(
+        newest,
+        Exchange::new(|((key, _), _, _): &Update| route(&key.0).wrapping_add(u64::from(key.1))),
+        Pipeline,
+        "TrendingTop",
+        move |_, _| {
+            let mut now = restored_now;
+            let mut lists: BTreeMap<Key, Map<CompactString, isize>> = BTreeMap::new();
+            let mut open: Open<((Key, CompactString), isize)> = BTreeMap::new();
+            move |(top, top_frontier), (newest, newest_frontier), output| {
+                top.for_each(|stamp, data| {
+                    for (data, time, diff) in data.drain(..) {
+                        let entry = open
+                            .entry(time)
+                            .or_insert_with(|| (stamp.delayed(&time, output.output_index()), Vec::new(), None));
+                        entry.1.push((data, diff));
+                    }
+                });
+                newest.for_each(|stamp, data| {
+                    let Some(&epoch) = stamp.least() else { return };
+                    let entry = open.entry(epoch).or_insert_with(|| {
+                        (stamp.retain_least(output.output_index()).expect("stamp has a time"), Vec::new(), None)
+                    });
+                    entry.2 = entry.2.max(data.iter().copied().max());
+                });
+                while let Some((&epoch, _)) = open.first_key_value() {
+                    if top_frontier.less_equal(&epoch) || newest_frontier.less_equal(&epoch) {
+                        break;
+                    }
+                    let (capability, changes, newest) = open.remove(&epoch).expect("first key exists");
+                    let mut changed = BTreeSet::new();
+                    for ((key, video), diff) in changes {
+                        let list = lists.entry(key.clone()).or_default();
+                        let count = list.entry(video.clone()).or_insert(0);
+                        *count += diff;
+                        if *count == 0 {
+                            list.remove(&video);
+                        }
+                        changed.insert(key);
+                    }
+                    let moved = newest.is_some_and(|n| now.is_none_or(|before| n > before));
+                    now = now.max(newest);
+                    let Some(now) = now else { continue };
+                    let keys: Vec<Key> =
+                        if moved { lists.keys().cloned().collect() } else { changed.into_iter().collect() };
+                    let mut session = output.session(&capability);
+                    for key in keys {
+                        let list = &lists[&key];
+                        session.give_iterator(list_rows(&key, list, now).into_iter());
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// The rows of one list as of `now`: ranked by count, then video id; an empty list is one row
+/// of rank 0.
+fn list_rows(key: &Key, list: &Map<CompactString, isize>, now: u32) -> Vec<TopRow> {
+    let window = WINDOWS[usize::from(key.1)];
+    let (from_ms, to_ms) = window.range_ms(now);
+    let mut items: Vec<(&CompactString, isize)> = list.iter().map(|(video, n)| (video, *n)).collect();
+    items.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    let row = |rank: u32, video_id: String, count: u64| TopRow {
+        event_type: key.0.to_string(),
+        window: window.name.to_owned(),
+        from_ms,
+        to_ms,
+        rank,
+        video_id,
+        count,
+    };
+    if items.is_empty() {
+        return vec![row(0, String::new(), 0)];
+    }
+    items.into_iter().enumerate().map(|(i, (video, n))| row(i as u32 + 1, video.to_string(), n.max(0) as u64)).collect()
+}
+
+#[cfg(test)]
+mod tests;

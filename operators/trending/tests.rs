@@ -1,0 +1,190 @@
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use proptest::prelude::*;
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::vec::Input;
+use timely::dataflow::operators::{Inspect, Probe};
+
+use super::*;
+
+/// One event of a generated stream: event type, video, minute (as minutes from 0).
+type Generated = (u8, u8, u32);
+
+/// The lists the rows written so far say: per (event type, window), the newest epoch's rows.
+type Lists = BTreeMap<(String, String), (u64, u64, Vec<(String, u64)>)>;
+
+fn event((kind, video, minute): Generated) -> Located<Event> {
+    let event = Event {
+        video_id: CompactString::from(format!("v{video:02}")),
+        event_type: CompactString::from(["view", "like"][usize::from(kind % 2)]),
+        ts_ms: u64::from(minute) * 60_000 + u64::from(video) * 7,
+    };
+    (event, 0, 0)
+}
+
+/// The lists recomputed from every event so far, as the module documents them.
+fn brute_force(events: &[Generated], k: usize) -> Lists {
+    let mut lists = Lists::new();
+    let Some(now) = events.iter().map(|(_, _, m)| m * 60).max() else { return lists };
+    let kinds: BTreeSet<&str> = events.iter().map(|(kind, _, _)| ["view", "like"][usize::from(kind % 2)]).collect();
+    for kind in kinds {
+        for window in WINDOWS {
+            let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+            for &generated in events {
+                let (e, _, _) = event(generated);
+                if e.event_type == kind && window.covers(now, e.ts_ms as u32 / 60_000 * 60) {
+                    *counts.entry(e.video_id.to_string()).or_insert(0) += 1;
+                }
+            }
+            let mut ranked: Vec<(String, u64)> = counts.into_iter().collect();
+            ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            ranked.truncate(k);
+            let (from, to) = window.range_ms(now);
+            lists.insert((kind.to_owned(), window.name.to_owned()), (from, to, ranked));
+        }
+    }
+    lists
+}
+
+/// Runs the dataflow epoch by epoch (one worker); after each epoch, the lists its rows say.
+fn incremental(epochs: Vec<Vec<Generated>>, k: usize, restored: Restored) -> Vec<Lists> {
+    timely::execute_directly(move |worker| {
+        let rows: Rc<RefCell<Vec<(u64, TopRow)>>> = Rc::default();
+        let probe = ProbeHandle::new();
+        let sink = Rc::clone(&rows);
+        let mut input = worker.dataflow::<u64, _, _>(|scope| {
+            let (input, events) = scope.new_input::<Located<Event>>();
+            trending(events, k, restored)
+                .inspect_core(move |event| {
+                    if let Ok((stamp, rows)) = event {
+                        let time = *stamp.least().expect("a time");
+                        sink.borrow_mut().extend(rows.iter().map(|row| (time, row.clone())));
+                    }
+                })
+                .probe_with(&probe);
+            input
+        });
+        let mut seen = Vec::new();
+        for (epoch, events) in epochs.into_iter().enumerate() {
+            for generated in events {
+                input.send(event(generated));
+            }
+            input.advance_to(epoch as u64 + 1);
+            while probe.less_than(input.time()) {
+                worker.step();
+            }
+            seen.push(lists_of(&rows.borrow()));
+        }
+        seen
+    })
+}
+
+fn lists_of(rows: &[(u64, TopRow)]) -> Lists {
+    let mut newest: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for (epoch, row) in rows {
+        let key = (row.event_type.clone(), row.window.clone());
+        let at = newest.entry(key).or_insert(*epoch);
+        *at = (*at).max(*epoch);
+    }
+    let mut lists = Lists::new();
+    for (epoch, row) in rows {
+        let key = (row.event_type.clone(), row.window.clone());
+        if newest[&key] != *epoch {
+            continue;
+        }
+        let list = lists.entry(key).or_insert((row.from_ms, row.to_ms, Vec::new()));
+        if row.rank > 0 {
+            list.2.push((row.video_id.clone(), row.count));
+        }
+    }
+    lists
+}
+
+/// What brute force says, without the lists no event ever reached (the dataflow has none).
+fn reached(mut lists: Lists, incremental: &Lists) -> Lists {
+    lists.retain(|key, list| !list.2.is_empty() || incremental.contains_key(key));
+    lists
+}
+
+fn generated() -> impl Strategy<Value = Vec<Vec<Generated>>> {
+    // Minutes over three days, mostly moving forward, some late: windows open and close.
+    let epoch = proptest::collection::vec((0u8..2, 0u8..12, 0u32..4320), 0..12);
+    proptest::collection::vec(epoch, 1..12).prop_map(|mut epochs| {
+        let mut base = 0;
+        for events in &mut epochs {
+            base += 90;
+            for (_, _, minute) in events.iter_mut() {
+                *minute = (*minute / 8 + base).saturating_sub(60);
+            }
+        }
+        epochs
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// After every epoch, the lists equal a recomputation from every event so far.
+    #[test]
+    fn lists_equal_a_recomputation_after_every_epoch(epochs in generated(), k in 1usize..5) {
+        let seen = incremental(epochs.clone(), k, Restored::default());
+        let mut so_far = Vec::new();
+        for (events, lists) in epochs.into_iter().zip(seen) {
+            so_far.extend(events);
+            prop_assert_eq!(reached(brute_force(&so_far, k), &lists), lists);
+        }
+    }
+
+    /// A run restored from the minute counts of the first epochs ends with the lists of a run
+    /// that saw every epoch.
+    #[test]
+    fn a_restored_run_ends_with_the_same_lists(epochs in generated(), k in 1usize..5, split in 0usize..12) {
+        let split = split.min(epochs.len());
+        let whole = incremental(epochs.clone(), k, Restored::default());
+        let before: Vec<Generated> = epochs[..split].iter().flatten().copied().collect();
+        let mut cells: BTreeMap<(CompactString, CompactString, u32), u64> = BTreeMap::new();
+        for generated in &before {
+            let (e, _, _) = event(*generated);
+            *cells.entry((e.event_type, e.video_id, videocount_events::minute_start(e.ts_ms))).or_insert(0) += 1;
+        }
+        let restored = Restored {
+            now: before.iter().map(|(_, _, m)| m * 60).max(),
+            cells: cells.into_iter().collect(),
+        };
+        let rest = epochs[split..].to_vec();
+        let resumed = incremental(rest.clone(), k, restored);
+        // The restored run writes lists from its first epoch with events on.
+        if rest.iter().any(|events| !events.is_empty()) {
+            let last = resumed.last().expect("an epoch").clone();
+            let expected = whole.last().expect("an epoch").clone();
+            prop_assert_eq!(reached(expected, &last), last);
+        }
+    }
+}
+
+#[test]
+fn windows_hold_the_minutes_after_now_minus_their_length() {
+    let hour = WINDOWS[0];
+    let now = 100 * 3600;
+    assert!(hour.covers(now, now));
+    assert!(hour.covers(now, now - 3540));
+    assert!(!hour.covers(now, now - 3600));
+    assert!(!hour.covers(now, now + 60));
+    assert_eq!(hour.range_ms(now), ((now as u64 - 3540) * 1000, (now as u64 + 60) * 1000));
+}
+
+#[test]
+fn ties_rank_the_smaller_video_first_and_an_empty_list_is_one_row() {
+    let key: Key = ("view".into(), 0);
+    let mut list: Map<CompactString, isize> = Map::default();
+    assert_eq!(list_rows(&key, &list, 3600).len(), 1);
+    assert_eq!(list_rows(&key, &list, 3600)[0].rank, 0);
+    list.insert("b".into(), 2);
+    list.insert("a".into(), 2);
+    list.insert("c".into(), 5);
+    let rows = list_rows(&key, &list, 3600);
+    let order: Vec<(&str, u32)> = rows.iter().map(|r| (r.video_id.as_str(), r.rank)).collect();
+    assert_eq!(order, [("c", 1), ("a", 2), ("b", 3)]);
+}
