@@ -38,6 +38,10 @@ pub struct Event {
 /// job's trending) leave them out.
 pub const CANARY_PREFIX: &str = "videocount-canary";
 
+/// The windows of event time view_counts keeps top lists of: name (as `/v1/top?window=` and
+/// `top_videos.period` say it) and length in seconds, smallest first.
+pub const TRENDING_WINDOWS: [(&str, u32); 2] = [("1h", 3600), ("24h", 86_400)];
+
 /// An item with the Kafka partition and offset it was read from: what the source emits and
 /// the raw log and dead letters record.
 pub type Located<E = Event> = (E, u32, u64);

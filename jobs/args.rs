@@ -59,6 +59,12 @@ pub struct JobArgs {
     /// Do not write the raw event log (events_raw).
     #[arg(long, env = "VIDEOCOUNT_NO_EVENTS_RAW")]
     pub no_events_raw: bool,
+    /// view_counts: do not keep the top videos of the last hour and day (top_videos).
+    #[arg(long, env = "VIDEOCOUNT_NO_TRENDING")]
+    pub no_trending: bool,
+    /// view_counts: how many videos each top list keeps (1-1000).
+    #[arg(long, env = "VIDEOCOUNT_TOP_K", default_value_t = 100)]
+    pub top_k: usize,
     /// ClickHouse writer tasks.
     #[arg(long, env = "VIDEOCOUNT_WRITER_TASKS", default_value_t = 4)]
     pub writer_tasks: usize,
@@ -150,6 +156,9 @@ impl JobArgs {
         self.clickhouse.config().validate()?;
         if self.workers == 0 {
             bail!("--workers must be at least 1");
+        }
+        if !(1..=1000).contains(&self.top_k) {
+            bail!("--top-k must be from 1 to 1000");
         }
         if self.epoch_ms == 0 {
             bail!("--epoch-ms must be at least 1");

@@ -187,6 +187,7 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
                 );
             }
         }
+        dataflow.restore(&clickhouse, &state).await?;
         anyhow::Ok((state, lease))
     })?;
     check_offsets(&kafka, &args.topic, partitions, &state, &job_name)?;

@@ -32,7 +32,7 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::{Broadcast, Map as _};
 use videocount_clickhouse::rows::TopRow;
-use videocount_events::{CANARY_PREFIX, Event, Located, route};
+use videocount_events::{CANARY_PREFIX, Event, Located, TRENDING_WINDOWS, route};
 
 /// A fast, non-cryptographic hasher: keys come from our own validated events.
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -46,10 +46,13 @@ pub struct Window {
 }
 
 /// The windows kept, smallest first; a key names one by its index.
-pub const WINDOWS: [Window; 2] = [Window { name: "1h", seconds: 3600 }, Window { name: "24h", seconds: 86_400 }];
+pub const WINDOWS: [Window; 2] = [
+    Window { name: TRENDING_WINDOWS[0].0, seconds: TRENDING_WINDOWS[0].1 },
+    Window { name: TRENDING_WINDOWS[1].0, seconds: TRENDING_WINDOWS[1].1 },
+];
 
 /// The largest window: older minutes are in none.
-const SPAN: u32 = 86_400;
+const SPAN: u32 = TRENDING_WINDOWS[1].1;
 
 impl Window {
     /// Whether the minute starting at `minute` (seconds) is inside the window when the newest

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tower_http::services::ServeDir;
 use videocount_clickhouse::SinkError;
 use videocount_events::clock::now_ms;
-use videocount_events::{DEFAULT_EVENT_TYPE, valid_event_type, valid_video_id};
+use videocount_events::{DEFAULT_EVENT_TYPE, TRENDING_WINDOWS, valid_event_type, valid_video_id};
 use videocount_http::{ApiError, Tracking};
 use videocount_query::{
     CountPlan, Edges, Grain, QueryError, Reader, TimeRange, format_time, parse_time, series_buckets,
@@ -30,6 +30,7 @@ use videocount_query::{
 use crate::live::{self, Golden};
 use crate::memory::Memory;
 use crate::metrics::Metrics;
+use crate::trending::{Answer, Trending};
 
 /// The OpenAPI description of every route.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -39,6 +40,7 @@ pub const MAX_TOP: u32 = 1000;
 pub struct AppState {
     pub reader: Reader,
     pub memory: Option<Arc<Memory>>,
+    pub trending: Option<Arc<Trending>>,
     pub metrics: Arc<Metrics>,
     pub golden: Arc<Golden>,
 }
@@ -328,8 +330,10 @@ async fn series(
     })))
 }
 
+/// `/v1/top`: with `window` (1h or 24h), the list view_counts keeps of that window of event time,
+/// from memory; with `from`/`to` (or neither), a sum over the count tables.
 async fn top(State(state): State<Arc<AppState>>, query: QueryString) -> Result<axum::Json<Value>, ApiError> {
-    let params = Params::new(query, &["event_type", "from", "to", "limit"])?;
+    let params = Params::new(query, &["event_type", "from", "to", "limit", "window"])?;
     let event_type = params.get("event_type").unwrap_or(DEFAULT_EVENT_TYPE).to_owned();
     check_type(&event_type)?;
     let limit = match params.get("limit") {
@@ -340,6 +344,46 @@ async fn top(State(state): State<Arc<AppState>>, query: QueryString) -> Result<a
             .filter(|n| (1..=MAX_TOP).contains(n))
             .ok_or_else(|| invalid("limit", format!("{text:?} is not a whole number from 1 to {MAX_TOP}")))?,
     };
+    if let Some(window) = params.get("window") {
+        if params.get("from").is_some() || params.get("to").is_some() {
+            return Err(invalid("window", "window names its own range: give window, or from and to, not both"));
+        }
+        if !TRENDING_WINDOWS.iter().any(|(name, _)| *name == window) {
+            return Err(invalid("window", format!("{window:?} is not 1h or 24h")));
+        }
+        let Some(trending) = &state.trending else {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "top lists off",
+                "window",
+                "this service runs with --no-memory",
+            ));
+        };
+        let (list, other) = match trending.top(&event_type, window, limit as usize) {
+            Answer::List(list, other) => (list, other),
+            Answer::Unavailable(message) => {
+                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "top lists unavailable", "window", message)
+                    .retry_after(Duration::from_secs(1)));
+            }
+        };
+        let range = list.as_ref().map(|l| (l.from_ms, l.to_ms)).or(other);
+        let videos: Vec<Value> = list
+            .map(|l| l.videos)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, n)| json!({"video_id": id, "count": n}))
+            .collect();
+        return Ok(axum::Json(json!({
+            "event_type": event_type,
+            "window": window,
+            "from_ms": range.map(|r| r.0),
+            "to_ms": range.map(|r| r.1),
+            "from": range.map(|r| format_time(r.0)),
+            "to": range.map(|r| format_time(r.1)),
+            "videos": videos,
+            "source": "trending",
+        })));
+    }
     let range = params.range(Some(3_600_000))?;
     let videos = state.reader.top(&event_type, range, limit).await.map_err(|e| query_error(&state, e, "range"))?;
     let videos: Vec<Value> = videos.into_iter().map(|(id, n)| json!({"video_id": id, "count": n})).collect();

@@ -18,6 +18,7 @@ pub mod memory;
 pub mod metrics;
 pub mod prometheus;
 pub mod replicas;
+pub mod trending;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -153,6 +154,16 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
     if let Some(memory) = &memory {
         tokio::spawn(memory.clone().run());
     }
+    let trending = (!args.no_memory).then(|| {
+        Arc::new(trending::Trending::new(
+            clickhouse.clone(),
+            args.job_name.clone(),
+            Duration::from_millis(args.memory_poll_ms),
+        ))
+    });
+    if let Some(trending) = &trending {
+        tokio::spawn(trending.clone().run());
+    }
     let golden = Arc::new(Golden::new(args.ingest_url.clone(), args.job_metrics_url.clone(), metrics.clone()));
     tokio::spawn(golden.clone().run(Duration::from_secs(2)));
     let ui_dir = if args.ui_dir.join("index.html").is_file() {
@@ -161,7 +172,7 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
         warn!(dir = %args.ui_dir.display(), "no built UI there (run `make ui`); / answers 404");
         None
     };
-    let state = Arc::new(AppState { reader, memory, metrics: metrics.clone(), golden });
+    let state = Arc::new(AppState { reader, memory, trending, metrics: metrics.clone(), golden });
     let request_timeout = Duration::from_millis(args.clickhouse_timeout_ms * 2 + 1_000);
     let app = api::router(state, request_timeout, ui_dir);
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -5,7 +5,8 @@ pub mod event_stats;
 pub mod view_counts;
 
 use timely::dataflow::{Scope, Stream};
-use videocount_clickhouse::Writer;
+use videocount_clickhouse::checkpoints::JobState;
+use videocount_clickhouse::{ClickHouse, Writer};
 use videocount_events::{EventId, Located, Rejection, TimeLimits};
 
 /// The part of a job between its source and its commit.
@@ -41,6 +42,15 @@ pub trait Dataflow: Send + Sync + 'static {
     }
     /// The flag that sets [`Dataflow::max_commit_lag`], for messages.
     const COMMIT_LAG_FLAG: &'static str = "--max-epochs-in-flight";
+    /// Reads what the dataflow keeps across epochs as it was after the last committed epoch,
+    /// before any epoch runs (view_counts' trending windows); nothing by default.
+    fn restore(
+        &self,
+        _clickhouse: &ClickHouse,
+        _state: &JobState,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
+        async { Ok(()) }
+    }
     /// The tables this dataflow writes and the most blocks one epoch writes into each, with
     /// `peers` workers in all (for the dedup window check at start).
     fn blocks_per_epoch(&self, peers: u64) -> Vec<(&'static str, u64)>;

@@ -1,19 +1,50 @@
 //! `view_counts`: counts per (video, type, minute/hour/day), and the raw event log.
 
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::{Scope, Stream};
-use videocount_clickhouse::Writer;
-use videocount_clickhouse::rows::{Grain, Insert, RawRow, count_blocks_row, raw_block};
+use tracing::{info, warn};
+use videocount_clickhouse::checkpoints::{self, JobState};
+use videocount_clickhouse::rows::{Grain, Insert, RawRow, TopRow, count_blocks_row, raw_block, top_videos_block};
+use videocount_clickhouse::{ClickHouse, Writer};
 use videocount_events::{Event, EventId, Located, Rejection, TimeLimits, parse_event_with_id, route};
+use videocount_operators::trending::{Cell, Restored, trending};
 use videocount_operators::{EventCounts, FlushEpochs};
 
 use super::{Dataflow, Writes};
 use crate::JobArgs;
 
 /// `view_counts`: counts per (video, type, minute/hour/day), and the raw event log.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ViewCounts {
     pub events_raw: bool,
+    /// The length of the top lists, or no trending.
+    pub top_k: Option<usize>,
+    /// The trending windows as the last committed epoch left them (read by `restore`); each
+    /// worker takes its videos' share when it builds its dataflow.
+    restored: Mutex<Option<Arc<Restored>>>,
+}
+
+impl ViewCounts {
+    pub fn new(events_raw: bool, top_k: Option<usize>) -> ViewCounts {
+        ViewCounts { events_raw, top_k, restored: Mutex::default() }
+    }
+
+    /// The restored windows' cells of the videos worker `index` (of `peers`) counts.
+    fn restored_share(&self, index: usize, peers: usize) -> Restored {
+        let all = self.restored.lock().ok().and_then(|restored| restored.clone());
+        let Some(all) = all else { return Restored::default() };
+        let cells = all
+            .cells
+            .iter()
+            .filter(|((_, video, _), _)| route(video) % peers as u64 == index as u64)
+            .cloned()
+            .collect();
+        Restored { now: all.now, cells }
+    }
 }
 
 impl Dataflow for ViewCounts {
@@ -41,13 +72,45 @@ impl Dataflow for ViewCounts {
         if self.events_raw {
             tables.push(("events_raw", peers));
         }
+        if self.top_k.is_some() {
+            tables.push(("top_videos", peers));
+        }
         tables
+    }
+
+    async fn restore(&self, clickhouse: &ClickHouse, state: &JobState) -> anyhow::Result<()> {
+        let (Some(_), Some(last_committed)) = (self.top_k, state.last_committed) else { return Ok(()) };
+        let started = Instant::now();
+        let (now, cells) = checkpoints::trending_window(clickhouse, last_committed)
+            .await
+            .context("reading the trending windows' minute counts from count_changes")?;
+        let cells: Vec<Cell> = cells
+            .into_iter()
+            .map(|(event_type, video, minute, count)| ((event_type.into(), video.into(), minute), count))
+            .collect();
+        if now.is_none() {
+            warn!(
+                last_committed,
+                "count_changes holds no minute up to the last committed epoch (emptied by a replay, or written by a \
+                 build without it): the top lists start from empty windows and hold only what this run counts"
+            );
+        }
+        info!(
+            last_committed,
+            newest_minute = ?now,
+            cells = cells.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "trending windows restored from count_changes"
+        );
+        *self.restored.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(Arc::new(Restored { now, cells }));
+        Ok(())
     }
 
     fn settings(&self) -> String {
         // "changelog": this build writes count_changes and count_blocks, which the query
         // service's memory relies on; an older build must not re-run this one's epochs.
-        format!("events_raw {}, changelog", self.events_raw)
+        let trending = self.top_k.map_or_else(|| "off".to_owned(), |k| format!("top {k}"));
+        format!("events_raw {}, changelog, trending {trending}", self.events_raw)
     }
 
     fn build<'scope>(
@@ -66,6 +129,21 @@ impl Dataflow for ViewCounts {
             move |epoch, counts| with_changelog(counts.into_inserts(epoch), epoch, worker, peers),
         );
         let mut written = vec![counted];
+        if let Some(k) = self.top_k {
+            let restored = self.restored_share(scope.index(), scope.peers());
+            written.push(trending(events.clone(), k, restored).flush_epochs::<Vec<TopRow>, _, _>(
+                planned.clone(),
+                Pipeline,
+                "WriteTop",
+                writer.clone(),
+                |epoch, mut rows| {
+                    if rows.is_empty() {
+                        return Vec::new();
+                    }
+                    vec![top_videos_block(epoch, &mut rows)]
+                },
+            ));
+        }
         if self.events_raw {
             written.push(events.flush_epochs::<Vec<Located>, _, _>(
                 planned,
@@ -112,6 +190,6 @@ fn with_changelog(counts: Vec<Insert>, epoch: u64, worker: u32, peers: u32) -> V
 
 /// Runs `view_counts` until it is caught up (with `--until-caught-up`) or stopped by a signal.
 pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
-    let dataflow = ViewCounts { events_raw: !args.no_events_raw };
+    let dataflow = ViewCounts::new(!args.no_events_raw, (!args.no_trending).then_some(args.top_k));
     crate::pipeline::run_job(args, dataflow)
 }

@@ -424,36 +424,76 @@ pub fn snapshot_block(job: &str, topic: &str, epoch: u64, offsets: &BTreeMap<u32
     Insert { table: "checkpoint_snapshots".into(), rows: block.rows(), body: block.finish() }
 }
 
-/// Deletes what no start can read any more once a snapshot at or after epoch `below` exists:
-/// the snapshots, plans and commits of `job` on `topic` before `below` (ClickHouse mutations, in
-/// the background). A start reads only the newest snapshot and what follows it, and a replay
-/// reads what a start reads, so the checkpoint tables stay the size of the interval between
-/// trims instead of growing with the job's age.
 /// Epochs per partition of `count_changes` and `count_blocks` (their `PARTITION BY`).
 pub const CHANGELOG_PARTITION_EPOCHS: u64 = 1 << 20;
+
+/// Epochs per partition of `top_videos`.
+pub const TOP_PARTITION_EPOCHS: u64 = 1 << 16;
+
+/// How far back in event time a restarted `view_counts` reads minute counts from
+/// `count_changes` for its trending windows: the largest window, and an hour to spare.
+pub const TRENDING_RETENTION_SECS: u32 = 25 * 3600;
 
 /// Drops the partitions of the query service's changelog (`count_changes`, `count_blocks`)
 /// that end before the partition before `below`'s: at least 2^20 epochs before `below` stay
 /// (17 minutes at 1 ms epochs, 12 days at the default 1 s). A service that was away longer
-/// starts over (docs/reads-from-memory.md). Returns how many partitions went.
+/// starts over (docs/reads-from-memory.md). A partition holding a minute within
+/// [`TRENDING_RETENTION_SECS`] of the newest minute stays too: a restarted job rebuilds its
+/// trending windows from it. And the partitions of `top_videos` before every list's newest
+/// epoch (and before `below`) go. Returns how many partitions went.
 pub async fn drop_old_changelog(clickhouse: &ClickHouse, below: u64) -> Result<usize, SinkError> {
-    let keep_from = (below / CHANGELOG_PARTITION_EPOCHS).saturating_sub(1);
     #[derive(Row, Deserialize)]
     struct Part {
         table: String,
         partition: String,
     }
+    #[derive(Row, Deserialize)]
+    struct Newest {
+        range: u64,
+        minute: u32,
+    }
+    #[derive(Row, Deserialize)]
+    struct Oldest {
+        lists: u64,
+        epoch: u64,
+    }
+    let keep_from = (below / CHANGELOG_PARTITION_EPOCHS).saturating_sub(1);
+    let newest: Vec<Newest> = clickhouse
+        .fetch_all(
+            clickhouse
+                .client()
+                .query(
+                    "SELECT intDiv(epoch, ?) AS range, toUInt32(max(minute)) AS minute FROM count_changes \
+                     GROUP BY range",
+                )
+                .bind(CHANGELOG_PARTITION_EPOCHS),
+        )
+        .await?;
+    let newest_minute = newest.iter().map(|n| n.minute).max().unwrap_or(0);
+    let window_from = newest_minute.saturating_sub(TRENDING_RETENTION_SECS);
+    let in_window: Vec<u64> = newest.iter().filter(|n| n.minute >= window_from).map(|n| n.range).collect();
+    let oldest: Vec<Oldest> = clickhouse
+        .fetch_all(clickhouse.client().query(
+            "SELECT count() AS lists, toUInt64(min(newest)) AS epoch FROM \
+             (SELECT max(epoch) AS newest FROM top_videos GROUP BY event_type, period)",
+        ))
+        .await?;
+    let top_keep_from = oldest.first().filter(|o| o.lists > 0).map(|o| o.epoch.min(below) / TOP_PARTITION_EPOCHS);
     let parts: Vec<Part> = clickhouse
         .fetch_all(clickhouse.client().query(
             "SELECT DISTINCT table, partition FROM system.parts WHERE database = currentDatabase() \
-             AND table IN ('count_changes', 'count_blocks') AND active",
+             AND table IN ('count_changes', 'count_blocks', 'top_videos') AND active",
         ))
         .await?;
     let mut dropped = 0;
     for part in parts {
         // The partition of an integer key is its number; anything else is not ours to drop.
         let Ok(number) = part.partition.trim_matches('\'').parse::<u64>() else { continue };
-        if number < keep_from {
+        let old = match part.table.as_str() {
+            "top_videos" => top_keep_from.is_some_and(|keep| number < keep),
+            _ => number < keep_from && !in_window.contains(&number),
+        };
+        if old {
             clickhouse.execute(&format!("ALTER TABLE {} DROP PARTITION {number}", part.table)).await?;
             dropped += 1;
         }
@@ -461,6 +501,61 @@ pub async fn drop_old_changelog(clickhouse: &ClickHouse, below: u64) -> Result<u
     Ok(dropped)
 }
 
+/// A minute count of `count_changes`: event type, video, minute (seconds), count.
+pub type MinuteCount = (String, String, u32, u64);
+
+/// What the epochs up to `last_committed` left in `count_changes` for the trending windows: the
+/// newest minute, and the minute counts from [`TRENDING_RETENTION_SECS`] before it, summed over
+/// epochs (the freshness canaries' videos left out).
+pub async fn trending_window(
+    clickhouse: &ClickHouse,
+    last_committed: u64,
+) -> Result<(Option<u32>, Vec<MinuteCount>), SinkError> {
+    #[derive(Row, Deserialize)]
+    struct Newest {
+        rows: u64,
+        minute: u32,
+    }
+    #[derive(Row, Deserialize)]
+    struct Cell {
+        event_type: String,
+        video_id: String,
+        minute: u32,
+        count: u64,
+    }
+    let newest: Vec<Newest> = clickhouse
+        .fetch_all(
+            clickhouse
+                .client()
+                .query("SELECT count() AS rows, toUInt32(max(minute)) AS minute FROM count_changes WHERE epoch <= ?")
+                .bind(last_committed),
+        )
+        .await?;
+    let Some(now) = newest.first().filter(|n| n.rows > 0).map(|n| n.minute) else {
+        return Ok((None, Vec::new()));
+    };
+    let cells: Vec<Cell> = clickhouse
+        .fetch_all(
+            clickhouse
+                .client()
+                .query(&format!(
+                    "SELECT event_type, video_id, toUInt32(minute) AS minute, toUInt64(sum(count)) AS count \
+                     FROM count_changes WHERE epoch <= ? AND toUInt32(minute) > ? \
+                     AND video_id NOT LIKE '{}%' GROUP BY event_type, video_id, minute",
+                    videocount_events::CANARY_PREFIX
+                ))
+                .bind(last_committed)
+                .bind(now.saturating_sub(TRENDING_RETENTION_SECS)),
+        )
+        .await?;
+    Ok((Some(now), cells.into_iter().map(|c| (c.event_type, c.video_id, c.minute, c.count)).collect()))
+}
+
+/// Deletes what no start can read any more once a snapshot at or after epoch `below` exists:
+/// the snapshots, plans and commits of `job` on `topic` before `below` (ClickHouse mutations, in
+/// the background). A start reads only the newest snapshot and what follows it, and a replay
+/// reads what a start reads, so the checkpoint tables stay the size of the interval between
+/// trims instead of growing with the job's age.
 pub async fn trim_checkpoint(clickhouse: &ClickHouse, job: &str, topic: &str, below: u64) -> Result<(), SinkError> {
     // Commits are trimmed only while a newer one stays: an idle job's epochs commit without
     // rows, and compaction and the one-topic check look for its newest commit.
