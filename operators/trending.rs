@@ -72,8 +72,10 @@ impl Window {
 pub type Key = (CompactString, u8);
 /// A video's count in a window, as a differential update: multiplicity = count.
 pub type Update = ((Key, CompactString), u64, isize);
-/// An (event type, video, minute) and its count.
-pub type Cell = ((CompactString, CompactString, u32), u64);
+/// An (event type, video, minute).
+pub type CellKey = (CompactString, CompactString, u32);
+/// A cell and its count.
+pub type Cell = (CellKey, u64);
 
 /// What a restarted job knew as of its last committed epoch: the newest minute and the minute
 /// counts of the largest window (of this worker's videos).
@@ -246,7 +248,7 @@ pub fn trending<'scope>(
 /// Each epoch's events of this worker as cells, and the newest minute among them.
 fn gather<'scope>(events: Stream<'scope, u64, Vec<Located<Event>>>) -> Stream<'scope, u64, Vec<Piece>> {
     events.unary_frontier::<CapacityContainerBuilder<Vec<Piece>>, _, _, _>(Pipeline, "TrendingGather", |_, _| {
-        let mut open: BTreeMap<u64, (Capability<u64>, Map<(CompactString, CompactString, u32), u64>)> = BTreeMap::new();
+        let mut open: BTreeMap<u64, (Capability<u64>, Map<CellKey, u64>)> = BTreeMap::new();
         move |(input, frontier), output| {
             input.for_each(|stamp, data| {
                 let Some(&epoch) = stamp.least() else { return };

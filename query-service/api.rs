@@ -373,13 +373,11 @@ async fn top(State(state): State<Arc<AppState>>, query: QueryString) -> Result<a
             .into_iter()
             .map(|(id, n)| json!({"video_id": id, "count": n}))
             .collect();
+        let range = range.map(|(from_ms, to_ms)| echo(TimeRange { from_ms, to_ms }));
         return Ok(axum::Json(json!({
             "event_type": event_type,
             "window": window,
-            "from_ms": range.map(|r| r.0),
-            "to_ms": range.map(|r| r.1),
-            "from": range.map(|r| format_time(r.0)),
-            "to": range.map(|r| format_time(r.1)),
+            "range": range,
             "videos": videos,
             "source": "trending",
         })));

@@ -18,6 +18,9 @@ use tracing::{info, warn};
 use videocount_clickhouse::ClickHouse;
 use videocount_query::QueryError;
 
+/// A list's videos and counts by rank.
+type Ranked = BTreeMap<u32, (String, u64)>;
+
 /// One list as of an epoch.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TopList {
@@ -158,21 +161,25 @@ impl Trending {
                 rows
             }
         };
-        let mut newest: BTreeMap<(String, String), (u64, u64, u64, BTreeMap<u32, (String, u64)>)> = BTreeMap::new();
+        // Per list, the newest epoch read and its videos by rank (a list written twice in one
+        // epoch is the same list).
+        let mut newest: BTreeMap<(String, String), (TopList, Ranked)> = BTreeMap::new();
         for row in rows {
-            let entry = newest
-                .entry((row.event_type, row.period))
-                .or_insert_with(|| (row.epoch, row.from_ms, row.to_ms, BTreeMap::new()));
-            if row.epoch > entry.0 {
-                *entry = (row.epoch, row.from_ms, row.to_ms, BTreeMap::new());
+            let fresh = || TopList { epoch: row.epoch, from_ms: row.from_ms, to_ms: row.to_ms, videos: Vec::new() };
+            let (list, ranks) =
+                newest.entry((row.event_type.clone(), row.period.clone())).or_insert_with(|| (fresh(), Ranked::new()));
+            if row.epoch > list.epoch {
+                *list = fresh();
+                ranks.clear();
             }
-            if row.epoch == entry.0 && row.rank > 0 {
-                entry.3.insert(row.rank, (row.video_id, row.count));
+            if row.epoch == list.epoch && row.rank > 0 {
+                ranks.insert(row.rank, (row.video_id, row.count));
             }
         }
         let mut state = self.state.write().expect("trending lock");
-        for (key, (epoch, from_ms, to_ms, ranks)) in newest {
-            state.lists.insert(key, TopList { epoch, from_ms, to_ms, videos: ranks.into_values().collect() });
+        for (key, (mut list, ranks)) in newest {
+            list.videos = ranks.into_values().collect();
+            state.lists.insert(key, list);
         }
         state.read_to = Some(committed);
         state.polled = Some(Instant::now());

@@ -250,12 +250,22 @@ fn every_endpoint_equals_a_direct_count_over_events_raw() {
     // The UI in a real browser: the total of a known range and a drawn chart.
     let (from, to) = (day - DAY, day + DAY);
     let expected = reference(&events, "q0", "view", from, to);
-    browser_test(&service, "q0", "view", from, to, expected);
+    browser_test(&env, &service, "q0", "view", (from, to), expected);
     env.drop();
 }
 
-/// Runs ui/tests/browser.mjs (playwright-core and Debian's Chromium) against the service.
-fn browser_test(service: &QueryService, video: &str, event_type: &str, from: u64, to: u64, expected: u64) {
+/// Runs ui/tests/browser.mjs (playwright-core and Debian's Chromium) against the service. Once
+/// the page shows the top videos, a video gets the most views of the last hour: the page must
+/// show it without a reload.
+fn browser_test(
+    env: &TestEnv,
+    service: &QueryService,
+    video: &str,
+    event_type: &str,
+    range: (u64, u64),
+    expected: u64,
+) {
+    use std::io::BufRead;
     let ui = videocount_e2e::repo_path("ui");
     assert!(
         ui.join("dist/index.html").exists() && ui.join("node_modules").exists(),
@@ -263,14 +273,31 @@ fn browser_test(service: &QueryService, video: &str, event_type: &str, from: u64
     );
     let screenshot = videocount_e2e::repo_path("target/ui-screenshot.png");
     let _ = std::fs::remove_file(&screenshot);
-    let (from, to) = (videocount_query::format_time(from), videocount_query::format_time(to));
-    let output = std::process::Command::new("node")
+    let (from, to) = (videocount_query::format_time(range.0), videocount_query::format_time(range.1));
+    let mut browser = std::process::Command::new("node")
         .current_dir(&ui)
         .args(["tests/browser.mjs", &service.url, video, event_type, &from, &to, &expected.to_string()])
         .arg(&screenshot)
-        .output()
+        .arg("q-hot")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+    let mut lines = std::io::BufReader::new(browser.stdout.take().unwrap()).lines();
+    let shown = lines.by_ref().map_while(Result::ok).any(|line| line == "top shown");
+    if shown {
+        let now = now_ms();
+        let hot: Vec<(String, String)> = (0..2_000)
+            .map(|i| {
+                let body = serde_json::json!({"video_id": "q-hot", "event_type": "view", "ts": now - i * 20});
+                ("q-hot".to_owned(), body.to_string())
+            })
+            .collect();
+        produce_keyed(&env.topic, &hot);
+        env.run_until_caught_up(&["--workers", "2", "--epoch-ms", "50"]);
+    }
+    let output = browser.wait_with_output().unwrap();
+    eprintln!("{}", lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
     assert!(output.status.success(), "browser test failed: {}", String::from_utf8_lossy(&output.stderr));
     assert!(std::fs::metadata(&screenshot).unwrap().len() > 10_000, "a screenshot was saved");
 }
@@ -316,6 +343,9 @@ fn bad_input_is_a_400_that_names_the_parameter_and_changes_nothing() {
         ("/v1/top?limit=1001".into(), "limit"),
         ("/v1/top?limit=ten".into(), "limit"),
         ("/v1/top?event_type=VIEW".into(), "event_type"),
+        ("/v1/top?window=2h".into(), "window"),
+        ("/v1/top?window=1h&from=0".into(), "window"),
+        ("/v1/top?window=24h'%20--".into(), "window"),
         // Injection attempts, one per parameter.
         ("/v1/videos/q0'%20OR%201=1%20--/views?from=0".into(), "video_id"),
         ("/v1/videos/q0')%3B%20DROP%20TABLE%20events_raw%3B%20--/views?from=0".into(), "video_id"),

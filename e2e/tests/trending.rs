@@ -72,7 +72,7 @@ fn assert_lists_equal(env: &TestEnv, service: &QueryService, moment: &str) {
                     .iter()
                     .map(|v| (v["video_id"].as_str().unwrap().to_owned(), v["count"].as_u64().unwrap()))
                     .collect();
-                let range = (answer["from_ms"].as_u64(), answer["to_ms"].as_u64());
+                let range = (answer["range"]["from_ms"].as_u64(), answer["range"]["to_ms"].as_u64());
                 if got != expected || range != (Some(from), Some(to)) {
                     wrong.push(format!("{kind}/{window}: {got:?} {range:?}, recomputed {expected:?} ({from}, {to})"));
                 }

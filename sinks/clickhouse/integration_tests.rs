@@ -290,16 +290,33 @@ async fn a_fenced_generation_changes_nothing() {
 async fn old_changelog_ranges_are_dropped_whole_and_recent_ones_stay() {
     let clickhouse = fresh_database("changelog").await;
     let span = crate::checkpoints::CHANGELOG_PARTITION_EPOCHS;
-    for range in 0..4u64 {
+    let newest = 10 * 86_400;
+    // The second range holds a minute an hour before the newest: the trending windows need it.
+    for (range, minute) in [(0u64, 60), (1, newest - 3600), (2, 120), (3, newest)] {
         let epoch = range * span + 5;
         let marker = crate::rows::count_blocks_row(epoch, 0, 1);
         clickhouse.insert_native(&marker.table, marker.body).await.unwrap();
         clickhouse
             .execute(&format!(
-                "INSERT INTO count_changes (video_id, event_type, minute, count, epoch) VALUES ('v', 'view', 60, 1, {epoch})"
+                "INSERT INTO count_changes (video_id, event_type, minute, count, epoch) VALUES ('v', 'view', {minute}, 1, {epoch})"
             ))
             .await
             .unwrap();
+    }
+    // Lists: 1h views at epochs in top partitions 0 and 3, 1h likes last written in partition 2.
+    let top = crate::checkpoints::TOP_PARTITION_EPOCHS;
+    for (kind, epoch) in [("view", 5), ("view", 3 * top + 5), ("like", 2 * top + 5)] {
+        let mut rows = vec![crate::rows::TopRow {
+            event_type: kind.into(),
+            window: "1h".into(),
+            from_ms: 0,
+            to_ms: 3_600_000,
+            rank: 1,
+            video_id: "v".into(),
+            count: 1,
+        }];
+        let insert = crate::rows::top_videos_block(epoch, &mut rows);
+        clickhouse.insert_native(&insert.table, insert.body).await.unwrap();
     }
     let epochs = |table: &'static str| {
         let clickhouse = clickhouse.clone();
@@ -308,12 +325,14 @@ async fn old_changelog_ranges_are_dropped_whole_and_recent_ones_stay() {
             clickhouse.fetch_all::<u64>(clickhouse.client().query(&sql)).await.unwrap()
         }
     };
-    // Below an epoch of the fourth range: the third stays with it, the first two go.
+    // Below an epoch of the fourth range: the third stays with it, the second for its minute,
+    // the first goes; of the lists, those before every list's newest epoch go.
     let dropped = crate::checkpoints::drop_old_changelog(&clickhouse, 3 * span + 10).await.unwrap();
-    assert_eq!(dropped, 4, "two ranges of two tables");
+    assert_eq!(dropped, 3, "one range of two tables, one partition of lists");
     for table in ["count_changes", "count_blocks"] {
-        assert_eq!(epochs(table).await, vec![2 * span + 5, 3 * span + 5], "{table}");
+        assert_eq!(epochs(table).await, vec![span + 5, 2 * span + 5, 3 * span + 5], "{table}");
     }
+    assert_eq!(epochs("top_videos").await, vec![2 * top + 5, 3 * top + 5]);
     assert_eq!(crate::checkpoints::drop_old_changelog(&clickhouse, 3 * span + 10).await.unwrap(), 0);
     clickhouse.execute(&format!("DROP DATABASE {}", clickhouse.database())).await.unwrap();
 }

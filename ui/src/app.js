@@ -104,9 +104,18 @@ async function showStat() {
   }
 }
 
+// The top list view_counts keeps for the window chosen (kept incrementally, read from the query
+// service's memory); where the job runs without trending, a sum over the last hour instead.
 async function refreshTop() {
+  const window = $('top-window').value;
   try {
-    const top = await getJson('/v1/top?event_type=view&limit=10');
+    let top;
+    try {
+      top = await getJson(`/v1/top?event_type=view&window=${window}&limit=10`);
+    } catch (error) {
+      top = await getJson('/v1/top?event_type=view&limit=10');
+      top.window = null;
+    }
     const body = $('top').querySelector('tbody');
     body.replaceChildren(...top.videos.map((v) => {
       const row = document.createElement('tr');
@@ -120,6 +129,10 @@ async function refreshTop() {
       row.append(name, count);
       return row;
     }));
+    const until = top.range ? new Date(top.range.to_ms).toISOString().slice(11, 16) : '–';
+    $('top-note').textContent = top.window
+      ? `event time up to ${until} UTC, updated live`
+      : `last hour up to ${until} UTC (no top lists kept: summed)`;
   } catch (error) {
     console.warn('top videos', error);
   }
@@ -197,5 +210,6 @@ if (initial.get('video')) {
 }
 refreshTop();
 refreshLive();
-setInterval(refreshTop, 15000);
+setInterval(refreshTop, 2000);
+$('top-window').addEventListener('change', refreshTop);
 setInterval(refreshLive, 5000);

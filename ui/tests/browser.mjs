@@ -2,10 +2,13 @@
 // query service, searches a video with a known count, checks the total and the chart, and saves
 // a screenshot.
 //
-//   node tests/browser.mjs URL VIDEO EVENT_TYPE FROM TO EXPECTED_TOTAL SCREENSHOT
+//   node tests/browser.mjs URL VIDEO EVENT_TYPE FROM TO EXPECTED_TOTAL SCREENSHOT [HOT_VIDEO]
+//
+// With HOT_VIDEO: once the top videos are shown it prints `top shown` and waits, without
+// reloading the page, for HOT_VIDEO to appear in them (the caller makes it the most viewed).
 import { chromium } from 'playwright-core';
 
-const [url, video, type, from, to, expected, screenshot] = process.argv.slice(2);
+const [url, video, type, from, to, expected, screenshot, hot] = process.argv.slice(2);
 if (!screenshot) {
   console.error('usage: browser.mjs URL VIDEO EVENT_TYPE FROM TO EXPECTED_TOTAL SCREENSHOT');
   process.exit(2);
@@ -40,6 +43,14 @@ try {
   }
   await page.waitForFunction(() => document.querySelectorAll('#top tbody tr').length > 0, null, { timeout: 15000 })
     .catch(() => { failed = failed || 'the top videos table stayed empty'; });
+  if (!failed && hot) {
+    console.log('top shown');
+    await page.waitForFunction(
+      (id) => [...document.querySelectorAll('#top tbody a')].some((a) => a.textContent === id),
+      hot,
+      { timeout: 60000 },
+    ).catch(() => { failed = `${hot} never appeared in the top videos without a reload`; });
+  }
   if (!failed && errors.length) failed = `page errors: ${errors.join('; ')}`;
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(`browser: total ${total}, chart ${drawn.width}x${drawn.height} (${drawn.painted} painted pixels), screenshot ${screenshot}`);
