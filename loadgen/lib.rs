@@ -26,6 +26,8 @@ pub struct Spec {
     /// Give every valid event a distinct `event_id` (what the client library does): the jobs
     /// then keep their dedup windows. Duplicates would be counted once: use none with it.
     pub event_ids: bool,
+    /// The skew over videos: video of rank k drawn with weight 1/k^s (0: every video alike).
+    pub zipf_exponent: f64,
 }
 
 impl Default for Spec {
@@ -37,6 +39,7 @@ impl Default for Spec {
             malformed_fraction: 0.01,
             duplicate_fraction: 0.01,
             event_ids: false,
+            zipf_exponent: 1.1,
         }
     }
 }
@@ -95,7 +98,7 @@ pub struct Generator {
 
 impl Generator {
     pub fn new(spec: Spec) -> Self {
-        let zipf = Zipf::new(spec.videos.max(1) as f64, 1.1).expect("valid zipf");
+        let zipf = Zipf::new(spec.videos.max(1) as f64, spec.zipf_exponent.max(0.0)).expect("valid zipf");
         Generator {
             rng: StdRng::seed_from_u64(spec.seed),
             spec,

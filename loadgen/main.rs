@@ -37,6 +37,9 @@ struct Args {
     /// --duplicate-fraction 0: copies with one id are counted once).
     #[arg(long)]
     event_ids: bool,
+    /// Skew over videos: rank k drawn with weight 1/k^s; 0 draws every video alike.
+    #[arg(long, default_value_t = 1.1)]
+    zipf_exponent: f64,
     /// Where to write the expected counts (JSON).
     #[arg(long)]
     expected: Option<String>,
@@ -61,7 +64,9 @@ fn main() -> anyhow::Result<()> {
         malformed_fraction: args.malformed_fraction,
         duplicate_fraction: args.duplicate_fraction,
         event_ids: args.event_ids,
+        zipf_exponent: args.zipf_exponent,
     };
+    anyhow::ensure!(args.zipf_exponent >= 0.0, "--zipf-exponent must be 0 or more");
     anyhow::ensure!(
         !args.event_ids || args.duplicate_fraction == 0.0,
         "--event-ids needs --duplicate-fraction 0: copies of an event with one id are counted once"

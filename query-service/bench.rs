@@ -83,6 +83,10 @@ enum Call {
     Stats,
     /// Views as plain SQL over events_raw, straight to ClickHouse.
     RawSql,
+    /// `GET /v1/top?window=1h|24h&limit=100`: the lists view_counts keeps, from memory.
+    Top,
+    /// `GET /v1/top?limit=100` over the last hour: a sum over the minute table per request.
+    TopScan,
 }
 
 const DAY_MS: u64 = 86_400_000;
@@ -222,11 +226,16 @@ async fn run(clickhouse: ClickHouse, url: String, call: Call, clients: usize, se
                     }
                     _ => {
                         let path = match call {
-                            Call::Views => format!("/v1/videos/{video}/views"),
-                            Call::Count => format!("/v1/videos/{video}/events/like/count"),
-                            _ => format!("/v1/videos/{video}/events/watch_time/stats/p50"),
+                            Call::Views => format!("/v1/videos/{video}/views?from={from}&to={to}"),
+                            Call::Count => format!("/v1/videos/{video}/events/like/count?from={from}&to={to}"),
+                            Call::Top => {
+                                let window = if rng.random_bool(0.5) { "1h" } else { "24h" };
+                                format!("/v1/top?event_type=view&window={window}&limit=100")
+                            }
+                            Call::TopScan => "/v1/top?event_type=view&limit=100".to_owned(),
+                            _ => format!("/v1/videos/{video}/events/watch_time/stats/p50?from={from}&to={to}"),
                         };
-                        let response = http.get(format!("{url}{path}?from={from}&to={to}")).send().await;
+                        let response = http.get(format!("{url}{path}")).send().await;
                         match response {
                             Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
                             _ => false,

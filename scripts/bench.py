@@ -11,6 +11,10 @@ BENCH_ONLY=event_stats runs one job's rows only (and skips the Kafka engine for 
 BENCH_ONLY=ids measures the cost of event ids instead: the same events with and without an
 `event_id` each (two topics), both jobs, three alternating runs each: the medians of events/s
 and of peak memory (the dedup windows).
+BENCH_ONLY=trending measures view_counts' top lists: catch-up with trending on and off
+(alternating, three runs each, medians), the memory they take for 1M distinct videos in the
+windows (BENCH_TRENDING_VIDEOS), and /v1/top under 100 clients, from the kept lists and as
+the sum over the minute table.
 BENCH_BIN picks the binaries (default target/release).
 """
 
@@ -36,7 +40,7 @@ def sql(query, database=None):
         return r.read().decode().strip()
 
 
-def run_job(topic, workers, raw, job="view_counts", extra=()):
+def run_job(topic, workers, raw, job="view_counts", extra=(), keep=False):
     database = f"bench_{uuid.uuid4().hex[:8]}"
     subprocess.run([f"{BIN}/videocount", "--database", database, "schema"], check=True, stdout=subprocess.DEVNULL)
     args = [f"{BIN}/{job}", "--topic", topic, "--database", database, "--workers", str(workers), "--until-caught-up"]
@@ -54,6 +58,8 @@ def run_job(topic, workers, raw, job="view_counts", extra=()):
     else:
         # Every valid loadgen event feeds the `moments` state (count) of its type.
         counted = int(sql("SELECT sum(count) FROM stats_minute WHERE aggregate = 'moments'", database))
+    if keep:
+        return seconds, usage.ru_maxrss / 1024, counted, database
     sql(f"DROP DATABASE {database}")
     return seconds, usage.ru_maxrss / 1024, counted
 
@@ -98,16 +104,16 @@ def clickhouse_kafka_engine(topic, expected):
             pass
 
 
-def fill(event_ids):
-    """A new topic with EVENTS valid events (each with an event_id when asked); the count."""
+def fill(event_ids, events=EVENTS, extra=()):
+    """A new topic with `events` valid events (each with an event_id when asked); the count."""
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     subprocess.run([os.path.join(ROOT, "services/kafka/topic.sh"), topic, str(PARTITIONS)], check=True, stdout=subprocess.DEVNULL)
-    print(f"bench: producing {EVENTS:,} events to {topic} ({PARTITIONS} partitions), ids {'on' if event_ids else 'off'}", flush=True)
+    print(f"bench: producing {events:,} events to {topic} ({PARTITIONS} partitions), ids {'on' if event_ids else 'off'}", flush=True)
     expected_file = f"/tmp/{topic}.json"
     subprocess.run(
-        [f"{BIN}/loadgen", "--topic", topic, "--events", str(EVENTS), "--videos", "100000",
+        [f"{BIN}/loadgen", "--topic", topic, "--events", str(events), "--videos", "100000",
          "--malformed-fraction", "0", "--duplicate-fraction", "0", "--expected", expected_file]
-        + (["--event-ids"] if event_ids else []),
+        + (["--event-ids"] if event_ids else []) + list(extra),
         check=True,
     )
     return topic, json.load(open(expected_file))["events"]
@@ -145,9 +151,92 @@ def bench_ids():
               f"({(rss_on - rss_off) / (EVENTS / 1e6):,.0f} MiB per million ids in the windows)")
 
 
+def bench_trending():
+    """view_counts with its top lists on and off: catch-up (medians of three alternating runs),
+    the memory of the windows and arrangements for many distinct videos, and /v1/top."""
+    topic, expected = fill(False)
+    runs = {True: [], False: []}
+    database = None
+    for _ in range(3):
+        for trending in (True, False):
+            extra = [] if trending else ["--no-trending"]
+            seconds, rss, counted, db = run_job(topic, 2, False, extra=extra, keep=True)
+            ok = "exact" if counted == expected else f"WRONG ({counted})"
+            runs[trending].append((expected / seconds, rss, ok))
+            print(f"bench: view_counts, 2 workers, trending {'on' if trending else 'off'}: {expected / seconds:,.0f} "
+                  f"events/s, peak RSS {rss:,.0f} MiB, {ok}", flush=True)
+            if trending and database is None:
+                database = db
+            else:
+                sql(f"DROP DATABASE {db}")
+    print("\n| run | trending | events/s (median of 3) | the 3 runs | peak memory (median) | counts |")
+    print("|---|---|---:|---|---:|---|")
+    for trending in (True, False):
+        rates = [r for r, _, _ in runs[trending]]
+        rss = statistics.median(m for _, m, _ in runs[trending])
+        oks = ", ".join(sorted({ok for _, _, ok in runs[trending]}))
+        print(f"| view_counts, 2 workers, events_raw off | {'on' if trending else 'off'} | {statistics.median(rates):,.0f} "
+              f"| {' / '.join(f'{r:,.0f}' for r in rates)} | {rss:,.0f} MiB | {oks} |")
+    on, off = (statistics.median(r for r, _, _ in runs[t]) for t in (True, False))
+    print(f"\ntrending on / off = {on / off:.2f}x events/s (medians)")
+
+    # Many distinct videos in the windows: every video alike, all in the last hour.
+    videos = int(os.environ.get("BENCH_TRENDING_VIDEOS", "1000000"))
+    wide, wide_expected = fill(False, events=3 * videos,
+                               extra=["--videos", str(videos), "--zipf-exponent", "0", "--late-fraction", "0"])
+    memory = {}
+    for trending in (True, False):
+        extra = [] if trending else ["--no-trending"]
+        seconds, rss, counted, db = run_job(wide, 2, False, extra=extra, keep=True)
+        distinct = int(sql("SELECT uniqExact(video_id) FROM event_counts_minute", db))
+        expected_ok = counted == wide_expected
+        memory[trending] = (rss, distinct, expected_ok, wide_expected / seconds)
+        sql(f"DROP DATABASE {db}")
+        print(f"bench: {wide_expected:,} events over {distinct:,} distinct videos, trending {'on' if trending else 'off'}: "
+              f"peak RSS {rss:,.0f} MiB, {wide_expected / seconds:,.0f} events/s, {'exact' if expected_ok else 'WRONG'}",
+              flush=True)
+    (rss_on, distinct, _, rate_on), (rss_off, _, _, rate_off) = memory[True], memory[False]
+    print(f"\n{distinct:,} distinct videos in both windows: trending takes {rss_on - rss_off:+,.0f} MiB of peak memory "
+          f"({(rss_on - rss_off) / (distinct / 1e6):,.0f} MiB per million videos); events/s on / off = {rate_on / rate_off:.2f}x")
+
+    # /v1/top under 100 clients, on the first trending run's database.
+    port = os.environ.get("BENCH_QUERY_PORT", "18092")
+    service = subprocess.Popen([f"{BIN}/query", "--database", database, "--listen", f"127.0.0.1:{port}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"{url}/v1/top?window=1h", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except Exception:
+                pass
+            time.sleep(0.2)
+        print("\n| call | clients | requests/s | p50 ms | p99 ms | p999 ms | errors |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        results = {}
+        for call in ("top", "top-scan"):
+            out = subprocess.run([f"{BIN}/query_bench", "--database", database, "run", "--url", url, "--clients", "100",
+                                  "--seconds", "10", "--call", call], check=True, capture_output=True, text=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            results[call] = r
+            print(f"| /v1/top {'?window= (kept lists)' if call == 'top' else '(sum over the last hour)'} | 100 | "
+                  f"{r['requests_per_second']:,.0f} | {r['p50_ms']} | {r['p99_ms']} | {r['p999_ms']} | {r['errors']} |", flush=True)
+        ratio = results["top"]["requests_per_second"] / max(results["top-scan"]["requests_per_second"], 1)
+        print(f"\nkept lists / sum over the minute table = {ratio:.0f}x requests/s")
+    finally:
+        service.kill()
+        service.wait()
+        sql(f"DROP DATABASE {database}")
+
+
 def main():
     if os.environ.get("BENCH_ONLY") == "ids":
         bench_ids()
+        return
+    if os.environ.get("BENCH_ONLY") == "trending":
+        bench_trending()
         return
     topic, expected = fill(event_ids=False)
     only = os.environ.get("BENCH_ONLY")
