@@ -1,10 +1,16 @@
 //! Counting events of one epoch per (video_id, event_type, minute), with hour and day rollups.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 
 use compact_str::CompactString;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::Stream;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::generic::Operator;
 use videocount_clickhouse::rows::{CountRow, Grain, Insert, counts_block};
-use videocount_events::{Event, Located};
+use videocount_events::{Event, Located, route};
 
 /// A fast, non-cryptographic hasher: keys come from our own validated events.
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -27,8 +33,13 @@ impl EventCounts {
         self.minutes.is_empty()
     }
 
+    /// The (video, event type, minute) counts.
+    pub fn cells(&self) -> impl Iterator<Item = (&CompactString, &CompactString, u32, u64)> {
+        self.minutes.iter().map(|((video, kind, minute), n)| (video, kind, *minute, *n))
+    }
+
     /// The rows of each grain, unsorted.
-    pub fn rows(self) -> [(Grain, Vec<CountRow>); 3] {
+    pub fn rows(&self) -> [(Grain, Vec<CountRow>); 3] {
         let mut hours: Map<(CompactString, CompactString, u32), u64> = Map::default();
         let mut days: Map<(CompactString, CompactString, u32), u64> = Map::default();
         for ((video, kind, minute), n) in &self.minutes {
@@ -36,14 +47,14 @@ impl EventCounts {
             *hours.entry((video.clone(), kind.clone(), Grain::Hour.bucket(ts_ms))).or_insert(0) += n;
             *days.entry((video.clone(), kind.clone(), Grain::Day.bucket(ts_ms))).or_insert(0) += n;
         }
-        let rows = |map: Map<(CompactString, CompactString, u32), u64>| -> Vec<CountRow> {
-            map.into_iter().map(|((v, k, b), n)| ((v.into_string(), k.into_string(), b), n)).collect()
+        let rows = |map: &Map<(CompactString, CompactString, u32), u64>| -> Vec<CountRow> {
+            map.iter().map(|((v, k, b), n)| ((v.to_string(), k.to_string(), *b), *n)).collect()
         };
-        [(Grain::Minute, rows(self.minutes)), (Grain::Hour, rows(hours)), (Grain::Day, rows(days))]
+        [(Grain::Minute, rows(&self.minutes)), (Grain::Hour, rows(&hours)), (Grain::Day, rows(&days))]
     }
 
     /// One block per grain for `epoch`; nothing when the epoch counted nothing.
-    pub fn into_inserts(self, epoch: u64) -> Vec<Insert> {
+    pub fn inserts(&self, epoch: u64) -> Vec<Insert> {
         if self.is_empty() {
             return Vec::new();
         }
@@ -55,6 +66,34 @@ impl EpochState<Located> for EventCounts {
     fn absorb(&mut self, (event, _, _): Located) {
         self.add(event);
     }
+}
+
+/// Counts each epoch's events on the worker of their video ([`route`]): once the epoch is
+/// complete there, its counts come out as one item (none for an epoch without events). Shared
+/// (`Rc`) by the count blocks and the trending windows, which both read them.
+pub fn count_epochs<'scope>(events: Stream<'scope, u64, Vec<Located>>) -> Stream<'scope, u64, Vec<Rc<EventCounts>>> {
+    let pact = Exchange::new(|(event, _, _): &Located| route(&event.video_id));
+    events.unary_frontier::<CapacityContainerBuilder<Vec<Rc<EventCounts>>>, _, _, _>(pact, "CountEpochs", |_, _| {
+        let mut open: BTreeMap<u64, (Capability<u64>, EventCounts)> = BTreeMap::new();
+        move |(input, frontier), output| {
+            input.for_each(|stamp, data| {
+                let Some(&epoch) = stamp.least() else { return };
+                let (_, counts) = open.entry(epoch).or_insert_with(|| {
+                    (stamp.retain_least(output.output_index()).expect("stamp has a time"), EventCounts::default())
+                });
+                for (event, _, _) in data.drain(..) {
+                    counts.add(event);
+                }
+            });
+            while let Some((&epoch, _)) = open.first_key_value() {
+                if frontier.less_equal(&epoch) {
+                    break;
+                }
+                let (capability, counts) = open.remove(&epoch).expect("first key exists");
+                output.session(&capability).give(Rc::new(counts));
+            }
+        }
+    })
 }
 
 #[cfg(test)]

@@ -2,10 +2,12 @@
 //! time, kept up to date incrementally with differential dataflow.
 //!
 //! ```text
-//!  events ─▶ Gather ─┬─ cells ──exchange(video)──▶ Window ─▶ counts in window ─▶ top_k ─▶ Top ─▶ rows
-//!  (worker)          └─ newest minute ─broadcast─┴────────────────────────────────────────┘
+//!  epoch counts ─┬──────────────────────────▶ Window ─▶ counts in window ─▶ top_k ─▶ Top ─▶ rows
+//!  (count_epochs)└─ newest minute ─broadcast─┴───────────────────────────────────────┘
 //! ```
 //!
+//! - The input is each epoch's counts per (video, event type, minute) that the count blocks are
+//!   made of ([`EventCounts`], on the worker of their video): no second pass over the events.
 //! - **"Now" is event time**: the newest minute of any event counted so far (every worker learns
 //!   every epoch's newest minute), never the wall clock, so a replay of the same events gives
 //!   the same lists. A window of `s` seconds holds the minutes `m` with `now - s < m <= now`.
@@ -15,12 +17,13 @@
 //!   a minute still inside a window changes it; one for a minute outside does not.
 //! - The counts in a window are a differential collection whose multiplicities are the counts
 //!   (`((event type, window), video)` with multiplicity = count); [`top_k`] keeps its top K per
-//!   (event type, window) through levels of hash buckets (4096, 256, 16, 1), so a change
-//!   re-ranks its bucket at each level instead of every video of the window.
+//!   (event type, window) through levels of hash buckets (256, 16, 1), so a change re-ranks
+//!   its bucket at each level instead of every video of the window.
 //! - [`Top`] applies the top lists' changes and, for every epoch that changed a list or moved
 //!   "now", writes the whole list ([`TopRow`]s, `top_videos`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::rc::Rc;
 
 use compact_str::CompactString;
 use differential_dataflow::AsCollection;
@@ -32,7 +35,9 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::{Broadcast, Map as _};
 use videocount_clickhouse::rows::TopRow;
-use videocount_events::{CANARY_PREFIX, Event, Located, TRENDING_WINDOWS, route};
+use videocount_events::{CANARY_PREFIX, TRENDING_WINDOWS, route};
+
+use crate::count_events::EventCounts;
 
 /// A fast, non-cryptographic hasher: keys come from our own validated events.
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -178,17 +183,18 @@ fn push_covered(
 
 /// The top `k` of each key of a collection whose multiplicities are counts: the same collection
 /// restricted to each key's `k` largest counts (ties: the smaller video first). Hierarchical:
-/// each level keeps the top `k` of a hash bucket, then of coarser buckets.
+/// each level keeps the top `k` of a hash bucket (256, then 16), then of all: a change re-ranks
+/// its bucket (at a million videos, about 4,000) and at most 16 k candidates per level above.
 pub fn top_k<'scope>(
     counts: Collection<'scope, u64, (Key, CompactString), isize>,
     k: usize,
 ) -> Collection<'scope, u64, (Key, CompactString), isize> {
     let bucket = |video: &CompactString, bits: u32| route(video) & ((1u64 << bits) - 1);
     let mut level = counts.map(move |(key, video)| {
-        let b = bucket(&video, 12);
+        let b = bucket(&video, 8);
         ((key, b), video)
     });
-    for (bits, next) in [(12, 8), (8, 4), (4, 0)] {
+    for (bits, next) in [(8, 4), (4, 0)] {
         level = level.reduce_named(&format!("TopK{bits}"), move |_key, input, output| keep_top(input, k, output)).map(
             move |((key, _), video)| {
                 let b = bucket(&video, next);
@@ -213,71 +219,28 @@ fn keep_top(input: &[(&CompactString, isize)], k: usize, output: &mut Vec<(Compa
     output.extend(items.into_iter().map(|(n, video)| (video.clone(), n)));
 }
 
-/// A piece of one worker's epoch: a cell, or the newest minute it saw.
-#[derive(Clone, Debug)]
-enum Piece {
-    Cell(Cell),
-    Newest(u32),
-}
-
-/// The whole trending dataflow on `events`: the rows of `top_videos` each epoch writes.
-/// `restored`: this worker's share of what the last committed epoch left (its videos by
-/// [`route`]), added in the first epoch that has events.
+/// The whole trending dataflow on each epoch's counts ([`count_epochs`]: already on the
+/// worker of their video): the rows of `top_videos` each epoch writes. `restored`: this worker's
+/// share of what the last committed epoch left (its videos by [`route`]), added in the first
+/// epoch that has events.
+///
+/// [`count_epochs`]: crate::count_events::count_epochs
 pub fn trending<'scope>(
-    events: Stream<'scope, u64, Vec<Located<Event>>>,
+    counts: Stream<'scope, u64, Vec<Rc<EventCounts>>>,
     k: usize,
     restored: Restored,
 ) -> Stream<'scope, u64, Vec<TopRow>> {
-    let pieces = gather(events);
-    let cells = pieces.clone().flat_map(|piece| match piece {
-        Piece::Cell(cell) => Some(cell),
-        Piece::Newest(_) => None,
-    });
-    let newest = pieces
-        .flat_map(|piece| match piece {
-            Piece::Newest(minute) => Some(minute),
-            Piece::Cell(_) => None,
-        })
-        .broadcast();
+    let newest =
+        counts.clone().flat_map(|counts| counted_cells(&counts).map(|(_, _, minute, _)| minute).max()).broadcast();
     let restored_now = restored.now;
-    let counts = window(cells, newest.clone(), restored);
-    let top = top_k(counts, k);
+    let windows = window(counts, newest.clone(), restored);
+    let top = top_k(windows, k);
     rows(top.inner, newest, restored_now)
 }
 
-/// Each epoch's events of this worker as cells, and the newest minute among them.
-fn gather<'scope>(events: Stream<'scope, u64, Vec<Located<Event>>>) -> Stream<'scope, u64, Vec<Piece>> {
-    events.unary_frontier::<CapacityContainerBuilder<Vec<Piece>>, _, _, _>(Pipeline, "TrendingGather", |_, _| {
-        let mut open: BTreeMap<u64, (Capability<u64>, Map<CellKey, u64>)> = BTreeMap::new();
-        move |(input, frontier), output| {
-            input.for_each(|stamp, data| {
-                let Some(&epoch) = stamp.least() else { return };
-                let (_, cells) = open.entry(epoch).or_insert_with(|| {
-                    (stamp.retain_least(output.output_index()).expect("stamp has a time"), Map::default())
-                });
-                for (event, _, _) in data.drain(..) {
-                    if event.video_id.starts_with(CANARY_PREFIX) {
-                        continue;
-                    }
-                    let minute = videocount_events::minute_start(event.ts_ms);
-                    *cells.entry((event.event_type, event.video_id, minute)).or_insert(0) += 1;
-                }
-            });
-            while let Some((&epoch, _)) = open.first_key_value() {
-                if frontier.less_equal(&epoch) {
-                    break;
-                }
-                let (capability, cells) = open.remove(&epoch).expect("first key exists");
-                let mut session = output.session(&capability);
-                if let Some(newest) = cells.keys().map(|(_, _, minute)| *minute).max() {
-                    session.give(Piece::Newest(newest));
-                }
-                for (cell, count) in cells {
-                    session.give(Piece::Cell((cell, count)));
-                }
-            }
-        }
-    })
+/// The cells an epoch's counts give the windows: all but the freshness canaries' videos.
+fn counted_cells(counts: &EventCounts) -> impl Iterator<Item = (&CompactString, &CompactString, u32, u64)> {
+    counts.cells().filter(|(video, _, _, _)| !video.starts_with(CANARY_PREFIX))
 }
 
 /// Epochs not yet complete: their capability, what arrived, the newest minute.
@@ -285,23 +248,24 @@ type Open<D> = BTreeMap<u64, (Capability<u64>, Vec<D>, Option<u32>)>;
 
 /// The counts of each window as a collection (see [`WindowCells`]).
 fn window<'scope>(
-    cells: Stream<'scope, u64, Vec<Cell>>,
+    counts: Stream<'scope, u64, Vec<Rc<EventCounts>>>,
     newest: Stream<'scope, u64, Vec<u32>>,
     restored: Restored,
 ) -> Collection<'scope, u64, (Key, CompactString), isize> {
-    cells
+    counts
         .binary_frontier::<_, CapacityContainerBuilder<Vec<Update>>, _, _, _, _>(
             newest,
-            Exchange::new(|((_, video, _), _): &Cell| route(video)),
+            Pipeline,
             Pipeline,
             "TrendingWindow",
             move |_, _| {
                 let mut state = WindowCells::restored(restored);
                 let mut started = false;
-                let mut open: Open<Cell> = BTreeMap::new();
+                let mut open: Open<Rc<EventCounts>> = BTreeMap::new();
                 let mut changes = Vec::new();
-                move |(cells, cells_frontier), (newest, newest_frontier), output| {
-                    cells.for_each(|stamp, data| {
+                let mut consolidated: Map<(Key, CompactString), isize> = Map::default();
+                move |(counts, counts_frontier), (newest, newest_frontier), output| {
+                    counts.for_each(|stamp, data| {
                         let Some(&epoch) = stamp.least() else { return };
                         let entry = open.entry(epoch).or_insert_with(|| {
                             (stamp.retain_least(output.output_index()).expect("stamp has a time"), Vec::new(), None)
@@ -316,18 +280,27 @@ fn window<'scope>(
                         entry.2 = entry.2.max(data.iter().copied().max());
                     });
                     while let Some((&epoch, _)) = open.first_key_value() {
-                        if cells_frontier.less_equal(&epoch) || newest_frontier.less_equal(&epoch) {
+                        if counts_frontier.less_equal(&epoch) || newest_frontier.less_equal(&epoch) {
                             break;
                         }
-                        let (capability, cells, newest) = open.remove(&epoch).expect("first key exists");
+                        let (capability, counts, newest) = open.remove(&epoch).expect("first key exists");
                         if !started {
                             started = true;
                             state.contributions(&mut changes);
                         }
+                        let cells = counts.iter().flat_map(|counts| counted_cells(counts)).map(
+                            |(video, event_type, minute, count)| ((event_type.clone(), video.clone(), minute), count),
+                        );
                         state.advance(newest, cells, &mut changes);
-                        let mut session = output.session(&capability);
+                        // One update per (list, video) and epoch: fewer for differential to sort.
                         for (data, diff) in changes.drain(..) {
-                            session.give((data, epoch, diff));
+                            *consolidated.entry(data).or_insert(0) += diff;
+                        }
+                        let mut session = output.session(&capability);
+                        for (data, diff) in consolidated.drain() {
+                            if diff != 0 {
+                                session.give((data, epoch, diff));
+                            }
                         }
                     }
                 }

@@ -104,14 +104,14 @@ def clickhouse_kafka_engine(topic, expected):
             pass
 
 
-def fill(event_ids, events=EVENTS, extra=()):
+def fill(event_ids, events=EVENTS, extra=(), videos=100000):
     """A new topic with `events` valid events (each with an event_id when asked); the count."""
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     subprocess.run([os.path.join(ROOT, "services/kafka/topic.sh"), topic, str(PARTITIONS)], check=True, stdout=subprocess.DEVNULL)
     print(f"bench: producing {events:,} events to {topic} ({PARTITIONS} partitions), ids {'on' if event_ids else 'off'}", flush=True)
     expected_file = f"/tmp/{topic}.json"
     subprocess.run(
-        [f"{BIN}/loadgen", "--topic", topic, "--events", str(events), "--videos", "100000",
+        [f"{BIN}/loadgen", "--topic", topic, "--events", str(events), "--videos", str(videos),
          "--malformed-fraction", "0", "--duplicate-fraction", "0", "--expected", expected_file]
         + (["--event-ids"] if event_ids else []) + list(extra),
         check=True,
@@ -182,8 +182,7 @@ def bench_trending():
 
     # Many distinct videos in the windows: every video alike, all in the last hour.
     videos = int(os.environ.get("BENCH_TRENDING_VIDEOS", "1000000"))
-    wide, wide_expected = fill(False, events=3 * videos,
-                               extra=["--videos", str(videos), "--zipf-exponent", "0", "--late-fraction", "0"])
+    wide, wide_expected = fill(False, events=3 * videos, videos=videos, extra=["--zipf-exponent", "0", "--late-fraction", "0"])
     memory = {}
     for trending in (True, False):
         extra = [] if trending else ["--no-trending"]

@@ -1,16 +1,18 @@
 //! `view_counts`: counts per (video, type, minute/hour/day), and the raw event log.
 
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
-use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::{Scope, Stream};
 use tracing::{info, warn};
 use videocount_clickhouse::checkpoints::{self, JobState};
 use videocount_clickhouse::rows::{Grain, Insert, RawRow, TopRow, count_blocks_row, raw_block, top_videos_block};
 use videocount_clickhouse::{ClickHouse, Writer};
 use videocount_events::{Event, EventId, Located, Rejection, TimeLimits, parse_event_with_id, route};
+use videocount_operators::count_events::count_epochs;
 use videocount_operators::trending::{Cell, Restored, trending};
 use videocount_operators::{EventCounts, FlushEpochs};
 
@@ -121,17 +123,23 @@ impl Dataflow for ViewCounts {
         writer: &Writer,
     ) -> Writes<'scope> {
         let (worker, peers) = (scope.index() as u32, scope.peers() as u32);
-        let counted = events.clone().flush_epochs::<EventCounts, _, _>(
+        // Each epoch's counts on the worker of their video, shared by the count blocks and the
+        // top lists.
+        let counts = count_epochs(events.clone());
+        let counted = counts.clone().flush_epochs::<Vec<Rc<EventCounts>>, _, _>(
             planned.clone(),
-            Exchange::new(|(event, _, _): &Located| route(&event.video_id)),
+            Pipeline,
             "WriteCounts",
             writer.clone(),
-            move |epoch, counts| with_changelog(counts.into_inserts(epoch), epoch, worker, peers),
+            move |epoch, counts| {
+                let inserts = counts.first().map(|counts| counts.inserts(epoch)).unwrap_or_default();
+                with_changelog(inserts, epoch, worker, peers)
+            },
         );
         let mut written = vec![counted];
         if let Some(k) = self.top_k {
             let restored = self.restored_share(scope.index(), scope.peers());
-            written.push(trending(events.clone(), k, restored).flush_epochs::<Vec<TopRow>, _, _>(
+            written.push(trending(counts, k, restored).flush_epochs::<Vec<TopRow>, _, _>(
                 planned.clone(),
                 Pipeline,
                 "WriteTop",

@@ -8,6 +8,7 @@ use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::{Inspect, Probe};
 
 use super::*;
+use videocount_events::{Event, Located};
 
 /// One event of a generated stream: event type, video, minute (as minutes from 0).
 type Generated = (u8, u8, u32);
@@ -56,7 +57,7 @@ fn incremental(epochs: Vec<Vec<Generated>>, k: usize, restored: Restored) -> Vec
         let sink = Rc::clone(&rows);
         let mut input = worker.dataflow::<u64, _, _>(|scope| {
             let (input, events) = scope.new_input::<Located<Event>>();
-            trending(events, k, restored)
+            trending(crate::count_events::count_epochs(events), k, restored)
                 .inspect_core(move |event| {
                     if let Ok((stamp, rows)) = event {
                         let time = *stamp.least().expect("a time");
