@@ -88,6 +88,9 @@ pub type Cell = (CellKey, u64);
 pub struct Restored {
     pub now: Option<u32>,
     pub cells: Vec<Cell>,
+    /// The lists written before (all workers'): each is written again when "now" moves, even
+    /// when it stays empty.
+    pub lists: Vec<Key>,
 }
 
 /// One worker's minute counts of the largest window, and "now". See the module documentation.
@@ -232,10 +235,15 @@ pub fn trending<'scope>(
 ) -> Stream<'scope, u64, Vec<TopRow>> {
     let newest =
         counts.clone().flat_map(|counts| counted_cells(&counts).map(|(_, _, minute, _)| minute).max()).broadcast();
-    let restored_now = restored.now;
+    let (restored_now, restored_lists) = (restored.now, restored.lists.clone());
     let windows = window(counts, newest.clone(), restored);
     let top = top_k(windows, k);
-    rows(top.inner, newest, restored_now)
+    rows(top.inner, newest, restored_now, restored_lists)
+}
+
+/// The worker of a list in [`rows`].
+fn list_worker(key: &Key) -> u64 {
+    route(&key.0).wrapping_add(u64::from(key.1))
 }
 
 /// The cells an epoch's counts give the windows: all but the freshness canaries' videos.
@@ -315,15 +323,22 @@ fn rows<'scope>(
     top: Stream<'scope, u64, Vec<Update>>,
     newest: Stream<'scope, u64, Vec<u32>>,
     restored_now: Option<u32>,
+    restored_lists: Vec<Key>,
 ) -> Stream<'scope, u64, Vec<TopRow>> {
+    let (index, peers) = (top.scope().index() as u64, top.scope().peers() as u64);
     top.binary_frontier::<_, CapacityContainerBuilder<Vec<TopRow>>, _, _, _, _>(
         newest,
-        Exchange::new(|((key, _), _, _): &Update| route(&key.0).wrapping_add(u64::from(key.1))),
+        Exchange::new(|((key, _), _, _): &Update| list_worker(key)),
         Pipeline,
         "TrendingTop",
         move |_, _| {
             let mut now = restored_now;
-            let mut lists: BTreeMap<Key, Map<CompactString, isize>> = BTreeMap::new();
+            // This worker's lists, the ones written before included.
+            let mut lists: BTreeMap<Key, Map<CompactString, isize>> = restored_lists
+                .into_iter()
+                .filter(|key| list_worker(key) % peers == index)
+                .map(|key| (key, Map::default()))
+                .collect();
             let mut open: Open<((Key, CompactString), isize)> = BTreeMap::new();
             move |(top, top_frontier), (newest, newest_frontier), output| {
                 top.for_each(|stamp, data| {

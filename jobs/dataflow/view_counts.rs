@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
+use compact_str::CompactString;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::{Scope, Stream};
 use tracing::{info, warn};
@@ -13,7 +14,7 @@ use videocount_clickhouse::rows::{Grain, Insert, RawRow, TopRow, count_blocks_ro
 use videocount_clickhouse::{ClickHouse, Writer};
 use videocount_events::{Event, EventId, Located, Rejection, TimeLimits, parse_event_with_id, route};
 use videocount_operators::count_events::count_epochs;
-use videocount_operators::trending::{Cell, Restored, trending};
+use videocount_operators::trending::{Cell, Restored, WINDOWS, trending};
 use videocount_operators::{EventCounts, FlushEpochs};
 
 use super::{Dataflow, Writes};
@@ -45,7 +46,7 @@ impl ViewCounts {
             .filter(|((_, video, _), _)| route(video) % peers as u64 == index as u64)
             .cloned()
             .collect();
-        Restored { now: all.now, cells }
+        Restored { now: all.now, cells, lists: all.lists.clone() }
     }
 }
 
@@ -83,9 +84,23 @@ impl Dataflow for ViewCounts {
     async fn restore(&self, clickhouse: &ClickHouse, state: &JobState) -> anyhow::Result<()> {
         let (Some(_), Some(last_committed)) = (self.top_k, state.last_committed) else { return Ok(()) };
         let started = Instant::now();
+        // With replicas: read only once this replica has every acknowledged minute block.
+        clickhouse
+            .sync_replica(&["count_changes", "top_videos"])
+            .await
+            .context("waiting for this ClickHouse replica to have count_changes and top_videos (SYSTEM SYNC REPLICA)")?;
         let (now, cells) = checkpoints::trending_window(clickhouse, last_committed)
             .await
             .context("reading the trending windows' minute counts from count_changes")?;
+        let lists = checkpoints::top_lists(clickhouse, last_committed)
+            .await
+            .context("reading which top lists top_videos has")?
+            .into_iter()
+            .filter_map(|(event_type, period)| {
+                let window = WINDOWS.iter().position(|w| w.name == period)?;
+                Some((CompactString::from(event_type), window as u8))
+            })
+            .collect();
         let cells: Vec<Cell> = cells
             .into_iter()
             .map(|(event_type, video, minute, count)| ((event_type.into(), video.into(), minute), count))
@@ -104,7 +119,7 @@ impl Dataflow for ViewCounts {
             seconds = started.elapsed().as_secs_f64(),
             "trending windows restored from count_changes"
         );
-        *self.restored.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(Arc::new(Restored { now, cells }));
+        *self.restored.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(Arc::new(Restored { now, cells, lists }));
         Ok(())
     }
 

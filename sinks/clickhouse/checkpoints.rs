@@ -504,9 +504,28 @@ pub async fn drop_old_changelog(clickhouse: &ClickHouse, below: u64) -> Result<u
 /// A minute count of `count_changes`: event type, video, minute (seconds), count.
 pub type MinuteCount = (String, String, u32, u64);
 
+/// The lists (event type, window name) `top_videos` has rows of up to `last_committed`: a
+/// restarted job rewrites them all when "now" moves, as the run before it would have.
+pub async fn top_lists(clickhouse: &ClickHouse, last_committed: u64) -> Result<Vec<(String, String)>, SinkError> {
+    #[derive(Row, Deserialize)]
+    struct List {
+        event_type: String,
+        period: String,
+    }
+    let lists: Vec<List> = clickhouse
+        .fetch_all(
+            clickhouse
+                .client()
+                .query("SELECT DISTINCT event_type, period FROM top_videos WHERE epoch <= ?")
+                .bind(last_committed),
+        )
+        .await?;
+    Ok(lists.into_iter().map(|l| (l.event_type, l.period)).collect())
+}
+
 /// What the epochs up to `last_committed` left in `count_changes` for the trending windows: the
 /// newest minute, and the minute counts from [`TRENDING_RETENTION_SECS`] before it, summed over
-/// epochs (the freshness canaries' videos left out).
+/// epochs (the freshness canaries' videos left out of both, as the job's windows leave them out).
 pub async fn trending_window(
     clickhouse: &ClickHouse,
     last_committed: u64,
@@ -527,7 +546,11 @@ pub async fn trending_window(
         .fetch_all(
             clickhouse
                 .client()
-                .query("SELECT count() AS rows, toUInt32(max(minute)) AS minute FROM count_changes WHERE epoch <= ?")
+                .query(&format!(
+                    "SELECT count() AS rows, toUInt32(max(minute)) AS minute FROM count_changes WHERE epoch <= ? \
+                     AND video_id NOT LIKE '{}%'",
+                    videocount_events::CANARY_PREFIX
+                ))
                 .bind(last_committed),
         )
         .await?;
