@@ -2,7 +2,7 @@
 //! K recomputed from `events_raw`: after a first run, after late events (inside and outside the
 //! windows) and "now" moving across window boundaries, and after a `kill -9` that leaves epochs
 //! written but not committed (the restarted job rebuilds its windows from `count_changes` and
-//! re-runs them).
+//! re-runs them), and after a `videocount replay`.
 
 use std::time::{Duration, Instant};
 
@@ -123,6 +123,26 @@ fn top_lists_equal_a_recomputation_from_events_raw_through_late_events_and_a_kil
     produce_keyed(&env.topic, &events(&mut rng, 500, start - 2 * HOUR, start + 35 * MINUTE));
     env.run_until_caught_up(&JOB);
     assert_lists_equal(&env, &service, "after a kill -9 and a restart");
+
+    // `videocount replay` swaps in fresh count tables and changelog; the restarted job's windows
+    // still hold every committed event.
+    env.runtime
+        .block_on(videocount_clickhouse::replay::replay_from_raw(
+            &env.clickhouse,
+            "view_counts",
+            &env.topic,
+            false,
+            Duration::from_secs(600),
+            &videocount_lease::Fence::open(),
+        ))
+        .expect("replay");
+    produce_keyed(&env.topic, &events(&mut rng, 300, start, start + 36 * MINUTE));
+    env.run_until_caught_up(&JOB);
+    assert_lists_equal(&env, &service, "after a replay");
+    // A second start after the replay reads the changelog again (this time not empty).
+    produce_keyed(&env.topic, &events(&mut rng, 200, start, start + 37 * MINUTE));
+    env.run_until_caught_up(&JOB);
+    assert_lists_equal(&env, &service, "after a second start after the replay");
 
     // Trending off: the job writes no lists.
     let lists = env.scalar("SELECT count() FROM top_videos");

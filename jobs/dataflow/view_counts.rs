@@ -85,13 +85,21 @@ impl Dataflow for ViewCounts {
         let (Some(_), Some(last_committed)) = (self.top_k, state.last_committed) else { return Ok(()) };
         let started = Instant::now();
         // With replicas: read only once this replica has every acknowledged minute block.
-        clickhouse
-            .sync_replica(&["count_changes", "top_videos"])
-            .await
-            .context("waiting for this ClickHouse replica to have count_changes and top_videos (SYSTEM SYNC REPLICA)")?;
-        let (now, cells) = checkpoints::trending_window(clickhouse, last_committed)
+        clickhouse.sync_replica(&["count_changes", "top_videos"]).await.context(
+            "waiting for this ClickHouse replica to have count_changes and top_videos (SYSTEM SYNC REPLICA)",
+        )?;
+        let (mut now, mut cells) = checkpoints::trending_window(clickhouse, last_committed)
             .await
             .context("reading the trending windows' minute counts from count_changes")?;
+        let mut source = "count_changes";
+        if now.is_none() && self.events_raw {
+            // Emptied by a replay (or written by a build without it): the raw log has every
+            // committed event once.
+            (now, cells) = checkpoints::trending_window_from_raw(clickhouse, &state.pending)
+                .await
+                .context("reading the trending windows' minute counts from events_raw")?;
+            source = "events_raw";
+        }
         let lists = checkpoints::top_lists(clickhouse, last_committed)
             .await
             .context("reading which top lists top_videos has")?
@@ -109,17 +117,20 @@ impl Dataflow for ViewCounts {
             warn!(
                 last_committed,
                 "count_changes holds no minute up to the last committed epoch (emptied by a replay, or written by a \
-                 build without it): the top lists start from empty windows and hold only what this run counts"
+                 build without it) and events_raw is off or empty: the top lists start from empty windows and hold \
+                 only what this run counts"
             );
         }
         info!(
             last_committed,
+            source,
             newest_minute = ?now,
             cells = cells.len(),
             seconds = started.elapsed().as_secs_f64(),
             "trending windows restored from count_changes"
         );
-        *self.restored.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(Arc::new(Restored { now, cells, lists }));
+        *self.restored.lock().map_err(|_| anyhow::anyhow!("poisoned"))? =
+            Some(Arc::new(Restored { now, cells, lists }));
         Ok(())
     }
 

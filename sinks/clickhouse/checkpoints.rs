@@ -504,6 +504,58 @@ pub async fn drop_old_changelog(clickhouse: &ClickHouse, below: u64) -> Result<u
 /// A minute count of `count_changes`: event type, video, minute (seconds), count.
 pub type MinuteCount = (String, String, u32, u64);
 
+/// As [`trending_window`], from `events_raw` instead, for when `count_changes` was emptied (a
+/// replay swaps in an empty one): every event of the committed epochs is there once, and those
+/// of the `pending` epochs (planned, maybe partly written, to be re-run) are left out by their
+/// offset ranges.
+pub async fn trending_window_from_raw(
+    clickhouse: &ClickHouse,
+    pending: &BTreeMap<u64, Vec<Range>>,
+) -> Result<(Option<u32>, Vec<MinuteCount>), SinkError> {
+    #[derive(Row, Deserialize)]
+    struct Newest {
+        rows: u64,
+        minute: u32,
+    }
+    #[derive(Row, Deserialize)]
+    struct Cell {
+        event_type: String,
+        video_id: String,
+        minute: u32,
+        count: u64,
+    }
+    let pending: Vec<String> = pending
+        .values()
+        .flatten()
+        .map(|r| format!("(partition = {} AND offset >= {} AND offset < {})", r.partition, r.start, r.end))
+        .collect();
+    let counted = format!(
+        "video_id NOT LIKE '{}%' AND NOT ({})",
+        videocount_events::CANARY_PREFIX,
+        if pending.is_empty() { "0".to_owned() } else { pending.join(" OR ") }
+    );
+    let newest: Vec<Newest> = clickhouse
+        .fetch_all(clickhouse.client().query(&format!(
+            "SELECT count() AS rows, toUInt32(intDiv(max(ts), 60000) * 60) AS minute FROM events_raw WHERE {counted}"
+        )))
+        .await?;
+    let Some(now) = newest.first().filter(|n| n.rows > 0).map(|n| n.minute) else {
+        return Ok((None, Vec::new()));
+    };
+    let cells: Vec<Cell> = clickhouse
+        .fetch_all(
+            clickhouse
+                .client()
+                .query(&format!(
+                    "SELECT event_type, video_id, toUInt32(intDiv(ts, 60000) * 60) AS minute, count() AS count \
+                     FROM events_raw WHERE ts >= ? AND {counted} GROUP BY event_type, video_id, minute"
+                ))
+                .bind((u64::from(now.saturating_sub(TRENDING_RETENTION_SECS)) + 60) * 1000),
+        )
+        .await?;
+    Ok((Some(now), cells.into_iter().map(|c| (c.event_type, c.video_id, c.minute, c.count)).collect()))
+}
+
 /// The lists (event type, window name) `top_videos` has rows of up to `last_committed`: a
 /// restarted job rewrites them all when "now" moves, as the run before it would have.
 pub async fn top_lists(clickhouse: &ClickHouse, last_committed: u64) -> Result<Vec<(String, String)>, SinkError> {

@@ -197,6 +197,18 @@ async fn build_tables(
         long.execute(&create_statement(table, &new)?).await?;
         created.push(new);
     }
+    // But with the minutes of the last 25 hours (of event time) of the new minute table, as
+    // epoch 0: a restarted view_counts rebuilds its trending windows from the changelog up to
+    // its last commit, and epoch 0 is below every epoch the query service's memory reads.
+    let canaries = format!("video_id NOT LIKE '{}%'", videocount_events::CANARY_PREFIX);
+    long.execute(&format!(
+        "INSERT INTO count_changes_replay_{stamp} (video_id, event_type, minute, count, epoch) \
+         SELECT video_id, event_type, minute, toUInt64(sum(count)), toUInt64(0) FROM event_counts_minute_replay_{stamp} \
+         WHERE {canaries} AND minute > (SELECT max(minute) FROM event_counts_minute_replay_{stamp} WHERE {canaries}) - {} \
+         GROUP BY video_id, event_type, minute SETTINGS insert_deduplicate = 0, max_execution_time = {limit}",
+        crate::checkpoints::TRENDING_RETENTION_SECS
+    ))
+    .await?;
     Ok(())
 }
 
