@@ -75,8 +75,11 @@ impl Window {
 
 /// A list: an event type and the index of its window in [`WINDOWS`].
 pub type Key = (CompactString, u8);
+/// A video as the top K ranks it: its [`route`] hash first (buckets, and cheap comparisons in
+/// differential's sorts), then its id.
+pub type Video = (u64, CompactString);
 /// A video's count in a window, as a differential update: multiplicity = count.
-pub type Update = ((Key, CompactString), u64, isize);
+pub type Update = ((Key, Video), u64, isize);
 /// An (event type, video, minute).
 pub type CellKey = (CompactString, CompactString, u32);
 /// A cell and its count.
@@ -114,7 +117,7 @@ impl WindowCells {
 
     /// Everything held, as additions to the windows that cover it (what a restarted job adds
     /// before its first epoch).
-    pub fn contributions(&self, out: &mut Vec<((Key, CompactString), isize)>) {
+    pub fn contributions(&self, out: &mut Vec<((Key, Video), isize)>) {
         let Some(now) = self.now else { return };
         for (&minute, cells) in &self.minutes {
             for ((event_type, video), &count) in cells {
@@ -129,7 +132,7 @@ impl WindowCells {
         &mut self,
         newest: Option<u32>,
         cells: impl IntoIterator<Item = Cell>,
-        out: &mut Vec<((Key, CompactString), isize)>,
+        out: &mut Vec<((Key, Video), isize)>,
     ) {
         let before = self.now;
         let Some(now) = before.max(newest) else { return };
@@ -142,7 +145,10 @@ impl WindowCells {
                         break;
                     }
                     for ((event_type, video), &count) in cells {
-                        out.push((((event_type.clone(), index as u8), video.clone()), -(count as isize)));
+                        out.push((
+                            ((event_type.clone(), index as u8), (route(video), video.clone())),
+                            -(count as isize),
+                        ));
                     }
                 }
             }
@@ -175,11 +181,13 @@ fn push_covered(
     event_type: &CompactString,
     video: &CompactString,
     diff: isize,
-    out: &mut Vec<((Key, CompactString), isize)>,
+    out: &mut Vec<((Key, Video), isize)>,
 ) {
+    let mut hash = None;
     for (index, window) in WINDOWS.iter().enumerate() {
         if window.covers(now, minute) {
-            out.push((((event_type.clone(), index as u8), video.clone()), diff));
+            let hash = *hash.get_or_insert_with(|| route(video));
+            out.push((((event_type.clone(), index as u8), (hash, video.clone())), diff));
         }
     }
 }
@@ -189,10 +197,10 @@ fn push_covered(
 /// each level keeps the top `k` of a hash bucket (256, then 16), then of all: a change re-ranks
 /// its bucket (at a million videos, about 4,000) and at most 16 k candidates per level above.
 pub fn top_k<'scope>(
-    counts: Collection<'scope, u64, (Key, CompactString), isize>,
+    counts: Collection<'scope, u64, (Key, Video), isize>,
     k: usize,
-) -> Collection<'scope, u64, (Key, CompactString), isize> {
-    let bucket = |video: &CompactString, bits: u32| route(video) & ((1u64 << bits) - 1);
+) -> Collection<'scope, u64, (Key, Video), isize> {
+    let bucket = |video: &Video, bits: u32| video.0 & ((1u64 << bits) - 1);
     let mut level = counts.map(move |(key, video)| {
         let b = bucket(&video, 8);
         ((key, b), video)
@@ -210,11 +218,10 @@ pub fn top_k<'scope>(
         .map(|((key, _), video)| (key, video))
 }
 
-/// The `k` largest counts of a group, in the reduce's output.
-fn keep_top(input: &[(&CompactString, isize)], k: usize, output: &mut Vec<(CompactString, isize)>) {
-    let mut items: Vec<(isize, &CompactString)> =
-        input.iter().filter(|(_, n)| *n > 0).map(|(video, n)| (*n, *video)).collect();
-    let order = |a: &(isize, &CompactString), b: &(isize, &CompactString)| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1));
+/// The `k` largest counts of a group (ties: the smaller video id), in the reduce's output.
+fn keep_top(input: &[(&Video, isize)], k: usize, output: &mut Vec<(Video, isize)>) {
+    let mut items: Vec<(isize, &Video)> = input.iter().filter(|(_, n)| *n > 0).map(|(video, n)| (*n, *video)).collect();
+    let order = |a: &(isize, &Video), b: &(isize, &Video)| b.0.cmp(&a.0).then_with(|| a.1.1.cmp(&b.1.1));
     if items.len() > k {
         items.select_nth_unstable_by(k, order);
         items.truncate(k);
@@ -259,7 +266,7 @@ fn window<'scope>(
     counts: Stream<'scope, u64, Vec<Rc<EventCounts>>>,
     newest: Stream<'scope, u64, Vec<u32>>,
     restored: Restored,
-) -> Collection<'scope, u64, (Key, CompactString), isize> {
+) -> Collection<'scope, u64, (Key, Video), isize> {
     counts
         .binary_frontier::<_, CapacityContainerBuilder<Vec<Update>>, _, _, _, _>(
             newest,
@@ -271,7 +278,6 @@ fn window<'scope>(
                 let mut started = false;
                 let mut open: Open<Rc<EventCounts>> = BTreeMap::new();
                 let mut changes = Vec::new();
-                let mut consolidated: Map<(Key, CompactString), isize> = Map::default();
                 move |(counts, counts_frontier), (newest, newest_frontier), output| {
                     counts.for_each(|stamp, data| {
                         let Some(&epoch) = stamp.least() else { return };
@@ -300,15 +306,9 @@ fn window<'scope>(
                             |(video, event_type, minute, count)| ((event_type.clone(), video.clone(), minute), count),
                         );
                         state.advance(newest, cells, &mut changes);
-                        // One update per (list, video) and epoch: fewer for differential to sort.
-                        for (data, diff) in changes.drain(..) {
-                            *consolidated.entry(data).or_insert(0) += diff;
-                        }
                         let mut session = output.session(&capability);
-                        for (data, diff) in consolidated.drain() {
-                            if diff != 0 {
-                                session.give((data, epoch, diff));
-                            }
+                        for (data, diff) in changes.drain(..) {
+                            session.give((data, epoch, diff));
                         }
                     }
                 }
@@ -339,7 +339,7 @@ fn rows<'scope>(
                 .filter(|key| list_worker(key) % peers == index)
                 .map(|key| (key, Map::default()))
                 .collect();
-            let mut open: Open<((Key, CompactString), isize)> = BTreeMap::new();
+            let mut open: Open<((Key, Video), isize)> = BTreeMap::new();
             move |(top, top_frontier), (newest, newest_frontier), output| {
                 top.for_each(|stamp, data| {
                     for (data, time, diff) in data.drain(..) {
@@ -362,7 +362,7 @@ fn rows<'scope>(
                     }
                     let (capability, changes, newest) = open.remove(&epoch).expect("first key exists");
                     let mut changed = BTreeSet::new();
-                    for ((key, video), diff) in changes {
+                    for ((key, (_, video)), diff) in changes {
                         let list = lists.entry(key.clone()).or_default();
                         let count = list.entry(video.clone()).or_insert(0);
                         *count += diff;

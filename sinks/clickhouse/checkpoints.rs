@@ -440,7 +440,7 @@ pub const TRENDING_RETENTION_SECS: u32 = 25 * 3600;
 /// starts over (docs/reads-from-memory.md). A partition holding a minute within
 /// [`TRENDING_RETENTION_SECS`] of the newest minute stays too: a restarted job rebuilds its
 /// trending windows from it. And the partitions of `top_videos` before every list's newest
-/// epoch (and before `below`) go. Returns how many partitions went.
+/// epoch at or below `below` go. Returns how many partitions went.
 pub async fn drop_old_changelog(clickhouse: &ClickHouse, below: u64) -> Result<usize, SinkError> {
     #[derive(Row, Deserialize)]
     struct Part {
@@ -472,13 +472,20 @@ pub async fn drop_old_changelog(clickhouse: &ClickHouse, below: u64) -> Result<u
     let newest_minute = newest.iter().map(|n| n.minute).max().unwrap_or(0);
     let window_from = newest_minute.saturating_sub(TRENDING_RETENTION_SECS);
     let in_window: Vec<u64> = newest.iter().filter(|n| n.minute >= window_from).map(|n| n.range).collect();
+    // Each list's newest rows at or below `below` (committed: rows above it may be of epochs
+    // still to be re-run) stay.
     let oldest: Vec<Oldest> = clickhouse
-        .fetch_all(clickhouse.client().query(
-            "SELECT count() AS lists, toUInt64(min(newest)) AS epoch FROM \
-             (SELECT max(epoch) AS newest FROM top_videos GROUP BY event_type, period)",
-        ))
+        .fetch_all(
+            clickhouse
+                .client()
+                .query(
+                    "SELECT count() AS lists, toUInt64(min(newest)) AS epoch FROM \
+                     (SELECT max(epoch) AS newest FROM top_videos WHERE epoch <= ? GROUP BY event_type, period)",
+                )
+                .bind(below),
+        )
         .await?;
-    let top_keep_from = oldest.first().filter(|o| o.lists > 0).map(|o| o.epoch.min(below) / TOP_PARTITION_EPOCHS);
+    let top_keep_from = oldest.first().filter(|o| o.lists > 0).map(|o| o.epoch / TOP_PARTITION_EPOCHS);
     let parts: Vec<Part> = clickhouse
         .fetch_all(clickhouse.client().query(
             "SELECT DISTINCT table, partition FROM system.parts WHERE database = currentDatabase() \
