@@ -117,15 +117,28 @@ impl Series {
         }
     }
 
+    /// Folds the changes into the arrays: one pass over both, in minute order.
     fn merge(&mut self) {
         let changes = std::mem::take(&mut self.changes);
-        let mut counts: BTreeMap<u32, u64> =
-            self.minutes.iter().enumerate().map(|(i, &m)| (m, self.prefix[i + 1] - self.prefix[i])).collect();
-        for (minute, count) in changes {
-            *counts.entry(minute).or_insert(0) += count;
+        let held = self.minutes.iter().enumerate().map(|(i, &m)| (m, self.prefix[i + 1] - self.prefix[i]));
+        let mut merged = Vec::with_capacity(self.minutes.len() + changes.len());
+        let (mut held, mut changes) = (held.peekable(), changes.into_iter().peekable());
+        loop {
+            let next = match (held.peek(), changes.peek()) {
+                (Some(&(a, n)), Some(&(b, c))) if a == b => {
+                    held.next();
+                    changes.next();
+                    (a, n + c)
+                }
+                (Some(&(a, _)), Some(&(b, _))) if b < a => changes.next().expect("peeked"),
+                (Some(_), _) => held.next().expect("peeked"),
+                (None, Some(_)) => changes.next().expect("peeked"),
+                (None, None) => break,
+            };
+            merged.push(next);
         }
         let used = self.used.load(Ordering::Relaxed);
-        *self = Series::new(counts);
+        *self = Series::new(merged);
         self.used = AtomicU64::new(used);
     }
 
