@@ -31,9 +31,10 @@ use differential_dataflow::collection::vec::Collection;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::Stream;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
-use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::{Broadcast, Map as _};
+use timely::dataflow::operators::{Capability, InputCapability};
+use timely::progress::frontier::MutableAntichain;
 use videocount_clickhouse::rows::TopRow;
 use videocount_events::{CANARY_PREFIX, TRENDING_WINDOWS, route};
 
@@ -240,8 +241,10 @@ pub fn trending<'scope>(
     k: usize,
     restored: Restored,
 ) -> Stream<'scope, u64, Vec<TopRow>> {
-    let newest =
-        counts.clone().flat_map(|counts| counted_cells(&counts).map(|(_, _, minute, _)| minute).max()).broadcast();
+    // Every worker with counts in an epoch says so, with its newest minute if it has one (not
+    // when it counted only canaries): every worker then sees every epoch that has counts, and
+    // the same first one, where the restored cells enter.
+    let newest = counts.clone().map(|counts| counted_cells(&counts).map(|(_, _, minute, _)| minute).max()).broadcast();
     let (restored_now, restored_lists) = (restored.now, restored.lists.clone());
     let windows = window(counts, newest.clone(), restored);
     let top = top_k(windows, k);
@@ -258,13 +261,36 @@ fn counted_cells(counts: &EventCounts) -> impl Iterator<Item = (&CompactString, 
     counts.cells().filter(|(video, _, _, _)| !video.starts_with(CANARY_PREFIX))
 }
 
-/// Epochs not yet complete: their capability, what arrived, the newest minute.
-type Open<D> = BTreeMap<u64, (Capability<u64>, Vec<D>, Option<u32>)>;
+/// An epoch not yet complete: its capability, what arrived, the newest minute.
+type Pending<D> = (Capability<u64>, Vec<D>, Option<u32>);
+/// The epochs not yet complete.
+type Open<D> = BTreeMap<u64, Pending<D>>;
+
+/// Notes an epoch's newest minutes (from the broadcast) in `open`.
+fn note_newest<D>(open: &mut Open<D>, stamp: &InputCapability<u64>, data: &[Option<u32>], port: usize) {
+    let Some(&epoch) = stamp.least() else { return };
+    let entry =
+        open.entry(epoch).or_insert_with(|| (stamp.retain_least(port).expect("stamp has a time"), Vec::new(), None));
+    entry.2 = entry.2.max(data.iter().flatten().copied().max());
+}
+
+/// The oldest open epoch, once neither input can reach it any more.
+fn next_complete<D>(
+    open: &mut Open<D>,
+    data: &MutableAntichain<u64>,
+    newest: &MutableAntichain<u64>,
+) -> Option<(u64, Pending<D>)> {
+    let (&epoch, _) = open.first_key_value()?;
+    if data.less_equal(&epoch) || newest.less_equal(&epoch) {
+        return None;
+    }
+    open.remove_entry(&epoch)
+}
 
 /// The counts of each window as a collection (see [`WindowCells`]).
 fn window<'scope>(
     counts: Stream<'scope, u64, Vec<Rc<EventCounts>>>,
-    newest: Stream<'scope, u64, Vec<u32>>,
+    newest: Stream<'scope, u64, Vec<Option<u32>>>,
     restored: Restored,
 ) -> Collection<'scope, u64, (Key, Video), isize> {
     counts
@@ -286,18 +312,11 @@ fn window<'scope>(
                         });
                         entry.1.append(data);
                     });
-                    newest.for_each(|stamp, data| {
-                        let Some(&epoch) = stamp.least() else { return };
-                        let entry = open.entry(epoch).or_insert_with(|| {
-                            (stamp.retain_least(output.output_index()).expect("stamp has a time"), Vec::new(), None)
-                        });
-                        entry.2 = entry.2.max(data.iter().copied().max());
-                    });
-                    while let Some((&epoch, _)) = open.first_key_value() {
-                        if counts_frontier.less_equal(&epoch) || newest_frontier.less_equal(&epoch) {
-                            break;
-                        }
-                        let (capability, counts, newest) = open.remove(&epoch).expect("first key exists");
+                    let port = output.output_index();
+                    newest.for_each(|stamp, data| note_newest(&mut open, &stamp, data, port));
+                    while let Some((epoch, (capability, counts, newest))) =
+                        next_complete(&mut open, counts_frontier, newest_frontier)
+                    {
                         if !started {
                             started = true;
                             state.contributions(&mut changes);
@@ -321,7 +340,7 @@ fn window<'scope>(
 /// this worker's lists when "now" moved).
 fn rows<'scope>(
     top: Stream<'scope, u64, Vec<Update>>,
-    newest: Stream<'scope, u64, Vec<u32>>,
+    newest: Stream<'scope, u64, Vec<Option<u32>>>,
     restored_now: Option<u32>,
     restored_lists: Vec<Key>,
 ) -> Stream<'scope, u64, Vec<TopRow>> {
@@ -349,18 +368,11 @@ fn rows<'scope>(
                         entry.1.push((data, diff));
                     }
                 });
-                newest.for_each(|stamp, data| {
-                    let Some(&epoch) = stamp.least() else { return };
-                    let entry = open.entry(epoch).or_insert_with(|| {
-                        (stamp.retain_least(output.output_index()).expect("stamp has a time"), Vec::new(), None)
-                    });
-                    entry.2 = entry.2.max(data.iter().copied().max());
-                });
-                while let Some((&epoch, _)) = open.first_key_value() {
-                    if top_frontier.less_equal(&epoch) || newest_frontier.less_equal(&epoch) {
-                        break;
-                    }
-                    let (capability, changes, newest) = open.remove(&epoch).expect("first key exists");
+                let port = output.output_index();
+                newest.for_each(|stamp, data| note_newest(&mut open, &stamp, data, port));
+                while let Some((_, (capability, changes, newest))) =
+                    next_complete(&mut open, top_frontier, newest_frontier)
+                {
                     let mut changed = BTreeSet::new();
                     for ((key, (_, video)), diff) in changes {
                         let list = lists.entry(key.clone()).or_default();

@@ -88,19 +88,7 @@ impl Dataflow for ViewCounts {
         clickhouse.sync_replica(&["count_changes", "top_videos"]).await.context(
             "waiting for this ClickHouse replica to have count_changes and top_videos (SYSTEM SYNC REPLICA)",
         )?;
-        let (mut now, mut cells) = checkpoints::trending_window(clickhouse, last_committed)
-            .await
-            .context("reading the trending windows' minute counts from count_changes")?;
-        let mut source = "count_changes";
-        if now.is_none() && self.events_raw {
-            // Emptied by a replay (or written by a build without it): the raw log has every
-            // committed event once.
-            (now, cells) = checkpoints::trending_window_from_raw(clickhouse, &state.pending)
-                .await
-                .context("reading the trending windows' minute counts from events_raw")?;
-            source = "events_raw";
-        }
-        let lists = checkpoints::top_lists(clickhouse, last_committed)
+        let lists: Vec<(CompactString, u8)> = checkpoints::top_lists(clickhouse, last_committed)
             .await
             .context("reading which top lists top_videos has")?
             .into_iter()
@@ -109,6 +97,24 @@ impl Dataflow for ViewCounts {
                 Some((CompactString::from(event_type), window as u8))
             })
             .collect();
+        // No list written yet: the first run with trending. Builds before it dropped the
+        // changelog's older partitions (they did not keep the windows' minutes), so it may hold
+        // only part of the window; the raw log has every committed event once.
+        let first_run = lists.is_empty();
+        let (mut now, mut cells, mut source) = (None, Vec::new(), "events_raw");
+        if !(first_run && self.events_raw) {
+            (now, cells) = checkpoints::trending_window(clickhouse, last_committed)
+                .await
+                .context("reading the trending windows' minute counts from count_changes")?;
+            source = "count_changes";
+        }
+        if now.is_none() && self.events_raw {
+            // Empty: written by a build without it, or a new database.
+            (now, cells) = checkpoints::trending_window_from_raw(clickhouse, &state.pending)
+                .await
+                .context("reading the trending windows' minute counts from events_raw")?;
+            source = "events_raw";
+        }
         let cells: Vec<Cell> = cells
             .into_iter()
             .map(|(event_type, video, minute, count)| ((event_type.into(), video.into(), minute), count))
@@ -116,9 +122,8 @@ impl Dataflow for ViewCounts {
         if now.is_none() {
             warn!(
                 last_committed,
-                "count_changes holds no minute up to the last committed epoch (emptied by a replay, or written by a \
-                 build without it) and events_raw is off or empty: the top lists start from empty windows and hold \
-                 only what this run counts"
+                "count_changes holds no minute up to the last committed epoch (written by a build without it) and \
+                 events_raw is off or empty: the top lists start from empty windows and hold only what this run counts"
             );
         }
         info!(
@@ -127,7 +132,7 @@ impl Dataflow for ViewCounts {
             newest_minute = ?now,
             cells = cells.len(),
             seconds = started.elapsed().as_secs_f64(),
-            "trending windows restored from count_changes"
+            "trending windows restored"
         );
         *self.restored.lock().map_err(|_| anyhow::anyhow!("poisoned"))? =
             Some(Arc::new(Restored { now, cells, lists }));

@@ -1,6 +1,5 @@
-use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
@@ -16,9 +15,11 @@ type Generated = (u8, u8, u32);
 /// The lists the rows written so far say: per (event type, window), the newest epoch's rows.
 type Lists = BTreeMap<(String, String), (u64, u64, Vec<(String, u64)>)>;
 
+/// Video 11 is a freshness canary: in no list, and its minutes are not "now".
 fn event((kind, video, minute): Generated) -> Located<Event> {
+    let id = if video == 11 { format!("{CANARY_PREFIX}-{video}") } else { format!("v{video:02}") };
     let event = Event {
-        video_id: CompactString::from(format!("v{video:02}")),
+        video_id: CompactString::from(id),
         event_type: CompactString::from(["view", "like"][usize::from(kind % 2)]),
         ts_ms: u64::from(minute) * 60_000 + u64::from(video) * 7,
     };
@@ -28,6 +29,8 @@ fn event((kind, video, minute): Generated) -> Located<Event> {
 /// The lists recomputed from every event so far, as the module documents them.
 fn brute_force(events: &[Generated], k: usize) -> Lists {
     let mut lists = Lists::new();
+    let events: Vec<Generated> = events.iter().filter(|(_, video, _)| *video != 11).copied().collect();
+    let events = &events;
     let Some(now) = events.iter().map(|(_, _, m)| m * 60).max() else { return lists };
     let kinds: BTreeSet<&str> = events.iter().map(|(kind, _, _)| ["view", "like"][usize::from(kind % 2)]).collect();
     for kind in kinds {
@@ -49,40 +52,71 @@ fn brute_force(events: &[Generated], k: usize) -> Lists {
     lists
 }
 
-/// Runs the dataflow epoch by epoch (one worker), the first at time `first`; after each epoch,
-/// the lists its rows say, and all its rows.
-fn run(epochs: Vec<Vec<Generated>>, k: usize, restored: Restored, first: u64) -> (Vec<Lists>, Vec<(u64, TopRow)>) {
-    timely::execute_directly(move |worker| {
-        let rows: Rc<RefCell<Vec<(u64, TopRow)>>> = Rc::default();
+/// Runs the dataflow epoch by epoch on `workers` workers (the events enter at worker 0), the
+/// first epoch at time `first`; after each epoch, the lists its rows say, and all its rows.
+fn run_on(
+    workers: usize,
+    epochs: Vec<Vec<Generated>>,
+    k: usize,
+    restored: Restored,
+    first: u64,
+) -> (Vec<Lists>, Vec<(u64, TopRow)>) {
+    let rows: Arc<Mutex<Vec<(u64, TopRow)>>> = Arc::default();
+    let sink = Arc::clone(&rows);
+    let count = epochs.len();
+    timely::execute(timely::Config::process(workers), move |worker| {
         let probe = ProbeHandle::new();
-        let sink = Rc::clone(&rows);
+        let sink = Arc::clone(&sink);
+        let (index, peers) = (worker.index(), worker.peers());
+        // Each worker restores its videos' cells, as the job does.
+        let mine = Restored {
+            now: restored.now,
+            cells: restored
+                .cells
+                .iter()
+                .filter(|((_, video, _), _)| route(video) % peers as u64 == index as u64)
+                .cloned()
+                .collect(),
+            lists: restored.lists.clone(),
+        };
         let mut input = worker.dataflow::<u64, _, _>(|scope| {
             let (input, events) = scope.new_input::<Located<Event>>();
-            trending(crate::count_events::count_epochs(events), k, restored)
+            trending(crate::count_events::count_epochs(events), k, mine)
                 .inspect_core(move |event| {
                     if let Ok((stamp, rows)) = event {
                         let time = *stamp.least().expect("a time");
-                        sink.borrow_mut().extend(rows.iter().map(|row| (time, row.clone())));
+                        sink.lock().unwrap().extend(rows.iter().map(|row| (time, row.clone())));
                     }
                 })
                 .probe_with(&probe);
             input
         });
         input.advance_to(first);
-        let mut seen = Vec::new();
-        for (epoch, events) in epochs.into_iter().enumerate() {
-            for generated in events {
-                input.send(event(generated));
+        for (epoch, events) in epochs.iter().enumerate() {
+            if index == 0 {
+                for generated in events {
+                    input.send(event(*generated));
+                }
             }
             input.advance_to(first + epoch as u64 + 1);
             while probe.less_than(input.time()) {
                 worker.step();
             }
-            seen.push(lists_of(&rows.borrow()));
         }
-        let all = rows.borrow().clone();
-        (seen, all)
     })
+    .expect("timely runs");
+    let all = rows.lock().unwrap().clone();
+    let seen = (0..count as u64)
+        .map(|epoch| {
+            let upto: Vec<(u64, TopRow)> = all.iter().filter(|(time, _)| *time <= first + epoch).cloned().collect();
+            lists_of(&upto)
+        })
+        .collect();
+    (seen, all)
+}
+
+fn run(epochs: Vec<Vec<Generated>>, k: usize, restored: Restored, first: u64) -> (Vec<Lists>, Vec<(u64, TopRow)>) {
+    run_on(1, epochs, k, restored, first)
 }
 
 fn incremental(epochs: Vec<Vec<Generated>>, k: usize, restored: Restored) -> Vec<Lists> {
@@ -149,13 +183,15 @@ proptest! {
     /// and lists leaves the table (the first run's rows and its own) saying what a run that saw
     /// every epoch says, after every epoch.
     #[test]
-    fn a_restored_run_leaves_the_lists_of_an_uninterrupted_one(epochs in generated(), k in 1usize..5, split in 0usize..12) {
+    fn a_restored_run_leaves_the_lists_of_an_uninterrupted_one(
+        epochs in generated(), k in 1usize..5, split in 0usize..12, workers in 1usize..3,
+    ) {
         let split = split.min(epochs.len());
         let (whole, _) = run(epochs.clone(), k, Restored::default(), 0);
-        let (_, before_rows) = run(epochs[..split].to_vec(), k, Restored::default(), 0);
+        let (_, before_rows) = run_on(workers, epochs[..split].to_vec(), k, Restored::default(), 0);
         let before: Vec<Generated> = epochs[..split].iter().flatten().copied().collect();
         let mut cells: BTreeMap<(CompactString, CompactString, u32), u64> = BTreeMap::new();
-        for generated in &before {
+        for generated in before.iter().filter(|(_, video, _)| *video != 11) {
             let (e, _, _) = event(*generated);
             *cells.entry((e.event_type, e.video_id, videocount_events::minute_start(e.ts_ms))).or_insert(0) += 1;
         }
@@ -167,17 +203,54 @@ proptest! {
             })
             .collect();
         let restored = Restored {
-            now: before.iter().map(|(_, _, m)| m * 60).max(),
+            now: before.iter().filter(|(_, video, _)| *video != 11).map(|(_, _, m)| m * 60).max(),
             cells: cells.into_iter().collect(),
             lists: lists.into_iter().collect(),
         };
-        let (_, after_rows) = run(epochs[split..].to_vec(), k, restored, split as u64);
+        let (_, after_rows) = run_on(workers, epochs[split..].to_vec(), k, restored, split as u64);
         // The table after each epoch of the restarted run: the rows before it and its own.
         for (epoch, expected) in whole.iter().enumerate().skip(split) {
             let mut table: Vec<(u64, TopRow)> = before_rows.clone();
             table.extend(after_rows.iter().filter(|(time, _)| *time <= epoch as u64).cloned());
             prop_assert_eq!(&lists_of(&table), expected, "after epoch {}", epoch);
         }
+    }
+}
+
+/// The first epoch after a restart holds only a canary's event, on two workers: every worker
+/// must add its restored cells in that same epoch (a list written there from one worker's
+/// videos alone would be committed).
+#[test]
+fn a_restart_whose_first_epoch_is_a_canary_keeps_every_workers_videos() {
+    let first: Vec<Generated> =
+        (0..11).flat_map(|video| (0..=video).map(move |i| (0, video, 100 + u32::from(i)))).collect();
+    let epochs = vec![first.clone(), vec![(0, 11, 120)], vec![(0, 3, 121)]];
+    let (whole, _) = run_on(2, epochs.clone(), 5, Restored::default(), 0);
+    let (_, before_rows) = run_on(2, epochs[..1].to_vec(), 5, Restored::default(), 0);
+    let mut cells: BTreeMap<(CompactString, CompactString, u32), u64> = BTreeMap::new();
+    for generated in &first {
+        let (e, _, _) = event(*generated);
+        *cells.entry((e.event_type, e.video_id, videocount_events::minute_start(e.ts_ms))).or_insert(0) += 1;
+    }
+    let lists: BTreeSet<Key> = before_rows
+        .iter()
+        .map(|(_, row)| {
+            (
+                CompactString::from(row.event_type.as_str()),
+                WINDOWS.iter().position(|w| w.name == row.window).unwrap() as u8,
+            )
+        })
+        .collect();
+    let restored = Restored {
+        now: first.iter().map(|(_, _, m)| m * 60).max(),
+        cells: cells.into_iter().collect(),
+        lists: lists.into_iter().collect(),
+    };
+    let (_, after_rows) = run_on(2, epochs[1..].to_vec(), 5, restored, 1);
+    for (epoch, expected) in whole.iter().enumerate().skip(1) {
+        let mut table = before_rows.clone();
+        table.extend(after_rows.iter().filter(|(time, _)| *time <= epoch as u64).cloned());
+        assert_eq!(&lists_of(&table), expected, "after epoch {epoch}");
     }
 }
 

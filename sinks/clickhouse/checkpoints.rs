@@ -462,10 +462,11 @@ pub async fn drop_old_changelog(clickhouse: &ClickHouse, below: u64) -> Result<u
         .fetch_all(
             clickhouse
                 .client()
-                .query(
+                .query(&format!(
                     "SELECT intDiv(epoch, ?) AS range, toUInt32(max(minute)) AS minute FROM count_changes \
-                     GROUP BY range",
-                )
+                     WHERE video_id NOT LIKE '{}%' GROUP BY range",
+                    videocount_events::CANARY_PREFIX
+                ))
                 .bind(CHANGELOG_PARTITION_EPOCHS),
         )
         .await?;
@@ -511,6 +512,28 @@ pub async fn drop_old_changelog(clickhouse: &ClickHouse, below: u64) -> Result<u
 /// A minute count of `count_changes`: event type, video, minute (seconds), count.
 pub type MinuteCount = (String, String, u32, u64);
 
+/// The newest minute of the trending windows' source, and whether it has rows at all.
+#[derive(Row, Deserialize)]
+struct NewestMinute {
+    rows: u64,
+    minute: u32,
+}
+
+/// A minute count as the trending windows' sources give it.
+#[derive(Row, Deserialize)]
+struct WindowCell {
+    event_type: String,
+    video_id: String,
+    minute: u32,
+    count: u64,
+}
+
+impl WindowCell {
+    fn minute_count(self) -> MinuteCount {
+        (self.event_type, self.video_id, self.minute, self.count)
+    }
+}
+
 /// As [`trending_window`], from `events_raw` instead, for when `count_changes` was emptied (a
 /// replay swaps in an empty one): every event of the committed epochs is there once, and those
 /// of the `pending` epochs (planned, maybe partly written, to be re-run) are left out by their
@@ -519,18 +542,6 @@ pub async fn trending_window_from_raw(
     clickhouse: &ClickHouse,
     pending: &BTreeMap<u64, Vec<Range>>,
 ) -> Result<(Option<u32>, Vec<MinuteCount>), SinkError> {
-    #[derive(Row, Deserialize)]
-    struct Newest {
-        rows: u64,
-        minute: u32,
-    }
-    #[derive(Row, Deserialize)]
-    struct Cell {
-        event_type: String,
-        video_id: String,
-        minute: u32,
-        count: u64,
-    }
     let pending: Vec<String> = pending
         .values()
         .flatten()
@@ -541,7 +552,7 @@ pub async fn trending_window_from_raw(
         videocount_events::CANARY_PREFIX,
         if pending.is_empty() { "0".to_owned() } else { pending.join(" OR ") }
     );
-    let newest: Vec<Newest> = clickhouse
+    let newest: Vec<NewestMinute> = clickhouse
         .fetch_all(clickhouse.client().query(&format!(
             "SELECT count() AS rows, toUInt32(intDiv(max(ts), 60000) * 60) AS minute FROM events_raw WHERE {counted}"
         )))
@@ -549,7 +560,7 @@ pub async fn trending_window_from_raw(
     let Some(now) = newest.first().filter(|n| n.rows > 0).map(|n| n.minute) else {
         return Ok((None, Vec::new()));
     };
-    let cells: Vec<Cell> = clickhouse
+    let cells: Vec<WindowCell> = clickhouse
         .fetch_all(
             clickhouse
                 .client()
@@ -560,7 +571,7 @@ pub async fn trending_window_from_raw(
                 .bind((u64::from(now.saturating_sub(TRENDING_RETENTION_SECS)) + 60) * 1000),
         )
         .await?;
-    Ok((Some(now), cells.into_iter().map(|c| (c.event_type, c.video_id, c.minute, c.count)).collect()))
+    Ok((Some(now), cells.into_iter().map(WindowCell::minute_count).collect()))
 }
 
 /// The lists (event type, window name) `top_videos` has rows of up to `last_committed`: a
@@ -589,19 +600,7 @@ pub async fn trending_window(
     clickhouse: &ClickHouse,
     last_committed: u64,
 ) -> Result<(Option<u32>, Vec<MinuteCount>), SinkError> {
-    #[derive(Row, Deserialize)]
-    struct Newest {
-        rows: u64,
-        minute: u32,
-    }
-    #[derive(Row, Deserialize)]
-    struct Cell {
-        event_type: String,
-        video_id: String,
-        minute: u32,
-        count: u64,
-    }
-    let newest: Vec<Newest> = clickhouse
+    let newest: Vec<NewestMinute> = clickhouse
         .fetch_all(
             clickhouse
                 .client()
@@ -616,7 +615,7 @@ pub async fn trending_window(
     let Some(now) = newest.first().filter(|n| n.rows > 0).map(|n| n.minute) else {
         return Ok((None, Vec::new()));
     };
-    let cells: Vec<Cell> = clickhouse
+    let cells: Vec<WindowCell> = clickhouse
         .fetch_all(
             clickhouse
                 .client()
@@ -630,7 +629,7 @@ pub async fn trending_window(
                 .bind(now.saturating_sub(TRENDING_RETENTION_SECS)),
         )
         .await?;
-    Ok((Some(now), cells.into_iter().map(|c| (c.event_type, c.video_id, c.minute, c.count)).collect()))
+    Ok((Some(now), cells.into_iter().map(WindowCell::minute_count).collect()))
 }
 
 /// Deletes what no start can read any more once a snapshot at or after epoch `below` exists:
