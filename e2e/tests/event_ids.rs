@@ -51,6 +51,11 @@ fn an_event_id_sent_twice_is_counted_once_by_both_jobs() {
     videocount_e2e::wait_until("the duplicate metric", Duration::from_secs(30), || {
         metric(&metrics, &series) == Some(51.0)
     });
+    // The count blocks land on their own schedule (the raw log may be written first): the job
+    // is stopped once they are in, not in the middle of writing them.
+    videocount_e2e::wait_until("view_counts wrote its counts", Duration::from_secs(60), || {
+        env.scalar("SELECT toUInt64(sum(count)) FROM event_counts_minute") >= 103
+    });
     drop(job);
     TestEnv::run_command_until_caught_up(env.stats_job(&[]));
 
