@@ -272,6 +272,20 @@ impl TestEnv {
         assert_eq!(self.dead_letters_by_reason(), expected.dead_letters, "dead letters by reason");
     }
 
+    /// `videocount replay` of the test's topic for `view_counts`: fresh count tables renamed in.
+    pub fn replay(&self) {
+        self.runtime
+            .block_on(videocount_clickhouse::replay::replay_from_raw(
+                &self.clickhouse,
+                "view_counts",
+                &self.topic,
+                false,
+                Duration::from_secs(600),
+                &videocount_lease::Fence::open(),
+            ))
+            .expect("replay");
+    }
+
     pub fn drop(self) {
         for url in self.clickhouse_url.split(',') {
             let server = ClickHouse::new(ClickHouseConfig { url: url.into(), ..self.clickhouse.config().clone() });

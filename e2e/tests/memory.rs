@@ -82,20 +82,6 @@ fn assert_all_equal(env: &TestEnv, services: &[&QueryService], rng: &mut StdRng,
     }
 }
 
-/// `videocount replay` of the test's topic: fresh count tables renamed in.
-fn replay(env: &TestEnv) {
-    env.runtime
-        .block_on(videocount_clickhouse::replay::replay_from_raw(
-            &env.clickhouse,
-            "view_counts",
-            &env.topic,
-            false,
-            Duration::from_secs(600),
-            &videocount_lease::Fence::open(),
-        ))
-        .expect("replay");
-}
-
 fn metric_of(service: &QueryService, name: &str) -> f64 {
     metric(&service.url, name).unwrap_or(0.0)
 }
@@ -159,7 +145,7 @@ fn memory_answers_equal_clickhouse_while_epochs_land_after_eviction_and_after_a_
     drop(job);
 
     // A replay renames fresh tables in: memory drops every key and loads them again.
-    replay(&env);
+    env.replay();
     videocount_e2e::wait_until("memory emptied after the swap", Duration::from_secs(10), || {
         metric_of(&memory, "videocount_query_memory_keys") == 0.0
     });
@@ -195,7 +181,7 @@ fn keys_loaded_between_a_replay_and_the_re_run_of_a_crashed_epoch_count_it_once(
     });
     drop(job);
 
-    replay(&env);
+    env.replay();
     // Every key loads while the crashed epochs are still pending.
     let memory = env.query_service(&["--memory-poll-ms", "100"]);
     let now = now_ms();

@@ -126,16 +126,7 @@ fn top_lists_equal_a_recomputation_from_events_raw_through_late_events_and_a_kil
 
     // `videocount replay` swaps in fresh count tables and changelog; the restarted job's windows
     // still hold every committed event.
-    env.runtime
-        .block_on(videocount_clickhouse::replay::replay_from_raw(
-            &env.clickhouse,
-            "view_counts",
-            &env.topic,
-            false,
-            Duration::from_secs(600),
-            &videocount_lease::Fence::open(),
-        ))
-        .expect("replay");
+    env.replay();
     produce_keyed(&env.topic, &events(&mut rng, 300, start, start + 36 * MINUTE));
     env.run_until_caught_up(&JOB);
     assert_lists_equal(&env, &service, "after a replay");
