@@ -101,16 +101,56 @@ pub struct Restored {
 #[derive(Debug, Default)]
 pub struct WindowCells {
     now: Option<u32>,
-    /// minute -> (event type, video) -> count.
-    minutes: BTreeMap<u32, Map<(CompactString, CompactString), u64>>,
+    /// minute -> its counts per (event type, video).
+    minutes: BTreeMap<u32, MinuteCells>,
+    /// An epoch's changes per (event type, video) and window, summed before they leave: a
+    /// video counted in many minutes of an epoch (a catch-up's epoch spans hours of event time)
+    /// is one update per window, not one per minute, for differential to sort.
+    sums: Map<(CompactString, CompactString), [isize; WINDOWS.len()]>,
+}
+
+/// The counts of one minute per (event type, video), in the order they came: a (event type,
+/// video) that several epochs counted in the minute is there once per epoch until the next
+/// compaction (appending is what an epoch does most, and costs no hash probe; readers only sum).
+#[derive(Debug, Default)]
+struct MinuteCells {
+    cells: Vec<((CompactString, CompactString), u64)>,
+    /// The length after the last compaction.
+    compacted: usize,
+}
+
+impl MinuteCells {
+    fn push(&mut self, cell: (CompactString, CompactString), count: u64) {
+        self.cells.push((cell, count));
+        if self.cells.len() >= (2 * self.compacted).max(1024) {
+            self.compact();
+        }
+    }
+
+    /// One entry per (event type, video), summed.
+    fn compact(&mut self) {
+        self.cells.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut kept: usize = 0;
+        for i in 0..self.cells.len() {
+            if kept > 0 && self.cells[kept - 1].0 == self.cells[i].0 {
+                let count = self.cells[i].1;
+                self.cells[kept - 1].1 += count;
+            } else {
+                self.cells.swap(kept, i);
+                kept += 1;
+            }
+        }
+        self.cells.truncate(kept);
+        self.compacted = kept;
+    }
 }
 
 impl WindowCells {
     pub fn restored(restored: Restored) -> WindowCells {
-        let mut cells = WindowCells { now: restored.now, minutes: BTreeMap::new() };
+        let mut cells = WindowCells { now: restored.now, ..WindowCells::default() };
         for ((event_type, video, minute), count) in restored.cells {
             if cells.now.is_some_and(|now| u64::from(minute) + u64::from(SPAN) > u64::from(now)) {
-                *cells.minutes.entry(minute).or_default().entry((event_type, video)).or_insert(0) += count;
+                cells.minutes.entry(minute).or_default().push((event_type, video), count);
             }
         }
         cells
@@ -121,8 +161,8 @@ impl WindowCells {
     pub fn contributions(&self, out: &mut Vec<((Key, Video), isize)>) {
         let Some(now) = self.now else { return };
         for (&minute, cells) in &self.minutes {
-            for ((event_type, video), &count) in cells {
-                push_covered(now, minute, event_type, video, count as isize, out);
+            for ((event_type, video), count) in &cells.cells {
+                push_covered(now, minute, event_type, video, *count as isize, out);
             }
         }
     }
@@ -137,6 +177,7 @@ impl WindowCells {
     ) {
         let before = self.now;
         let Some(now) = before.max(newest) else { return };
+        let sums = &mut self.sums;
         // Minutes "now" moved out of a window: their counts leave it.
         if let Some(before) = before.filter(|&b| b < now) {
             for (index, window) in WINDOWS.iter().enumerate() {
@@ -145,34 +186,37 @@ impl WindowCells {
                     if window.covers(now, minute) {
                         break;
                     }
-                    for ((event_type, video), &count) in cells {
-                        out.push((
-                            ((event_type.clone(), index as u8), (route(video), video.clone())),
-                            -(count as isize),
-                        ));
+                    for (cell, count) in &cells.cells {
+                        sums.entry(cell.clone()).or_default()[index] -= *count as isize;
                     }
                 }
             }
         }
+        let oldest_kept = now.saturating_sub(SPAN - 60);
+        let mut minutes = self.minutes.split_off(&oldest_kept);
         for ((event_type, video, minute), count) in cells {
-            if u64::from(minute) + u64::from(SPAN) <= u64::from(now) {
+            if minute < oldest_kept {
                 continue; // older than every window
             }
-            push_covered(now, minute, &event_type, &video, count as isize, out);
-            *self.minutes.entry(minute).or_default().entry((event_type, video)).or_insert(0) += count;
+            let cell = (event_type, video);
+            let sum = sums.entry(cell.clone()).or_default();
+            for (index, window) in WINDOWS.iter().enumerate() {
+                if window.covers(now, minute) {
+                    sum[index] += count as isize;
+                }
+            }
+            minutes.entry(minute).or_default().push(cell, count);
         }
-        let oldest_kept = now.saturating_sub(SPAN - 60);
-        self.minutes = self.minutes.split_off(&oldest_kept);
+        self.minutes = minutes;
+        for ((event_type, video), diffs) in sums.drain() {
+            let hash = route(&video);
+            for (index, diff) in diffs.into_iter().enumerate() {
+                if diff != 0 {
+                    out.push((((event_type.clone(), index as u8), (hash, video.clone())), diff));
+                }
+            }
+        }
         self.now = Some(now);
-    }
-
-    /// Cells held.
-    pub fn len(&self) -> usize {
-        self.minutes.values().map(Map::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.minutes.is_empty()
     }
 }
 
@@ -201,22 +245,24 @@ pub fn top_k<'scope>(
     counts: Collection<'scope, u64, (Key, Video), isize>,
     k: usize,
 ) -> Collection<'scope, u64, (Key, Video), isize> {
+    // The bucket comes first in the reduce's key: differential's sorts compare it before the
+    // event type's string.
     let bucket = |video: &Video, bits: u32| video.0 & ((1u64 << bits) - 1);
     let mut level = counts.map(move |(key, video)| {
         let b = bucket(&video, 8);
-        ((key, b), video)
+        ((b, key), video)
     });
     for (bits, next) in [(8, 4), (4, 0)] {
         level = level.reduce_named(&format!("TopK{bits}"), move |_key, input, output| keep_top(input, k, output)).map(
-            move |((key, _), video)| {
+            move |((_, key), video)| {
                 let b = bucket(&video, next);
-                ((key, b), video)
+                ((b, key), video)
             },
         );
     }
     level
         .reduce_named("TopK0", move |_key, input, output| keep_top(input, k, output))
-        .map(|((key, _), video)| (key, video))
+        .map(|((_, key), video)| (key, video))
 }
 
 /// The `k` largest counts of a group (ties: the smaller video id), in the reduce's output.

@@ -278,3 +278,25 @@ fn ties_rank_the_smaller_video_first_and_an_empty_list_is_one_row() {
     let order: Vec<(&str, u32)> = rows.iter().map(|r| (r.video_id.as_str(), r.rank)).collect();
     assert_eq!(order, [("c", 1), ("a", 2), ("b", 3)]);
 }
+
+/// A minute that many epochs count in: compaction keeps one entry per (event type, video) with
+/// the sum, and the length stays within twice the distinct cells.
+#[test]
+fn a_minute_counted_by_many_epochs_compacts_to_its_sums() {
+    let mut minute = MinuteCells::default();
+    let mut expected: BTreeMap<(CompactString, CompactString), u64> = BTreeMap::new();
+    for epoch in 0..200u64 {
+        for video in 0..50u64 {
+            let cell =
+                (CompactString::from(["view", "like"][(video % 2) as usize]), CompactString::from(format!("v{video}")));
+            let count = epoch % 7 + video;
+            *expected.entry(cell.clone()).or_insert(0) += count;
+            minute.push(cell, count);
+        }
+        assert!(minute.cells.len() < 2 * 1024, "epoch {epoch}: {} entries", minute.cells.len());
+    }
+    minute.compact();
+    let compacted: BTreeMap<_, _> = minute.cells.iter().cloned().collect();
+    assert_eq!(minute.cells.len(), 50);
+    assert_eq!(compacted, expected);
+}
