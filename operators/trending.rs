@@ -107,6 +107,8 @@ pub struct WindowCells {
     /// video counted in many minutes of an epoch (a catch-up's epoch spans hours of event time)
     /// is one update per window, not one per minute, for differential to sort.
     sums: Map<(CompactString, CompactString), [isize; WINDOWS.len()]>,
+    /// Epochs advanced so far (numbers the appends of [`MinuteCells`]).
+    epochs: u64,
 }
 
 /// The counts of one minute per (event type, video), in the order they came: a (event type,
@@ -117,10 +119,18 @@ struct MinuteCells {
     cells: Vec<((CompactString, CompactString), u64)>,
     /// The length after the last compaction.
     compacted: usize,
+    /// Epochs that appended since the last compaction, and the last of them.
+    epochs: u32,
+    last_epoch: u64,
 }
 
 impl MinuteCells {
-    fn push(&mut self, cell: (CompactString, CompactString), count: u64) {
+    /// Appends a cell counted in epoch number `epoch` (of this worker's window).
+    fn push(&mut self, cell: (CompactString, CompactString), count: u64, epoch: u64) {
+        if self.last_epoch != epoch || self.epochs == 0 {
+            self.last_epoch = epoch;
+            self.epochs += 1;
+        }
         self.cells.push((cell, count));
         if self.cells.len() >= (2 * self.compacted).max(1024) {
             self.compact();
@@ -142,6 +152,7 @@ impl MinuteCells {
         }
         self.cells.truncate(kept);
         self.compacted = kept;
+        self.epochs = 0;
     }
 }
 
@@ -150,7 +161,7 @@ impl WindowCells {
         let mut cells = WindowCells { now: restored.now, ..WindowCells::default() };
         for ((event_type, video, minute), count) in restored.cells {
             if cells.now.is_some_and(|now| u64::from(minute) + u64::from(SPAN) > u64::from(now)) {
-                cells.minutes.entry(minute).or_default().push((event_type, video), count);
+                cells.minutes.entry(minute).or_default().push((event_type, video), count, 0);
             }
         }
         cells
@@ -177,6 +188,7 @@ impl WindowCells {
     ) {
         let before = self.now;
         let Some(now) = before.max(newest) else { return };
+        self.epochs += 1;
         let sums = &mut self.sums;
         // Minutes "now" moved out of a window: their counts leave it.
         if let Some(before) = before.filter(|&b| b < now) {
@@ -205,9 +217,21 @@ impl WindowCells {
                     sum[index] += count as isize;
                 }
             }
-            minutes.entry(minute).or_default().push(cell, count);
+            minutes.entry(minute).or_default().push(cell, count, self.epochs);
+        }
+        // Minutes "now" moved past are mostly complete: one entry per cell, no spare capacity.
+        if let Some(before) = before.filter(|&b| b < now) {
+            for (_, cells) in minutes.range_mut(before..now) {
+                // Appended to by several epochs since its last compaction: maybe the same cells.
+                if cells.epochs > 1 {
+                    cells.compact();
+                    cells.cells.shrink_to_fit();
+                }
+            }
         }
         self.minutes = minutes;
+        // A large epoch (a catch-up, a jump of "now") leaves no large table behind to scan.
+        let used = sums.len();
         for ((event_type, video), diffs) in sums.drain() {
             let hash = route(&video);
             for (index, diff) in diffs.into_iter().enumerate() {
@@ -215,6 +239,9 @@ impl WindowCells {
                     out.push((((event_type.clone(), index as u8), (hash, video.clone())), diff));
                 }
             }
+        }
+        if sums.capacity() > (8 * used).max(1 << 12) {
+            sums.shrink_to(2 * used);
         }
         self.now = Some(now);
     }

@@ -79,6 +79,11 @@ pub struct QueryArgs {
     /// Serve every count from ClickHouse.
     #[arg(long, env = "VIDEOCOUNT_QUERY_NO_MEMORY")]
     pub no_memory: bool,
+    /// Do not load keys into memory before they are asked for. By default, after the start
+    /// (and after a replay), keys load the most recently counted first until they take nine
+    /// tenths of --memory-budget-mb; until a key is in, ClickHouse answers it.
+    #[arg(long, env = "VIDEOCOUNT_QUERY_NO_WARM_UP")]
+    pub no_warm_up: bool,
     /// The checkpoint name of the view_counts job writing the database (its --job-name):
     /// memory follows its commits.
     #[arg(long, env = "VIDEOCOUNT_JOB_NAME", default_value = "view_counts")]
@@ -148,6 +153,7 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
             poll: Duration::from_millis(args.memory_poll_ms),
             budget_bytes: args.memory_budget_mb.saturating_mul(1 << 20),
             job: args.job_name.clone(),
+            warm_up: !args.no_warm_up,
         };
         Arc::new(Memory::new(clickhouse.clone(), config, metrics.memory.clone()))
     });

@@ -15,19 +15,25 @@
 //!   may or may not have been: the load tries again a little later. An epoch that is not among
 //!   them was not in the read (its `count_changes` rows would have come first). What is left is
 //!   the key as of `A`; the epochs applied since are read for the key before it is installed.
+//! - **Warmed before it is asked** (`warm_up`): after the first poll and after every reset, the
+//!   keys of `event_counts_day`, the most recently counted first, load 500 at a time with the same
+//!   three reads (their videos' rows), until they take nine tenths of the budget. A key an epoch
+//!   in flight touched is read again a little later, and after ten tries left to its first
+//!   request. Until a key is in, ClickHouse answers it.
 //! - **Bounded.** Keys held take at most `budget_bytes`; the least recently asked for leave.
 //! - **Never stale without saying so.** Memory answers only while the last poll is at most
 //!   three polls old; otherwise, and for keys not loaded yet, the caller reads ClickHouse.
 //!   When `event_counts_minute` is replaced (`videocount replay` renames fresh tables in), every
 //!   key is dropped and loaded again.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use clickhouse::Row;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
 use tracing::{info, warn};
 use videocount_clickhouse::ClickHouse;
@@ -43,6 +49,16 @@ const CONCURRENT_LOADS: usize = 4;
 const LOAD_ATTEMPTS: u32 = 10;
 /// Changes a key gathers before they are merged into its arrays.
 const MERGE_AFTER: usize = 256;
+/// Keys a warm-up reads at once (the rows of their videos in three queries).
+const WARM_CHUNK: usize = 500;
+/// A warm-up stops once the keys take this share of the budget (in tenths): the rest is for the
+/// keys asked for later.
+const WARM_TENTHS: usize = 9;
+/// How long one of a warm-up's reads may take.
+const WARM_TIMEOUT: Duration = Duration::from_secs(120);
+/// The rows of `count_changes` of the epochs in `(?, ?]`.
+const CHANGES: &str = "SELECT video_id, event_type, toUInt32(minute) AS minute, count, epoch FROM count_changes \
+                       WHERE epoch > ? AND epoch <= ?";
 
 #[derive(Clone, Debug)]
 pub struct MemoryConfig {
@@ -52,6 +68,9 @@ pub struct MemoryConfig {
     pub budget_bytes: usize,
     /// The checkpoint name of the `view_counts` writing the count tables (its `--job-name`).
     pub job: String,
+    /// Load keys before they are asked for, after the start and after every reset: the most
+    /// recently counted first, until the keys take nine tenths of the budget.
+    pub warm_up: bool,
 }
 
 /// Counters the service exports (`/metrics`).
@@ -69,6 +88,10 @@ pub struct MemoryStats {
     /// Polls that found newer commits and applied them.
     pub applies: Counter,
     pub poll_errors: Counter,
+    /// How long the last finished warm-up took (-1: none finished since the last reset).
+    pub warm_up_seconds: Gauge<f64, AtomicU64>,
+    /// Keys the last warm-up installed.
+    pub warm_up_keys: Gauge,
 }
 
 type Key = (String, String);
@@ -194,10 +217,19 @@ struct Block {
     peers: u32,
 }
 
+/// A key's minutes with a count, in no particular order.
 #[derive(Row, Deserialize)]
-struct Minute {
-    minute: u32,
-    count: u64,
+struct KeyMinutes {
+    video_id: String,
+    event_type: String,
+    minutes: Vec<u32>,
+    counts: Vec<u64>,
+}
+
+#[derive(Row, Deserialize)]
+struct Counted {
+    video_id: String,
+    event_type: String,
 }
 
 #[derive(Row, Deserialize)]
@@ -209,17 +241,19 @@ struct Change {
     epoch: u64,
 }
 
-/// Why a load did not install its key.
-enum Outcome {
-    Installed,
-    /// The store is not ready (no poll yet) or the key came in meanwhile.
-    Skipped,
-    /// An epoch was being written while the key was read.
-    Busy,
+/// What a load of some keys did; `None` when the store was not ready (no poll yet) or was
+/// emptied meanwhile.
+#[derive(Debug, Default)]
+struct Loaded {
+    /// Keys installed (not those that came in meanwhile).
+    installed: usize,
+    /// Keys an epoch being written touched while they were read: not installed.
+    busy: Vec<Key>,
 }
 
 impl Memory {
     pub fn new(clickhouse: ClickHouse, config: MemoryConfig, stats: MemoryStats) -> Memory {
+        stats.warm_up_seconds.set(-1.0);
         Memory {
             clickhouse,
             config,
@@ -323,21 +357,17 @@ impl Memory {
 
     /// Loads a key, trying again while epochs are being written.
     pub async fn load(&self, key: &Key) -> Result<(), QueryError> {
-        // Asked for before the first poll (just after the start): wait for it a little.
-        for _ in 0..50 {
-            if self.applied().is_some() {
-                break;
-            }
-            tokio::time::sleep(self.config.poll).await;
-        }
+        self.wait_for_first_poll().await;
         for attempt in 0..LOAD_ATTEMPTS {
-            match self.try_load(key).await? {
-                Outcome::Installed => {
-                    self.stats.loads.inc();
+            match self.try_load(&self.clickhouse, std::slice::from_ref(key)).await? {
+                None => return Ok(()),
+                Some(loaded) if loaded.busy.is_empty() => {
+                    if loaded.installed > 0 {
+                        self.stats.loads.inc();
+                    }
                     return Ok(());
                 }
-                Outcome::Skipped => return Ok(()),
-                Outcome::Busy => {
+                Some(_) => {
                     self.stats.load_retries.inc();
                     let pause = 20 * (1 << attempt.min(4)) + rand::random_range(0..20);
                     tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -347,45 +377,75 @@ impl Memory {
         Err(QueryError::Invalid(format!("an epoch was being written during each of {LOAD_ATTEMPTS} reads")))
     }
 
-    async fn try_load(&self, key: &Key) -> Result<Outcome, QueryError> {
+    /// Asked for before the first poll (just after the start): waits for it a little.
+    async fn wait_for_first_poll(&self) {
+        for _ in 0..50 {
+            if self.applied().is_some() {
+                break;
+            }
+            tokio::time::sleep(self.config.poll).await;
+        }
+    }
+
+    /// Loads keys exactly as of the applied epoch (the module documentation has the argument),
+    /// all of them with the same three reads.
+    async fn try_load(&self, clickhouse: &ClickHouse, keys: &[Key]) -> Result<Option<Loaded>, QueryError> {
         let (applied, generation) = {
             let state = self.state.read().expect("memory lock");
             match state.applied {
                 Some(applied) => (applied, state.generation),
-                None => return Ok(Outcome::Skipped),
+                None => return Ok(None),
             }
         };
-        let client = self.clickhouse.client();
-        // 1. The blocks marked written: an epoch's block of the key marked here is all in step 2.
-        let marked: Vec<Block> = self
-            .clickhouse
+        let videos: Vec<&str> =
+            keys.iter().map(|(video, _)| video.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+        let client = clickhouse.client();
+        // 1. The blocks marked written: an epoch's block of a key marked here is all in step 2.
+        let marked: Vec<Block> = clickhouse
             .fetch_all(client.query("SELECT epoch, worker, peers FROM count_blocks WHERE epoch > ?").bind(applied))
             .await?;
-        // 2. The key's minutes: everything applied, and maybe epochs being written.
-        let base: Vec<Minute> = self
-            .clickhouse
+        // 2. The keys' minutes: everything applied, and maybe epochs being written. One row per
+        // key, its rows as arrays (a year of a busy key is 500,000 minutes); a minute's rows not
+        // merged yet are summed here, which costs ClickHouse far less than a GROUP BY minute.
+        let base: Vec<KeyMinutes> = clickhouse
             .fetch_all(
                 client
                     .query(
-                        "SELECT toUInt32(minute) AS minute, toUInt64(sum(count)) AS count FROM event_counts_minute \
-                         WHERE video_id = ? AND event_type = ? GROUP BY minute ORDER BY minute",
+                        "SELECT video_id, event_type, groupArray(toUInt32(minute)) AS minutes, groupArray(count) AS counts \
+                         FROM event_counts_minute WHERE video_id IN (SELECT arrayJoin(?)) GROUP BY video_id, event_type",
                     )
-                    .bind(&key.0)
-                    .bind(&key.1),
+                    .bind(&videos),
             )
             .await?;
-        // 3. The key's rows of the epochs after the applied one: every epoch step 2 may hold.
-        let later = self.changes_of(key, applied, None).await?;
-        let route = videocount_events::route(&key.0);
-        let mut minutes: BTreeMap<u32, u64> = base.into_iter().map(|m| (m.minute, m.count)).collect();
-        for change in &later {
-            let marker = marked
-                .iter()
-                .find(|b| b.epoch == change.epoch && u64::from(b.worker) == route % u64::from(b.peers.max(1)));
-            if marker.is_none() {
-                return Ok(Outcome::Busy);
+        let mut minutes: HashMap<Key, Vec<(u32, u64)>> = keys.iter().map(|key| (key.clone(), Vec::new())).collect();
+        for row in base {
+            if let Some(rows) = minutes.get_mut(&(row.video_id, row.event_type)) {
+                *rows = row.minutes.into_iter().zip(row.counts).collect();
+                rows.sort_unstable_by_key(|(minute, _)| *minute);
+                rows.dedup_by(|(minute, count), (kept_minute, kept)| {
+                    let same = minute == kept_minute;
+                    if same {
+                        *kept += *count;
+                    }
+                    same
+                });
             }
-            let Some(count) = minutes.get_mut(&change.minute).filter(|n| **n >= change.count) else {
+        }
+        // 3. The keys' rows of the epochs after the applied one: every epoch step 2 may hold.
+        let mut busy = BTreeSet::new();
+        for change in self.changes_of(clickhouse, &videos, applied, None).await? {
+            let key = (change.video_id, change.event_type);
+            let Some(rows) = minutes.get_mut(&key) else { continue };
+            let route = videocount_events::route(&key.0);
+            let marked = marked
+                .iter()
+                .any(|b| b.epoch == change.epoch && u64::from(b.worker) == route % u64::from(b.peers.max(1)));
+            if !marked {
+                busy.insert(key);
+                continue;
+            }
+            let at = rows.binary_search_by_key(&change.minute, |(minute, _)| *minute);
+            let Some(count) = at.ok().map(|i| &mut rows[i].1).filter(|n| **n >= change.count) else {
                 return Err(QueryError::Corrupt(format!(
                     "epoch {} of {}/{} is marked written but its minute {} is not in event_counts_minute",
                     change.epoch, key.0, key.1, change.minute
@@ -393,38 +453,122 @@ impl Memory {
             };
             *count -= change.count;
         }
-        // Now the key as of `applied`. Add the epochs applied meanwhile, then install, unless
+        minutes.retain(|key, _| !busy.contains(key));
+        // Now the keys as of `applied`. Add the epochs applied meanwhile, then install, unless
         // the poller moved on again.
         loop {
             let now_applied = self.applied().unwrap_or(applied);
-            let mut rows = minutes.clone();
-            if now_applied > applied {
-                for change in self.changes_of(key, applied, Some(now_applied)).await? {
-                    *rows.entry(change.minute).or_insert(0) += change.count;
+            let meanwhile = if now_applied > applied {
+                self.changes_of(clickhouse, &videos, applied, Some(now_applied)).await?
+            } else {
+                Vec::new()
+            };
+            let mut loaded: HashMap<Key, Series> = minutes
+                .iter()
+                .map(|(key, rows)| (key.clone(), Series::new(rows.iter().copied().filter(|(_, n)| *n > 0))))
+                .collect();
+            for change in meanwhile {
+                if let Some(series) = loaded.get_mut(&(change.video_id, change.event_type)) {
+                    series.add(change.minute, change.count);
                 }
             }
-            let series = Series::new(rows.into_iter().filter(|(_, n)| *n > 0));
-            series.used.store(self.now_s(), Ordering::Relaxed);
+            let used = self.now_s();
             let mut state = self.state.write().expect("memory lock");
-            if state.generation != generation || state.keys.contains_key(key) {
-                return Ok(Outcome::Skipped);
+            if state.generation != generation {
+                return Ok(None);
             }
             if state.applied != Some(now_applied) {
                 continue;
             }
-            state.bytes += series.bytes();
-            state.keys.insert(key.clone(), series);
+            let mut installed = 0;
+            for (key, series) in loaded {
+                if state.keys.contains_key(&key) {
+                    continue;
+                }
+                series.used.store(used, Ordering::Relaxed);
+                state.bytes += series.bytes();
+                state.keys.insert(key, series);
+                installed += 1;
+            }
             self.evict(&mut state);
-            return Ok(Outcome::Installed);
+            return Ok(Some(Loaded { installed, busy: busy.into_iter().collect() }));
         }
     }
 
-    /// The key's `count_changes` rows of the epochs in `(after, through]`.
-    async fn changes_of(&self, key: &Key, after: u64, through: Option<u64>) -> Result<Vec<Change>, QueryError> {
-        let sql = "SELECT video_id, event_type, toUInt32(minute) AS minute, count, epoch FROM count_changes \
-                   WHERE epoch > ? AND epoch <= ? AND video_id = ? AND event_type = ?";
-        let query = self.clickhouse.client().query(sql).bind(after).bind(through.unwrap_or(u64::MAX));
-        Ok(self.clickhouse.fetch_all(query.bind(&key.0).bind(&key.1)).await?)
+    /// The `count_changes` rows of `videos` of the epochs in `(after, through]`.
+    async fn changes_of(
+        &self,
+        clickhouse: &ClickHouse,
+        videos: &[&str],
+        after: u64,
+        through: Option<u64>,
+    ) -> Result<Vec<Change>, QueryError> {
+        let sql = format!("{CHANGES} AND video_id IN (SELECT arrayJoin(?))");
+        let query = clickhouse.client().query(&sql).bind(after).bind(through.unwrap_or(u64::MAX));
+        Ok(clickhouse.fetch_all(query.bind(videos)).await?)
+    }
+
+    /// Loads keys before they are asked for: the most recently counted first (by day, then
+    /// count), `WARM_CHUNK` at a time, until they take nine tenths of the budget or none is
+    /// left. Keys an epoch being written touched are left to their first request. Stops when
+    /// the store is emptied (a reset starts a new warm-up).
+    pub async fn warm_up(&self, generation: u64) -> Result<(), QueryError> {
+        let started = Instant::now();
+        // Its reads are larger than a request's: they get longer than --clickhouse-timeout-ms.
+        let clickhouse = self.clickhouse.with_request_timeout(WARM_TIMEOUT);
+        let keys: Vec<Counted> = clickhouse
+            .fetch_all(
+                clickhouse
+                    .client()
+                    .query(
+                        "SELECT video_id, event_type FROM event_counts_day GROUP BY video_id, event_type \
+                         ORDER BY max(day) DESC, sum(count) DESC, video_id, event_type LIMIT ?",
+                    )
+                    // No more than the budget could hold (a key takes at least its fixed part).
+                    .bind((self.config.budget_bytes / Series::default().bytes()) as u64),
+            )
+            .await?;
+        let (mut installed, mut busy) = (0, 0);
+        for chunk in by_video(&keys, WARM_CHUNK) {
+            {
+                let state = self.state.read().expect("memory lock");
+                if state.generation != generation {
+                    info!("memory warm-up stopped: the store was emptied (a new warm-up follows)");
+                    return Ok(());
+                }
+                if state.bytes >= self.config.budget_bytes / 10 * WARM_TENTHS {
+                    break;
+                }
+            }
+            // Keys an epoch in flight touched are read again a little later, as a load would.
+            let mut chunk = chunk;
+            for attempt in 0..LOAD_ATTEMPTS {
+                if attempt > 0 {
+                    self.stats.load_retries.inc();
+                    tokio::time::sleep(Duration::from_millis(20 * (1 << attempt.min(4)))).await;
+                }
+                let Some(loaded) = self.try_load(&clickhouse, &chunk).await? else { return Ok(()) };
+                installed += loaded.installed;
+                self.stats.loads.inc_by(loaded.installed as u64);
+                chunk = loaded.busy;
+                if chunk.is_empty() {
+                    break;
+                }
+            }
+            busy += chunk.len();
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        self.stats.warm_up_seconds.set(seconds);
+        self.stats.warm_up_keys.set(installed as i64);
+        info!(
+            keys = installed,
+            of = keys.len(),
+            left_to_requests = busy,
+            mib = self.bytes() >> 20,
+            seconds = format!("{seconds:.1}"),
+            "memory warm-up done"
+        );
+        Ok(())
     }
 
     /// Drops the least recently used keys until the budget holds.
@@ -493,6 +637,7 @@ impl Memory {
             }
             state.keys.clear();
             state.bytes = 0;
+            self.stats.warm_up_seconds.set(-1.0);
             state.applied = Some(committed);
             state.table = table;
             state.generation += 1;
@@ -502,13 +647,7 @@ impl Memory {
         }
         let applied = applied.expect("checked");
         let changes = if committed > applied {
-            let query = client
-                .query(
-                    "SELECT video_id, event_type, toUInt32(minute) AS minute, count, epoch FROM count_changes \
-                     WHERE epoch > ? AND epoch <= ?",
-                )
-                .bind(applied)
-                .bind(committed);
+            let query = client.query(CHANGES).bind(applied).bind(committed);
             self.clickhouse.fetch_all::<Change>(query).await?
         } else {
             Vec::new()
@@ -537,26 +676,93 @@ impl Memory {
     }
 
     /// Polls every `poll` for ever; logs failures (memory stops answering until a poll works).
+    /// Starts a warm-up after the first poll and after every reset (with `warm_up`).
     pub async fn run(self: Arc<Self>) {
-        let mut every = tokio::time::interval(self.config.poll);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing = false;
+        let mut every = ticker(self.config.poll);
+        let mut log = PollLog::new(
+            "reading the committed epoch failed; counts read ClickHouse until it works",
+            "memory polls work again",
+        );
+        let mut warmed = None;
         loop {
             every.tick().await;
-            match self.poll().await {
-                Ok(()) if failing => {
-                    info!("memory polls work again");
-                    failing = false;
-                }
-                Ok(()) => {}
-                Err(error) => {
-                    self.stats.poll_errors.inc();
-                    if !failing {
-                        warn!(%error, "reading the committed epoch failed; counts read ClickHouse until it works");
-                        failing = true;
-                    }
-                }
+            let polled = self.poll().await;
+            if polled.is_err() {
+                self.stats.poll_errors.inc();
             }
+            log.note(polled);
+            let ready = {
+                let state = self.state.read().expect("memory lock");
+                (state.applied.is_some() && !state.replicated).then_some(state.generation)
+            };
+            if let Some(generation) = ready.filter(|_| self.config.warm_up && ready != warmed) {
+                warmed = ready;
+                let memory = self.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = memory.warm_up(generation).await {
+                        warn!(%error, "the memory warm-up failed; keys load when first asked for");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The keys in batches of about `size`, in their order, each batch with every key of its
+/// videos (a batch reads its videos' rows: a video's keys in two batches would be read twice).
+fn by_video(keys: &[Counted], size: usize) -> Vec<Vec<Key>> {
+    let mut videos: Vec<(&str, Vec<&str>)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for key in keys {
+        let at = *index.entry(&key.video_id).or_insert_with(|| {
+            videos.push((&key.video_id, Vec::new()));
+            videos.len() - 1
+        });
+        videos[at].1.push(&key.event_type);
+    }
+    let mut batches = vec![Vec::new()];
+    for (video, types) in videos {
+        let batch = batches.last_mut().expect("never empty");
+        batch.extend(types.into_iter().map(|kind| (video.to_owned(), kind.to_owned())));
+        if batch.len() >= size {
+            batches.push(Vec::new());
+        }
+    }
+    batches.retain(|batch| !batch.is_empty());
+    batches
+}
+
+/// Ticks every `period`; a tick missed (a slow poll) is delayed, not caught up in a burst.
+pub(crate) fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut every = tokio::time::interval(period);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every
+}
+
+/// Logs the first failure of a run of failed polls, and the poll that works again.
+pub(crate) struct PollLog {
+    failing: bool,
+    failed: &'static str,
+    recovered: &'static str,
+}
+
+impl PollLog {
+    pub(crate) fn new(failed: &'static str, recovered: &'static str) -> PollLog {
+        PollLog { failing: false, failed, recovered }
+    }
+
+    pub(crate) fn note(&mut self, polled: Result<(), QueryError>) {
+        match polled {
+            Ok(()) if self.failing => {
+                info!("{}", self.recovered);
+                self.failing = false;
+            }
+            Ok(()) => {}
+            Err(error) if !self.failing => {
+                warn!(%error, "{}", self.failed);
+                self.failing = true;
+            }
+            Err(_) => {}
         }
     }
 }
@@ -569,6 +775,20 @@ fn clamp(s: u64) -> u32 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn warm_up_batches_keep_a_videos_keys_together_in_order() {
+        let keys: Vec<Counted> =
+            [("a", "view"), ("b", "view"), ("a", "like"), ("c", "view"), ("b", "like"), ("d", "view")]
+                .into_iter()
+                .map(|(video, kind)| Counted { video_id: video.into(), event_type: kind.into() })
+                .collect();
+        let batches = by_video(&keys, 3);
+        let names: Vec<Vec<String>> =
+            batches.iter().map(|batch| batch.iter().map(|(v, k)| format!("{v}/{k}")).collect()).collect();
+        assert_eq!(names, [vec!["a/view", "a/like", "b/view", "b/like"], vec!["c/view", "d/view"]]);
+        assert!(by_video(&[], 3).is_empty());
+    }
 
     proptest! {
         #[test]

@@ -46,6 +46,12 @@ impl Metrics {
         registry.register("memory_evictions", "Keys dropped to stay in --memory-budget-mb", memory.evictions.clone());
         registry.register("memory_applies", "Polls that applied newly committed epochs", memory.applies.clone());
         registry.register("memory_poll_errors", "Polls of the committed epoch that failed", memory.poll_errors.clone());
+        registry.register(
+            "memory_warm_up_seconds",
+            "How long the last memory warm-up took (-1: none finished since the start or the last reset)",
+            memory.warm_up_seconds.clone(),
+        );
+        registry.register("memory_warm_up_keys", "Keys the last memory warm-up loaded", memory.warm_up_keys.clone());
         let memory_keys = Gauge::default();
         registry.register("memory_keys", "(video, event type) keys in memory", memory_keys.clone());
         let memory_bytes = Gauge::default();

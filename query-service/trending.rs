@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use clickhouse::Row;
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::info;
 use videocount_clickhouse::ClickHouse;
 use videocount_query::QueryError;
 
@@ -195,24 +195,14 @@ impl Trending {
 
     /// Polls for ever; logs failures (the lists answer 503 until a poll works).
     pub async fn run(self: std::sync::Arc<Self>) {
-        let mut every = tokio::time::interval(self.poll);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing = false;
+        let mut every = crate::memory::ticker(self.poll);
+        let mut log = crate::memory::PollLog::new(
+            "reading the top lists failed; /v1/top?window= answers 503 until it works",
+            "top list polls work again",
+        );
         loop {
             every.tick().await;
-            match self.poll().await {
-                Ok(()) if failing => {
-                    info!("top list polls work again");
-                    failing = false;
-                }
-                Ok(()) => {}
-                Err(error) => {
-                    if !failing {
-                        warn!(%error, "reading the top lists failed; /v1/top?window= answers 503 until it works");
-                        failing = true;
-                    }
-                }
-            }
+            log.note(self.poll().await);
         }
     }
 }

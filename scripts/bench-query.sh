@@ -6,7 +6,7 @@
 # 2. Stats need event_stats' states: loadgen produces 2M events (Zipf over the same 10,000
 #    videos) and event_stats counts them (recent minutes only: the job refuses events older
 #    than 7 days).
-# 3. The service warms up (every video asked for once), then 100 concurrent clients (and 1) over
+# 3. The service warms up (its own warm-up, then every video asked for once), then 100 concurrent clients (and 1) over
 #    random ranges of whole minutes (answered from memory) and of milliseconds (their edges from
 #    events_raw), per read call; then views without memory, then the same views as plain SQL
 #    over events_raw.
@@ -43,7 +43,7 @@ stop() { kill "$QUERY" 2>/dev/null || true; wait "$QUERY" 2>/dev/null || true; }
 trap stop EXIT
 
 serve
-echo "bench-query: warm-up: every video's views asked for once, until memory holds them all"
+echo "bench-query: warm-up: the service's own (it starts with it), then every video's views asked for once, until memory holds them all"
 "$BIN/query_bench" --database "$DB" warm --url "http://127.0.0.1:$PORT"
 # run CLIENTS ARGS...: one measured run against the service.
 run() { local clients=$1; shift; "$BIN/query_bench" --database "$DB" run --url "http://127.0.0.1:$PORT" --clients "$clients" --seconds "$SECONDS_EACH" "$@"; }

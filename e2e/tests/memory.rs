@@ -1,7 +1,7 @@
 //! Counts from memory (query-service/memory.rs) against ClickHouse and `events_raw`: keys
 //! loaded while epochs are being written (a proxy holds half of the job's minute-table inserts
-//! up to 400 ms, so loads keep meeting blocks in flight), late events into old minutes, a tiny
-//! memory budget, and a replay that swaps the count tables.
+//! up to 400 ms, so loads keep meeting blocks in flight), a warm-up in the same conditions, late
+//! events into old minutes, a tiny memory budget, and a replay that swaps the count tables.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -95,9 +95,10 @@ fn memory_answers_equal_clickhouse_while_epochs_land_after_eviction_and_after_a_
     produce_keyed(&env.topic, &history);
     env.run_until_caught_up(&["--workers", "2", "--epoch-ms", "100"]);
 
-    let memory = env.query_service(&["--memory-poll-ms", "100"]);
+    // Keys load on first use here (the warm-up is tested on its own service below).
+    let memory = env.query_service(&["--memory-poll-ms", "100", "--no-warm-up"]);
     let plain = env.query_service(&["--no-memory"]);
-    let tiny = env.query_service(&["--memory-budget-mb", "0"]);
+    let tiny = env.query_service(&["--memory-budget-mb", "0", "--no-warm-up"]);
 
     // The job runs on while events arrive, half of its minute blocks held up to 400 ms.
     let proxy = DelayingProxy::start(3, "event_counts_minute", 0.5, 50..400);
@@ -115,6 +116,13 @@ fn memory_answers_equal_clickhouse_while_epochs_land_after_eviction_and_after_a_
             done.store(true, Ordering::SeqCst);
         })
     };
+    // A service started once the job commits again warms up while blocks are in flight: its
+    // reads meet epochs being written.
+    let committed = env.scalar("SELECT max(epoch) FROM checkpoint_commits");
+    videocount_e2e::wait_until("the job commits again", Duration::from_secs(60), || {
+        env.scalar("SELECT max(epoch) FROM checkpoint_commits") > committed
+    });
+    let warm = env.query_service(&["--memory-poll-ms", "100"]);
     // First use of every key while blocks are in flight: each load meets epochs being written.
     let mut sources = std::collections::BTreeMap::<String, u64>::new();
     while !done.load(Ordering::SeqCst) {
@@ -130,7 +138,14 @@ fn memory_answers_equal_clickhouse_while_epochs_land_after_eviction_and_after_a_
     videocount_e2e::wait_until("the job counted every event", Duration::from_secs(120), || {
         env.scalar("SELECT count() FROM events_raw") == expected
     });
-    assert_all_equal(&env, &[&memory, &plain, &tiny], &mut rng, 150);
+    let warmed = metric_of(&warm, "videocount_query_memory_warm_up_keys");
+    let warm_seconds = metric(&warm.url, "videocount_query_memory_warm_up_seconds").unwrap_or(-1.0);
+    let warm_retries = metric_of(&warm, "videocount_query_memory_load_retries_total");
+    eprintln!("warm-up: {warmed} keys in {warm_seconds} s, {warm_retries} reads again");
+    assert!(warm_seconds >= 0.0, "the warm-up finished");
+    assert!(warmed >= VIDEOS as f64, "the warm-up loaded most keys ({warmed})");
+    assert_all_equal(&env, &[&memory, &plain, &tiny, &warm], &mut rng, 150);
+    assert_eq!(metric_of(&warm, "videocount_query_memory_load_errors_total"), 0.0);
     let loads = metric_of(&memory, "videocount_query_memory_loads_total");
     let retries = metric_of(&memory, "videocount_query_memory_load_retries_total");
     let hits = metric_of(&memory, "videocount_query_memory_hits_total");

@@ -291,7 +291,7 @@ fn a_minute_counted_by_many_epochs_compacts_to_its_sums() {
                 (CompactString::from(["view", "like"][(video % 2) as usize]), CompactString::from(format!("v{video}")));
             let count = epoch % 7 + video;
             *expected.entry(cell.clone()).or_insert(0) += count;
-            minute.push(cell, count);
+            minute.push(cell, count, epoch);
         }
         assert!(minute.cells.len() < 2 * 1024, "epoch {epoch}: {} entries", minute.cells.len());
     }
