@@ -190,8 +190,9 @@ fn echo(range: TimeRange) -> Value {
 
 /// Counts `[from, to)`: the whole minutes from memory when it holds the key (else it loads it
 /// for later requests), the rest (the partial minutes at the edges, or everything) in one query.
-/// `source` says where the answer came from: `memory`, `memory+raw` (whole minutes from memory,
-/// the edges from `events_raw`) or `clickhouse`.
+/// `source` says where the answer came from: `memory` (edges included), `memory+raw` (whole
+/// minutes from memory, the edges from `events_raw`) or `clickhouse`; `edges` says where the
+/// partial minutes came from: `memory` (its kept event times), `raw` or `whole_minutes`.
 async fn count_range(state: &AppState, video_id: &str, event_type: &str, range: TimeRange) -> Result<Value, ApiError> {
     let plan = CountPlan::new(range, state.reader.edges());
     let mut rest = plan.clone();
@@ -203,8 +204,21 @@ async fn count_range(state: &AppState, video_id: &str, event_type: &str, range: 
         }
         found
     });
-    if from_memory.is_some() {
+    // The partial minutes at the edges: from the event times memory keeps of them, else from
+    // events_raw (and memory reads that minute's times for later requests).
+    let mut edges_from_memory = 0;
+    if let (Some(memory), Some(_)) = (&state.memory, from_memory) {
         rest.minutes.1 = start;
+        rest.raw.retain(|&(from_ms, to_ms)| match memory.edge(video_id, event_type, from_ms, to_ms) {
+            Some(count) => {
+                edges_from_memory += count;
+                false
+            }
+            None => {
+                memory.want_edge(video_id, event_type, from_ms);
+                true
+            }
+        });
     }
     let stored = if from_memory.is_some() && rest.raw.is_empty() {
         0
@@ -216,12 +230,13 @@ async fn count_range(state: &AppState, video_id: &str, event_type: &str, range: 
         (true, false) => "memory+raw",
         (false, _) => "clickhouse",
     };
+    let edges = if plan.raw.is_empty() || !rest.raw.is_empty() { state.reader.edges().name() } else { "memory" };
     Ok(json!({
         "video_id": video_id,
         "event_type": event_type,
         "range": echo(range),
-        "value": from_memory.unwrap_or(0) + stored,
-        "edges": state.reader.edges().name(),
+        "value": from_memory.unwrap_or(0) + edges_from_memory + stored,
+        "edges": edges,
         "source": source,
     }))
 }

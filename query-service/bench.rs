@@ -60,6 +60,9 @@ enum Command {
         /// Ranges of whole minutes (both ends floored to a minute).
         #[arg(long)]
         aligned: bool,
+        /// Ranges inside the last hour (the hot window), unaligned unless --aligned.
+        #[arg(long)]
+        hot: bool,
     },
     /// Asks for every video's views once and waits until the service holds them all in memory;
     /// prints how long that took and the memory the keys take.
@@ -174,6 +177,12 @@ fn random_range(rng: &mut impl Rng, now: u64) -> (u64, u64) {
     (to - length, to)
 }
 
+/// A random range inside the last hour.
+fn hot_range(rng: &mut impl Rng, now: u64) -> (u64, u64) {
+    let from = now - rng.random_range(1..3_600_000);
+    (from, rng.random_range(from..=now))
+}
+
 /// Which videos and ranges the clients ask for.
 struct Pick {
     videos: u64,
@@ -181,6 +190,8 @@ struct Pick {
     only: Option<String>,
     /// Whole-minute ranges.
     aligned: bool,
+    /// Ranges inside the last hour.
+    hot: bool,
 }
 
 #[derive(Default)]
@@ -190,7 +201,7 @@ struct Tally {
 }
 
 async fn run(clickhouse: ClickHouse, url: String, call: Call, clients: usize, seconds: u64, pick: Pick) {
-    let Pick { videos, only, aligned } = pick;
+    let Pick { videos, only, aligned, hot } = pick;
     let http = reqwest::Client::builder().pool_max_idle_per_host(clients).tcp_nodelay(true).build().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -206,7 +217,8 @@ async fn run(clickhouse: ClickHouse, url: String, call: Call, clients: usize, se
                 let video = only.clone().unwrap_or_else(|| {
                     format!("vid{:06}", rng.random_range(0..videos).min(rng.random_range(0..videos)))
                 });
-                let (mut from, mut to) = random_range(&mut rng, now_ms());
+                let (mut from, mut to) =
+                    if hot { hot_range(&mut rng, now_ms()) } else { random_range(&mut rng, now_ms()) };
                 if aligned {
                     (from, to) = (from / 60_000 * 60_000, to / 60_000 * 60_000);
                 }
@@ -269,7 +281,12 @@ async fn run(clickhouse: ClickHouse, url: String, call: Call, clients: usize, se
         serde_json::json!({
             "call": format!("{call:?}").to_lowercase(),
             "video": only.as_deref().unwrap_or("random"),
-            "ranges": if aligned { "whole minutes" } else { "milliseconds" },
+            "ranges": match (aligned, hot) {
+                (true, false) => "whole minutes",
+                (false, false) => "milliseconds",
+                (true, true) => "whole minutes of the last hour",
+                (false, true) => "milliseconds of the last hour",
+            },
             "clients": clients,
             "requests": all.latencies_us.len(),
             "errors": all.errors,
@@ -377,8 +394,8 @@ async fn main() -> anyhow::Result<()> {
     let clickhouse = ClickHouse::new(config);
     match args.command {
         Command::Load { videos, events, heavy_events } => load(&clickhouse, videos, events, heavy_events).await,
-        Command::Run { url, call, clients, seconds, videos, video, aligned } => {
-            run(clickhouse, url, call, clients, seconds, Pick { videos, only: video, aligned }).await;
+        Command::Run { url, call, clients, seconds, videos, video, aligned, hot } => {
+            run(clickhouse, url, call, clients, seconds, Pick { videos, only: video, aligned, hot }).await;
             Ok(())
         }
         Command::Warm { url, videos, clients } => warm(&url, videos, clients).await,

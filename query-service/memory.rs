@@ -20,6 +20,10 @@
 //!   three reads (their videos' rows), until they take nine tenths of the budget. A key an epoch
 //!   in flight touched is read again a little later, and after ten tries left to its first
 //!   request. Until a key is in, ClickHouse answers it.
+//! - **Edge minutes.** The event times of a partial minute at a range's edge are read from
+//!   `events_raw` after its first request and kept if their number equals the minute's count as
+//!   of the applied epoch (`want_edge` has the argument); an epoch that changes the minute drops
+//!   them.
 //! - **Bounded.** Keys held take at most `budget_bytes`; the least recently asked for leave.
 //! - **Never stale without saying so.** Memory answers only while the last poll is at most
 //!   three polls old; otherwise, and for keys not loaded yet, the caller reads ClickHouse.
@@ -49,11 +53,19 @@ const CONCURRENT_LOADS: usize = 4;
 const LOAD_ATTEMPTS: u32 = 10;
 /// Changes a key gathers before they are merged into its arrays.
 const MERGE_AFTER: usize = 256;
-/// Keys a warm-up reads at once (the rows of their videos in three queries).
-const WARM_CHUNK: usize = 500;
+/// Keys a warm-up reads at once at most (the rows of their videos in three queries)...
+const WARM_KEYS: usize = 500;
+/// ... and about this many minutes (their arrays are in memory twice while they load).
+const WARM_MINUTES: usize = 2_000_000;
+/// Batches failing in a row that end a warm-up.
+const WARM_FAILURES: u32 = 3;
+/// A warm-up that failed is started again after this.
+const WARM_RETRY: Duration = Duration::from_secs(30);
 /// A warm-up stops once the keys take this share of the budget (in tenths): the rest is for the
 /// keys asked for later.
 const WARM_TENTHS: usize = 9;
+/// Edge minutes' event times may take a budget's `1 / EDGE_SHARE`.
+const EDGE_SHARE: usize = 8;
 /// How long one of a warm-up's reads may take.
 const WARM_TIMEOUT: Duration = Duration::from_secs(120);
 /// The rows of `count_changes` of the epochs in `(?, ?]`.
@@ -84,6 +96,10 @@ pub struct MemoryStats {
     /// Loads that caught an epoch being written and tried again.
     pub load_retries: Counter,
     pub load_errors: Counter,
+    /// Partial edge minutes answered from the kept event times.
+    pub edge_hits: Counter,
+    /// Edge minutes whose event times were read and kept.
+    pub edge_loads: Counter,
     pub evictions: Counter,
     /// Polls that found newer commits and applied them.
     pub applies: Counter,
@@ -191,6 +207,11 @@ struct State {
     replicated: bool,
     keys: HashMap<Key, Series>,
     bytes: usize,
+    /// Edge minutes: (key, minute start) -> the milliseconds into the minute of its events,
+    /// sorted, exactly as of `applied` (see [`Memory::want_edge`]); dropped when an applied epoch
+    /// changes the minute.
+    edges: HashMap<(Key, u32), Vec<u16>>,
+    edge_bytes: usize,
 }
 
 pub struct Memory {
@@ -199,6 +220,7 @@ pub struct Memory {
     started: Instant,
     state: RwLock<State>,
     loading: Mutex<HashSet<Key>>,
+    edge_loading: Mutex<HashSet<(Key, u32)>>,
     load_permits: tokio::sync::Semaphore,
     pub stats: MemoryStats,
 }
@@ -217,19 +239,21 @@ struct Block {
     peers: u32,
 }
 
-/// A key's minutes with a count, in no particular order.
+/// A key's minute rows (minute, count), in no particular order, maybe several per minute.
 #[derive(Row, Deserialize)]
 struct KeyMinutes {
     video_id: String,
     event_type: String,
-    minutes: Vec<u32>,
-    counts: Vec<u64>,
+    minutes: Vec<(u32, u64)>,
 }
 
+/// A key of the day table, with its events and days counted.
 #[derive(Row, Deserialize)]
 struct Counted {
     video_id: String,
     event_type: String,
+    events: u64,
+    days: u64,
 }
 
 #[derive(Row, Deserialize)]
@@ -266,8 +290,11 @@ impl Memory {
                 replicated: false,
                 keys: HashMap::new(),
                 bytes: 0,
+                edges: HashMap::new(),
+                edge_bytes: 0,
             }),
             loading: Mutex::new(HashSet::new()),
+            edge_loading: Mutex::new(HashSet::new()),
             load_permits: tokio::sync::Semaphore::new(CONCURRENT_LOADS),
             stats,
         }
@@ -306,6 +333,93 @@ impl Memory {
         series.touch(self.now_s());
         self.stats.hits.inc();
         Some(answer(series))
+    }
+
+    /// The events of the key in `[from_ms, to_ms)`, a piece of one minute, from the kept event
+    /// times of that minute, when the store is current and keeps them.
+    pub fn edge(&self, video_id: &str, event_type: &str, from_ms: u64, to_ms: u64) -> Option<u64> {
+        let minute_ms = from_ms / 60_000 * 60_000;
+        let state = self.state.read().expect("memory lock");
+        if !self.fresh(&state) || state.edges.is_empty() {
+            return None;
+        }
+        let key = ((video_id.to_owned(), event_type.to_owned()), clamp(minute_ms / 1000));
+        let offsets = state.edges.get(&key)?;
+        let at = |ms: u64| offsets.partition_point(|&o| u64::from(o) < ms.saturating_sub(minute_ms));
+        self.stats.edge_hits.inc();
+        Some((at(to_ms) - at(from_ms)) as u64)
+    }
+
+    /// Reads the event times of the key's minute starting at `minute_ms` from `events_raw` in
+    /// the background, and keeps them if they are exactly the minute's count as of the applied
+    /// epoch: every epoch up to it is in `events_raw` (its rows are written before the commit),
+    /// so the read holds at least that count, and exactly that count only if no later epoch's
+    /// event of the minute was in it. The key must be held (its count is the reference), and
+    /// the applied epoch must not move during the read. A later epoch that changes the minute
+    /// drops them again.
+    pub fn want_edge(self: &Arc<Self>, video_id: &str, event_type: &str, minute_ms: u64) {
+        let edge = ((video_id.to_owned(), event_type.to_owned()), clamp(minute_ms / 60_000 * 60));
+        {
+            let state = self.state.read().expect("memory lock");
+            if state.replicated || state.edges.contains_key(&edge) || !state.keys.contains_key(&edge.0) {
+                return;
+            }
+        }
+        if !self.edge_loading.lock().expect("loading lock").insert(edge.clone()) {
+            return;
+        }
+        let memory = self.clone();
+        tokio::spawn(async move {
+            let _permit = memory.load_permits.acquire().await.expect("the semaphore is never closed");
+            if let Err(error) = memory.load_edge(&edge).await {
+                warn!(video_id = %edge.0.0, event_type = %edge.0.1, minute = edge.1, %error, "reading an edge minute's event times failed");
+            }
+            memory.edge_loading.lock().expect("loading lock").remove(&edge);
+        });
+    }
+
+    async fn load_edge(&self, edge: &(Key, u32)) -> Result<(), QueryError> {
+        let (applied, generation) = {
+            let state = self.state.read().expect("memory lock");
+            match state.applied {
+                Some(applied) => (applied, state.generation),
+                None => return Ok(()),
+            }
+        };
+        let ((video, kind), minute) = edge;
+        let start_ms = u64::from(*minute) * 1000;
+        let query = self
+            .clickhouse
+            .client()
+            .query("SELECT ts FROM events_raw WHERE video_id = ? AND event_type = ? AND ts >= ? AND ts < ?")
+            .bind(video)
+            .bind(kind)
+            .bind(start_ms)
+            .bind(start_ms + 60_000);
+        let times: Vec<u64> = self.clickhouse.fetch_all(query).await?;
+        let mut offsets: Vec<u16> = times.into_iter().map(|ts| (ts - start_ms) as u16).collect();
+        offsets.sort_unstable();
+        offsets.shrink_to_fit();
+        let mut state = self.state.write().expect("memory lock");
+        if state.generation != generation || state.applied != Some(applied) || state.edges.contains_key(edge) {
+            return Ok(());
+        }
+        let Some(series) = state.keys.get(&edge.0) else { return Ok(()) };
+        if series.sum(*minute, minute.saturating_add(60)) != offsets.len() as u64 {
+            return Ok(());
+        }
+        state.edge_bytes += edge_bytes_of(&offsets);
+        state.edges.insert(edge.clone(), offsets);
+        self.stats.edge_loads.inc();
+        // Over its share of the budget: drop edge minutes (any) until under it.
+        let limit = self.config.budget_bytes / EDGE_SHARE;
+        while state.edge_bytes > limit {
+            let Some(any) = state.edges.keys().next().cloned() else { break };
+            if let Some(offsets) = state.edges.remove(&any) {
+                state.edge_bytes -= edge_bytes_of(&offsets);
+            }
+        }
+        Ok(())
     }
 
     /// Keys held.
@@ -359,7 +473,7 @@ impl Memory {
     pub async fn load(&self, key: &Key) -> Result<(), QueryError> {
         self.wait_for_first_poll().await;
         for attempt in 0..LOAD_ATTEMPTS {
-            match self.try_load(&self.clickhouse, std::slice::from_ref(key)).await? {
+            match self.try_load(&self.clickhouse, std::slice::from_ref(key), self.now_s()).await? {
                 None => return Ok(()),
                 Some(loaded) if loaded.busy.is_empty() => {
                     if loaded.installed > 0 {
@@ -388,8 +502,9 @@ impl Memory {
     }
 
     /// Loads keys exactly as of the applied epoch (the module documentation has the argument),
-    /// all of them with the same three reads.
-    async fn try_load(&self, clickhouse: &ClickHouse, keys: &[Key]) -> Result<Option<Loaded>, QueryError> {
+    /// all of them with the same three reads. `used`: the last-use time they get (a warm-up's
+    /// keys get 0: they leave before the keys requests asked for).
+    async fn try_load(&self, clickhouse: &ClickHouse, keys: &[Key], used: u64) -> Result<Option<Loaded>, QueryError> {
         let (applied, generation) = {
             let state = self.state.read().expect("memory lock");
             match state.applied {
@@ -399,28 +514,33 @@ impl Memory {
         };
         let videos: Vec<&str> =
             keys.iter().map(|(video, _)| video.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+        let kinds: Vec<&str> =
+            keys.iter().map(|(_, kind)| kind.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
         let client = clickhouse.client();
         // 1. The blocks marked written: an epoch's block of a key marked here is all in step 2.
         let marked: Vec<Block> = clickhouse
             .fetch_all(client.query("SELECT epoch, worker, peers FROM count_blocks WHERE epoch > ?").bind(applied))
             .await?;
         // 2. The keys' minutes: everything applied, and maybe epochs being written. One row per
-        // key, its rows as arrays (a year of a busy key is 500,000 minutes); a minute's rows not
-        // merged yet are summed here, which costs ClickHouse far less than a GROUP BY minute.
+        // key, its rows as an array (a year of a busy key is 500,000 minutes); a minute's rows
+        // not merged yet are summed here, which costs ClickHouse far less than a GROUP BY minute.
         let base: Vec<KeyMinutes> = clickhouse
             .fetch_all(
                 client
                     .query(
-                        "SELECT video_id, event_type, groupArray(toUInt32(minute)) AS minutes, groupArray(count) AS counts \
-                         FROM event_counts_minute WHERE video_id IN (SELECT arrayJoin(?)) GROUP BY video_id, event_type",
+                        "SELECT video_id, event_type, groupArray((toUInt32(minute), count)) AS minutes \
+                         FROM event_counts_minute \
+                         WHERE video_id IN (SELECT arrayJoin(?)) AND event_type IN (SELECT arrayJoin(?)) \
+                         GROUP BY video_id, event_type",
                     )
-                    .bind(&videos),
+                    .bind(&videos)
+                    .bind(&kinds),
             )
             .await?;
         let mut minutes: HashMap<Key, Vec<(u32, u64)>> = keys.iter().map(|key| (key.clone(), Vec::new())).collect();
         for row in base {
             if let Some(rows) = minutes.get_mut(&(row.video_id, row.event_type)) {
-                *rows = row.minutes.into_iter().zip(row.counts).collect();
+                *rows = row.minutes;
                 rows.sort_unstable_by_key(|(minute, _)| *minute);
                 rows.dedup_by(|(minute, count), (kept_minute, kept)| {
                     let same = minute == kept_minute;
@@ -433,7 +553,7 @@ impl Memory {
         }
         // 3. The keys' rows of the epochs after the applied one: every epoch step 2 may hold.
         let mut busy = BTreeSet::new();
-        for change in self.changes_of(clickhouse, &videos, applied, None).await? {
+        for change in self.changes_of(clickhouse, &videos, &kinds, applied, None).await? {
             let key = (change.video_id, change.event_type);
             let Some(rows) = minutes.get_mut(&key) else { continue };
             let route = videocount_events::route(&key.0);
@@ -453,31 +573,30 @@ impl Memory {
             };
             *count -= change.count;
         }
-        minutes.retain(|key, _| !busy.contains(key));
-        // Now the keys as of `applied`. Add the epochs applied meanwhile, then install, unless
-        // the poller moved on again.
+        // Now the keys as of `applied`.
+        let mut loaded: HashMap<Key, Series> = minutes
+            .into_iter()
+            .filter(|(key, _)| !busy.contains(key))
+            .map(|(key, rows)| (key, Series::new(rows.into_iter().filter(|(_, n)| *n > 0))))
+            .collect();
+        // Add the epochs applied meanwhile (only those not added yet, each pass), then install,
+        // unless the poller moved on again.
+        let mut through = applied;
         loop {
-            let now_applied = self.applied().unwrap_or(applied);
-            let meanwhile = if now_applied > applied {
-                self.changes_of(clickhouse, &videos, applied, Some(now_applied)).await?
-            } else {
-                Vec::new()
-            };
-            let mut loaded: HashMap<Key, Series> = minutes
-                .iter()
-                .map(|(key, rows)| (key.clone(), Series::new(rows.iter().copied().filter(|(_, n)| *n > 0))))
-                .collect();
-            for change in meanwhile {
-                if let Some(series) = loaded.get_mut(&(change.video_id, change.event_type)) {
-                    series.add(change.minute, change.count);
+            let now_applied = self.applied().unwrap_or(through);
+            if now_applied > through {
+                for change in self.changes_of(clickhouse, &videos, &kinds, through, Some(now_applied)).await? {
+                    if let Some(series) = loaded.get_mut(&(change.video_id, change.event_type)) {
+                        series.add(change.minute, change.count);
+                    }
                 }
+                through = now_applied;
             }
-            let used = self.now_s();
             let mut state = self.state.write().expect("memory lock");
             if state.generation != generation {
                 return Ok(None);
             }
-            if state.applied != Some(now_applied) {
+            if state.applied != Some(through) {
                 continue;
             }
             let mut installed = 0;
@@ -495,24 +614,28 @@ impl Memory {
         }
     }
 
-    /// The `count_changes` rows of `videos` of the epochs in `(after, through]`.
+    /// The `count_changes` rows of the epochs in `(after, through]` of `videos` and `kinds`.
     async fn changes_of(
         &self,
         clickhouse: &ClickHouse,
         videos: &[&str],
+        kinds: &[&str],
         after: u64,
         through: Option<u64>,
     ) -> Result<Vec<Change>, QueryError> {
-        let sql = format!("{CHANGES} AND video_id IN (SELECT arrayJoin(?))");
+        let sql = format!("{CHANGES} AND video_id IN (SELECT arrayJoin(?)) AND event_type IN (SELECT arrayJoin(?))");
         let query = clickhouse.client().query(&sql).bind(after).bind(through.unwrap_or(u64::MAX));
-        Ok(clickhouse.fetch_all(query.bind(videos)).await?)
+        Ok(clickhouse.fetch_all(query.bind(videos).bind(kinds)).await?)
     }
 
     /// Loads keys before they are asked for: the most recently counted first (by day, then
-    /// count), `WARM_CHUNK` at a time, until they take nine tenths of the budget or none is
-    /// left. Keys an epoch being written touched are left to their first request. Stops when
-    /// the store is emptied (a reset starts a new warm-up).
-    pub async fn warm_up(&self, generation: u64) -> Result<(), QueryError> {
+    /// count), in batches of whole videos of up to `WARM_KEYS` keys and about `WARM_MINUTES`
+    /// minutes, while the keys held and the next batch fit in nine tenths of the budget. Keys
+    /// an epoch being written touched are read again a little later, then left to their first
+    /// request. A batch that fails is logged and skipped; `WARM_FAILURES` in a row end the
+    /// warm-up with an error (`run` starts another later). `Ok(false)`: the store was emptied
+    /// meanwhile (the next poll starts a new warm-up).
+    pub async fn warm_up(&self, generation: u64) -> Result<bool, QueryError> {
         let started = Instant::now();
         // Its reads are larger than a request's: they get longer than --clickhouse-timeout-ms.
         let clickhouse = self.clickhouse.with_request_timeout(WARM_TIMEOUT);
@@ -521,54 +644,76 @@ impl Memory {
                 clickhouse
                     .client()
                     .query(
-                        "SELECT video_id, event_type FROM event_counts_day GROUP BY video_id, event_type \
-                         ORDER BY max(day) DESC, sum(count) DESC, video_id, event_type LIMIT ?",
+                        "SELECT video_id, event_type, toUInt64(sum(count)) AS events, toUInt64(uniqExact(day)) AS days \
+                         FROM event_counts_day GROUP BY video_id, event_type \
+                         ORDER BY max(day) DESC, events DESC, video_id, event_type LIMIT ?",
                     )
-                    // No more than the budget could hold (a key takes at least its fixed part).
-                    .bind((self.config.budget_bytes / Series::default().bytes()) as u64),
+                    // No more than the budget could hold at half a kilobyte a key.
+                    .bind((self.config.budget_bytes / 512) as u64),
             )
             .await?;
-        let (mut installed, mut busy) = (0, 0);
-        for chunk in by_video(&keys, WARM_CHUNK) {
+        let total = keys.len();
+        let (mut installed, mut busy, mut failures) = (0, 0, 0);
+        let limit = self.config.budget_bytes / 10 * WARM_TENTHS;
+        for (mut batch, minutes) in by_video(keys) {
             {
                 let state = self.state.read().expect("memory lock");
                 if state.generation != generation {
                     info!("memory warm-up stopped: the store was emptied (a new warm-up follows)");
-                    return Ok(());
+                    return Ok(false);
                 }
-                if state.bytes >= self.config.budget_bytes / 10 * WARM_TENTHS {
+                if state.bytes + minutes * 12 > limit {
                     break;
                 }
             }
             // Keys an epoch in flight touched are read again a little later, as a load would.
-            let mut chunk = chunk;
             for attempt in 0..LOAD_ATTEMPTS {
                 if attempt > 0 {
                     self.stats.load_retries.inc();
                     tokio::time::sleep(Duration::from_millis(20 * (1 << attempt.min(4)))).await;
                 }
-                let Some(loaded) = self.try_load(&clickhouse, &chunk).await? else { return Ok(()) };
+                let loaded = match self.try_load(&clickhouse, &batch, 0).await {
+                    Ok(Some(loaded)) => loaded,
+                    Ok(None) => return Ok(false),
+                    Err(error) => {
+                        self.stats.load_errors.inc();
+                        failures += 1;
+                        if failures >= WARM_FAILURES {
+                            return Err(error);
+                        }
+                        warn!(%error, keys = batch.len(), "a memory warm-up batch failed; its keys load when first asked for");
+                        break;
+                    }
+                };
+                failures = 0;
                 installed += loaded.installed;
                 self.stats.loads.inc_by(loaded.installed as u64);
-                chunk = loaded.busy;
-                if chunk.is_empty() {
+                batch = loaded.busy;
+                if batch.is_empty() {
                     break;
                 }
             }
-            busy += chunk.len();
+            busy += batch.len();
         }
         let seconds = started.elapsed().as_secs_f64();
-        self.stats.warm_up_seconds.set(seconds);
-        self.stats.warm_up_keys.set(installed as i64);
+        {
+            // Not for a store emptied since: its own warm-up reports.
+            let state = self.state.read().expect("memory lock");
+            if state.generation != generation {
+                return Ok(false);
+            }
+            self.stats.warm_up_seconds.set(seconds);
+            self.stats.warm_up_keys.set(installed as i64);
+        }
         info!(
             keys = installed,
-            of = keys.len(),
+            of = total,
             left_to_requests = busy,
             mib = self.bytes() >> 20,
             seconds = format!("{seconds:.1}"),
             "memory warm-up done"
         );
-        Ok(())
+        Ok(true)
     }
 
     /// Drops the least recently used keys until the budget holds.
@@ -612,6 +757,8 @@ impl Memory {
             }
             state.keys.clear();
             state.bytes = 0;
+            state.edges.clear();
+            state.edge_bytes = 0;
             state.applied = None;
             state.generation += 1;
             state.polled = None;
@@ -637,6 +784,8 @@ impl Memory {
             }
             state.keys.clear();
             state.bytes = 0;
+            state.edges.clear();
+            state.edge_bytes = 0;
             self.stats.warm_up_seconds.set(-1.0);
             state.applied = Some(committed);
             state.table = table;
@@ -656,11 +805,21 @@ impl Memory {
         if state.applied != Some(applied) {
             return Ok(());
         }
-        let State { keys, bytes, .. } = &mut *state;
+        let State { keys, bytes, edges, edge_bytes, .. } = &mut *state;
         let mut key = (String::new(), String::new());
+        let mut edge = ((String::new(), String::new()), 0);
         for change in changes {
             key.0 = change.video_id;
             key.1 = change.event_type;
+            if !edges.is_empty() {
+                // The minute's events changed: its kept times are no longer all of them.
+                std::mem::swap(&mut edge.0, &mut key);
+                edge.1 = change.minute;
+                if let Some(offsets) = edges.remove(&edge) {
+                    *edge_bytes -= edge_bytes_of(&offsets);
+                }
+                std::mem::swap(&mut edge.0, &mut key);
+            }
             if let Some(series) = keys.get_mut(&key) {
                 let before = series.bytes();
                 series.add(change.minute, change.count);
@@ -683,7 +842,8 @@ impl Memory {
             "reading the committed epoch failed; counts read ClickHouse until it works",
             "memory polls work again",
         );
-        let mut warmed = None;
+        // One warm-up at a time: (the generation it finished for, running, when one failed).
+        let warm = Arc::new(Mutex::new((None::<u64>, false, None::<Instant>)));
         loop {
             every.tick().await;
             let polled = self.poll().await;
@@ -693,43 +853,72 @@ impl Memory {
             log.note(polled);
             let ready = {
                 let state = self.state.read().expect("memory lock");
-                (state.applied.is_some() && !state.replicated).then_some(state.generation)
+                (self.config.warm_up && state.applied.is_some() && !state.replicated).then_some(state.generation)
             };
-            if let Some(generation) = ready.filter(|_| self.config.warm_up && ready != warmed) {
-                warmed = ready;
-                let memory = self.clone();
-                tokio::spawn(async move {
-                    if let Err(error) = memory.warm_up(generation).await {
-                        warn!(%error, "the memory warm-up failed; keys load when first asked for");
-                    }
-                });
+            let Some(generation) = ready else { continue };
+            {
+                let mut warm = warm.lock().expect("warm-up lock");
+                let (done, running, failed) = &mut *warm;
+                if *done == Some(generation) || *running || failed.is_some_and(|at| at.elapsed() < WARM_RETRY) {
+                    continue;
+                }
+                *running = true;
             }
+            let (memory, warm) = (self.clone(), warm.clone());
+            tokio::spawn(async move {
+                let result = memory.warm_up(generation).await;
+                let mut warm = warm.lock().expect("warm-up lock");
+                warm.1 = false;
+                match result {
+                    Ok(true) => warm.0 = Some(generation),
+                    Ok(false) => {}
+                    Err(error) => {
+                        warm.2 = Some(Instant::now());
+                        warn!(%error, "the memory warm-up failed; keys load when first asked for, and it starts again in 30 s");
+                    }
+                }
+            });
         }
     }
 }
 
-/// The keys in batches of about `size`, in their order, each batch with every key of its
-/// videos (a batch reads its videos' rows: a video's keys in two batches would be read twice).
-fn by_video(keys: &[Counted], size: usize) -> Vec<Vec<Key>> {
-    let mut videos: Vec<(&str, Vec<&str>)> = Vec::new();
-    let mut index: HashMap<&str, usize> = HashMap::new();
-    for key in keys {
-        let at = *index.entry(&key.video_id).or_insert_with(|| {
-            videos.push((&key.video_id, Vec::new()));
-            videos.len() - 1
-        });
-        videos[at].1.push(&key.event_type);
+/// The keys in batches, in their order, each batch with every key of its videos (a batch
+/// reads its videos' rows: a video's keys in two batches would be read twice), of up to
+/// `WARM_KEYS` keys and about `WARM_MINUTES` minutes; each with its estimated minutes (at most
+/// a key's events, and 1,440 per day with a count).
+fn by_video(keys: Vec<Counted>) -> Vec<(Vec<Key>, usize)> {
+    let mut videos: Vec<(String, Vec<(String, usize)>)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for Counted { video_id, event_type, events, days } in keys {
+        let minutes = events.min(days.saturating_mul(1440)) as usize;
+        let at = match index.get(&video_id) {
+            Some(&at) => at,
+            None => {
+                index.insert(video_id.clone(), videos.len());
+                videos.push((video_id, Vec::new()));
+                videos.len() - 1
+            }
+        };
+        videos[at].1.push((event_type, minutes));
     }
-    let mut batches = vec![Vec::new()];
-    for (video, types) in videos {
-        let batch = batches.last_mut().expect("never empty");
-        batch.extend(types.into_iter().map(|kind| (video.to_owned(), kind.to_owned())));
-        if batch.len() >= size {
-            batches.push(Vec::new());
+    let mut batches: Vec<(Vec<Key>, usize)> = vec![(Vec::new(), 0)];
+    for (video, kinds) in videos {
+        let (batch, minutes) = batches.last_mut().expect("never empty");
+        for (kind, estimate) in kinds {
+            batch.push((video.clone(), kind));
+            *minutes += estimate;
+        }
+        if batch.len() >= WARM_KEYS || *minutes >= WARM_MINUTES {
+            batches.push((Vec::new(), 0));
         }
     }
-    batches.retain(|batch| !batch.is_empty());
+    batches.retain(|(batch, _)| !batch.is_empty());
     batches
+}
+
+/// The bytes an edge minute's event times take.
+fn edge_bytes_of(offsets: &[u16]) -> usize {
+    offsets.len() * 2 + 96
 }
 
 /// Ticks every `period`; a tick missed (a slow poll) is delayed, not caught up in a burst.
@@ -781,13 +970,29 @@ mod tests {
         let keys: Vec<Counted> =
             [("a", "view"), ("b", "view"), ("a", "like"), ("c", "view"), ("b", "like"), ("d", "view")]
                 .into_iter()
-                .map(|(video, kind)| Counted { video_id: video.into(), event_type: kind.into() })
+                .map(|(video, kind)| Counted { video_id: video.into(), event_type: kind.into(), events: 10, days: 1 })
                 .collect();
-        let batches = by_video(&keys, 3);
-        let names: Vec<Vec<String>> =
-            batches.iter().map(|batch| batch.iter().map(|(v, k)| format!("{v}/{k}")).collect()).collect();
-        assert_eq!(names, [vec!["a/view", "a/like", "b/view", "b/like"], vec!["c/view", "d/view"]]);
-        assert!(by_video(&[], 3).is_empty());
+        let names = |batches: Vec<(Vec<Key>, usize)>| -> Vec<(Vec<String>, usize)> {
+            batches.into_iter().map(|(batch, n)| (batch.iter().map(|(v, k)| format!("{v}/{k}")).collect(), n)).collect()
+        };
+        let all = names(by_video(keys));
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].0, ["a/view", "a/like", "b/view", "b/like", "c/view", "d/view"]);
+        assert_eq!(all[0].1, 60);
+        // A heavy video closes its batch: about WARM_MINUTES minutes each (a day of minutes at most
+        // per day with a count).
+        let heavy = |video: &str, days: u64| Counted {
+            video_id: video.into(),
+            event_type: "view".into(),
+            events: u64::MAX,
+            days,
+        };
+        let batches = names(by_video(vec![heavy("h1", 1000), heavy("h2", 1000), heavy("l", 1)]));
+        assert_eq!(
+            batches,
+            [(vec!["h1/view".to_owned(), "h2/view".to_owned()], 2_880_000), (vec!["l/view".to_owned()], 1440)]
+        );
+        assert!(by_video(Vec::new()).is_empty());
     }
 
     proptest! {

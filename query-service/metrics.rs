@@ -43,6 +43,16 @@ impl Metrics {
             memory.load_retries.clone(),
         );
         registry.register("memory_load_errors", "Key loads that failed", memory.load_errors.clone());
+        registry.register(
+            "memory_edge_hits",
+            "Partial edge minutes of ranges answered from kept event times",
+            memory.edge_hits.clone(),
+        );
+        registry.register(
+            "memory_edge_loads",
+            "Edge minutes whose event times were read from events_raw and kept",
+            memory.edge_loads.clone(),
+        );
         registry.register("memory_evictions", "Keys dropped to stay in --memory-budget-mb", memory.evictions.clone());
         registry.register("memory_applies", "Polls that applied newly committed epochs", memory.applies.clone());
         registry.register("memory_poll_errors", "Polls of the committed epoch that failed", memory.poll_errors.clone());

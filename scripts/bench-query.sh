@@ -56,6 +56,9 @@ echo "bench-query: millisecond ranges (whole minutes from memory, the edges from
 run "$CLIENTS" --call views
 run 1 --call views
 run "$CLIENTS" --call views --video heavy000
+echo "bench-query: millisecond ranges inside the last hour (edges from the event times memory keeps; the first run reads them)"
+run "$CLIENTS" --call views --hot
+run "$CLIENTS" --call views --hot
 echo "bench-query: stats (ClickHouse)"
 run "$CLIENTS" --call stats
 stop

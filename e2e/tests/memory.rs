@@ -119,8 +119,10 @@ fn memory_answers_equal_clickhouse_while_epochs_land_after_eviction_and_after_a_
     // A service started once the job commits again warms up while blocks are in flight: its
     // reads meet epochs being written.
     let committed = env.scalar("SELECT max(epoch) FROM checkpoint_commits");
-    videocount_e2e::wait_until("the job commits again", Duration::from_secs(60), || {
+    videocount_e2e::wait_until("the job commits again, with epochs in flight", Duration::from_secs(60), || {
         env.scalar("SELECT max(epoch) FROM checkpoint_commits") > committed
+            && env.scalar("SELECT count() FROM count_blocks WHERE epoch > (SELECT max(epoch) FROM checkpoint_commits)")
+                > 0
     });
     let warm = env.query_service(&["--memory-poll-ms", "100"]);
     // First use of every key while blocks are in flight: each load meets epochs being written.
@@ -144,8 +146,41 @@ fn memory_answers_equal_clickhouse_while_epochs_land_after_eviction_and_after_a_
     eprintln!("warm-up: {warmed} keys in {warm_seconds} s, {warm_retries} reads again");
     assert!(warm_seconds >= 0.0, "the warm-up finished");
     assert!(warmed >= VIDEOS as f64, "the warm-up loaded most keys ({warmed})");
+    let mut same_ranges = rng.clone();
     assert_all_equal(&env, &[&memory, &plain, &tiny, &warm], &mut rng, 150);
     assert_eq!(metric_of(&warm, "videocount_query_memory_load_errors_total"), 0.0);
+    // The edge minutes those answers read from events_raw are kept now (the ones read while
+    // events arrived were dropped again by the epochs that changed them): the same ranges again
+    // take their edges from memory.
+    assert_all_equal(&env, &[&memory], &mut same_ranges, 150);
+    let edge_hits = metric_of(&memory, "videocount_query_memory_edge_hits_total");
+    let edge_loads = metric_of(&memory, "videocount_query_memory_edge_loads_total");
+    eprintln!("edge minutes kept {edge_loads}, answered from them {edge_hits}");
+    assert!(edge_hits > 0.0, "edges came from memory ({edge_hits})");
+    let now = now_ms();
+    let unaligned = (now - 2 * HOUR + 1234, now - HOUR - 4321);
+    let answer = || count(&memory, &env, "m0", "view", unaligned.0, unaligned.1);
+    answer();
+    videocount_e2e::wait_until("an unaligned range with its edges from memory", Duration::from_secs(10), || {
+        answer()["edges"] == "memory"
+    });
+    assert_eq!(answer()["value"].as_u64(), Some(raw_count(&env, "m0", "view", unaligned.0, unaligned.1)));
+    // Late events into that edge minute: the epoch that counts them drops the kept times, and
+    // the answer follows.
+    let before = raw_count(&env, "m0", "view", unaligned.0, unaligned.1);
+    let late: Vec<(String, String)> = (0..5)
+        .map(|i| {
+            let body = serde_json::json!({"video_id": "m0", "event_type": "view", "ts": unaligned.0 + 100 + i});
+            ("m0".to_owned(), body.to_string())
+        })
+        .collect();
+    produce_keyed(&env.topic, &late);
+    videocount_e2e::wait_until("the late events counted", Duration::from_secs(60), || {
+        raw_count(&env, "m0", "view", unaligned.0, unaligned.1) == before + 5
+    });
+    videocount_e2e::wait_until("the answer with the late events", Duration::from_secs(10), || {
+        answer()["value"].as_u64() == Some(before + 5)
+    });
     let loads = metric_of(&memory, "videocount_query_memory_loads_total");
     let retries = metric_of(&memory, "videocount_query_memory_load_retries_total");
     let hits = metric_of(&memory, "videocount_query_memory_hits_total");
