@@ -39,7 +39,7 @@ use clickhouse::Row;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use videocount_clickhouse::ClickHouse;
 use videocount_query::QueryError;
 
@@ -64,6 +64,10 @@ const WARM_RETRY: Duration = Duration::from_secs(30);
 /// A warm-up stops once the keys take this share of the budget (in tenths): the rest is for the
 /// keys asked for later.
 const WARM_TENTHS: usize = 9;
+/// The last hour: an edge minute asked for in it reads the key's whole last hour.
+const HOT_WINDOW_SECS: u64 = 3600;
+/// Edge reads waiting or running at most (more misses meanwhile read `events_raw` only).
+const EDGE_PENDING: usize = 64;
 /// Edge minutes' event times may take a budget's `1 / EDGE_SHARE`.
 const EDGE_SHARE: usize = 8;
 /// How long one of a warm-up's reads may take.
@@ -222,6 +226,8 @@ pub struct Memory {
     loading: Mutex<HashSet<Key>>,
     edge_loading: Mutex<HashSet<(Key, u32)>>,
     load_permits: tokio::sync::Semaphore,
+    /// Edge reads run beside key loads, not in their queue.
+    edge_permits: tokio::sync::Semaphore,
     pub stats: MemoryStats,
 }
 
@@ -245,6 +251,14 @@ struct KeyMinutes {
     video_id: String,
     event_type: String,
     minutes: Vec<(u32, u64)>,
+}
+
+/// An event time of `events_raw`.
+#[derive(Row, Deserialize)]
+struct RawTime {
+    video_id: String,
+    event_type: String,
+    ts: u64,
 }
 
 /// A key of the day table, with its events and days counted.
@@ -296,6 +310,7 @@ impl Memory {
             loading: Mutex::new(HashSet::new()),
             edge_loading: Mutex::new(HashSet::new()),
             load_permits: tokio::sync::Semaphore::new(CONCURRENT_LOADS),
+            edge_permits: tokio::sync::Semaphore::new(2),
             stats,
         }
     }
@@ -350,35 +365,56 @@ impl Memory {
         Some((at(to_ms) - at(from_ms)) as u64)
     }
 
-    /// Reads the event times of the key's minute starting at `minute_ms` from `events_raw` in
-    /// the background, and keeps them if they are exactly the minute's count as of the applied
-    /// epoch: every epoch up to it is in `events_raw` (its rows are written before the commit),
+    /// Reads the event times of the key's minute starting at `minute_ms` (of its whole last
+    /// hour when the minute is in it) from `events_raw` in the background, and keeps those of a
+    /// minute if they are exactly the minute's count as of the applied epoch: every epoch up to it is in `events_raw` (its rows are written before the commit),
     /// so the read holds at least that count, and exactly that count only if no later epoch's
     /// event of the minute was in it. The key must be held (its count is the reference), and
     /// the applied epoch must not move during the read. A later epoch that changes the minute
     /// drops them again.
     pub fn want_edge(self: &Arc<Self>, video_id: &str, event_type: &str, minute_ms: u64) {
-        let edge = ((video_id.to_owned(), event_type.to_owned()), clamp(minute_ms / 60_000 * 60));
+        let key = (video_id.to_owned(), event_type.to_owned());
+        let minute = clamp(minute_ms / 60_000 * 60);
         {
             let state = self.state.read().expect("memory lock");
-            if state.replicated || state.edges.contains_key(&edge) || !state.keys.contains_key(&edge.0) {
+            if state.replicated || state.edges.contains_key(&(key.clone(), minute)) || !state.keys.contains_key(&key) {
                 return;
             }
         }
-        if !self.edge_loading.lock().expect("loading lock").insert(edge.clone()) {
-            return;
+        // An edge in the last hour (where unaligned questions come from) reads the key's whole
+        // last hour at once: one query instead of one per minute asked for.
+        // The last two minutes (still being counted: the next epochs may change them) read
+        // only the minute; the two edge permits bound what that costs.
+        let (hot_start, hot_last) = hot_window();
+        let (first, last, loading) = if minute >= hot_start && minute + 60 < hot_last {
+            (hot_start, hot_last - 60, (key, u32::MAX))
+        } else {
+            (minute, minute, (key, minute))
+        };
+        {
+            let mut pending = self.edge_loading.lock().expect("loading lock");
+            if pending.len() >= EDGE_PENDING || !pending.insert(loading.clone()) {
+                return;
+            }
         }
         let memory = self.clone();
         tokio::spawn(async move {
-            let _permit = memory.load_permits.acquire().await.expect("the semaphore is never closed");
-            if let Err(error) = memory.load_edge(&edge).await {
-                warn!(video_id = %edge.0.0, event_type = %edge.0.1, minute = edge.1, %error, "reading an edge minute's event times failed");
+            let _permit = memory.edge_permits.acquire().await.expect("the semaphore is never closed");
+            let keys = std::slice::from_ref(&loading.0);
+            if let Err(error) = memory.load_edges(&memory.clickhouse, keys, first, last).await {
+                memory.stats.load_errors.inc();
+                let (video_id, event_type) = &loading.0;
+                debug!(%video_id, %event_type, first, last, %error, "reading edge minutes' event times failed");
             }
-            memory.edge_loading.lock().expect("loading lock").remove(&edge);
+            memory.edge_loading.lock().expect("loading lock").remove(&loading);
         });
     }
 
-    async fn load_edge(&self, edge: &(Key, u32)) -> Result<(), QueryError> {
+    /// Reads the key's event times of the minutes `first..=last` (minute starts, seconds) and
+    /// keeps those of each minute whose number equals its count in memory (see [`want_edge`]).
+    ///
+    /// [`want_edge`]: Memory::want_edge
+    async fn load_edges(&self, clickhouse: &ClickHouse, keys: &[Key], first: u32, last: u32) -> Result<(), QueryError> {
         let (applied, generation) = {
             let state = self.state.read().expect("memory lock");
             match state.applied {
@@ -386,37 +422,59 @@ impl Memory {
                 None => return Ok(()),
             }
         };
-        let ((video, kind), minute) = edge;
-        let start_ms = u64::from(*minute) * 1000;
-        let query = self
-            .clickhouse
+        let (start_ms, end_ms) = (u64::from(first) * 1000, (u64::from(last) + 60) * 1000);
+        let videos: Vec<&str> =
+            keys.iter().map(|(video, _)| video.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+        let kinds: Vec<&str> =
+            keys.iter().map(|(_, kind)| kind.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+        let query = clickhouse
             .client()
-            .query("SELECT ts FROM events_raw WHERE video_id = ? AND event_type = ? AND ts >= ? AND ts < ?")
-            .bind(video)
-            .bind(kind)
+            .query(
+                "SELECT video_id, event_type, ts FROM events_raw WHERE video_id IN (SELECT arrayJoin(?)) \
+                 AND event_type IN (SELECT arrayJoin(?)) AND ts >= ? AND ts < ?",
+            )
+            .bind(&videos)
+            .bind(&kinds)
             .bind(start_ms)
-            .bind(start_ms + 60_000);
-        let times: Vec<u64> = self.clickhouse.fetch_all(query).await?;
-        let mut offsets: Vec<u16> = times.into_iter().map(|ts| (ts - start_ms) as u16).collect();
-        offsets.sort_unstable();
-        offsets.shrink_to_fit();
+            .bind(end_ms);
+        let times: Vec<RawTime> = clickhouse.fetch_all(query).await?;
+        // Per key, minute start (seconds) -> milliseconds into it, every minute of the span.
+        let span = || (first..=last).step_by(60).map(|m| (m, Vec::new())).collect::<BTreeMap<u32, Vec<u16>>>();
+        let mut minutes: HashMap<Key, BTreeMap<u32, Vec<u16>>> = keys.iter().map(|key| (key.clone(), span())).collect();
+        for RawTime { video_id, event_type, ts } in times {
+            let minute_ms = ts / 60_000 * 60_000;
+            let offsets = minutes.get_mut(&(video_id, event_type)).and_then(|m| m.get_mut(&clamp(minute_ms / 1000)));
+            if let Some(offsets) = offsets {
+                offsets.push((ts - minute_ms) as u16);
+            }
+        }
         let mut state = self.state.write().expect("memory lock");
-        if state.generation != generation || state.applied != Some(applied) || state.edges.contains_key(edge) {
+        if state.generation != generation || state.applied != Some(applied) {
             return Ok(());
         }
-        let Some(series) = state.keys.get(&edge.0) else { return Ok(()) };
-        if series.sum(*minute, minute.saturating_add(60)) != offsets.len() as u64 {
-            return Ok(());
-        }
-        state.edge_bytes += edge_bytes_of(&offsets);
-        state.edges.insert(edge.clone(), offsets);
-        self.stats.edge_loads.inc();
-        // Over its share of the budget: drop edge minutes (any) until under it.
         let limit = self.config.budget_bytes / EDGE_SHARE;
-        while state.edge_bytes > limit {
-            let Some(any) = state.edges.keys().next().cloned() else { break };
-            if let Some(offsets) = state.edges.remove(&any) {
-                state.edge_bytes -= edge_bytes_of(&offsets);
+        for (key, key_minutes) in minutes {
+            for (minute, mut offsets) in key_minutes {
+                let Some(series) = state.keys.get(&key) else { break };
+                let edge = (key.clone(), minute);
+                let bytes = edge_bytes_of(&offsets);
+                if bytes > limit / 16
+                    || state.edges.contains_key(&edge)
+                    || series.sum(minute, minute.saturating_add(60)) != offsets.len() as u64
+                {
+                    continue;
+                }
+                offsets.sort_unstable();
+                offsets.shrink_to_fit();
+                // Over their share of the budget, edge minutes start over (they are read again
+                // when asked for): simple, and no scan under the lock.
+                if state.edge_bytes + bytes > limit {
+                    state.edges.clear();
+                    state.edge_bytes = 0;
+                }
+                state.edge_bytes += bytes;
+                state.edges.insert(edge, offsets);
+                self.stats.edge_loads.inc();
             }
         }
         Ok(())
@@ -665,6 +723,11 @@ impl Memory {
                 if state.bytes + minutes * 12 > limit {
                     break;
                 }
+                // A warm-up started again after a failure does not read what is in already.
+                batch.retain(|key| !state.keys.contains_key(key));
+            }
+            if batch.is_empty() {
+                continue;
             }
             // Keys an epoch in flight touched are read again a little later, as a load would.
             for attempt in 0..LOAD_ATTEMPTS {
@@ -688,6 +751,17 @@ impl Memory {
                 failures = 0;
                 installed += loaded.installed;
                 self.stats.loads.inc_by(loaded.installed as u64);
+                // The keys' last hour of event times too (edges of recent ranges), while they
+                // take under half of their share.
+                let room =
+                    self.state.read().expect("memory lock").edge_bytes < self.config.budget_bytes / EDGE_SHARE / 2;
+                let done: Vec<Key> = batch.iter().filter(|key| !loaded.busy.contains(key)).cloned().collect();
+                if room && !done.is_empty() {
+                    let (first, last) = hot_window();
+                    if let Err(error) = self.load_edges(&clickhouse, &done, first, last.saturating_sub(60)).await {
+                        warn!(%error, "reading a warm-up batch's last hour of event times failed; edges read them when asked");
+                    }
+                }
                 batch = loaded.busy;
                 if batch.is_empty() {
                     break;
@@ -914,6 +988,12 @@ fn by_video(keys: Vec<Counted>) -> Vec<(Vec<Key>, usize)> {
     }
     batches.retain(|(batch, _)| !batch.is_empty());
     batches
+}
+
+/// The first and the last minute start (seconds) of the last hour of the wall clock.
+fn hot_window() -> (u32, u32) {
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    (clamp(now_s.saturating_sub(HOT_WINDOW_SECS) / 60 * 60), clamp(now_s / 60 * 60))
 }
 
 /// The bytes an edge minute's event times take.

@@ -116,8 +116,8 @@ fn memory_answers_equal_clickhouse_while_epochs_land_after_eviction_and_after_a_
             done.store(true, Ordering::SeqCst);
         })
     };
-    // A service started once the job commits again warms up while blocks are in flight: its
-    // reads meet epochs being written.
+    // A service started once the job commits again, with blocks in flight, warms up while
+    // epochs are being written (its reads meet them in most runs).
     let committed = env.scalar("SELECT max(epoch) FROM checkpoint_commits");
     videocount_e2e::wait_until("the job commits again, with epochs in flight", Duration::from_secs(60), || {
         env.scalar("SELECT max(epoch) FROM checkpoint_commits") > committed
