@@ -79,6 +79,11 @@ pub struct QueryArgs {
     /// Serve every count from ClickHouse.
     #[arg(long, env = "VIDEOCOUNT_QUERY_NO_MEMORY")]
     pub no_memory: bool,
+    /// ClickHouse queries of requests in flight at once; more wait their turn (within
+    /// --clickhouse-timeout-ms). A saturated ClickHouse would also delay memory's polls, and
+    /// memory stops answering when they are late: they do not take turns.
+    #[arg(long, env = "VIDEOCOUNT_QUERY_CLICKHOUSE_CONCURRENCY", default_value_t = 8)]
+    pub clickhouse_concurrency: usize,
     /// Do not load keys into memory before they are asked for. By default, after the start
     /// (and after a replay), keys load the most recently counted first until they take nine
     /// tenths of --memory-budget-mb; until a key is in, ClickHouse answers it.
@@ -115,8 +120,8 @@ pub struct QueryArgs {
 
 /// Checks the flags and serves until SIGINT/SIGTERM.
 pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
-    if args.clickhouse_timeout_ms == 0 || args.memory_poll_ms == 0 {
-        anyhow::bail!("--clickhouse-timeout-ms and --memory-poll-ms must be above 0");
+    if args.clickhouse_timeout_ms == 0 || args.memory_poll_ms == 0 || args.clickhouse_concurrency == 0 {
+        anyhow::bail!("--clickhouse-timeout-ms, --memory-poll-ms and --clickhouse-concurrency must be above 0");
     }
     let config = ClickHouseConfig {
         request_timeout: Duration::from_millis(args.clickhouse_timeout_ms),
@@ -129,7 +134,10 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
     let clickhouse = ClickHouse::new(config).with_setting("max_threads", "1");
     let edges = if args.no_raw_edges { Edges::WholeMinutes } else { Edges::Raw };
     let functions = FunctionsConfig::load_or_default(args.functions.as_deref())?;
-    let reader = Reader::new(clickhouse.clone(), Registry::builtin()).with_edges(edges).with_functions(functions);
+    // Requests' queries take turns (--clickhouse-concurrency); memory's polls and loads do not
+    // wait behind them.
+    let bounded = clickhouse.with_concurrency(args.clickhouse_concurrency);
+    let reader = Reader::new(bounded, Registry::builtin()).with_edges(edges).with_functions(functions);
     match reader.ready().await {
         Ok(()) => info!(url = %args.clickhouse.url, database = %args.clickhouse.database, "ClickHouse is ready"),
         Err(error) => warn!(%error, "ClickHouse is not ready yet; requests get 503 until it is"),

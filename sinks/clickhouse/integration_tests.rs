@@ -336,3 +336,32 @@ async fn old_changelog_ranges_are_dropped_whole_and_recent_ones_stay() {
     assert_eq!(crate::checkpoints::drop_old_changelog(&clickhouse, 3 * span + 10).await.unwrap(), 0);
     clickhouse.execute(&format!("DROP DATABASE {}", clickhouse.database())).await.unwrap();
 }
+
+/// A handle bounded to one request at a time runs them one after the other (the clones share
+/// the turns); an unbounded handle beside it does not wait for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs ClickHouse: make up, then make test"]
+async fn requests_of_a_bounded_handle_take_turns() {
+    let unbounded = ClickHouse::new(ClickHouseConfig { database: "default".into(), ..ClickHouseConfig::default() });
+    let bounded = unbounded.with_concurrency(1);
+    let sleep = |clickhouse: ClickHouse| async move {
+        let query = clickhouse.client().query("SELECT sleep(0.5) AS slept");
+        clickhouse.fetch_all::<u8>(query).await.expect("answered")
+    };
+    let started = std::time::Instant::now();
+    let (a, b) = tokio::join!(sleep(bounded.clone()), sleep(bounded.clone()));
+    assert_eq!((a.len(), b.len()), (1, 1));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(950), "one after the other: {:?}", started.elapsed());
+
+    // While the bounded handle is busy, the unbounded one answers without waiting its turn.
+    let busy = tokio::spawn(sleep(bounded.clone()));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let timed = |clickhouse: ClickHouse| async move {
+        let started = std::time::Instant::now();
+        sleep(clickhouse).await;
+        started.elapsed()
+    };
+    let (waited, direct) = tokio::join!(timed(bounded.clone()), timed(unbounded.clone()));
+    busy.await.unwrap();
+    assert!(waited > direct, "the bounded request waited its turn ({waited:?}), the other did not ({direct:?})");
+}

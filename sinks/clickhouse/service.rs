@@ -78,6 +78,8 @@ pub struct ClickHouse {
     replicas: std::sync::Arc<Vec<Client>>,
     current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     config: ClickHouseConfig,
+    /// Requests of this handle (and its clones) in flight at once, when bounded.
+    permits: Option<std::sync::Arc<tokio::sync::Semaphore>>,
 }
 
 impl std::fmt::Debug for ClickHouse {
@@ -88,7 +90,12 @@ impl std::fmt::Debug for ClickHouse {
 
 impl ClickHouse {
     pub fn new(config: ClickHouseConfig) -> Self {
-        ClickHouse { replicas: std::sync::Arc::new(Self::clients(&config)), current: Default::default(), config }
+        ClickHouse {
+            replicas: std::sync::Arc::new(Self::clients(&config)),
+            current: Default::default(),
+            config,
+            permits: None,
+        }
     }
 
     /// Another handle on the same replicas (sharing which one is in use) with `config`.
@@ -97,7 +104,16 @@ impl ClickHouse {
             replicas: std::sync::Arc::new(Self::clients(&config)),
             current: std::sync::Arc::clone(&self.current),
             config,
+            permits: self.permits.clone(),
         }
+    }
+
+    /// The same handle with at most `requests` of its requests (its clones' included) in
+    /// flight at once; the others wait for a turn within their request timeout. A service
+    /// bounds its request path so that ClickHouse does not slow down for everything else it
+    /// asks (another handle, unbounded, keeps its own pace).
+    pub fn with_concurrency(&self, requests: usize) -> ClickHouse {
+        ClickHouse { permits: Some(std::sync::Arc::new(tokio::sync::Semaphore::new(requests.max(1)))), ..self.clone() }
     }
 
     fn clients(config: &ClickHouseConfig) -> Vec<Client> {
@@ -171,6 +187,7 @@ impl ClickHouse {
             replicas: std::sync::Arc::new(replicas),
             current: std::sync::Arc::clone(&self.current),
             config: self.config.clone(),
+            permits: self.permits.clone(),
         }
     }
 
@@ -224,6 +241,13 @@ impl ClickHouse {
         used: usize,
         request: impl Future<Output = Result<T, clickhouse::error::Error>>,
     ) -> Result<T, SinkError> {
+        let request = async {
+            let _turn = match &self.permits {
+                Some(permits) => Some(permits.acquire().await.expect("the semaphore is never closed")),
+                None => None,
+            };
+            request.await
+        };
         let result = tokio::time::timeout(self.timeout(), request)
             .await
             .map_err(|_| SinkError::Unavailable(format!("no answer within {:?}", self.timeout())))
