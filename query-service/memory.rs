@@ -415,18 +415,9 @@ impl Memory {
     ///
     /// [`want_edge`]: Memory::want_edge
     async fn load_edges(&self, clickhouse: &ClickHouse, keys: &[Key], first: u32, last: u32) -> Result<(), QueryError> {
-        let (applied, generation) = {
-            let state = self.state.read().expect("memory lock");
-            match state.applied {
-                Some(applied) => (applied, state.generation),
-                None => return Ok(()),
-            }
-        };
+        let Some((applied, generation)) = self.snapshot() else { return Ok(()) };
         let (start_ms, end_ms) = (u64::from(first) * 1000, (u64::from(last) + 60) * 1000);
-        let videos: Vec<&str> =
-            keys.iter().map(|(video, _)| video.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
-        let kinds: Vec<&str> =
-            keys.iter().map(|(_, kind)| kind.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+        let (videos, kinds) = videos_and_kinds(keys);
         let query = clickhouse
             .client()
             .query(
@@ -549,6 +540,13 @@ impl Memory {
         Err(QueryError::Invalid(format!("an epoch was being written during each of {LOAD_ATTEMPTS} reads")))
     }
 
+    /// The applied epoch and the store's generation, once the first poll worked: what a load
+    /// reads as of, and what must not have moved when it installs.
+    fn snapshot(&self) -> Option<(u64, u64)> {
+        let state = self.state.read().expect("memory lock");
+        state.applied.map(|applied| (applied, state.generation))
+    }
+
     /// Asked for before the first poll (just after the start): waits for it a little.
     async fn wait_for_first_poll(&self) {
         for _ in 0..50 {
@@ -563,17 +561,8 @@ impl Memory {
     /// all of them with the same three reads. `used`: the last-use time they get (a warm-up's
     /// keys get 0: they leave before the keys requests asked for).
     async fn try_load(&self, clickhouse: &ClickHouse, keys: &[Key], used: u64) -> Result<Option<Loaded>, QueryError> {
-        let (applied, generation) = {
-            let state = self.state.read().expect("memory lock");
-            match state.applied {
-                Some(applied) => (applied, state.generation),
-                None => return Ok(None),
-            }
-        };
-        let videos: Vec<&str> =
-            keys.iter().map(|(video, _)| video.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
-        let kinds: Vec<&str> =
-            keys.iter().map(|(_, kind)| kind.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+        let Some((applied, generation)) = self.snapshot() else { return Ok(None) };
+        let (videos, kinds) = videos_and_kinds(keys);
         let client = clickhouse.client();
         // 1. The blocks marked written: an epoch's block of a key marked here is all in step 2.
         let marked: Vec<Block> = clickhouse
@@ -988,6 +977,13 @@ fn by_video(keys: Vec<Counted>) -> Vec<(Vec<Key>, usize)> {
     }
     batches.retain(|(batch, _)| !batch.is_empty());
     batches
+}
+
+/// The distinct videos and event types of `keys`, for `IN (SELECT arrayJoin(?))` reads.
+fn videos_and_kinds(keys: &[Key]) -> (Vec<&str>, Vec<&str>) {
+    let videos: BTreeSet<&str> = keys.iter().map(|(video, _)| video.as_str()).collect();
+    let kinds: BTreeSet<&str> = keys.iter().map(|(_, kind)| kind.as_str()).collect();
+    (videos.into_iter().collect(), kinds.into_iter().collect())
 }
 
 /// The first and the last minute start (seconds) of the last hour of the wall clock.
