@@ -9,7 +9,7 @@ use timely::dataflow::Stream;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
-use videocount_clickhouse::rows::{CountRow, Grain, Insert, counts_block};
+use videocount_clickhouse::rows::{CountRow, Grain, Insert, changes_block, counts_block};
 use videocount_events::{Event, Located, route};
 
 /// A fast, non-cryptographic hasher: keys come from our own validated events.
@@ -18,15 +18,24 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use crate::flush_epochs::EpochState;
 
 /// Counts of one epoch on one worker, keyed by minute; hours and days are derived at flush.
+/// The event times too, for the changelog (`count_changes`).
 #[derive(Debug, Default)]
 pub struct EventCounts {
-    minutes: Map<(CompactString, CompactString, u32), u64>,
+    /// (video, event type, minute) -> (count, the cell's number in order of arrival).
+    minutes: Map<(CompactString, CompactString, u32), (u64, u32)>,
+    /// Every event as its cell's number times 2^16 plus its milliseconds into the minute:
+    /// sorted, a cell's times are together and in order.
+    times: Vec<u64>,
 }
 
 impl EventCounts {
     pub fn add(&mut self, event: Event) {
-        let key = (event.video_id, event.event_type, Grain::Minute.bucket(event.ts_ms));
-        *self.minutes.entry(key).or_insert(0) += 1;
+        let minute = Grain::Minute.bucket(event.ts_ms);
+        let into_minute = event.ts_ms - u64::from(minute) * 1000;
+        let cells = self.minutes.len() as u32;
+        let (count, cell) = self.minutes.entry((event.video_id, event.event_type, minute)).or_insert((0, cells));
+        *count += 1;
+        self.times.push(u64::from(*cell) << 16 | into_minute);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -35,14 +44,14 @@ impl EventCounts {
 
     /// The (video, event type, minute) counts.
     pub fn cells(&self) -> impl Iterator<Item = (&CompactString, &CompactString, u32, u64)> {
-        self.minutes.iter().map(|((video, kind, minute), n)| (video, kind, *minute, *n))
+        self.minutes.iter().map(|((video, kind, minute), (n, _))| (video, kind, *minute, *n))
     }
 
     /// The rows of each grain, unsorted.
     pub fn rows(&self) -> [(Grain, Vec<CountRow>); 3] {
         let mut hours: Map<(CompactString, CompactString, u32), u64> = Map::default();
         let mut days: Map<(CompactString, CompactString, u32), u64> = Map::default();
-        for ((video, kind, minute), n) in &self.minutes {
+        for ((video, kind, minute), (n, _)) in &self.minutes {
             let ts_ms = u64::from(*minute) * 1000;
             *hours.entry((video.clone(), kind.clone(), Grain::Hour.bucket(ts_ms))).or_insert(0) += n;
             *days.entry((video.clone(), kind.clone(), Grain::Day.bucket(ts_ms))).or_insert(0) += n;
@@ -50,7 +59,31 @@ impl EventCounts {
         let rows = |map: &Map<(CompactString, CompactString, u32), u64>| -> Vec<CountRow> {
             map.iter().map(|((v, k, b), n)| ((v.to_string(), k.to_string(), *b), *n)).collect()
         };
-        [(Grain::Minute, rows(&self.minutes)), (Grain::Hour, rows(&hours)), (Grain::Day, rows(&days))]
+        let minutes = self.minutes.iter().map(|((v, k, b), (n, _))| ((v.to_string(), k.to_string(), *b), *n)).collect();
+        [(Grain::Minute, minutes), (Grain::Hour, rows(&hours)), (Grain::Day, rows(&days))]
+    }
+
+    /// The minute rows with the milliseconds into the minute of each of their events, sorted
+    /// (the rows unsorted).
+    pub fn timed_rows(&self) -> Vec<(CountRow, Vec<u16>)> {
+        let mut times = self.times.clone();
+        times.sort_unstable();
+        // Where each cell's times start among them (cells in order of their number).
+        let mut starts = vec![0; self.minutes.len() + 1];
+        for (n, cell) in self.minutes.values() {
+            starts[*cell as usize + 1] = *n as usize;
+        }
+        for i in 1..starts.len() {
+            starts[i] += starts[i - 1];
+        }
+        self.minutes
+            .iter()
+            .map(|((v, k, b), (n, cell))| {
+                let cell = *cell as usize;
+                let offsets = times[starts[cell]..starts[cell + 1]].iter().map(|t| (t & 0xffff) as u16).collect();
+                (((v.to_string(), k.to_string(), *b), *n), offsets)
+            })
+            .collect()
     }
 
     /// One block per grain for `epoch`; nothing when the epoch counted nothing.
@@ -59,6 +92,12 @@ impl EventCounts {
             return Vec::new();
         }
         self.rows().into_iter().map(|(grain, mut rows)| counts_block(grain, epoch, &mut rows)).collect()
+    }
+
+    /// The epoch's block of `count_changes`: the minute rows with their event times; `None`
+    /// when the epoch counted nothing.
+    pub fn changes_insert(&self, epoch: u64) -> Option<Insert> {
+        (!self.is_empty()).then(|| changes_block(epoch, &mut self.timed_rows()))
     }
 }
 
@@ -135,6 +174,20 @@ mod tests {
                 prop_assert_eq!(grain, Grain::ALL[i]);
                 let got: BTreeMap<_, _> = rows.into_iter().collect();
                 prop_assert_eq!(&got, &expected[i]);
+            }
+            // Each minute row's times are its events' milliseconds into the minute, sorted.
+            let mut times: BTreeMap<(String, String, u32), Vec<u16>> = BTreeMap::new();
+            for event in &events {
+                let minute = Grain::Minute.bucket(event.ts_ms);
+                let key = (event.video_id.to_string(), event.event_type.to_string(), minute);
+                times.entry(key).or_default().push((event.ts_ms - u64::from(minute) * 1000) as u16);
+            }
+            times.values_mut().for_each(|t| t.sort_unstable());
+            let timed: BTreeMap<_, _> = counts.timed_rows().into_iter().map(|((key, n), t)| (key, (n, t))).collect();
+            prop_assert_eq!(timed.len(), times.len());
+            for (key, (n, got)) in timed {
+                prop_assert_eq!(n, got.len() as u64);
+                prop_assert_eq!(&got, &times[&key]);
             }
         }
     }

@@ -72,6 +72,9 @@ const EDGE_PENDING: usize = 64;
 const EDGE_SHARE: usize = 8;
 /// How long one of a warm-up's reads may take.
 const WARM_TIMEOUT: Duration = Duration::from_secs(120);
+/// The rows of `count_changes` of the epochs in `(?, ?]`, with their event times (the poll's).
+const TIMED_CHANGES: &str = "SELECT video_id, event_type, toUInt32(minute) AS minute, count, times FROM count_changes \
+                             WHERE epoch > ? AND epoch <= ?";
 /// The rows of `count_changes` of the epochs in `(?, ?]`.
 const CHANGES: &str = "SELECT video_id, event_type, toUInt32(minute) AS minute, count, epoch FROM count_changes \
                        WHERE epoch > ? AND epoch <= ?";
@@ -216,6 +219,56 @@ struct State {
     /// changes the minute.
     edges: HashMap<(Key, u32), Vec<u16>>,
     edge_bytes: usize,
+    /// Edge minutes before this one (seconds) are not kept: the oldest left to make room.
+    edge_floor: u32,
+}
+
+impl State {
+    /// Empties the store (keys and edge minutes).
+    fn clear(&mut self) {
+        self.keys.clear();
+        self.bytes = 0;
+        self.edges.clear();
+        self.edge_bytes = 0;
+        self.edge_floor = 0;
+    }
+
+    /// Keeps `offsets` (sorted) as the event times of an edge minute, after dropping the oldest
+    /// minutes if they would take more than `limit`: the newest are asked for most (ranges
+    /// ending now), and minutes before those dropped are no longer kept (until a reset), so
+    /// that a small share does not read and drop the same minutes over and over.
+    fn keep_edge(&mut self, edge: (Key, u32), offsets: Vec<u16>, limit: usize) {
+        let bytes = edge_bytes_of(&offsets);
+        if self.edge_bytes + bytes > limit {
+            let mut minutes: Vec<(u32, usize)> = self.edges.iter().map(|((_, m), o)| (*m, edge_bytes_of(o))).collect();
+            minutes.sort_unstable();
+            // Down to three quarters, so that this does not run for every minute kept.
+            let target = (limit / 4 * 3).saturating_sub(bytes);
+            let mut left = self.edge_bytes;
+            for (minute, bytes) in minutes {
+                if left <= target {
+                    break;
+                }
+                left -= bytes;
+                self.edge_floor = self.edge_floor.max(minute + 1);
+            }
+            let (floor, edge_bytes) = (self.edge_floor, &mut self.edge_bytes);
+            self.edges.retain(|(_, minute), offsets| {
+                let keep = *minute >= floor;
+                if !keep {
+                    *edge_bytes -= edge_bytes_of(offsets);
+                }
+                keep
+            });
+        }
+        if edge.1 < self.edge_floor {
+            return;
+        }
+        self.edge_bytes += bytes;
+        if let Some(old) = self.edges.insert(edge, offsets) {
+            self.edge_bytes -= edge_bytes_of(&old);
+        }
+    }
 }
 
 pub struct Memory {
@@ -270,6 +323,17 @@ struct Counted {
     days: u64,
 }
 
+/// A `count_changes` row as the poll reads it: with the milliseconds into the minute of its
+/// events (sorted; empty when its writer did not record them).
+#[derive(Row, Deserialize)]
+struct TimedChange {
+    video_id: String,
+    event_type: String,
+    minute: u32,
+    count: u64,
+    times: Vec<u16>,
+}
+
 #[derive(Row, Deserialize)]
 struct Change {
     video_id: String,
@@ -306,6 +370,7 @@ impl Memory {
                 bytes: 0,
                 edges: HashMap::new(),
                 edge_bytes: 0,
+                edge_floor: 0,
             }),
             loading: Mutex::new(HashSet::new()),
             edge_loading: Mutex::new(HashSet::new()),
@@ -351,15 +416,23 @@ impl Memory {
     }
 
     /// The events of the key in `[from_ms, to_ms)`, a piece of one minute, from the kept event
-    /// times of that minute, when the store is current and keeps them.
+    /// times of that minute, when the store is current and keeps them, or when the key is held
+    /// and the minute has no event (as of the same applied epoch).
     pub fn edge(&self, video_id: &str, event_type: &str, from_ms: u64, to_ms: u64) -> Option<u64> {
         let minute_ms = from_ms / 60_000 * 60_000;
         let state = self.state.read().expect("memory lock");
-        if !self.fresh(&state) || state.edges.is_empty() {
+        if !self.fresh(&state) {
             return None;
         }
-        let key = ((video_id.to_owned(), event_type.to_owned()), clamp(minute_ms / 1000));
-        let offsets = state.edges.get(&key)?;
+        let minute = clamp(minute_ms / 1000);
+        let key = ((video_id.to_owned(), event_type.to_owned()), minute);
+        let Some(offsets) = state.edges.get(&key) else {
+            let empty = state.keys.get(&key.0).is_some_and(|series| series.sum(minute, minute.saturating_add(60)) == 0);
+            if empty {
+                self.stats.edge_hits.inc();
+            }
+            return empty.then_some(0);
+        };
         let at = |ms: u64| offsets.partition_point(|&o| u64::from(o) < ms.saturating_sub(minute_ms));
         self.stats.edge_hits.inc();
         Some((at(to_ms) - at(from_ms)) as u64)
@@ -448,8 +521,8 @@ impl Memory {
             for (minute, mut offsets) in key_minutes {
                 let Some(series) = state.keys.get(&key) else { break };
                 let edge = (key.clone(), minute);
-                let bytes = edge_bytes_of(&offsets);
-                if bytes > limit / 16
+                if edge_bytes_of(&offsets) > limit / 16
+                    || minute < state.edge_floor
                     || state.edges.contains_key(&edge)
                     || series.sum(minute, minute.saturating_add(60)) != offsets.len() as u64
                 {
@@ -457,14 +530,7 @@ impl Memory {
                 }
                 offsets.sort_unstable();
                 offsets.shrink_to_fit();
-                // Over their share of the budget, edge minutes start over (they are read again
-                // when asked for): simple, and no scan under the lock.
-                if state.edge_bytes + bytes > limit {
-                    state.edges.clear();
-                    state.edge_bytes = 0;
-                }
-                state.edge_bytes += bytes;
-                state.edges.insert(edge, offsets);
+                state.keep_edge(edge, offsets, limit);
                 self.stats.edge_loads.inc();
             }
         }
@@ -818,10 +884,7 @@ impl Memory {
                 warn!(replicas, "the count tables have several replicas: memory is off, counts read ClickHouse");
                 state.replicated = true;
             }
-            state.keys.clear();
-            state.bytes = 0;
-            state.edges.clear();
-            state.edge_bytes = 0;
+            state.clear();
             state.applied = None;
             state.generation += 1;
             state.polled = None;
@@ -845,10 +908,7 @@ impl Memory {
                     "event_counts_minute was replaced or the commits went back: memory emptied, keys load again"
                 );
             }
-            state.keys.clear();
-            state.bytes = 0;
-            state.edges.clear();
-            state.edge_bytes = 0;
+            state.clear();
             self.stats.warm_up_seconds.set(-1.0);
             state.applied = Some(committed);
             state.table = table;
@@ -859,34 +919,47 @@ impl Memory {
         }
         let applied = applied.expect("checked");
         let changes = if committed > applied {
-            let query = client.query(CHANGES).bind(applied).bind(committed);
-            self.clickhouse.fetch_all::<Change>(query).await?
+            let query = client.query(TIMED_CHANGES).bind(applied).bind(committed);
+            self.clickhouse.fetch_all::<TimedChange>(query).await?
         } else {
             Vec::new()
         };
+        let (hot_start, _) = hot_window();
+        let limit = self.config.budget_bytes / EDGE_SHARE;
         let mut state = self.state.write().expect("memory lock");
         if state.applied != Some(applied) {
             return Ok(());
         }
-        let State { keys, bytes, edges, edge_bytes, .. } = &mut *state;
-        let mut key = (String::new(), String::new());
         let mut edge = ((String::new(), String::new()), 0);
-        for change in changes {
-            key.0 = change.video_id;
-            key.1 = change.event_type;
-            if !edges.is_empty() {
-                // The minute's events changed: its kept times are no longer all of them.
-                std::mem::swap(&mut edge.0, &mut key);
-                edge.1 = change.minute;
-                if let Some(offsets) = edges.remove(&edge) {
-                    *edge_bytes -= edge_bytes_of(&offsets);
-                }
-                std::mem::swap(&mut edge.0, &mut key);
-            }
-            if let Some(series) = keys.get_mut(&key) {
+        for TimedChange { video_id, event_type, minute, count, mut times } in changes {
+            (edge.0.0, edge.0.1, edge.1) = (video_id, event_type, minute);
+            // The row's event times are all of its events, unless its writer did not record them.
+            let timed = times.len() as u64 == count;
+            // The minute had no event as of the epochs applied: with the row's times, its kept
+            // times are exactly its events.
+            let mut new_minute = false;
+            let State { keys, bytes, edges, edge_bytes, .. } = &mut *state;
+            if let Some(series) = keys.get_mut(&edge.0) {
                 let before = series.bytes();
-                series.add(change.minute, change.count);
+                new_minute = series.sum(minute, minute.saturating_add(60)) == 0;
+                series.add(minute, count);
                 *bytes = *bytes - before + series.bytes();
+            }
+            // The minute's events changed: its kept times take the row's, or are dropped.
+            if let Some(kept) = edges.get_mut(&edge) {
+                let before = edge_bytes_of(kept);
+                if timed && before + times.len() * 2 <= limit / 16 {
+                    // Two sorted runs: the stable sort merges them in one pass.
+                    kept.extend_from_slice(&times);
+                    kept.sort();
+                    *edge_bytes = *edge_bytes - before + edge_bytes_of(kept);
+                } else {
+                    edges.remove(&edge);
+                    *edge_bytes -= before;
+                }
+            } else if new_minute && timed && minute >= hot_start && edge_bytes_of(&times) <= limit / 16 {
+                times.sort_unstable();
+                state.keep_edge(edge.clone(), times, limit);
             }
         }
         if committed > applied {
@@ -1069,6 +1142,47 @@ mod tests {
             [(vec!["h1/view".to_owned(), "h2/view".to_owned()], 2_880_000), (vec!["l/view".to_owned()], 1440)]
         );
         assert!(by_video(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn edge_minutes_over_their_share_leave_oldest_first_and_are_not_kept_again() {
+        let mut state = State {
+            applied: Some(1),
+            polled: None,
+            table: String::new(),
+            generation: 0,
+            replicated: false,
+            keys: HashMap::new(),
+            bytes: 0,
+            edges: HashMap::new(),
+            edge_bytes: 0,
+            edge_floor: 0,
+        };
+        let key = |video: &str| (video.to_owned(), "view".to_owned());
+        let times = vec![7u16; 100];
+        let each = edge_bytes_of(&times);
+        let limit = 10 * each;
+        for minute in 0..10 {
+            state.keep_edge((key("a"), minute * 60), times.clone(), limit);
+        }
+        assert_eq!((state.edges.len(), state.edge_bytes), (10, limit));
+        // One more: the oldest leave, down to three quarters of the share with the new one in.
+        state.keep_edge((key("b"), 600), times.clone(), limit);
+        let mut minutes: Vec<u32> = state.edges.keys().map(|(_, minute)| *minute).collect();
+        minutes.sort_unstable();
+        assert_eq!(minutes, [240, 300, 360, 420, 480, 540, 600]);
+        assert_eq!(state.edge_bytes, 7 * each);
+        assert_eq!(state.edge_floor, 181);
+        // A minute before those that left is not kept again; a newer one is, and one kept
+        // again replaces its times.
+        state.keep_edge((key("c"), 120), times.clone(), limit);
+        state.keep_edge((key("c"), 660), times.clone(), limit);
+        state.keep_edge((key("c"), 660), vec![1; 10], limit);
+        assert!(!state.edges.contains_key(&(key("c"), 120)));
+        assert_eq!(state.edges[&(key("c"), 660)], vec![1; 10]);
+        assert_eq!(state.edge_bytes, 7 * each + edge_bytes_of(&[1; 10]));
+        state.clear();
+        assert_eq!((state.edges.len(), state.edge_bytes, state.edge_floor), (0, 0, 0));
     }
 
     proptest! {

@@ -8,8 +8,9 @@
 #    than 7 days).
 # 3. The service warms up (its own warm-up, then every video asked for once), then 100 concurrent clients (and 1) over
 #    random ranges of whole minutes (answered from memory) and of milliseconds (their edges from
-#    events_raw), per read call; then views without memory, then the same views as plain SQL
-#    over events_raw.
+#    events_raw), per read call; millisecond ranges of the last hour while view_counts counts a
+#    live feed into it (edges from memory); then views without memory, then the same views as
+#    plain SQL over events_raw.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${BENCH_BIN:-$ROOT/target/release}"
@@ -18,6 +19,8 @@ SECONDS_EACH=${BENCH_SECONDS:-15}
 CLIENTS=${BENCH_CLIENTS:-100}
 PORT=${BENCH_QUERY_PORT:-18091}
 CH=${CLICKHOUSE_URL:-http://127.0.0.1:8123}
+# Events/s view_counts counts into the last hour during the hot-window runs.
+LIVE_RATE=${BENCH_LIVE_RATE:-2000}
 cd "$ROOT"
 
 echo "bench-query: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, database $DB, ${CLIENTS} clients, ${SECONDS_EACH}s per run"
@@ -56,9 +59,23 @@ echo "bench-query: millisecond ranges (whole minutes from memory, the edges from
 run "$CLIENTS" --call views
 run 1 --call views
 run "$CLIENTS" --call views --video heavy000
-echo "bench-query: millisecond ranges inside the last hour (edges from the event times memory keeps; the first run reads them)"
+echo "bench-query: millisecond ranges inside the last hour while view_counts counts ${LIVE_RATE} events/s into it (edges from the event times memory keeps; the first run reads them)"
+LIVE_TOPIC="bench-query-live-$(date +%s)"
+services/kafka/topic.sh "$LIVE_TOPIC" 4 >/dev/null
+RUST_LOG=warn "$BIN/view_counts" --topic "$LIVE_TOPIC" --database "$DB" --workers 1 >"$ROOT/var/bench-query-job.log" 2>&1 &
+LIVE_JOB=$!
+"$BIN/loadgen" --topic "$LIVE_TOPIC" --rate "$LIVE_RATE" --duration $((SECONDS_EACH * 3 + 30)) --videos 10000 --seed 9 \
+    --malformed-fraction 0 --duplicate-fraction 0 >/dev/null &
+LIVE_FEED=$!
+live_committed() { curl -fsS "$CH/?database=$DB" --data-binary "SELECT count() FROM checkpoint_commits WHERE topic = '$LIVE_TOPIC'"; }
+for _ in $(seq 1 120); do [ "$(live_committed)" -gt 5 ] && break; sleep 0.5; done
 run "$CLIENTS" --call views --hot
 run "$CLIENTS" --call views --hot
+run 1 --call views --hot
+echo "bench-query: $(curl -fsS "$CH/?database=$DB" --data-binary "SELECT toString(count()) || ' live epochs committed, ' || toString(sum(rows)) || ' changelog rows' FROM (SELECT epoch, count() AS rows FROM count_changes WHERE epoch IN (SELECT epoch FROM checkpoint_commits WHERE topic = '$LIVE_TOPIC') GROUP BY epoch)")"
+kill "$LIVE_FEED" 2>/dev/null || true
+kill -TERM "$LIVE_JOB" 2>/dev/null || true
+wait "$LIVE_FEED" "$LIVE_JOB" 2>/dev/null || true
 echo "bench-query: stats (ClickHouse)"
 run "$CLIENTS" --call stats
 stop

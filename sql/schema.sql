@@ -56,7 +56,9 @@ SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
 -- count_blocks (epoch, the worker that wrote the block, the workers in all) once the block is in
 -- all three count tables. Sorted by epoch, so the rows of the epochs after a given one are an
 -- indexed read; partitioned by ranges of 2^20 epochs (an epoch's block lands in one part, and
--- old ranges can be dropped whole). Internal: analysts read the count tables
+-- old ranges can be dropped whole). `times`: the milliseconds into the minute of the row's
+-- events, sorted (empty in rows written by older builds and by a replay), which keep the
+-- service's partial edge minutes current. Internal: analysts read the count tables
 -- (docs/reads-from-memory.md).
 CREATE TABLE IF NOT EXISTS count_changes
 (
@@ -64,7 +66,8 @@ CREATE TABLE IF NOT EXISTS count_changes
     event_type String,
     minute DateTime('UTC'),
     count UInt64,
-    epoch UInt64
+    epoch UInt64,
+    times Array(UInt16)
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/count_changes', '{replica}')
 PARTITION BY intDiv(epoch, 1048576)

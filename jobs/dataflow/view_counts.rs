@@ -10,7 +10,7 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::{Scope, Stream};
 use tracing::{info, warn};
 use videocount_clickhouse::checkpoints::{self, JobState};
-use videocount_clickhouse::rows::{Grain, Insert, RawRow, TopRow, count_blocks_row, raw_block, top_videos_block};
+use videocount_clickhouse::rows::{Insert, RawRow, TopRow, count_blocks_row, raw_block, top_videos_block};
 use videocount_clickhouse::{ClickHouse, Writer};
 use videocount_events::{Event, EventId, Located, Rejection, TimeLimits, parse_event_with_id, route};
 use videocount_operators::count_events::count_epochs;
@@ -162,9 +162,9 @@ impl Dataflow for ViewCounts {
             Pipeline,
             "WriteCounts",
             writer.clone(),
-            move |epoch, counts| {
-                let inserts = counts.first().map(|counts| counts.inserts(epoch)).unwrap_or_default();
-                with_changelog(inserts, epoch, worker, peers)
+            move |epoch, counts| match counts.first() {
+                Some(counts) if !counts.is_empty() => with_changelog(counts, epoch, worker, peers),
+                _ => Vec::new(),
             },
         );
         let mut written = vec![counted];
@@ -212,17 +212,12 @@ impl Dataflow for ViewCounts {
 }
 
 /// An epoch's count blocks of one worker, in the order the query service's in-memory counts
-/// rely on (docs/reads-from-memory.md): the minute block into `count_changes` first, then the
-/// three count tables, then the worker's row in `count_blocks` saying they are all written. The
-/// writer sends a batch's inserts one after the other.
-fn with_changelog(counts: Vec<Insert>, epoch: u64, worker: u32, peers: u32) -> Vec<Insert> {
-    let Some(minute) = counts.iter().find(|insert| insert.table == Grain::Minute.table()) else {
-        return counts;
-    };
-    let changes = Insert { table: "count_changes".into(), rows: minute.rows, body: minute.body.clone() };
-    let mut inserts = Vec::with_capacity(counts.len() + 2);
-    inserts.push(changes);
-    inserts.extend(counts);
+/// rely on (docs/reads-from-memory.md): the minute block with its event times into
+/// `count_changes` first, then the three count tables, then the worker's row in `count_blocks`
+/// saying they are all written. The writer sends a batch's inserts one after the other.
+fn with_changelog(counts: &EventCounts, epoch: u64, worker: u32, peers: u32) -> Vec<Insert> {
+    let mut inserts: Vec<Insert> = counts.changes_insert(epoch).into_iter().collect();
+    inserts.extend(counts.inserts(epoch));
     inserts.push(count_blocks_row(epoch, worker, peers));
     inserts
 }

@@ -91,6 +91,21 @@ pub fn counts_block(grain: Grain, epoch: u64, rows: &mut [CountRow]) -> Insert {
     Insert { table: grain.table().into(), rows: block.rows(), body: block.finish() }
 }
 
+/// An epoch's block of `count_changes`: the minute counts, each with the milliseconds into the
+/// minute of its events (sorted), which keep the query service's edge minutes current. Sorts
+/// `rows` in place.
+pub fn changes_block(epoch: u64, rows: &mut [(CountRow, Vec<u16>)]) -> Insert {
+    rows.sort_unstable_by(|a, b| a.0.0.cmp(&b.0.0));
+    let mut block = NativeBlock::new(6, rows.len());
+    block.column_str("video_id", rows.iter().map(|r| r.0.0.0.as_str()));
+    block.column_str("event_type", rows.iter().map(|r| r.0.0.1.as_str()));
+    block.column_u32("minute", "DateTime('UTC')", rows.iter().map(|r| r.0.0.2));
+    block.column_u64("count", rows.iter().map(|r| r.0.1));
+    block.column_u64("epoch", rows.iter().map(|_| epoch));
+    block.column_u16_arrays("times", rows.iter().map(|r| r.1.as_slice()));
+    Insert { table: "count_changes".into(), rows: block.rows(), body: block.finish() }
+}
+
 /// The row of `count_blocks` saying that `worker` (of `peers`) wrote its count blocks of `epoch`.
 pub fn count_blocks_row(epoch: u64, worker: u32, peers: u32) -> Insert {
     let mut block = NativeBlock::new(3, 1);

@@ -32,7 +32,8 @@ pub async fn apply(clickhouse: &ClickHouse) -> Result<(), SinkError> {
 /// Columns added to `sql/schema.sql` after its tables first shipped: `CREATE TABLE IF NOT
 /// EXISTS` leaves an existing table as it was, and ClickHouse 18.16 has no `ADD COLUMN IF NOT
 /// EXISTS`, so a database made by an older version gets them here.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("checkpoint_generations", "lease_token", "UInt64 DEFAULT 0")];
+const ADDED_COLUMNS: &[(&str, &str, &str)] =
+    &[("checkpoint_generations", "lease_token", "UInt64 DEFAULT 0"), ("count_changes", "times", "Array(UInt16)")];
 
 /// Adds [`ADDED_COLUMNS`] a database lacks (the jobs call it at start too, so an upgraded job
 /// runs on a database made by an older version).
