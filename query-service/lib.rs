@@ -128,7 +128,6 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
         ..args.clickhouse.config()
     };
     config.validate()?;
-    let replicas = config.urls().len();
     // Reads here touch a few granules each: one thread per query serves many clients better
     // than every query spreading over all cores.
     let clickhouse = ClickHouse::new(config).with_setting("max_threads", "1");
@@ -149,14 +148,7 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
         Duration::from_secs(args.max_replica_delay_secs),
         Duration::from_secs(2),
     ));
-    if replicas > 1 && !args.no_memory {
-        warn!(
-            replicas,
-            "in-memory counts are off with several ClickHouse replicas (their tables replicate independently, so the \
-             write order a load relies on holds only on the replica the job wrote to): counts read ClickHouse"
-        );
-    }
-    let memory = (!args.no_memory && replicas == 1).then(|| {
+    let memory = (!args.no_memory).then(|| {
         let config = MemoryConfig {
             poll: Duration::from_millis(args.memory_poll_ms),
             budget_bytes: args.memory_budget_mb.saturating_mul(1 << 20),

@@ -70,6 +70,9 @@ const HOT_WINDOW_SECS: u64 = 3600;
 const EDGE_PENDING: usize = 64;
 /// Edge minutes' event times may take a budget's `1 / EDGE_SHARE`.
 const EDGE_SHARE: usize = 8;
+/// How long a replica may take to sync a table before a read that needs it (memory stops
+/// answering meanwhile: its polls wait).
+const SYNC_LIMIT: Duration = Duration::from_secs(10);
 /// How long one of a warm-up's reads may take.
 const WARM_TIMEOUT: Duration = Duration::from_secs(120);
 /// The rows of `count_changes` of the epochs in `(?, ?]`, with their event times (the poll's).
@@ -210,17 +213,40 @@ struct State {
     table: String,
     /// Raised whenever the store is emptied: a load begun before does not install.
     generation: u64,
-    /// The tables have several replicas: memory is off.
-    replicated: bool,
+    /// The replicas of the tables (from the last poll): above one, every read that relies on
+    /// the job's write order first syncs the replica it reads.
+    replicas: u64,
+    /// The tables have several replicas but this service knows one URL (maybe a balancer, whose
+    /// reads may each reach another replica): memory is off.
+    off: bool,
     keys: HashMap<Key, Series>,
     bytes: usize,
     /// Edge minutes: (key, minute start) -> the milliseconds into the minute of its events,
     /// sorted, exactly as of `applied` (see [`Memory::want_edge`]); dropped when an applied epoch
     /// changes the minute.
-    edges: HashMap<(Key, u32), Vec<u16>>,
+    edges: HashMap<(Key, u32), Kept>,
     edge_bytes: usize,
     /// Edge minutes before this one (seconds) are not kept: the oldest left to make room.
     edge_floor: u32,
+}
+
+/// The event times of an edge minute, exactly as of the applied epoch.
+#[derive(Debug, PartialEq)]
+struct Kept {
+    /// Milliseconds into the minute, sorted.
+    offsets: Vec<u16>,
+    /// Kept from the changelog's times (not `events_raw`): the changelog's next rows of the
+    /// minute are added to them. Times read from `events_raw` are dropped at the minute's next
+    /// change instead: their count check cannot tell a minute counted while the raw log was
+    /// off, and adding to them would keep such a mistake for good.
+    follows: bool,
+}
+
+impl Kept {
+    /// What it takes (its capacity: added times may leave room unused).
+    fn bytes(&self) -> usize {
+        self.offsets.capacity() * 2 + 96
+    }
 }
 
 impl State {
@@ -233,41 +259,47 @@ impl State {
         self.edge_floor = 0;
     }
 
-    /// Keeps `offsets` (sorted) as the event times of an edge minute, after dropping the oldest
-    /// minutes if they would take more than `limit`: the newest are asked for most (ranges
-    /// ending now), and minutes before those dropped are no longer kept (until a reset), so
-    /// that a small share does not read and drop the same minutes over and over.
-    fn keep_edge(&mut self, edge: (Key, u32), offsets: Vec<u16>, limit: usize) {
-        let bytes = edge_bytes_of(&offsets);
-        if self.edge_bytes + bytes > limit {
-            let mut minutes: Vec<(u32, usize)> = self.edges.iter().map(|((_, m), o)| (*m, edge_bytes_of(o))).collect();
-            minutes.sort_unstable();
-            // Down to three quarters, so that this does not run for every minute kept.
-            let target = (limit / 4 * 3).saturating_sub(bytes);
-            let mut left = self.edge_bytes;
-            for (minute, bytes) in minutes {
-                if left <= target {
-                    break;
-                }
-                left -= bytes;
-                self.edge_floor = self.edge_floor.max(minute + 1);
-            }
-            let (floor, edge_bytes) = (self.edge_floor, &mut self.edge_bytes);
-            self.edges.retain(|(_, minute), offsets| {
-                let keep = *minute >= floor;
-                if !keep {
-                    *edge_bytes -= edge_bytes_of(offsets);
-                }
-                keep
-            });
-        }
+    /// Keeps `kept` as the event times of an edge minute, after making room for them.
+    fn keep_edge(&mut self, edge: (Key, u32), kept: Kept, limit: usize) {
+        let bytes = kept.bytes();
+        self.trim_edges(bytes, limit);
         if edge.1 < self.edge_floor {
             return;
         }
         self.edge_bytes += bytes;
-        if let Some(old) = self.edges.insert(edge, offsets) {
-            self.edge_bytes -= edge_bytes_of(&old);
+        if let Some(old) = self.edges.insert(edge, kept) {
+            self.edge_bytes -= old.bytes();
         }
+    }
+
+    /// Drops the oldest edge minutes if they and `more` bytes would take more than `limit`:
+    /// the newest are asked for most (ranges ending now), and minutes before those dropped are
+    /// no longer kept (until a reset), so that a small share does not read and drop the same
+    /// minutes over and over.
+    fn trim_edges(&mut self, more: usize, limit: usize) {
+        if self.edge_bytes + more <= limit {
+            return;
+        }
+        let mut minutes: Vec<(u32, usize)> = self.edges.iter().map(|((_, m), kept)| (*m, kept.bytes())).collect();
+        minutes.sort_unstable();
+        // Down to three quarters, so that this does not run for every minute kept.
+        let target = (limit / 4 * 3).saturating_sub(more);
+        let mut left = self.edge_bytes;
+        for (minute, bytes) in minutes {
+            if left <= target {
+                break;
+            }
+            left -= bytes;
+            self.edge_floor = self.edge_floor.max(minute + 1);
+        }
+        let (floor, edge_bytes) = (self.edge_floor, &mut self.edge_bytes);
+        self.edges.retain(|(_, minute), kept| {
+            let keep = *minute >= floor;
+            if !keep {
+                *edge_bytes -= kept.bytes();
+            }
+            keep
+        });
     }
 }
 
@@ -365,7 +397,8 @@ impl Memory {
                 polled: None,
                 table: String::new(),
                 generation: 0,
-                replicated: false,
+                replicas: 1,
+                off: false,
                 keys: HashMap::new(),
                 bytes: 0,
                 edges: HashMap::new(),
@@ -426,7 +459,7 @@ impl Memory {
         }
         let minute = clamp(minute_ms / 1000);
         let key = ((video_id.to_owned(), event_type.to_owned()), minute);
-        let Some(offsets) = state.edges.get(&key) else {
+        let Some(Kept { offsets, .. }) = state.edges.get(&key) else {
             let empty = state.keys.get(&key.0).is_some_and(|series| series.sum(minute, minute.saturating_add(60)) == 0);
             if empty {
                 self.stats.edge_hits.inc();
@@ -450,7 +483,7 @@ impl Memory {
         let minute = clamp(minute_ms / 60_000 * 60);
         {
             let state = self.state.read().expect("memory lock");
-            if state.replicated || state.edges.contains_key(&(key.clone(), minute)) || !state.keys.contains_key(&key) {
+            if state.off || state.edges.contains_key(&(key.clone(), minute)) || !state.keys.contains_key(&key) {
                 return;
             }
         }
@@ -491,6 +524,9 @@ impl Memory {
         let Some((applied, generation)) = self.snapshot() else { return Ok(()) };
         let (start_ms, end_ms) = (u64::from(first) * 1000, (u64::from(last) + 60) * 1000);
         let (videos, kinds) = videos_and_kinds(keys);
+        // Every epoch up to the applied one wrote its raw block before its commit.
+        let clickhouse = &clickhouse.pinned();
+        self.sync(clickhouse, &["events_raw"]).await?;
         let query = clickhouse
             .client()
             .query(
@@ -530,7 +566,7 @@ impl Memory {
                 }
                 offsets.sort_unstable();
                 offsets.shrink_to_fit();
-                state.keep_edge(edge, offsets, limit);
+                state.keep_edge(edge, Kept { offsets, follows: false }, limit);
                 self.stats.edge_loads.inc();
             }
         }
@@ -566,7 +602,7 @@ impl Memory {
         let key = (video_id.to_owned(), event_type.to_owned());
         {
             let state = self.state.read().expect("memory lock");
-            if state.replicated || state.keys.contains_key(&key) {
+            if state.off || state.keys.contains_key(&key) {
                 return;
             }
         }
@@ -613,6 +649,17 @@ impl Memory {
         state.applied.map(|applied| (applied, state.generation))
     }
 
+    /// With several replicas, waits until the one `clickhouse` reads (pinned) has every block
+    /// of `tables` acknowledged on any replica before the call: the job acknowledged an epoch's
+    /// changelog, count and raw blocks before its marker and its commit, so a replica that shows
+    /// one of those, then syncs, has them all. Nothing on a lone server.
+    async fn sync(&self, clickhouse: &ClickHouse, tables: &[&str]) -> Result<(), QueryError> {
+        if self.state.read().expect("memory lock").replicas > 1 {
+            clickhouse.sync_replica_within(tables, SYNC_LIMIT).await?;
+        }
+        Ok(())
+    }
+
     /// Asked for before the first poll (just after the start): waits for it a little.
     async fn wait_for_first_poll(&self) {
         for _ in 0..50 {
@@ -629,11 +676,14 @@ impl Memory {
     async fn try_load(&self, clickhouse: &ClickHouse, keys: &[Key], used: u64) -> Result<Option<Loaded>, QueryError> {
         let Some((applied, generation)) = self.snapshot() else { return Ok(None) };
         let (videos, kinds) = videos_and_kinds(keys);
+        // Every read on one replica, each after a sync of its table (on replicas).
+        let clickhouse = &clickhouse.pinned();
         let client = clickhouse.client();
         // 1. The blocks marked written: an epoch's block of a key marked here is all in step 2.
         let marked: Vec<Block> = clickhouse
             .fetch_all(client.query("SELECT epoch, worker, peers FROM count_blocks WHERE epoch > ?").bind(applied))
             .await?;
+        self.sync(clickhouse, &["event_counts_minute"]).await?;
         // 2. The keys' minutes: everything applied, and maybe epochs being written. One row per
         // key, its rows as an array (a year of a busy key is 500,000 minutes); a minute's rows
         // not merged yet are summed here, which costs ClickHouse far less than a GROUP BY minute.
@@ -665,6 +715,7 @@ impl Memory {
             }
         }
         // 3. The keys' rows of the epochs after the applied one: every epoch step 2 may hold.
+        self.sync(clickhouse, &["count_changes"]).await?;
         let mut busy = BTreeSet::new();
         for change in self.changes_of(clickhouse, &videos, &kinds, applied, None).await? {
             let key = (change.video_id, change.event_type);
@@ -698,6 +749,7 @@ impl Memory {
         loop {
             let now_applied = self.applied().unwrap_or(through);
             if now_applied > through {
+                self.sync(clickhouse, &["count_changes"]).await?;
                 for change in self.changes_of(clickhouse, &videos, &kinds, through, Some(now_applied)).await? {
                     if let Some(series) = loaded.get_mut(&(change.video_id, change.event_type)) {
                         series.add(change.minute, change.count);
@@ -863,7 +915,9 @@ impl Memory {
 
     /// Reads the committed epoch, applies the epochs committed since the last poll.
     pub async fn poll(&self) -> Result<(), QueryError> {
-        let client = self.clickhouse.client();
+        // One replica for the whole poll: what it reads must follow the commit it saw there.
+        let clickhouse = self.clickhouse.pinned();
+        let client = clickhouse.client();
         let query = client
             .query(
                 "SELECT (SELECT toUInt64(max(epoch)) FROM checkpoint_commits WHERE job = ?) AS committed, \
@@ -872,17 +926,21 @@ impl Memory {
                  (SELECT toUInt64(max(total_replicas)) FROM system.replicas WHERE database = currentDatabase()) AS replicas",
             )
             .bind(&self.config.job);
-        let polled: Vec<Poll> = self.clickhouse.fetch_all(query).await?;
+        let polled: Vec<Poll> = clickhouse.fetch_all(query).await?;
         let Some(Poll { committed, table, replicas }) = polled.into_iter().next() else {
             return Err(QueryError::Corrupt("the poll query answered no row".into()));
         };
-        if replicas > 1 {
-            // Each table replicates on its own: the write order a load relies on holds only on
-            // the replica the job wrote to, and a commit may arrive before its changes.
+        if replicas > 1 && self.clickhouse.replica_count() < 2 {
+            // One URL before several replicas may be a balancer: each read may reach another
+            // replica, and a sync of one says nothing of the next.
             let mut state = self.state.write().expect("memory lock");
-            if !state.replicated {
-                warn!(replicas, "the count tables have several replicas: memory is off, counts read ClickHouse");
-                state.replicated = true;
+            if !state.off {
+                warn!(
+                    replicas,
+                    "the tables have several replicas and this service knows one URL: memory is off, counts read \
+                     ClickHouse (give --clickhouse-url each replica's URL)"
+                );
+                state.off = true;
             }
             state.clear();
             state.applied = None;
@@ -890,6 +948,7 @@ impl Memory {
             state.polled = None;
             return Ok(());
         }
+        self.state.write().expect("memory lock").replicas = replicas;
         let applied = self.applied();
         let reset = match applied {
             None => true,
@@ -913,55 +972,85 @@ impl Memory {
             state.applied = Some(committed);
             state.table = table;
             state.generation += 1;
-            state.replicated = false;
+            state.off = false;
             state.polled = Some(Instant::now());
             return Ok(());
         }
         let applied = applied.expect("checked");
         let changes = if committed > applied {
+            // Every block of the epochs up to the commit seen was acknowledged before it.
+            self.sync(&clickhouse, &["count_changes"]).await?;
             let query = client.query(TIMED_CHANGES).bind(applied).bind(committed);
-            self.clickhouse.fetch_all::<TimedChange>(query).await?
+            clickhouse.fetch_all::<TimedChange>(query).await?
         } else {
             Vec::new()
         };
-        let (hot_start, _) = hot_window();
+        let (hot_start, hot_last) = hot_window();
         let limit = self.config.budget_bytes / EDGE_SHARE;
         let mut state = self.state.write().expect("memory lock");
         if state.applied != Some(applied) {
             return Ok(());
         }
+        // Per edge minute the poll changes: the times its rows add (`None`: its kept times are
+        // dropped), and whether it was kept before. Added once per minute below (one merge,
+        // however many epochs changed it).
+        let mut added: HashMap<(Key, u32), (Option<Vec<u16>>, bool)> = HashMap::new();
         let mut edge = ((String::new(), String::new()), 0);
-        for TimedChange { video_id, event_type, minute, count, mut times } in changes {
+        for TimedChange { video_id, event_type, minute, count, times } in changes {
             (edge.0.0, edge.0.1, edge.1) = (video_id, event_type, minute);
             // The row's event times are all of its events, unless its writer did not record them.
             let timed = times.len() as u64 == count;
             // The minute had no event as of the epochs applied: with the row's times, its kept
             // times are exactly its events.
             let mut new_minute = false;
-            let State { keys, bytes, edges, edge_bytes, .. } = &mut *state;
+            let State { keys, bytes, edges, .. } = &mut *state;
             if let Some(series) = keys.get_mut(&edge.0) {
                 let before = series.bytes();
                 new_minute = series.sum(minute, minute.saturating_add(60)) == 0;
                 series.add(minute, count);
                 *bytes = *bytes - before + series.bytes();
             }
-            // The minute's events changed: its kept times take the row's, or are dropped.
-            if let Some(kept) = edges.get_mut(&edge) {
-                let before = edge_bytes_of(kept);
-                if timed && before + times.len() * 2 <= limit / 16 {
-                    // Two sorted runs: the stable sort merges them in one pass.
-                    kept.extend_from_slice(&times);
-                    kept.sort();
-                    *edge_bytes = *edge_bytes - before + edge_bytes_of(kept);
-                } else {
-                    edges.remove(&edge);
-                    *edge_bytes -= before;
+            if let Some((so_far, _)) = added.get_mut(&edge) {
+                match so_far {
+                    Some(so_far) if timed => so_far.extend_from_slice(&times),
+                    _ => *so_far = None,
                 }
-            } else if new_minute && timed && minute >= hot_start && edge_bytes_of(&times) <= limit / 16 {
-                times.sort_unstable();
-                state.keep_edge(edge.clone(), times, limit);
+            } else if let Some(kept) = edges.get(&edge) {
+                // The minute's events changed: its kept times take the row's, or are dropped.
+                added.insert(edge.clone(), ((timed && kept.follows).then_some(times), true));
+            } else if new_minute && timed && minute >= hot_start && minute <= hot_last.saturating_add(60) {
+                added.insert(edge.clone(), (Some(times), false));
             }
         }
+        for (edge, (times, was_kept)) in added {
+            let State { edges, edge_bytes, .. } = &mut *state;
+            match (times, edges.get_mut(&edge)) {
+                // Kept (and not dropped meanwhile to make room for a new minute): add the times.
+                (Some(times), Some(kept)) if was_kept => {
+                    let before = kept.bytes();
+                    if edge_bytes_of(&kept.offsets) + times.len() * 2 <= limit / 16 {
+                        // Two sorted runs: the stable sort merges them in one pass.
+                        kept.offsets.extend_from_slice(&times);
+                        kept.offsets.sort();
+                        *edge_bytes = *edge_bytes - before + kept.bytes();
+                    } else {
+                        edges.remove(&edge);
+                        *edge_bytes -= before;
+                    }
+                }
+                (None, Some(kept)) => {
+                    *edge_bytes -= kept.bytes();
+                    edges.remove(&edge);
+                }
+                (Some(mut times), None) if !was_kept && edge_bytes_of(&times) <= limit / 16 => {
+                    times.sort_unstable();
+                    state.keep_edge(edge, Kept { offsets: times, follows: true }, limit);
+                }
+                _ => {}
+            }
+        }
+        // Minutes that grew may have taken the share past its limit.
+        state.trim_edges(0, limit);
         if committed > applied {
             self.stats.applies.inc();
         }
@@ -989,7 +1078,7 @@ impl Memory {
             log.note(polled);
             let ready = {
                 let state = self.state.read().expect("memory lock");
-                (self.config.warm_up && state.applied.is_some() && !state.replicated).then_some(state.generation)
+                (self.config.warm_up && state.applied.is_some() && !state.off).then_some(state.generation)
             };
             let Some(generation) = ready else { continue };
             {
@@ -1151,7 +1240,8 @@ mod tests {
             polled: None,
             table: String::new(),
             generation: 0,
-            replicated: false,
+            replicas: 1,
+            off: false,
             keys: HashMap::new(),
             bytes: 0,
             edges: HashMap::new(),
@@ -1159,15 +1249,16 @@ mod tests {
             edge_floor: 0,
         };
         let key = |video: &str| (video.to_owned(), "view".to_owned());
+        let kept = |offsets: Vec<u16>| Kept { offsets, follows: true };
         let times = vec![7u16; 100];
         let each = edge_bytes_of(&times);
         let limit = 10 * each;
         for minute in 0..10 {
-            state.keep_edge((key("a"), minute * 60), times.clone(), limit);
+            state.keep_edge((key("a"), minute * 60), kept(times.clone()), limit);
         }
         assert_eq!((state.edges.len(), state.edge_bytes), (10, limit));
         // One more: the oldest leave, down to three quarters of the share with the new one in.
-        state.keep_edge((key("b"), 600), times.clone(), limit);
+        state.keep_edge((key("b"), 600), kept(times.clone()), limit);
         let mut minutes: Vec<u32> = state.edges.keys().map(|(_, minute)| *minute).collect();
         minutes.sort_unstable();
         assert_eq!(minutes, [240, 300, 360, 420, 480, 540, 600]);
@@ -1175,11 +1266,11 @@ mod tests {
         assert_eq!(state.edge_floor, 181);
         // A minute before those that left is not kept again; a newer one is, and one kept
         // again replaces its times.
-        state.keep_edge((key("c"), 120), times.clone(), limit);
-        state.keep_edge((key("c"), 660), times.clone(), limit);
-        state.keep_edge((key("c"), 660), vec![1; 10], limit);
+        state.keep_edge((key("c"), 120), kept(times.clone()), limit);
+        state.keep_edge((key("c"), 660), kept(times.clone()), limit);
+        state.keep_edge((key("c"), 660), kept(vec![1; 10]), limit);
         assert!(!state.edges.contains_key(&(key("c"), 120)));
-        assert_eq!(state.edges[&(key("c"), 660)], vec![1; 10]);
+        assert_eq!(state.edges[&(key("c"), 660)], kept(vec![1; 10]));
         assert_eq!(state.edge_bytes, 7 * each + edge_bytes_of(&[1; 10]));
         state.clear();
         assert_eq!((state.edges.len(), state.edge_bytes, state.edge_floor), (0, 0, 0));

@@ -140,10 +140,11 @@ impl Dataflow for ViewCounts {
     }
 
     fn settings(&self) -> String {
-        // "changelog": this build writes count_changes and count_blocks, which the query
-        // service's memory relies on; an older build must not re-run this one's epochs.
+        // "changelog with event times": this build writes count_changes (with each row's event
+        // times) and count_blocks, which the query service's memory relies on; a build that
+        // writes them otherwise must not re-run this one's epochs (nor this one theirs).
         let trending = self.top_k.map_or_else(|| "off".to_owned(), |k| format!("top {k}"));
-        format!("events_raw {}, changelog, trending {trending}", self.events_raw)
+        format!("events_raw {}, changelog with event times, trending {trending}", self.events_raw)
     }
 
     fn build<'scope>(

@@ -10,8 +10,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// The version of the blocks the jobs write: raise it with any change that makes the same
 /// events encode to other bytes (a column, an order, an encoding). A re-run of an interrupted
 /// epoch must write the bytes its first run wrote, so the jobs refuse to finish an epoch begun
-/// under another version (it is part of the settings fingerprint in `job_runs`).
-pub const BLOCK_FORMAT: u32 = 2;
+/// under another version (it is part of the settings fingerprint in `job_runs`). A change of one
+/// job's blocks only changes that job's settings instead (`Dataflow::settings`), so that the
+/// other job's interrupted epochs still re-run after an upgrade.
+pub const BLOCK_FORMAT: u32 = 1;
 
 /// Builds one native block. Call a `column_*` method once per column, in table order.
 #[derive(Debug)]

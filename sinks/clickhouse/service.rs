@@ -264,10 +264,14 @@ impl ClickHouse {
     /// without having synced, once its `receive_timeout` passed: that is raised far above the
     /// request's own limit, so a sync that takes too long is an error here, never a silent OK.
     pub async fn sync_replica(&self, tables: &[&str]) -> Result<(), SinkError> {
-        const LIMIT: Duration = Duration::from_secs(120);
+        self.sync_replica_within(tables, Duration::from_secs(120)).await
+    }
+
+    /// As [`ClickHouse::sync_replica`], failing after `limit` for each table.
+    pub async fn sync_replica_within(&self, tables: &[&str], limit: Duration) -> Result<(), SinkError> {
         let mut result = Ok(());
         for _ in 0..self.replicas.len() {
-            let syncing = self.with_request_timeout(LIMIT).with_setting("receive_timeout", "86400");
+            let syncing = self.with_request_timeout(limit).with_setting("receive_timeout", "86400");
             result = async {
                 for table in tables {
                     syncing.execute(&format!("SYSTEM SYNC REPLICA {table}")).await?;
@@ -280,6 +284,17 @@ impl ClickHouse {
             }
         }
         result
+    }
+
+    /// A handle on the replica in use now, and on it alone (a failure does not move it to
+    /// another): for a sequence of reads whose argument holds on one replica.
+    pub fn pinned(&self) -> ClickHouse {
+        let urls = self.config.urls();
+        let url = urls.get(self.replica()).map_or_else(|| self.config.url.clone(), |url| (*url).to_owned());
+        let mut pinned = self.derive(ClickHouseConfig { url, ..self.config.clone() });
+        pinned.current = Default::default();
+        pinned.replicas = std::sync::Arc::new(vec![self.client().clone()]);
+        pinned
     }
 
     /// How many replicas (endpoints) this handle knows.
