@@ -230,6 +230,10 @@ struct State {
     edge_floor: u32,
 }
 
+/// What a poll's rows add to an edge minute: their times (`None`: the kept times are dropped),
+/// and whether the minute was kept before.
+type Added = (Option<Vec<u16>>, bool);
+
 /// The event times of an edge minute, exactly as of the applied epoch.
 #[derive(Debug, PartialEq)]
 struct Kept {
@@ -994,7 +998,7 @@ impl Memory {
         // Per edge minute the poll changes: the times its rows add (`None`: its kept times are
         // dropped), and whether it was kept before. Added once per minute below (one merge,
         // however many epochs changed it).
-        let mut added: HashMap<(Key, u32), (Option<Vec<u16>>, bool)> = HashMap::new();
+        let mut added: HashMap<(Key, u32), Added> = HashMap::new();
         let mut edge = ((String::new(), String::new()), 0);
         for TimedChange { video_id, event_type, minute, count, times } in changes {
             (edge.0.0, edge.0.1, edge.1) = (video_id, event_type, minute);
