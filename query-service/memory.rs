@@ -40,7 +40,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
 use tracing::{debug, info, warn};
-use videocount_clickhouse::ClickHouse;
+use videocount_clickhouse::{ClickHouse, SinkError};
 use videocount_query::QueryError;
 
 /// A service whose polls failed longer than this empties memory when they work again: the job
@@ -216,6 +216,9 @@ struct State {
     /// The replicas of the tables (from the last poll): above one, every read that relies on
     /// the job's write order first syncs the replica it reads.
     replicas: u64,
+    /// The replica (index among the URLs) the last poll read: loads and edge reads read the
+    /// same one, whose view of the replication log includes the commits applied.
+    replica: usize,
     /// The tables have several replicas but this service knows one URL (maybe a balancer, whose
     /// reads may each reach another replica): memory is off.
     off: bool,
@@ -315,6 +318,8 @@ pub struct Memory {
     loading: Mutex<HashSet<Key>>,
     edge_loading: Mutex<HashSet<(Key, u32)>>,
     load_permits: tokio::sync::Semaphore,
+    /// Syncs of the replica read run one at a time.
+    syncing: tokio::sync::Mutex<()>,
     /// Edge reads run beside key loads, not in their queue.
     edge_permits: tokio::sync::Semaphore,
     pub stats: MemoryStats,
@@ -402,6 +407,7 @@ impl Memory {
                 table: String::new(),
                 generation: 0,
                 replicas: 1,
+                replica: 0,
                 off: false,
                 keys: HashMap::new(),
                 bytes: 0,
@@ -412,6 +418,7 @@ impl Memory {
             loading: Mutex::new(HashSet::new()),
             edge_loading: Mutex::new(HashSet::new()),
             load_permits: tokio::sync::Semaphore::new(CONCURRENT_LOADS),
+            syncing: tokio::sync::Mutex::new(()),
             edge_permits: tokio::sync::Semaphore::new(2),
             stats,
         }
@@ -529,7 +536,7 @@ impl Memory {
         let (start_ms, end_ms) = (u64::from(first) * 1000, (u64::from(last) + 60) * 1000);
         let (videos, kinds) = videos_and_kinds(keys);
         // Every epoch up to the applied one wrote its raw block before its commit.
-        let clickhouse = &clickhouse.pinned();
+        let Some(clickhouse) = &self.on_polled_replica(clickhouse) else { return Ok(()) };
         self.sync(clickhouse, &["events_raw"]).await?;
         let query = clickhouse
             .client()
@@ -561,7 +568,9 @@ impl Memory {
             for (minute, mut offsets) in key_minutes {
                 let Some(series) = state.keys.get(&key) else { break };
                 let edge = (key.clone(), minute);
-                if edge_bytes_of(&offsets) > limit / 16
+                // A minute without events needs nothing kept: `edge` answers 0 from its count.
+                if offsets.is_empty()
+                    || edge_bytes_of(&offsets) > limit / 16
                     || minute < state.edge_floor
                     || state.edges.contains_key(&edge)
                     || series.sum(minute, minute.saturating_add(60)) != offsets.len() as u64
@@ -653,14 +662,47 @@ impl Memory {
         state.applied.map(|applied| (applied, state.generation))
     }
 
-    /// With several replicas, waits until the one `clickhouse` reads (pinned) has every block
-    /// of `tables` acknowledged on any replica before the call: the job acknowledged an epoch's
-    /// changelog, count and raw blocks before its marker and its commit, so a replica that shows
-    /// one of those, then syncs, has them all. Nothing on a lone server.
+    /// `clickhouse` pinned to the replica the last poll read, if requests still go there (else
+    /// `None`: the next poll reads the new one, and the read waits for it).
+    fn on_polled_replica(&self, clickhouse: &ClickHouse) -> Option<ClickHouse> {
+        let (pinned, index) = clickhouse.pinned();
+        (self.state.read().expect("memory lock").replica == index).then_some(pinned)
+    }
+
+    /// With several replicas (or several URLs), waits until the one `clickhouse` reads
+    /// (pinned) has every block of `tables` acknowledged on any replica before the call: the job
+    /// acknowledged an epoch's changelog, count and raw blocks before its marker and its commit,
+    /// so a replica that shows one of those, then syncs, has them all. Nothing on a lone server
+    /// known by one URL. One sync at a time; and none while an earlier one still runs on the
+    /// server (ClickHouse 18.16 goes on with a sync whose client gave up, and a pile of them
+    /// would fill its `max_concurrent_queries`).
     async fn sync(&self, clickhouse: &ClickHouse, tables: &[&str]) -> Result<(), QueryError> {
-        if self.state.read().expect("memory lock").replicas > 1 {
-            clickhouse.sync_replica_within(tables, SYNC_LIMIT).await?;
+        if self.state.read().expect("memory lock").replicas == 1 && self.clickhouse.replica_count() == 1 {
+            return Ok(());
         }
+        let _one = self.syncing.lock().await;
+        #[derive(Row, Deserialize)]
+        struct Running {
+            n: u64,
+        }
+        // This service's syncs name the database (a valid identifier: no quoting needed).
+        let database = clickhouse.database();
+        let running: Vec<Running> = clickhouse
+            .fetch_all(
+                clickhouse
+                    .client()
+                    .query("SELECT count() AS n FROM system.processes WHERE query LIKE ?")
+                    .bind(format!("SYSTEM SYNC REPLICA {database}.%")),
+            )
+            .await?;
+        if running.first().is_some_and(|r| r.n > 0) {
+            return Err(QueryError::Store(SinkError::Unavailable(
+                "an earlier SYSTEM SYNC REPLICA still runs on this replica; memory waits for it".into(),
+            )));
+        }
+        let tables: Vec<String> = tables.iter().map(|table| format!("{database}.{table}")).collect();
+        let tables: Vec<&str> = tables.iter().map(String::as_str).collect();
+        clickhouse.sync_replica_within(&tables, SYNC_LIMIT).await?;
         Ok(())
     }
 
@@ -680,8 +722,8 @@ impl Memory {
     async fn try_load(&self, clickhouse: &ClickHouse, keys: &[Key], used: u64) -> Result<Option<Loaded>, QueryError> {
         let Some((applied, generation)) = self.snapshot() else { return Ok(None) };
         let (videos, kinds) = videos_and_kinds(keys);
-        // Every read on one replica, each after a sync of its table (on replicas).
-        let clickhouse = &clickhouse.pinned();
+        // Every read on the replica the poll read, each after a sync of its table (on replicas).
+        let Some(clickhouse) = &self.on_polled_replica(clickhouse) else { return Ok(None) };
         let client = clickhouse.client();
         // 1. The blocks marked written: an epoch's block of a key marked here is all in step 2.
         let marked: Vec<Block> = clickhouse
@@ -920,7 +962,7 @@ impl Memory {
     /// Reads the committed epoch, applies the epochs committed since the last poll.
     pub async fn poll(&self) -> Result<(), QueryError> {
         // One replica for the whole poll: what it reads must follow the commit it saw there.
-        let clickhouse = self.clickhouse.pinned();
+        let (clickhouse, replica) = self.clickhouse.pinned();
         let client = clickhouse.client();
         let query = client
             .query(
@@ -934,6 +976,12 @@ impl Memory {
         let Some(Poll { committed, table, replicas }) = polled.into_iter().next() else {
             return Err(QueryError::Corrupt("the poll query answered no row".into()));
         };
+        if replicas == 0 {
+            // A replica without its ZooKeeper session (read-only) says 0, and cannot sync.
+            return Err(QueryError::Store(SinkError::Unavailable(
+                "this ClickHouse replica has no ZooKeeper session (system.replicas shows no replica)".into(),
+            )));
+        }
         if replicas > 1 && self.clickhouse.replica_count() < 2 {
             // One URL before several replicas may be a balancer: each read may reach another
             // replica, and a sync of one says nothing of the next.
@@ -952,7 +1000,11 @@ impl Memory {
             state.polled = None;
             return Ok(());
         }
-        self.state.write().expect("memory lock").replicas = replicas;
+        {
+            let mut state = self.state.write().expect("memory lock");
+            state.replicas = replicas;
+            state.replica = replica;
+        }
         let applied = self.applied();
         let reset = match applied {
             None => true,
@@ -1245,6 +1297,7 @@ mod tests {
             table: String::new(),
             generation: 0,
             replicas: 1,
+            replica: 0,
             off: false,
             keys: HashMap::new(),
             bytes: 0,

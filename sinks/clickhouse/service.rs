@@ -287,14 +287,18 @@ impl ClickHouse {
     }
 
     /// A handle on the replica in use now, and on it alone (a failure does not move it to
-    /// another): for a sequence of reads whose argument holds on one replica.
-    pub fn pinned(&self) -> ClickHouse {
+    /// another), with that replica's index: for a sequence of reads whose argument holds on one
+    /// replica.
+    pub fn pinned(&self) -> (ClickHouse, usize) {
+        // Read once: the URL (which derived handles rebuild their clients from) and the client
+        // must be the same replica's.
+        let index = self.replica();
         let urls = self.config.urls();
-        let url = urls.get(self.replica()).map_or_else(|| self.config.url.clone(), |url| (*url).to_owned());
+        let url = urls.get(index).map_or_else(|| self.config.url.clone(), |url| (*url).to_owned());
         let mut pinned = self.derive(ClickHouseConfig { url, ..self.config.clone() });
         pinned.current = Default::default();
-        pinned.replicas = std::sync::Arc::new(vec![self.client().clone()]);
-        pinned
+        pinned.replicas = std::sync::Arc::new(vec![self.replicas[index].clone()]);
+        (pinned, index)
     }
 
     /// How many replicas (endpoints) this handle knows.
