@@ -257,6 +257,24 @@ impl Kept {
 }
 
 impl State {
+    /// Empty, before the first poll.
+    fn new() -> State {
+        State {
+            applied: None,
+            polled: None,
+            table: String::new(),
+            generation: 0,
+            replicas: 1,
+            replica: 0,
+            off: false,
+            keys: HashMap::new(),
+            bytes: 0,
+            edges: HashMap::new(),
+            edge_bytes: 0,
+            edge_floor: 0,
+        }
+    }
+
     /// Empties the store (keys and edge minutes).
     fn clear(&mut self) {
         self.keys.clear();
@@ -401,20 +419,7 @@ impl Memory {
             clickhouse,
             config,
             started: Instant::now(),
-            state: RwLock::new(State {
-                applied: None,
-                polled: None,
-                table: String::new(),
-                generation: 0,
-                replicas: 1,
-                replica: 0,
-                off: false,
-                keys: HashMap::new(),
-                bytes: 0,
-                edges: HashMap::new(),
-                edge_bytes: 0,
-                edge_floor: 0,
-            }),
+            state: RwLock::new(State::new()),
             loading: Mutex::new(HashSet::new()),
             edge_loading: Mutex::new(HashSet::new()),
             load_permits: tokio::sync::Semaphore::new(CONCURRENT_LOADS),
@@ -1291,20 +1296,7 @@ mod tests {
 
     #[test]
     fn edge_minutes_over_their_share_leave_oldest_first_and_are_not_kept_again() {
-        let mut state = State {
-            applied: Some(1),
-            polled: None,
-            table: String::new(),
-            generation: 0,
-            replicas: 1,
-            replica: 0,
-            off: false,
-            keys: HashMap::new(),
-            bytes: 0,
-            edges: HashMap::new(),
-            edge_bytes: 0,
-            edge_floor: 0,
-        };
+        let mut state = State { applied: Some(1), ..State::new() };
         let key = |video: &str| (video.to_owned(), "view".to_owned());
         let kept = |offsets: Vec<u16>| Kept { offsets, follows: true };
         let times = vec![7u16; 100];
