@@ -90,7 +90,7 @@ chaos-test: build ## On make up-ha, under 5,000 events/s: kill -9 a broker, a Cl
 	@services/up-ha.sh
 	@scripts/chaos.py $(CHAOS_ARGS)
 
-bench: up build ## Catch-up throughput on 10M events: 1 and 2 workers, with and without events_raw, vs ClickHouse's Kafka engine (BENCH_ONLY=ids: the cost of event ids; BENCH_ONLY=trending: the top lists on and off, their memory, /v1/top).
+bench: up build ## Catch-up throughput on 10M events: 1 and 2 workers, with and without events_raw, vs ClickHouse's Kafka engine (BENCH_ONLY=ids: the cost of event ids; BENCH_ONLY=trending: the top lists on and off, their memory, /v1/top; BENCH_ONLY=builds BENCH_BASELINE_BIN=dir: view_counts of another build against this one).
 	@scripts/bench.sh
 
 bench-ingest: up build ## The ingest service on loopback: events/s in batches, requests/s of single events, p50/p99.

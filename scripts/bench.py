@@ -15,6 +15,9 @@ BENCH_ONLY=trending measures view_counts' top lists: catch-up with trending on a
 (alternating, three runs each, medians), the memory they take for 1M distinct videos in the
 windows (BENCH_TRENDING_VIDEOS), and /v1/top under 100 clients, from the kept lists and as
 the sum over the minute table.
+BENCH_ONLY=builds compares two builds of view_counts: catch-up of the same events by the
+binaries in BENCH_BASELINE_BIN and in BENCH_BIN, alternating, three runs each after one
+uncounted run: the ratio of the medians is what a change costs.
 BENCH_BIN picks the binaries (default target/release).
 """
 
@@ -40,10 +43,10 @@ def sql(query, database=None):
         return r.read().decode().strip()
 
 
-def run_job(topic, workers, raw, job="view_counts", extra=(), keep=False):
+def run_job(topic, workers, raw, job="view_counts", extra=(), keep=False, job_bin=None):
     database = f"bench_{uuid.uuid4().hex[:8]}"
     subprocess.run([f"{BIN}/videocount", "--database", database, "schema"], check=True, stdout=subprocess.DEVNULL)
-    args = [f"{BIN}/{job}", "--topic", topic, "--database", database, "--workers", str(workers), "--until-caught-up"]
+    args = [f"{job_bin or BIN}/{job}", "--topic", topic, "--database", database, "--workers", str(workers), "--until-caught-up"]
     if not raw:
         args.append("--no-events-raw")
     args.extend(extra)
@@ -233,7 +236,35 @@ def bench_trending():
         sql(f"DROP DATABASE {database}")
 
 
+def bench_builds():
+    """view_counts of BENCH_BASELINE_BIN against BENCH_BIN's on the same events (2 workers, raw
+    log off); the schema and the events come from BENCH_BIN's tools."""
+    builds = {"baseline": os.environ.get("BENCH_BASELINE_BIN"), "this": BIN}
+    if not builds["baseline"]:
+        sys.exit("bench: BENCH_ONLY=builds needs BENCH_BASELINE_BIN (a directory holding the other view_counts)")
+    topic, expected = fill(False)
+    run_job(topic, 2, False)
+    runs = {name: [] for name in builds}
+    for _ in range(3):
+        for name, binary in builds.items():
+            # Only the job's binary differs: run_job takes `videocount` (schema) from BIN too.
+            seconds, rss, counted, db = run_job(topic, 2, False, keep=True, job_bin=binary)
+            sql(f"DROP DATABASE {db}")
+            ok = "exact" if counted == expected else f"WRONG ({counted})"
+            runs[name].append((expected / seconds, rss))
+            print(f"bench: view_counts of {name} ({binary}): {expected / seconds:,.0f} events/s, peak RSS {rss:,.0f} MiB, {ok}",
+                  flush=True)
+    medians = {name: (statistics.median(r for r, _ in rs), statistics.median(m for _, m in rs)) for name, rs in runs.items()}
+    print("\n| build | events/s (median of 3) | peak memory (median) |\n|---|---:|---:|")
+    for name, (rate, rss) in medians.items():
+        print(f"| {name} ({builds[name]}) | {rate:,.0f} | {rss:,.0f} MiB |")
+    print(f"\nthis / baseline = {medians['this'][0] / medians['baseline'][0]:.3f}x events/s (medians)")
+
+
 def main():
+    if os.environ.get("BENCH_ONLY") == "builds":
+        bench_builds()
+        return
     if os.environ.get("BENCH_ONLY") == "ids":
         bench_ids()
         return
