@@ -20,10 +20,14 @@
 //!   three reads (their videos' rows), until they take nine tenths of the budget. A key an epoch
 //!   in flight touched is read again a little later, and after ten tries left to its first
 //!   request. Until a key is in, ClickHouse answers it.
-//! - **Edge minutes.** The event times of a partial minute at a range's edge are read from
-//!   `events_raw` after its first request and kept if their number equals the minute's count as
-//!   of the applied epoch (`want_edge` has the argument); an epoch that changes the minute drops
-//!   them.
+//! - **Edge minutes.** The event times of a partial minute at a range's edge come from the
+//!   changelog (`count_changes.times`): a held key's minute of the last hour that had no event
+//!   is kept from its first row on, and each later row adds its times. A minute that had events
+//!   before is read from `events_raw` after its first request and kept if their number equals
+//!   the minute's count as of the applied epoch (`want_edge` has the argument), until its next
+//!   change. A held key's minute without events answers 0.
+//! - **Replicas.** Each poll reads one replica, loads and edge reads the same one, and
+//!   `SYSTEM SYNC REPLICA` runs between the reads that rely on the job's write order (`sync`).
 //! - **Bounded.** Keys held take at most `budget_bytes`; the least recently asked for leave.
 //! - **Never stale without saying so.** Memory answers only while the last poll is at most
 //!   three polls old; otherwise, and for keys not loaded yet, the caller reads ClickHouse.
