@@ -49,6 +49,13 @@ impl EventCounts {
 
     /// The rows of each grain, unsorted.
     pub fn rows(&self) -> [(Grain, Vec<CountRow>); 3] {
+        let minutes = self.minutes.iter().map(|((v, k, b), (n, _))| ((v.to_string(), k.to_string(), *b), *n)).collect();
+        let [hours, days] = self.rollups();
+        [(Grain::Minute, minutes), hours, days]
+    }
+
+    /// The hour and day rows, unsorted.
+    fn rollups(&self) -> [(Grain, Vec<CountRow>); 2] {
         let mut hours: Map<(CompactString, CompactString, u32), u64> = Map::default();
         let mut days: Map<(CompactString, CompactString, u32), u64> = Map::default();
         for ((video, kind, minute), (n, _)) in &self.minutes {
@@ -59,8 +66,7 @@ impl EventCounts {
         let rows = |map: &Map<(CompactString, CompactString, u32), u64>| -> Vec<CountRow> {
             map.iter().map(|((v, k, b), n)| ((v.to_string(), k.to_string(), *b), *n)).collect()
         };
-        let minutes = self.minutes.iter().map(|((v, k, b), (n, _))| ((v.to_string(), k.to_string(), *b), *n)).collect();
-        [(Grain::Minute, minutes), (Grain::Hour, rows(&hours)), (Grain::Day, rows(&days))]
+        [(Grain::Hour, rows(&hours)), (Grain::Day, rows(&days))]
     }
 
     /// The minute rows with the milliseconds into the minute of each of their events, sorted
@@ -86,18 +92,20 @@ impl EventCounts {
             .collect()
     }
 
-    /// One block per grain for `epoch`; nothing when the epoch counted nothing.
+    /// The epoch's blocks, in the order the query service's in-memory counts rely on: the
+    /// minute rows with their event times into `count_changes` first, then one block per grain;
+    /// nothing when the epoch counted nothing. The minute rows are made (and sorted) once for
+    /// both of their blocks.
     pub fn inserts(&self, epoch: u64) -> Vec<Insert> {
         if self.is_empty() {
             return Vec::new();
         }
-        self.rows().into_iter().map(|(grain, mut rows)| counts_block(grain, epoch, &mut rows)).collect()
-    }
-
-    /// The epoch's block of `count_changes`: the minute rows with their event times; `None`
-    /// when the epoch counted nothing.
-    pub fn changes_insert(&self, epoch: u64) -> Option<Insert> {
-        (!self.is_empty()).then(|| changes_block(epoch, &mut self.timed_rows()))
+        let mut timed = self.timed_rows();
+        let changes = changes_block(epoch, &mut timed);
+        let mut minutes: Vec<CountRow> = timed.into_iter().map(|(row, _)| row).collect();
+        let mut inserts = vec![changes, counts_block(Grain::Minute, epoch, &mut minutes)];
+        inserts.extend(self.rollups().into_iter().map(|(grain, mut rows)| counts_block(grain, epoch, &mut rows)));
+        inserts
     }
 }
 
@@ -194,6 +202,24 @@ mod tests {
 
     fn event(video: &str, kind: &str, ts_ms: u64) -> Event {
         Event { video_id: video.into(), event_type: kind.into(), ts_ms }
+    }
+
+    #[test]
+    fn inserts_are_the_changelog_then_one_block_per_grain_of_the_rows() {
+        let mut counts = EventCounts::default();
+        for (i, video) in ["b", "a", "c", "a", "b"].into_iter().enumerate() {
+            counts.add(event(video, "view", 1_795_737_600_000 + i as u64 * 45_000));
+        }
+        let inserts = counts.inserts(9);
+        let tables: Vec<&str> = inserts.iter().map(|insert| insert.table.as_str()).collect();
+        assert_eq!(tables, ["count_changes", "event_counts_minute", "event_counts_hour", "event_counts_day"]);
+        let blocks: Vec<Insert> =
+            counts.rows().into_iter().map(|(grain, mut rows)| counts_block(grain, 9, &mut rows)).collect();
+        for (made, expected) in inserts[1..].iter().zip(&blocks) {
+            assert_eq!((&made.table, made.rows, &made.body), (&expected.table, expected.rows, &expected.body));
+        }
+        assert_eq!(inserts[0].body, changes_block(9, &mut counts.timed_rows()).body);
+        assert!(EventCounts::default().inserts(9).is_empty());
     }
 
     #[test]

@@ -229,8 +229,8 @@ struct State {
     keys: HashMap<Key, Series>,
     bytes: usize,
     /// Edge minutes: (key, minute start) -> the milliseconds into the minute of its events,
-    /// sorted, exactly as of `applied` (see [`Memory::want_edge`]); dropped when an applied epoch
-    /// changes the minute.
+    /// sorted, exactly as of `applied` (see [`Memory::want_edge`] and [`Kept`]); an applied
+    /// epoch that changes the minute adds its times to them, or drops them.
     edges: HashMap<(Key, u32), Kept>,
     edge_bytes: usize,
     /// Edge minutes before this one (seconds) are not kept: the oldest left to make room.

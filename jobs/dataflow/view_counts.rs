@@ -214,11 +214,11 @@ impl Dataflow for ViewCounts {
 
 /// An epoch's count blocks of one worker, in the order the query service's in-memory counts
 /// rely on (docs/reads-from-memory.md): the minute block with its event times into
-/// `count_changes` first, then the three count tables, then the worker's row in `count_blocks`
-/// saying they are all written. The writer sends a batch's inserts one after the other.
+/// `count_changes` first, then the three count tables ([`EventCounts::inserts`]), then the
+/// worker's row in `count_blocks` saying they are all written. The writer sends a batch's
+/// inserts one after the other.
 fn with_changelog(counts: &EventCounts, epoch: u64, worker: u32, peers: u32) -> Vec<Insert> {
-    let mut inserts: Vec<Insert> = counts.changes_insert(epoch).into_iter().collect();
-    inserts.extend(counts.inserts(epoch));
+    let mut inserts = counts.inserts(epoch);
     inserts.push(count_blocks_row(epoch, worker, peers));
     inserts
 }

@@ -295,9 +295,12 @@ impl ClickHouse {
         let index = self.replica();
         let urls = self.config.urls();
         let url = urls.get(index).map_or_else(|| self.config.url.clone(), |url| (*url).to_owned());
-        let mut pinned = self.derive(ClickHouseConfig { url, ..self.config.clone() });
-        pinned.current = Default::default();
-        pinned.replicas = std::sync::Arc::new(vec![self.replicas[index].clone()]);
+        let pinned = ClickHouse {
+            replicas: std::sync::Arc::new(vec![self.replicas[index].clone()]),
+            current: Default::default(),
+            config: ClickHouseConfig { url, ..self.config.clone() },
+            permits: self.permits.clone(),
+        };
         (pinned, index)
     }
 
