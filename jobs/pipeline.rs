@@ -295,7 +295,8 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
             let topic = args.topic.clone();
             let (snapshot_job, snapshot_topic) = (job.clone(), topic.clone());
             // The job writes the query service's changelog: it drops its old partitions too.
-            let changelog = dataflow.blocks_per_epoch(1).iter().any(|(table, _)| *table == "count_changes");
+            let writes = |name: &str| dataflow.blocks_per_epoch(1).iter().any(|(table, _)| *table == name);
+            let (changelog, stats_changelog) = (writes("count_changes"), writes("stats_changes"));
             let source_config = SourceConfig {
                 job: job.clone(),
                 topic: topic.clone(),
@@ -448,6 +449,11 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
                                     && let Err(e) = checkpoints::drop_old_changelog(&clickhouse, below).await
                                 {
                                     warn!(error = %e, "old changelog partitions not dropped (the next trim will)");
+                                }
+                                if stats_changelog
+                                    && let Err(e) = checkpoints::drop_old_stats_changes(&clickhouse, below).await
+                                {
+                                    warn!(error = %e, "old stats_changes partitions not dropped (the next trim will)");
                                 }
                             }
                         });

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use videocount_aggregates::{AggregateId, DecodeError, Moments, Registry, Sample, State};
-use videocount_clickhouse::rows::{Grain, Insert, StatsRow, stats_block};
+use videocount_clickhouse::rows::{Grain, Insert, STATS_CHANGES, StatsRow, stats_block};
 use videocount_events::StatsEvent;
 
 use crate::flush_epochs::EpochState;
@@ -179,14 +179,19 @@ impl StatsEpoch {
                 })
                 .collect()
         };
-        Ok([
+        let mut inserts: Vec<Insert> = [
             (Grain::Minute, minutes),
             (Grain::Hour, hours.into_iter().collect()),
             (Grain::Day, days.into_iter().collect()),
         ]
         .into_iter()
         .map(|(grain, merged)| stats_block(grain, epoch, false, &mut rows(merged)))
-        .collect())
+        .collect();
+        // The query service's changelog: the minute block again, in a table sorted by epoch
+        // (docs/reads-from-memory.md). Same columns, so the same bytes.
+        let changes = Insert { table: STATS_CHANGES.into(), body: inserts[0].body.clone(), rows: inserts[0].rows };
+        inserts.insert(0, changes);
+        Ok(inserts)
     }
 }
 
@@ -258,10 +263,12 @@ mod tests {
         assert_eq!(one, blocks(&right, &left));
         // Events arriving in another order within their partitions: the same blocks.
         assert_eq!(one, blocks(&fold(&[0, 2], true), &fold(&[1], true)));
-        assert_eq!(one.len(), 3);
-        assert_eq!(one[0].table, "stats_minute");
+        assert_eq!(one.len(), 4);
+        // The changelog first: the minute block again.
+        assert_eq!((one[0].table.as_str(), one[1].table.as_str()), ("stats_changes", "stats_minute"));
+        assert_eq!((&one[0].body, one[0].rows), (&one[1].body, one[1].rows));
         // 400 events 7 s apart over two videos: minutes per video, three aggregates each.
-        assert!(one[0].rows > 3 * 2 * 20);
-        assert_eq!(one[1].rows, 3 * 2);
+        assert!(one[1].rows > 3 * 2 * 20);
+        assert_eq!(one[2].rows, 3 * 2);
     }
 }

@@ -24,12 +24,13 @@ use videocount_events::clock::now_ms;
 use videocount_events::{DEFAULT_EVENT_TYPE, TRENDING_WINDOWS, valid_event_type, valid_video_id};
 use videocount_http::{ApiError, Tracking};
 use videocount_query::{
-    CountPlan, Edges, Grain, QueryError, Reader, TimeRange, format_time, parse_time, series_buckets,
+    CountPlan, Edges, Grain, QueryError, Reader, TimeRange, format_time, parse_time, segments, series_buckets,
 };
 
 use crate::live::{self, Golden};
 use crate::memory::Memory;
 use crate::metrics::Metrics;
+use crate::stats_memory::StatsMemory;
 use crate::trending::{Answer, Trending};
 
 /// The OpenAPI description of every route.
@@ -40,6 +41,7 @@ pub const MAX_TOP: u32 = 1000;
 pub struct AppState {
     pub reader: Reader,
     pub memory: Option<Arc<Memory>>,
+    pub stats_memory: Option<Arc<StatsMemory>>,
     pub trending: Option<Arc<Trending>>,
     pub metrics: Arc<Metrics>,
     pub golden: Arc<Golden>,
@@ -269,13 +271,22 @@ async fn stats(
 ) -> Result<axum::Json<Value>, ApiError> {
     check_video(&video_id)?;
     check_type(&event_type)?;
-    state.reader.function(&function).map_err(|e| invalid("function", e.to_string()))?;
+    let resolved = state.reader.function(&function).map_err(|e| invalid("function", e.to_string()))?;
     let range = Params::new(query, &["from", "to"])?.range(None)?;
-    let answer = state
-        .reader
-        .stats(&video_id, &event_type, &function, range)
-        .await
-        .map_err(|e| query_error(&state, e, "range"))?;
+    // The states from memory when it holds the key (else it loads it meanwhile), or ClickHouse.
+    let from_memory = state.stats_memory.as_ref().and_then(|memory| {
+        let found = memory.merge(&video_id, &event_type, resolved.aggregate, &segments(range));
+        if found.is_none() {
+            memory.want(&video_id, &event_type, resolved.aggregate);
+        }
+        found
+    });
+    let source = if from_memory.is_some() { "memory" } else { "clickhouse" };
+    let answer = match from_memory {
+        Some((merged, states)) => state.reader.stats_answer(&event_type, &resolved, &merged, states),
+        None => state.reader.stats(&video_id, &event_type, &function, range).await,
+    }
+    .map_err(|e| query_error(&state, e, "range"))?;
     let minutes = CountPlan::new(range, Edges::WholeMinutes).minute_range();
     Ok(axum::Json(json!({
         "video_id": video_id,
@@ -285,6 +296,7 @@ async fn stats(
         "minutes": echo(minutes),
         "value": answer.value,
         "states": answer.states,
+        "source": source,
     })))
 }
 
@@ -440,6 +452,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         metrics.memory_keys.set(memory.len() as i64);
         metrics.memory_bytes.set(memory.bytes() as i64);
         metrics.memory_age.set(memory.age().map_or(-1.0, |age| age.as_secs_f64()));
+    }
+    if let Some(stats_memory) = &state.stats_memory {
+        metrics.stats_memory_keys.set(stats_memory.len() as i64);
+        metrics.stats_memory_bytes.set(stats_memory.bytes() as i64);
     }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
         .into_response()

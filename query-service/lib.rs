@@ -18,6 +18,7 @@ pub mod memory;
 pub mod metrics;
 pub mod prometheus;
 pub mod replicas;
+pub mod stats_memory;
 pub mod trending;
 
 use std::net::SocketAddr;
@@ -38,7 +39,8 @@ use videocount_query::{Edges, Reader};
 
 use crate::api::AppState;
 use crate::live::Golden;
-use crate::memory::{Memory, MemoryConfig};
+use crate::memory::{Memory, MemoryConfig, ReplicaSync};
+use crate::stats_memory::{StatsMemory, StatsMemoryConfig};
 
 /// Flags of `query`; each also from the environment.
 #[derive(Parser, Debug, Clone)]
@@ -93,6 +95,14 @@ pub struct QueryArgs {
     /// memory follows its commits.
     #[arg(long, env = "VIDEOCOUNT_JOB_NAME", default_value = "view_counts")]
     pub job_name: String,
+    /// Memory the stats of the keys asked for may take (the merged states of their minutes,
+    /// hours and days; the least recently asked for leave first).
+    #[arg(long, env = "VIDEOCOUNT_QUERY_STATS_MEMORY_BUDGET_MB", default_value_t = 512)]
+    pub stats_memory_budget_mb: usize,
+    /// The checkpoint name of the event_stats job writing the database (its --job-name): the
+    /// stats' memory follows its commits.
+    #[arg(long, env = "VIDEOCOUNT_STATS_JOB_NAME", default_value = "event_stats")]
+    pub stats_job_name: String,
     /// The built UI (`make ui`), served at /.
     #[arg(long, env = "VIDEOCOUNT_UI_DIR", default_value = "ui/dist")]
     pub ui_dir: PathBuf,
@@ -148,6 +158,8 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
         Duration::from_secs(args.max_replica_delay_secs),
         Duration::from_secs(2),
     ));
+    // The memories' replica syncs take turns (memory.rs, ReplicaSync).
+    let syncing = Arc::new(ReplicaSync::default());
     let memory = (!args.no_memory).then(|| {
         let config = MemoryConfig {
             poll: Duration::from_millis(args.memory_poll_ms),
@@ -155,10 +167,22 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
             job: args.job_name.clone(),
             warm_up: !args.no_warm_up,
         };
-        Arc::new(Memory::new(clickhouse.clone(), config, metrics.memory.clone()))
+        Arc::new(Memory::new(clickhouse.clone(), config, metrics.memory.clone(), syncing.clone()))
     });
     if let Some(memory) = &memory {
         tokio::spawn(memory.clone().run());
+    }
+    let stats_memory = (!args.no_memory).then(|| {
+        let config = StatsMemoryConfig {
+            poll: Duration::from_millis(args.memory_poll_ms),
+            budget_bytes: args.stats_memory_budget_mb.saturating_mul(1 << 20),
+            job: args.stats_job_name.clone(),
+        };
+        let stats = metrics.stats_memory.clone();
+        Arc::new(StatsMemory::new(clickhouse.clone(), Registry::builtin(), config, stats, syncing.clone()))
+    });
+    if let Some(stats_memory) = &stats_memory {
+        tokio::spawn(stats_memory.clone().run());
     }
     let trending = (!args.no_memory).then(|| {
         Arc::new(trending::Trending::new(
@@ -178,7 +202,7 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
         warn!(dir = %args.ui_dir.display(), "no built UI there (run `make ui`); / answers 404");
         None
     };
-    let state = Arc::new(AppState { reader, memory, trending, metrics: metrics.clone(), golden });
+    let state = Arc::new(AppState { reader, memory, stats_memory, trending, metrics: metrics.clone(), golden });
     let request_timeout = Duration::from_millis(args.clickhouse_timeout_ms * 2 + 1_000);
     let app = api::router(state, request_timeout, ui_dir);
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -340,8 +340,8 @@ pub struct Memory {
     loading: Mutex<HashSet<Key>>,
     edge_loading: Mutex<HashSet<(Key, u32)>>,
     load_permits: tokio::sync::Semaphore,
-    /// Syncs of the replica read run one at a time.
-    syncing: tokio::sync::Mutex<()>,
+    /// Syncs of the replica read run one at a time (shared with the stats' memory).
+    syncing: Arc<ReplicaSync>,
     /// Edge reads run beside key loads, not in their queue.
     edge_permits: tokio::sync::Semaphore,
     pub stats: MemoryStats,
@@ -417,7 +417,7 @@ struct Loaded {
 }
 
 impl Memory {
-    pub fn new(clickhouse: ClickHouse, config: MemoryConfig, stats: MemoryStats) -> Memory {
+    pub fn new(clickhouse: ClickHouse, config: MemoryConfig, stats: MemoryStats, syncing: Arc<ReplicaSync>) -> Memory {
         stats.warm_up_seconds.set(-1.0);
         Memory {
             clickhouse,
@@ -427,7 +427,7 @@ impl Memory {
             loading: Mutex::new(HashSet::new()),
             edge_loading: Mutex::new(HashSet::new()),
             load_permits: tokio::sync::Semaphore::new(CONCURRENT_LOADS),
-            syncing: tokio::sync::Mutex::new(()),
+            syncing,
             edge_permits: tokio::sync::Semaphore::new(2),
             stats,
         }
@@ -678,41 +678,11 @@ impl Memory {
         (self.state.read().expect("memory lock").replica == index).then_some(pinned)
     }
 
-    /// With several replicas (or several URLs), waits until the one `clickhouse` reads
-    /// (pinned) has every block of `tables` acknowledged on any replica before the call: the job
-    /// acknowledged an epoch's changelog, count and raw blocks before its marker and its commit,
-    /// so a replica that shows one of those, then syncs, has them all. Nothing on a lone server
-    /// known by one URL. One sync at a time; and none while an earlier one still runs on the
-    /// server (ClickHouse 18.16 goes on with a sync whose client gave up, and a pile of them
-    /// would fill its `max_concurrent_queries`).
+    /// With several replicas, waits until the one `clickhouse` reads has every block of
+    /// `tables` acknowledged before the call ([`ReplicaSync::sync`]).
     async fn sync(&self, clickhouse: &ClickHouse, tables: &[&str]) -> Result<(), QueryError> {
-        if self.state.read().expect("memory lock").replicas == 1 && self.clickhouse.replica_count() == 1 {
-            return Ok(());
-        }
-        let _one = self.syncing.lock().await;
-        #[derive(Row, Deserialize)]
-        struct Running {
-            n: u64,
-        }
-        // This service's syncs name the database (a valid identifier: no quoting needed).
-        let database = clickhouse.database();
-        let running: Vec<Running> = clickhouse
-            .fetch_all(
-                clickhouse
-                    .client()
-                    .query("SELECT count() AS n FROM system.processes WHERE query LIKE ?")
-                    .bind(format!("SYSTEM SYNC REPLICA {database}.%")),
-            )
-            .await?;
-        if running.first().is_some_and(|r| r.n > 0) {
-            return Err(QueryError::Store(SinkError::Unavailable(
-                "an earlier SYSTEM SYNC REPLICA still runs on this replica; memory waits for it".into(),
-            )));
-        }
-        let tables: Vec<String> = tables.iter().map(|table| format!("{database}.{table}")).collect();
-        let tables: Vec<&str> = tables.iter().map(String::as_str).collect();
-        clickhouse.sync_replica_within(&tables, SYNC_LIMIT).await?;
-        Ok(())
+        let several = self.state.read().expect("memory lock").replicas != 1 || self.clickhouse.replica_count() != 1;
+        self.syncing.sync(several, clickhouse, tables).await
     }
 
     /// Asked for before the first poll (just after the start): waits for it a little.
@@ -1169,6 +1139,51 @@ impl Memory {
                 }
             });
         }
+    }
+}
+
+/// `SYSTEM SYNC REPLICA` for the memories of one service, one at a time.
+#[derive(Debug, Default)]
+pub struct ReplicaSync {
+    one: tokio::sync::Mutex<()>,
+}
+
+impl ReplicaSync {
+    /// With several replicas (`several`: several URLs or several replicas in
+    /// `system.replicas`), waits until the one `clickhouse` reads (pinned) has every block of
+    /// `tables` acknowledged on any replica before the call: the jobs acknowledge an epoch's
+    /// blocks before its marker and its commit, so a replica that shows one of those, then
+    /// syncs, has them all. Nothing on a lone server known by one URL. One sync at a time; and
+    /// none while an earlier one still runs on the server (ClickHouse 18.16 goes on with a sync
+    /// whose client gave up, and a pile of them would fill its `max_concurrent_queries`).
+    pub async fn sync(&self, several: bool, clickhouse: &ClickHouse, tables: &[&str]) -> Result<(), QueryError> {
+        if !several {
+            return Ok(());
+        }
+        let _one = self.one.lock().await;
+        #[derive(Row, Deserialize)]
+        struct Running {
+            n: u64,
+        }
+        // This service's syncs name the database (a valid identifier: no quoting needed).
+        let database = clickhouse.database();
+        let running: Vec<Running> = clickhouse
+            .fetch_all(
+                clickhouse
+                    .client()
+                    .query("SELECT count() AS n FROM system.processes WHERE query LIKE ?")
+                    .bind(format!("SYSTEM SYNC REPLICA {database}.%")),
+            )
+            .await?;
+        if running.first().is_some_and(|r| r.n > 0) {
+            return Err(QueryError::Store(SinkError::Unavailable(
+                "an earlier SYSTEM SYNC REPLICA still runs on this replica; memory waits for it".into(),
+            )));
+        }
+        let tables: Vec<String> = tables.iter().map(|table| format!("{database}.{table}")).collect();
+        let tables: Vec<&str> = tables.iter().map(String::as_str).collect();
+        clickhouse.sync_replica_within(&tables, SYNC_LIMIT).await?;
+        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@ use videocount_http::{ProcessCollector, RequestMetrics};
 
 use crate::canary::CanaryStats;
 use crate::memory::MemoryStats;
+use crate::stats_memory::StatsMemoryStats;
 
 pub struct Metrics {
     pub registry: Registry,
@@ -21,6 +22,9 @@ pub struct Metrics {
     pub memory_bytes: Gauge,
     /// Seconds since the last poll of the committed epoch that worked (-1 before the first).
     pub memory_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub stats_memory: StatsMemoryStats,
+    pub stats_memory_keys: Gauge,
+    pub stats_memory_bytes: Gauge,
     pub canary: CanaryStats,
     /// How far behind the ClickHouse replica in use is (replicas.rs).
     pub replica_delay: crate::replicas::ReplicaDelay,
@@ -72,6 +76,43 @@ impl Metrics {
             "Seconds since the last poll of the committed epoch that worked (-1 before the first)",
             memory_age.clone(),
         );
+        let stats_memory = StatsMemoryStats::default();
+        for (name, help, counter) in [
+            ("stats_memory_hits", "Stats answered from memory", &stats_memory.hits),
+            ("stats_memory_misses", "Stats whose key was not in memory", &stats_memory.misses),
+            ("stats_memory_loads", "Stats keys loaded into memory", &stats_memory.loads),
+            (
+                "stats_memory_load_retries",
+                "Stats key loads that met a compaction ahead of the applied epoch and tried again",
+                &stats_memory.load_retries,
+            ),
+            ("stats_memory_load_errors", "Stats key loads that failed", &stats_memory.load_errors),
+            (
+                "stats_memory_evictions",
+                "Stats keys dropped to stay in --stats-memory-budget-mb",
+                &stats_memory.evictions,
+            ),
+            ("stats_memory_applies", "Polls that applied newly committed event_stats epochs", &stats_memory.applies),
+            (
+                "stats_memory_poll_errors",
+                "Polls of event_stats' committed epoch that failed",
+                &stats_memory.poll_errors,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        let stats_memory_keys = Gauge::default();
+        registry.register(
+            "stats_memory_keys",
+            "(video, event type, aggregate) keys in memory",
+            stats_memory_keys.clone(),
+        );
+        let stats_memory_bytes = Gauge::default();
+        registry.register(
+            "stats_memory_bytes",
+            "Bytes the stats keys in memory are estimated to take",
+            stats_memory_bytes.clone(),
+        );
         let canary = CanaryStats::register(&mut registry);
         let replica_delay = crate::replicas::ReplicaDelay::default();
         registry.register(
@@ -87,6 +128,9 @@ impl Metrics {
             memory_keys,
             memory_bytes,
             memory_age,
+            stats_memory,
+            stats_memory_keys,
+            stats_memory_bytes,
             canary,
             replica_delay,
         })

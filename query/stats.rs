@@ -3,7 +3,7 @@
 
 use videocount_clickhouse::states::{StoredState, live_states};
 
-use videocount_aggregates::Function;
+use videocount_aggregates::{Function, Registry, State};
 
 use crate::{Bounds, QueryError, Reader, TimeRange, bucket_condition, check_ids, segments};
 
@@ -60,9 +60,7 @@ impl Reader {
         let aggregate = self.registry.get(function.aggregate);
         let segments = segments(range);
         if segments.is_empty() {
-            self.check_kept(event_type, &function, 0)?;
-            let empty = aggregate.create();
-            return Ok(StatsAnswer { value: aggregate.finish(&empty, &function.name), states: 0 });
+            return self.stats_answer(event_type, &function, &aggregate.create(), 0);
         }
         let (parts, bounds): (Vec<String>, Vec<Bounds>) = segments
             .iter()
@@ -98,8 +96,25 @@ impl Reader {
                 states += 1;
             }
         }
-        self.check_kept(event_type, &function, states)?;
-        let value = aggregate.finish(&merged, &function.name);
+        self.stats_answer(event_type, &function, &merged, states)
+    }
+
+    /// The answer of `function` from the `merged` state of `states` stored states (from
+    /// ClickHouse or from the service's memory), or the error saying it is not kept.
+    pub fn stats_answer(
+        &self,
+        event_type: &str,
+        function: &Function,
+        merged: &State,
+        states: usize,
+    ) -> Result<StatsAnswer, QueryError> {
+        self.check_kept(event_type, function, states)?;
+        let value = self.registry.get(function.aggregate).finish(merged, &function.name);
         Ok(StatsAnswer { value, states })
+    }
+
+    /// The aggregates states are merged with.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 }

@@ -188,6 +188,30 @@ PARTITION BY toYear(day)
 ORDER BY (video_id, event_type, aggregate, day)
 SETTINGS replicated_deduplication_window = 20000, index_granularity = 8192;
 
+-- event_stats' changelog for the query service: each epoch's stats_minute rows again (the same
+-- block), sorted by epoch so that the rows of the epochs after a given one are an indexed read,
+-- partitioned by ranges of 2^20 epochs (event_stats drops the old ones). Never compacted.
+-- Internal: analysts read the stats tables (docs/reads-from-memory.md).
+CREATE TABLE IF NOT EXISTS stats_changes
+(
+    video_id String,
+    event_type String,
+    aggregate String,
+    minute DateTime('UTC'),
+    count UInt64,
+    value_count UInt64,
+    sum Float64,
+    min Float64,
+    max Float64,
+    state String,
+    epoch UInt64,
+    compacted UInt8
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_changes', '{replica}')
+PARTITION BY intDiv(epoch, 1048576)
+ORDER BY (epoch, video_id, event_type, aggregate, minute)
+SETTINGS replicated_deduplication_window = 20000, index_granularity = 8192;
+
 -- The raw event log: every counted event once, for replays and ad-hoc slicing.
 -- ts is epoch milliseconds UTC; `toDateTime(intDiv(ts, 1000))` gives a DateTime.
 -- The job's --no-events-raw flag switches it off.

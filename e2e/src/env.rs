@@ -85,9 +85,15 @@ impl TestEnv {
 
     /// `event_stats` on this test's topic, writing to `database`.
     pub fn stats_job_on(&self, database: &str, extra: &[&str]) -> Command {
-        let functions = repo_path("config/functions.toml");
         let mut command = self.job_binary_on(&tool("event_stats"), database, extra);
-        command.arg("--functions").arg(functions);
+        command.arg("--functions").arg(repo_path("config/functions.toml"));
+        command
+    }
+
+    /// `event_stats` writing through `url` (a proxy) to this test's database.
+    pub fn stats_job_via(&self, url: &str, extra: &[&str]) -> Command {
+        let mut command = self.job_binary_at(&tool("event_stats"), &self.database, url, extra);
+        command.arg("--functions").arg(repo_path("config/functions.toml"));
         command
     }
 

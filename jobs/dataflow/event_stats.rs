@@ -86,11 +86,19 @@ impl Dataflow for EventStats {
 
     fn blocks_per_epoch(&self, peers: u64) -> Vec<(&'static str, u64)> {
         // Each worker writes up to two blocks into each table per epoch: fast and slow.
-        vec![("stats_minute", 2 * peers), ("stats_hour", 2 * peers), ("stats_day", 2 * peers)]
+        // `stats_changes` first: the query service's changelog (the minute block again).
+        vec![
+            ("stats_changes", 2 * peers),
+            ("stats_minute", 2 * peers),
+            ("stats_hour", 2 * peers),
+            ("stats_day", 2 * peers),
+        ]
     }
 
     fn settings(&self) -> String {
-        format!("functions {:016x}", self.functions.fingerprint())
+        // "with changelog": this build writes stats_changes, which the query service's memory
+        // relies on; an older build, which does not, refuses to re-run this build's epochs.
+        format!("functions {:016x} with changelog", self.functions.fingerprint())
     }
 }
 

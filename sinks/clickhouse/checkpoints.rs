@@ -424,7 +424,7 @@ pub fn snapshot_block(job: &str, topic: &str, epoch: u64, offsets: &BTreeMap<u32
     Insert { table: "checkpoint_snapshots".into(), rows: block.rows(), body: block.finish() }
 }
 
-/// Epochs per partition of `count_changes` and `count_blocks` (their `PARTITION BY`).
+/// Epochs per partition of `count_changes`, `count_blocks` and `stats_changes` (their `PARTITION BY`).
 pub const CHANGELOG_PARTITION_EPOCHS: u64 = 1 << 20;
 
 /// Epochs per partition of `top_videos`.
@@ -503,6 +503,32 @@ pub async fn drop_old_changelog(clickhouse: &ClickHouse, below: u64) -> Result<u
         };
         if old {
             clickhouse.execute(&format!("ALTER TABLE {} DROP PARTITION {number}", part.table)).await?;
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
+}
+
+/// Drops the partitions of `event_stats`' changelog (`stats_changes`) that end before the
+/// partition before `below`'s, as [`drop_old_changelog`] does for the counts' (no trending
+/// window reads it). Returns how many partitions went.
+pub async fn drop_old_stats_changes(clickhouse: &ClickHouse, below: u64) -> Result<usize, SinkError> {
+    #[derive(Row, Deserialize)]
+    struct Part {
+        partition: String,
+    }
+    let keep_from = (below / CHANGELOG_PARTITION_EPOCHS).saturating_sub(1);
+    let parts: Vec<Part> = clickhouse
+        .fetch_all(clickhouse.client().query(
+            "SELECT DISTINCT partition FROM system.parts WHERE database = currentDatabase() \
+             AND table = 'stats_changes' AND active",
+        ))
+        .await?;
+    let mut dropped = 0;
+    for part in parts {
+        let Ok(number) = part.partition.trim_matches('\'').parse::<u64>() else { continue };
+        if number < keep_from {
+            clickhouse.execute(&format!("ALTER TABLE stats_changes DROP PARTITION {number}")).await?;
             dropped += 1;
         }
     }

@@ -165,6 +165,10 @@ pub struct StatsRow {
 
 /// States of one grain for one epoch (`compacted`: rows that replace the states of earlier
 /// epochs, see `videocount_clickhouse::compact`). Sorts `rows` in place by key.
+/// `event_stats`' changelog for the query service: each epoch's `stats_minute` rows again, in a
+/// table sorted by epoch (docs/reads-from-memory.md).
+pub const STATS_CHANGES: &str = "stats_changes";
+
 pub fn stats_block(grain: Grain, epoch: u64, compacted: bool, rows: &mut [StatsRow]) -> Insert {
     rows.sort_unstable_by(|a, b| {
         (&a.video_id, &a.event_type, &a.aggregate, a.bucket).cmp(&(&b.video_id, &b.event_type, &b.aggregate, b.bucket))

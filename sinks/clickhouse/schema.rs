@@ -102,7 +102,7 @@ mod tests {
     #[test]
     fn splits_the_schema_into_create_statements() {
         let statements = statements(SCHEMA_SQL);
-        assert_eq!(statements.len(), 16);
+        assert_eq!(statements.len(), 17);
         assert!(statements.iter().all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
     }
 }

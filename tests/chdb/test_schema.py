@@ -29,6 +29,15 @@ EXPECTED_COLUMNS = {
     "checkpoint_commits": ["job", "topic", "epoch", "committed_at"],
     "checkpoint_generations": ["job", "topic", "generation", "base_epoch", "started_at", "lease_token"],
     "checkpoint_snapshots": ["job", "topic", "epoch", "partition", "end_offset"],
+    # The same columns as stats_minute, in the same order: event_stats inserts the same block.
+    "stats_changes": [
+        "video_id", "event_type", "aggregate", "minute", "count", "value_count", "sum", "min", "max", "state",
+        "epoch", "compacted",
+    ],
+    "stats_minute": [
+        "video_id", "event_type", "aggregate", "minute", "count", "value_count", "sum", "min", "max", "state",
+        "epoch", "compacted",
+    ],
 }
 
 
@@ -91,6 +100,7 @@ def check_read_path(cursor, database):
         ("event_counts_hour", "hour"),
         ("event_counts_minute", "minute"),
         ("events_raw", "ts"),
+        ("stats_day", "day"),
     ]:
         cursor.execute(
             f"CREATE TABLE {database}_read.{table} AS {database}.{table} "
@@ -128,6 +138,20 @@ def check_read_path(cursor, database):
     )
     rows = cursor.fetchall()
     assert [tuple(r) for r in rows] == [(day - 86400, 5)], rows
+    # StatsMemory::try_load, the day table: bucket starts in seconds, the rows up to the
+    # applied epoch and every compacted row.
+    cursor.execute(
+        "INSERT INTO stats_day VALUES ('v', 'view', 'moments', toDate('2026-11-26'), 1, 0, 0, 0, 0, 'a', 7, 0), "
+        "('v', 'view', 'moments', toDate('2026-11-26'), 1, 0, 0, 0, 0, 'b', 9, 0), "
+        "('v', 'view', 'moments', toDate('2026-11-25'), 0, 0, 0, 0, 0, 'c', 12, 1)"
+    )
+    cursor.execute(
+        "SELECT state, toUInt32(0) AS segment, toUInt32(toUInt32(day) * 86400) AS bucket, epoch, compacted "
+        "FROM stats_day WHERE video_id = 'v' AND event_type = 'view' AND aggregate = 'moments' "
+        "AND (compacted = 1 OR (state != '' AND epoch <= 8)) ORDER BY bucket, compacted DESC, epoch"
+    )
+    rows = cursor.fetchall()
+    assert [tuple(r) for r in rows] == [("c", 0, day - 2 * 86400, 12, 1), ("a", 0, day - 86400, 7, 0)], rows
     # Reader::top.
     cursor.execute(
         "SELECT video_id, toUInt64(sum(count)) AS total FROM ("

@@ -1,0 +1,556 @@
+//! Stats from memory: per (video, event type, aggregate) asked for, the merged state of each
+//! minute, hour and day bucket with data, so a range is the merge of the buckets of its
+//! segments (whole days, whole hours, the minutes left): at most about 420 merges for a year.
+//!
+//! - **Kept current by commits.** Every `poll` reads the newest epoch `event_stats` committed.
+//!   The job writes each epoch's minute states twice: into `stats_minute` and into
+//!   `stats_changes`, which is sorted by epoch. The rows of the epochs committed since the last
+//!   poll are read from there, and each row of a held key is merged into its minute, hour and
+//!   day buckets, once: the service remembers the last epoch it applied. An epoch commits only
+//!   once all its blocks (fast and slow streams) are written, so the newest commit covers
+//!   every epoch up to it.
+//! - **Loaded on first use, exactly as of an epoch.** Stats rows are never summed by the
+//!   engine: each row carries the epoch that wrote it, so a load reads the key's rows of the
+//!   epochs up to the applied one `A` (`epoch <= A`), all written since `A` is committed.
+//!   Compaction merges a closed bucket's states through the last committed epoch `E` into one
+//!   row of epoch `E` and empties the rows it merged: a load that meets a compacted row past
+//!   `A` cannot take the rows of `A` apart from it, and tries again once the poll reached `E`
+//!   (at most a poll later, since `E` was committed). Before installing, the load merges the
+//!   key's `stats_changes` rows of the epochs applied meanwhile.
+//! - **Replicas.** As the counts' memory (memory.rs): each poll pins one replica and syncs
+//!   `stats_changes` before reading changes; loads read the replica of the last poll after
+//!   syncing the stats tables.
+//! - **Bounded.** Keys take at most `budget_bytes` (estimated from their states' encoded size);
+//!   the least recently asked for leave.
+//! - **Never stale without saying so.** Memory answers only while the last poll is at most
+//!   three polls old; otherwise, and for keys not loaded yet, the caller reads ClickHouse.
+//!
+//! Floating-point sums (`sum`, `avg`) may differ from ClickHouse's merge in their last bits:
+//! the same states are added in another grouping (per bucket, then across buckets).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use clickhouse::Row;
+use prometheus_client::metrics::counter::Counter;
+use serde::Deserialize;
+use tracing::{info, warn};
+use videocount_aggregates::{AggregateId, DynAggregate, Registry, State};
+use videocount_clickhouse::states::{StoredState, live_states};
+use videocount_clickhouse::{ClickHouse, SinkError};
+use videocount_query::{Grain, QueryError, Segment};
+
+use crate::memory::{PollLog, ReplicaSync, ticker};
+
+/// A service whose polls failed longer than this empties memory when they work again (the job
+/// drops changelog ranges at least 2^20 epochs behind its commits).
+const AWAY_LIMIT: Duration = Duration::from_secs(300);
+/// Keys loaded at once.
+const CONCURRENT_LOADS: usize = 4;
+/// Loads a key tries before it gives up (and leaves it to a later request).
+const LOAD_ATTEMPTS: u32 = 10;
+/// Bytes a bucket is taken to cost beside its state's encoded size.
+const BUCKET_OVERHEAD: usize = 64;
+/// The stats tables by grain: the grain's index in `Held::grains`, the table, and its bucket
+/// start in seconds.
+const TABLES: [(usize, &str, &str); 3] = [
+    (0, "stats_minute", "toUInt32(minute)"),
+    (1, "stats_hour", "toUInt32(hour)"),
+    (2, "stats_day", "toUInt32(toUInt32(day) * 86400)"),
+];
+
+#[derive(Clone, Debug)]
+pub struct StatsMemoryConfig {
+    /// How often the committed epoch is read.
+    pub poll: Duration,
+    /// Memory the keys may take.
+    pub budget_bytes: usize,
+    /// The checkpoint name of the `event_stats` writing the stats tables (its `--job-name`).
+    pub job: String,
+}
+
+/// Counters the service exports (`/metrics`).
+#[derive(Default, Debug, Clone)]
+pub struct StatsMemoryStats {
+    pub hits: Counter,
+    pub misses: Counter,
+    pub loads: Counter,
+    /// Loads that met a compaction past the applied epoch and tried again.
+    pub load_retries: Counter,
+    pub load_errors: Counter,
+    pub evictions: Counter,
+    /// Polls that found newer commits and applied them.
+    pub applies: Counter,
+    pub poll_errors: Counter,
+}
+
+/// (video, event type, aggregate).
+type Key = (String, String, AggregateId);
+
+/// The merged states of one key's buckets: minutes, hours and days (start in seconds).
+#[derive(Default)]
+struct Held {
+    grains: [BTreeMap<u32, State>; 3],
+    /// Per bucket, the bytes it is taken to cost (see `bytes`).
+    sizes: [BTreeMap<u32, usize>; 3],
+    bytes: usize,
+}
+
+impl Held {
+    /// Merges `state` (of `size` encoded bytes) into bucket `start` of `grain`. A merged
+    /// state is taken to be as large as the largest state merged into it: exact for moments
+    /// and HyperLogLogs in their dense form, an estimate for sketches of other values.
+    fn merge(&mut self, aggregate: &dyn DynAggregate, grain: usize, start: u32, state: &State, size: usize) {
+        aggregate.merge(self.grains[grain].entry(start).or_insert_with(|| aggregate.create()), state);
+        let cost = self.sizes[grain].entry(start).or_insert(0);
+        if size + BUCKET_OVERHEAD > *cost {
+            self.bytes = self.bytes - *cost + size + BUCKET_OVERHEAD;
+            *cost = size + BUCKET_OVERHEAD;
+        }
+    }
+
+    /// Merges one minute's state into its minute, hour and day.
+    fn add_minute(&mut self, aggregate: &dyn DynAggregate, minute: u32, state: &State, size: usize) {
+        for (grain, width) in [(0, 60), (1, 3600), (2, 86_400)] {
+            self.merge(aggregate, grain, minute / width * width, state, size);
+        }
+    }
+}
+
+struct Entry {
+    used: AtomicU64,
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct StatsState {
+    /// The last committed epoch applied; `None` before the first poll.
+    applied: Option<u64>,
+    /// Bumped by every reset: a load begun before one does not install.
+    generation: u64,
+    polled: Option<Instant>,
+    /// Replicas of the tables (`system.replicas`) and the one the last poll read.
+    replicas: u64,
+    replica: usize,
+    off: bool,
+    keys: HashMap<Key, Arc<Entry>>,
+    bytes: usize,
+}
+
+impl StatsState {
+    fn clear(&mut self) {
+        self.keys.clear();
+        self.bytes = 0;
+    }
+}
+
+pub struct StatsMemory {
+    clickhouse: ClickHouse,
+    registry: Registry,
+    config: StatsMemoryConfig,
+    started: Instant,
+    state: RwLock<StatsState>,
+    loading: Mutex<HashSet<Key>>,
+    load_permits: tokio::sync::Semaphore,
+    syncing: Arc<ReplicaSync>,
+    pub stats: StatsMemoryStats,
+}
+
+#[derive(Row, Deserialize)]
+struct Poll {
+    committed: u64,
+    replicas: u64,
+}
+
+/// A row of `stats_changes`.
+#[derive(Row, Deserialize)]
+struct Change {
+    video_id: String,
+    event_type: String,
+    aggregate: String,
+    minute: u32,
+    #[serde(with = "serde_bytes")]
+    state: Vec<u8>,
+}
+
+/// What a load did.
+enum Loaded {
+    /// Installed, or not needed (held already, or the store was reset meanwhile).
+    Done,
+    /// A compaction past the applied epoch: try again after the next poll.
+    Busy,
+}
+
+impl StatsMemory {
+    pub fn new(
+        clickhouse: ClickHouse,
+        registry: Registry,
+        config: StatsMemoryConfig,
+        stats: StatsMemoryStats,
+        syncing: Arc<ReplicaSync>,
+    ) -> StatsMemory {
+        StatsMemory {
+            clickhouse,
+            registry,
+            config,
+            started: Instant::now(),
+            state: RwLock::new(StatsState::default()),
+            loading: Mutex::new(HashSet::new()),
+            load_permits: tokio::sync::Semaphore::new(CONCURRENT_LOADS),
+            syncing,
+            stats,
+        }
+    }
+
+    fn fresh(&self, state: &StatsState) -> bool {
+        state.polled.is_some_and(|at| at.elapsed() <= self.config.poll * 3 + Duration::from_millis(500))
+    }
+
+    /// The merge of `aggregate`'s states over `segments` of a key, and how many bucket states
+    /// it merged, when the key is held and the store is current; counts the hit or the miss.
+    pub fn merge(
+        &self,
+        video_id: &str,
+        event_type: &str,
+        aggregate: AggregateId,
+        segments: &[Segment],
+    ) -> Option<(State, usize)> {
+        // The read lock stays held while merging: a poll applies all its epochs between reads.
+        let state = self.state.read().expect("stats memory lock");
+        let key = (video_id.to_owned(), event_type.to_owned(), aggregate);
+        let Some(entry) = self.fresh(&state).then(|| state.keys.get(&key)).flatten() else {
+            self.stats.misses.inc();
+            return None;
+        };
+        entry.used.store(self.started.elapsed().as_secs(), Ordering::Relaxed);
+        let held = entry.held.lock().expect("stats key lock");
+        let aggregate = self.registry.get(aggregate);
+        let mut merged = aggregate.create();
+        let mut states = 0;
+        for segment in segments {
+            let grain = match segment.grain {
+                Grain::Minute => 0,
+                Grain::Hour => 1,
+                Grain::Day => 2,
+            };
+            let (start, end) = (clamp(segment.start_s), clamp(segment.end_s));
+            for state in held.grains[grain].range(start..end).map(|(_, state)| state) {
+                aggregate.merge(&mut merged, state);
+                states += 1;
+            }
+        }
+        self.stats.hits.inc();
+        Some((merged, states))
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.read().expect("stats memory lock").keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes the keys are estimated to take.
+    pub fn bytes(&self) -> usize {
+        self.state.read().expect("stats memory lock").bytes
+    }
+
+    /// The last committed epoch of `event_stats` applied.
+    pub fn applied(&self) -> Option<u64> {
+        self.state.read().expect("stats memory lock").applied
+    }
+
+    /// Loads the key in the background unless it is held or being loaded.
+    pub fn want(self: &Arc<Self>, video_id: &str, event_type: &str, aggregate: AggregateId) {
+        let key = (video_id.to_owned(), event_type.to_owned(), aggregate);
+        {
+            let state = self.state.read().expect("stats memory lock");
+            if state.off || state.keys.contains_key(&key) {
+                return;
+            }
+        }
+        if !self.loading.lock().expect("loading lock").insert(key.clone()) {
+            return;
+        }
+        let memory = self.clone();
+        tokio::spawn(async move {
+            let _permit = memory.load_permits.acquire().await.expect("the semaphore is never closed");
+            if let Err(error) = memory.load(&key).await {
+                memory.stats.load_errors.inc();
+                warn!(video_id = %key.0, event_type = %key.1, %error, "loading a key's stats into memory failed; ClickHouse answers it");
+            }
+            memory.loading.lock().expect("loading lock").remove(&key);
+        });
+    }
+
+    /// Loads a key, trying again while a compaction is ahead of the applied epoch.
+    pub async fn load(&self, key: &Key) -> Result<(), QueryError> {
+        for _ in 0..50 {
+            if self.applied().is_some() {
+                break;
+            }
+            tokio::time::sleep(self.config.poll).await;
+        }
+        for attempt in 0..LOAD_ATTEMPTS {
+            match self.try_load(key).await? {
+                Loaded::Done => return Ok(()),
+                Loaded::Busy => {
+                    self.stats.load_retries.inc();
+                    let pause = 20 * (1 << attempt.min(4)) + rand::random_range(0..20);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+            }
+        }
+        Err(QueryError::Invalid(format!(
+            "a compaction was ahead of the applied epoch during each of {LOAD_ATTEMPTS} reads"
+        )))
+    }
+
+    /// The applied epoch and the generation, and the replica the last poll read if requests
+    /// still go there (then what the poll applied is on it).
+    fn snapshot(&self) -> Option<(u64, u64, ClickHouse)> {
+        let (pinned, index) = self.clickhouse.pinned();
+        let state = self.state.read().expect("stats memory lock");
+        let applied = state.applied?;
+        (state.replica == index && !state.off).then_some((applied, state.generation, pinned))
+    }
+
+    async fn sync(&self, clickhouse: &ClickHouse, tables: &[&str]) -> Result<(), QueryError> {
+        let several =
+            self.state.read().expect("stats memory lock").replicas != 1 || self.clickhouse.replica_count() != 1;
+        self.syncing.sync(several, clickhouse, tables).await
+    }
+
+    /// Loads a key exactly as of the applied epoch (the module documentation has the argument).
+    async fn try_load(&self, key: &Key) -> Result<Loaded, QueryError> {
+        let Some((mut applied, generation, clickhouse)) = self.snapshot() else { return Ok(Loaded::Done) };
+        let aggregate = self.registry.get(key.2);
+        let name = aggregate.name();
+        // Every row of the epochs up to the applied one was acknowledged before its commit.
+        self.sync(&clickhouse, &["stats_minute", "stats_hour", "stats_day"]).await?;
+        let mut held = Held::default();
+        for (grain, table, bucket) in TABLES {
+            let sql = format!(
+                "SELECT state, toUInt32(0) AS segment, {bucket} AS bucket, epoch, compacted FROM {table} \
+                 WHERE video_id = ? AND event_type = ? AND aggregate = ? \
+                 AND (compacted = 1 OR (state != '' AND epoch <= ?)) ORDER BY bucket, compacted DESC, epoch"
+            );
+            let query = clickhouse.client().query(&sql).bind(&key.0).bind(&key.1).bind(name).bind(applied);
+            let rows: Vec<StoredState> = clickhouse.fetch_all(query).await?;
+            if rows.iter().any(|row| row.compacted == 1 && row.epoch > applied) {
+                return Ok(Loaded::Busy);
+            }
+            for group in rows.chunk_by(|a, b| a.bucket == b.bucket) {
+                for row in live_states(group) {
+                    let state = aggregate.decode(&row.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
+                    held.merge(aggregate, grain, row.bucket, &state, row.state.len());
+                }
+            }
+        }
+        // The epochs the poll applied meanwhile, from the changelog, until it has not moved.
+        loop {
+            let now = {
+                let state = self.state.read().expect("stats memory lock");
+                if state.generation != generation || state.applied.is_none() {
+                    return Ok(Loaded::Done);
+                }
+                state.applied.expect("checked")
+            };
+            if now != applied {
+                self.sync(&clickhouse, &["stats_changes"]).await?;
+                let query = clickhouse
+                    .client()
+                    .query(
+                        "SELECT video_id, event_type, aggregate, toUInt32(minute) AS minute, state FROM stats_changes \
+                         WHERE epoch > ? AND epoch <= ? AND video_id = ? AND event_type = ? AND aggregate = ? \
+                         ORDER BY epoch, minute",
+                    )
+                    .bind(applied)
+                    .bind(now)
+                    .bind(&key.0)
+                    .bind(&key.1)
+                    .bind(name);
+                for change in clickhouse.fetch_all::<Change>(query).await? {
+                    let state = aggregate.decode(&change.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
+                    held.add_minute(aggregate, change.minute, &state, change.state.len());
+                }
+                applied = now;
+                continue;
+            }
+            let mut state = self.state.write().expect("stats memory lock");
+            if state.generation != generation || state.applied != Some(applied) {
+                continue;
+            }
+            if !state.keys.contains_key(key) {
+                state.bytes += held.bytes;
+                let entry = Entry { used: AtomicU64::new(self.started.elapsed().as_secs()), held: Mutex::new(held) };
+                state.keys.insert(key.clone(), Arc::new(entry));
+                self.stats.loads.inc();
+                self.evict(&mut state);
+            }
+            return Ok(Loaded::Done);
+        }
+    }
+
+    fn evict(&self, state: &mut StatsState) {
+        while state.bytes > self.config.budget_bytes && !state.keys.is_empty() {
+            let oldest = state
+                .keys
+                .iter()
+                .min_by_key(|(_, entry)| entry.used.load(Ordering::Relaxed))
+                .map(|(key, _)| key.clone())
+                .expect("not empty");
+            if let Some(entry) = state.keys.remove(&oldest) {
+                state.bytes -= entry.held.lock().expect("stats key lock").bytes;
+                self.stats.evictions.inc();
+            }
+        }
+    }
+
+    /// Reads the committed epoch, applies the epochs committed since the last poll.
+    pub async fn poll(&self) -> Result<(), QueryError> {
+        let (clickhouse, replica) = self.clickhouse.pinned();
+        let query = clickhouse
+            .client()
+            .query(
+                "SELECT (SELECT toUInt64(max(epoch)) FROM checkpoint_commits WHERE job = ?) AS committed, \
+                 (SELECT toUInt64(max(total_replicas)) FROM system.replicas WHERE database = currentDatabase()) AS replicas",
+            )
+            .bind(&self.config.job);
+        let polled: Vec<Poll> = clickhouse.fetch_all(query).await?;
+        let Some(Poll { committed, replicas }) = polled.into_iter().next() else {
+            return Err(QueryError::Corrupt("the poll query answered no row".into()));
+        };
+        if replicas == 0 {
+            return Err(QueryError::Store(SinkError::Unavailable(
+                "this ClickHouse replica has no ZooKeeper session (system.replicas shows no replica)".into(),
+            )));
+        }
+        if replicas > 1 && self.clickhouse.replica_count() < 2 {
+            // One URL before several replicas may be a balancer (see memory.rs).
+            let mut state = self.state.write().expect("stats memory lock");
+            state.off = true;
+            state.clear();
+            state.applied = None;
+            state.generation += 1;
+            state.polled = None;
+            return Ok(());
+        }
+        {
+            let mut state = self.state.write().expect("stats memory lock");
+            state.replicas = replicas;
+            state.replica = replica;
+        }
+        let applied = {
+            let state = self.state.read().expect("stats memory lock");
+            let away = state.polled.is_none_or(|at| at.elapsed() > AWAY_LIMIT);
+            state.applied.filter(|&applied| committed >= applied && !away)
+        };
+        let Some(applied) = applied else {
+            let mut state = self.state.write().expect("stats memory lock");
+            if state.applied.is_some() {
+                info!(committed, "event_stats' commits went back, or polls failed too long: stats memory emptied");
+            }
+            state.clear();
+            state.applied = Some(committed);
+            state.generation += 1;
+            state.off = false;
+            state.polled = Some(Instant::now());
+            return Ok(());
+        };
+        let mut changes = Vec::new();
+        if committed > applied {
+            // Every block of the epochs up to the commit seen was acknowledged before it.
+            self.sync(&clickhouse, &["stats_changes"]).await?;
+            let query = clickhouse
+                .client()
+                .query(
+                    "SELECT video_id, event_type, aggregate, toUInt32(minute) AS minute, state FROM stats_changes \
+                     WHERE epoch > ? AND epoch <= ? ORDER BY epoch, video_id, event_type, aggregate, minute",
+                )
+                .bind(applied)
+                .bind(committed);
+            let rows: Vec<Change> = clickhouse.fetch_all(query).await?;
+            // Only the rows of held keys are decoded, outside the lock.
+            let held: HashSet<Key> = self.state.read().expect("stats memory lock").keys.keys().cloned().collect();
+            for row in rows {
+                let Some(id) = self.registry.by_name(&row.aggregate) else { continue };
+                let key = (row.video_id, row.event_type, id);
+                if !held.contains(&key) {
+                    continue;
+                }
+                let state = self.registry.get(id).decode(&row.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
+                changes.push((key, row.minute, state, row.state.len()));
+            }
+        }
+        let mut state = self.state.write().expect("stats memory lock");
+        if state.applied != Some(applied) {
+            return Ok(());
+        }
+        let StatsState { keys, bytes, .. } = &mut *state;
+        for (key, minute, change, size) in &changes {
+            // A key evicted meanwhile is loaded again when asked for.
+            let Some(entry) = keys.get(key) else { continue };
+            let mut held = entry.held.lock().expect("stats key lock");
+            let before = held.bytes;
+            held.add_minute(self.registry.get(key.2), *minute, change, *size);
+            *bytes = *bytes - before + held.bytes;
+        }
+        if committed > applied {
+            self.stats.applies.inc();
+        }
+        state.applied = Some(committed);
+        state.polled = Some(Instant::now());
+        self.evict(&mut state);
+        Ok(())
+    }
+
+    /// Polls every `poll` for ever; logs failures (memory stops answering until a poll works).
+    pub async fn run(self: Arc<Self>) {
+        let mut every = ticker(self.config.poll);
+        let mut log = PollLog::new(
+            "reading event_stats' committed epoch failed; stats read ClickHouse until it works",
+            "stats memory polls work again",
+        );
+        loop {
+            every.tick().await;
+            let polled = self.poll().await;
+            if polled.is_err() {
+                self.stats.poll_errors.inc();
+            }
+            log.note(polled);
+        }
+    }
+}
+
+fn clamp(s: u64) -> u32 {
+    u32::try_from(s).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use videocount_aggregates::Sample;
+
+    #[test]
+    fn a_minute_merges_into_its_minute_hour_and_day_and_costs_its_largest_state() {
+        let registry = Registry::builtin();
+        let id = registry.by_name("moments").unwrap();
+        let aggregate = registry.get(id);
+        let mut held = Held::default();
+        let mut state = aggregate.create();
+        aggregate.update(&mut state, Sample { value: Some(2.0), viewer_id: None });
+        let minute = 86_400 * 3 + 3600 * 5 + 60 * 7;
+        held.add_minute(aggregate, minute, &state, 40);
+        held.add_minute(aggregate, minute + 60, &state, 30);
+        assert_eq!(held.grains[0].keys().copied().collect::<Vec<_>>(), [minute, minute + 60]);
+        assert_eq!(held.grains[1].keys().copied().collect::<Vec<_>>(), [86_400 * 3 + 3600 * 5]);
+        assert_eq!(held.grains[2].keys().copied().collect::<Vec<_>>(), [86_400 * 3]);
+        assert_eq!(aggregate.finish(&held.grains[2][&(86_400 * 3)], "sum"), Some(4.0));
+        // Two minutes of their own, one hour and one day each of the largest state.
+        assert_eq!(held.bytes, 40 + 30 + 40 + 40 + 4 * BUCKET_OVERHEAD);
+    }
+}
