@@ -84,6 +84,8 @@ enum Call {
     Count,
     /// `GET /v1/videos/{id}/events/watch_time/stats/p50`.
     Stats,
+    /// `GET /v1/videos/{id}/events/view/stats/uniq`.
+    Uniq,
     /// Views as plain SQL over events_raw, straight to ClickHouse.
     RawSql,
     /// `GET /v1/top?window=1h|24h&limit=100`: the lists view_counts keeps, from memory.
@@ -245,6 +247,7 @@ async fn run(clickhouse: ClickHouse, url: String, call: Call, clients: usize, se
                                 format!("/v1/top?event_type=view&window={window}&limit=100")
                             }
                             Call::TopScan => "/v1/top?event_type=view&limit=100".to_owned(),
+                            Call::Uniq => format!("/v1/videos/{video}/events/view/stats/uniq?from={from}&to={to}"),
                             _ => format!("/v1/videos/{video}/events/watch_time/stats/p50?from={from}&to={to}"),
                         };
                         let response = http.get(format!("{url}{path}")).send().await;

@@ -86,13 +86,18 @@ echo "bench-query: $(curl -fsS "$CH/?database=$DB" --data-binary "SELECT toStrin
 kill "$LIVE_FEED" 2>/dev/null || true
 kill -TERM "$LIVE_JOB" 2>/dev/null || true
 wait "$LIVE_FEED" "$LIVE_JOB" 2>/dev/null || true
-echo "bench-query: stats (ClickHouse)"
+echo "bench-query: stats from memory (each key loads on its first request, which reads ClickHouse: the first run of each loads them)"
 run "$CLIENTS" --call stats
+run "$CLIENTS" --call stats
+run "$CLIENTS" --call uniq
+run "$CLIENTS" --call uniq
 stop
-echo "bench-query: views again without memory (--no-memory)"
+echo "bench-query: views and stats again without memory (--no-memory)"
 serve --no-memory
 run "$CLIENTS" --call views --aligned
 run "$CLIENTS" --call views
+run "$CLIENTS" --call stats
+run "$CLIENTS" --call uniq
 stop
 echo "bench-query: the same views as plain SQL over events_raw"
 run "$CLIENTS" --call raw-sql --aligned
