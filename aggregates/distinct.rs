@@ -62,4 +62,8 @@ impl Aggregate for Distinct {
         union.update(&sketch);
         Ok(union)
     }
+
+    fn heap_bytes(&self, state: &HllUnion) -> usize {
+        std::mem::size_of::<HllUnion>() + state.estimated_size()
+    }
 }

@@ -75,6 +75,9 @@ pub trait Aggregate: Send + Sync + 'static {
     fn finish(&self, state: &Self::State, function: &str) -> Option<f64>;
     fn encode(&self, state: &Self::State) -> Vec<u8>;
     fn decode(&self, bytes: &[u8]) -> Result<Self::State, DecodeError>;
+    /// About the bytes a state takes in memory, its allocations included (a memory budget
+    /// counts it; cheap to call).
+    fn heap_bytes(&self, state: &Self::State) -> usize;
 }
 
 /// A state of any aggregate, as the registry hands it out.
@@ -91,6 +94,7 @@ pub trait DynAggregate: Send + Sync {
     fn finish(&self, state: &State, function: &str) -> Option<f64>;
     fn encode(&self, state: &State) -> Vec<u8>;
     fn decode(&self, bytes: &[u8]) -> Result<State, DecodeError>;
+    fn heap_bytes(&self, state: &State) -> usize;
 }
 
 fn typed<A: Aggregate>(state: &State) -> &A::State {
@@ -128,6 +132,10 @@ impl<A: Aggregate> DynAggregate for A {
     }
     fn decode(&self, bytes: &[u8]) -> Result<State, DecodeError> {
         Ok(Box::new(Aggregate::decode(self, bytes)?))
+    }
+    fn heap_bytes(&self, state: &State) -> usize {
+        // The box and its vtable pointer, then the state.
+        16 + Aggregate::heap_bytes(self, typed::<A>(state))
     }
 }
 

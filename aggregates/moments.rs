@@ -102,4 +102,8 @@ impl Aggregate for MomentsAggregate {
     fn decode(&self, bytes: &[u8]) -> Result<Moments, DecodeError> {
         postcard::from_bytes(bytes).map_err(|e| DecodeError { aggregate: "moments", detail: e.to_string() })
     }
+
+    fn heap_bytes(&self, _state: &Moments) -> usize {
+        std::mem::size_of::<Moments>()
+    }
 }

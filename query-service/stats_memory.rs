@@ -51,8 +51,11 @@ const AWAY_LIMIT: Duration = Duration::from_secs(300);
 const CONCURRENT_LOADS: usize = 4;
 /// Loads a key tries before it gives up (and leaves it to a later request).
 const LOAD_ATTEMPTS: u32 = 10;
-/// Bytes a bucket is taken to cost beside its state's encoded size.
+/// Bytes a bucket takes beside its state (its map entry).
 const BUCKET_OVERHEAD: usize = 64;
+/// Bytes a key takes beside its buckets (its map entry, ids and locks): a key without data
+/// counts too, so that requests for any number of unknown ids stay within the budget.
+const KEY_OVERHEAD: usize = 256;
 /// The stats tables by grain: the grain's index in `Held::grains`, the table, and its bucket
 /// start in seconds.
 const TABLES: [(usize, &str, &str); 3] = [
@@ -89,32 +92,38 @@ pub struct StatsMemoryStats {
 /// (video, event type, aggregate).
 type Key = (String, String, AggregateId);
 
+/// A bucket's merged state and the bytes it is taken to take.
+struct Bucket {
+    state: State,
+    cost: usize,
+}
+
 /// The merged states of one key's buckets: minutes, hours and days (start in seconds).
-#[derive(Default)]
 struct Held {
-    grains: [BTreeMap<u32, State>; 3],
-    /// Per bucket, the bytes it is taken to cost (see `bytes`).
-    sizes: [BTreeMap<u32, usize>; 3],
+    grains: [BTreeMap<u32, Bucket>; 3],
+    /// What the key takes: [`KEY_OVERHEAD`] and its buckets' costs.
     bytes: usize,
 }
 
 impl Held {
-    /// Merges `state` (of `size` encoded bytes) into bucket `start` of `grain`. A merged
-    /// state is taken to be as large as the largest state merged into it: exact for moments
-    /// and HyperLogLogs in their dense form, an estimate for sketches of other values.
-    fn merge(&mut self, aggregate: &dyn DynAggregate, grain: usize, start: u32, state: &State, size: usize) {
-        aggregate.merge(self.grains[grain].entry(start).or_insert_with(|| aggregate.create()), state);
-        let cost = self.sizes[grain].entry(start).or_insert(0);
-        if size + BUCKET_OVERHEAD > *cost {
-            self.bytes = self.bytes - *cost + size + BUCKET_OVERHEAD;
-            *cost = size + BUCKET_OVERHEAD;
-        }
+    fn new(key: &Key) -> Held {
+        Held { grains: Default::default(), bytes: KEY_OVERHEAD + key.0.len() + key.1.len() }
+    }
+
+    /// Merges `state` into bucket `start` of `grain`, and counts what the bucket takes now
+    /// ([`DynAggregate::heap_bytes`]).
+    fn merge(&mut self, aggregate: &dyn DynAggregate, grain: usize, start: u32, state: &State) {
+        let bucket = self.grains[grain].entry(start).or_insert_with(|| Bucket { state: aggregate.create(), cost: 0 });
+        aggregate.merge(&mut bucket.state, state);
+        let cost = aggregate.heap_bytes(&bucket.state) + BUCKET_OVERHEAD;
+        self.bytes = self.bytes - bucket.cost + cost;
+        bucket.cost = cost;
     }
 
     /// Merges one minute's state into its minute, hour and day.
-    fn add_minute(&mut self, aggregate: &dyn DynAggregate, minute: u32, state: &State, size: usize) {
+    fn add_minute(&mut self, aggregate: &dyn DynAggregate, minute: u32, state: &State) {
         for (grain, width) in [(0, 60), (1, 3600), (2, 86_400)] {
-            self.merge(aggregate, grain, minute / width * width, state, size);
+            self.merge(aggregate, grain, minute / width * width, state);
         }
     }
 }
@@ -160,6 +169,7 @@ pub struct StatsMemory {
 
 #[derive(Row, Deserialize)]
 struct Poll {
+    commits: u64,
     committed: u64,
     replicas: u64,
 }
@@ -236,8 +246,8 @@ impl StatsMemory {
                 Grain::Day => 2,
             };
             let (start, end) = (clamp(segment.start_s), clamp(segment.end_s));
-            for state in held.grains[grain].range(start..end).map(|(_, state)| state) {
-                aggregate.merge(&mut merged, state);
+            for bucket in held.grains[grain].range(start..end).map(|(_, bucket)| bucket) {
+                aggregate.merge(&mut merged, &bucket.state);
                 states += 1;
             }
         }
@@ -331,7 +341,7 @@ impl StatsMemory {
         let name = aggregate.name();
         // Every row of the epochs up to the applied one was acknowledged before its commit.
         self.sync(&clickhouse, &["stats_minute", "stats_hour", "stats_day"]).await?;
-        let mut held = Held::default();
+        let mut held = Held::new(key);
         for (grain, table, bucket) in TABLES {
             let sql = format!(
                 "SELECT state, toUInt32(0) AS segment, {bucket} AS bucket, epoch, compacted FROM {table} \
@@ -346,7 +356,7 @@ impl StatsMemory {
             for group in rows.chunk_by(|a, b| a.bucket == b.bucket) {
                 for row in live_states(group) {
                     let state = aggregate.decode(&row.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
-                    held.merge(aggregate, grain, row.bucket, &state, row.state.len());
+                    held.merge(aggregate, grain, row.bucket, &state);
                 }
             }
         }
@@ -375,7 +385,7 @@ impl StatsMemory {
                     .bind(name);
                 for change in clickhouse.fetch_all::<Change>(query).await? {
                     let state = aggregate.decode(&change.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
-                    held.add_minute(aggregate, change.minute, &state, change.state.len());
+                    held.add_minute(aggregate, change.minute, &state);
                 }
                 applied = now;
                 continue;
@@ -393,6 +403,10 @@ impl StatsMemory {
             }
             return Ok(Loaded::Done);
         }
+    }
+
+    fn decode(&self, aggregate: AggregateId, bytes: &[u8]) -> Result<State, QueryError> {
+        self.registry.get(aggregate).decode(bytes).map_err(|e| QueryError::Corrupt(e.to_string()))
     }
 
     fn evict(&self, state: &mut StatsState) {
@@ -416,14 +430,24 @@ impl StatsMemory {
         let query = clickhouse
             .client()
             .query(
-                "SELECT (SELECT toUInt64(max(epoch)) FROM checkpoint_commits WHERE job = ?) AS committed, \
+                "SELECT (SELECT count() FROM checkpoint_commits WHERE job = ?) AS commits, \
+                 (SELECT toUInt64(max(epoch)) FROM checkpoint_commits WHERE job = ?) AS committed, \
                  (SELECT toUInt64(max(total_replicas)) FROM system.replicas WHERE database = currentDatabase()) AS replicas",
             )
+            .bind(&self.config.job)
             .bind(&self.config.job);
         let polled: Vec<Poll> = clickhouse.fetch_all(query).await?;
-        let Some(Poll { committed, replicas }) = polled.into_iter().next() else {
+        let Some(Poll { commits, committed, replicas }) = polled.into_iter().next() else {
             return Err(QueryError::Corrupt("the poll query answered no row".into()));
         };
+        if commits == 0 {
+            // No commit (yet, or another --stats-job-name): memory would answer "nothing" for
+            // every key. ClickHouse answers meanwhile.
+            return Err(QueryError::Store(SinkError::Unavailable(format!(
+                "job {:?} has committed no epoch in this database (--stats-job-name)",
+                self.config.job
+            ))));
+        }
         if replicas == 0 {
             return Err(QueryError::Store(SinkError::Unavailable(
                 "this ClickHouse replica has no ZooKeeper session (system.replicas shows no replica)".into(),
@@ -461,7 +485,7 @@ impl StatsMemory {
             state.polled = Some(Instant::now());
             return Ok(());
         };
-        let mut changes = Vec::new();
+        let mut rows: Vec<Change> = Vec::new();
         if committed > applied {
             // Every block of the epochs up to the commit seen was acknowledged before it.
             self.sync(&clickhouse, &["stats_changes"]).await?;
@@ -473,30 +497,39 @@ impl StatsMemory {
                 )
                 .bind(applied)
                 .bind(committed);
-            let rows: Vec<Change> = clickhouse.fetch_all(query).await?;
-            // Only the rows of held keys are decoded, outside the lock.
-            let held: HashSet<Key> = self.state.read().expect("stats memory lock").keys.keys().cloned().collect();
-            for row in rows {
-                let Some(id) = self.registry.by_name(&row.aggregate) else { continue };
-                let key = (row.video_id, row.event_type, id);
-                if !held.contains(&key) {
-                    continue;
-                }
-                let state = self.registry.get(id).decode(&row.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
-                changes.push((key, row.minute, state, row.state.len()));
-            }
+            rows = clickhouse.fetch_all(query).await?;
+        }
+        // The rows of the keys held now are decoded outside the lock; a key installed in the
+        // meantime (as of `applied`: the poll has not moved it yet) gets its rows decoded under
+        // the lock below, or it would miss these epochs for good (found by review).
+        let held: HashSet<Key> = self.state.read().expect("stats memory lock").keys.keys().cloned().collect();
+        let key_of = |row: &Change| {
+            self.registry.by_name(&row.aggregate).map(|id| (row.video_id.clone(), row.event_type.clone(), id))
+        };
+        let mut decoded: Vec<Option<State>> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let state = match key_of(row) {
+                Some(key) if held.contains(&key) => Some(self.decode(key.2, &row.state)?),
+                _ => None,
+            };
+            decoded.push(state);
         }
         let mut state = self.state.write().expect("stats memory lock");
         if state.applied != Some(applied) {
             return Ok(());
         }
         let StatsState { keys, bytes, .. } = &mut *state;
-        for (key, minute, change, size) in &changes {
+        for (row, change) in rows.iter().zip(decoded) {
+            let Some(key) = key_of(row) else { continue };
             // A key evicted meanwhile is loaded again when asked for.
-            let Some(entry) = keys.get(key) else { continue };
+            let Some(entry) = keys.get(&key) else { continue };
+            let change = match change {
+                Some(change) => change,
+                None => self.decode(key.2, &row.state)?,
+            };
             let mut held = entry.held.lock().expect("stats key lock");
             let before = held.bytes;
-            held.add_minute(self.registry.get(key.2), *minute, change, *size);
+            held.add_minute(self.registry.get(key.2), row.minute, &change);
             *bytes = *bytes - before + held.bytes;
         }
         if committed > applied {
@@ -536,21 +569,31 @@ mod tests {
     use videocount_aggregates::Sample;
 
     #[test]
-    fn a_minute_merges_into_its_minute_hour_and_day_and_costs_its_largest_state() {
+    fn a_minute_merges_into_its_minute_hour_and_day_and_each_bucket_counts_what_it_takes() {
         let registry = Registry::builtin();
         let id = registry.by_name("moments").unwrap();
         let aggregate = registry.get(id);
-        let mut held = Held::default();
+        let key = ("v".to_owned(), "view".to_owned(), id);
+        let mut held = Held::new(&key);
+        assert_eq!(held.bytes, KEY_OVERHEAD + 5, "a key without data counts too");
         let mut state = aggregate.create();
         aggregate.update(&mut state, Sample { value: Some(2.0), viewer_id: None });
         let minute = 86_400 * 3 + 3600 * 5 + 60 * 7;
-        held.add_minute(aggregate, minute, &state, 40);
-        held.add_minute(aggregate, minute + 60, &state, 30);
+        held.add_minute(aggregate, minute, &state);
+        held.add_minute(aggregate, minute + 60, &state);
         assert_eq!(held.grains[0].keys().copied().collect::<Vec<_>>(), [minute, minute + 60]);
         assert_eq!(held.grains[1].keys().copied().collect::<Vec<_>>(), [86_400 * 3 + 3600 * 5]);
         assert_eq!(held.grains[2].keys().copied().collect::<Vec<_>>(), [86_400 * 3]);
-        assert_eq!(aggregate.finish(&held.grains[2][&(86_400 * 3)], "sum"), Some(4.0));
-        // Two minutes of their own, one hour and one day each of the largest state.
-        assert_eq!(held.bytes, 40 + 30 + 40 + 40 + 4 * BUCKET_OVERHEAD);
+        assert_eq!(aggregate.finish(&held.grains[2][&(86_400 * 3)].state, "sum"), Some(4.0));
+        // Four buckets of one moments state each (merging does not grow it).
+        let bucket = aggregate.heap_bytes(&state) + BUCKET_OVERHEAD;
+        assert_eq!(held.bytes, KEY_OVERHEAD + 5 + 4 * bucket);
+        // A quantile sketch is counted by its bins, not its (sparse) encoding.
+        let quantiles = registry.get(registry.by_name("quantiles").unwrap());
+        let mut sketch = quantiles.create();
+        for i in 1..=400 {
+            quantiles.update(&mut sketch, Sample { value: Some(f64::from(i) * 2.5), viewer_id: None });
+        }
+        assert!(quantiles.heap_bytes(&sketch) > 4 * quantiles.encode(&sketch).len());
     }
 }
