@@ -74,6 +74,16 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         clients: u64,
     },
+    /// Asks for every video's watch-time p50 and distinct viewers once and waits until the
+    /// service's stats memory loaded them all; prints how long that took and the memory they take.
+    WarmStats {
+        #[arg(long, default_value = "http://127.0.0.1:18091")]
+        url: String,
+        #[arg(long, default_value_t = 10_000)]
+        videos: u64,
+        #[arg(long, default_value_t = 8)]
+        clients: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -384,6 +394,61 @@ async fn warm(url: &str, videos: u64, clients: u64) -> anyhow::Result<()> {
     }
 }
 
+async fn warm_stats(url: &str, videos: u64, clients: u64) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let paths: Arc<Vec<String>> = Arc::new(
+        (0..videos)
+            .map(|i| format!("vid{i:06}"))
+            .chain(["heavy000".to_owned()])
+            .flat_map(|video| ["watch_time/stats/p50", "view/stats/uniq"].map(|what| format!("{video}/events/{what}")))
+            .collect(),
+    );
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let (http, paths, url) = (http.clone(), paths.clone(), url.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut failed = 0u64;
+            for path in paths.iter().skip(client as usize).step_by(clients as usize) {
+                let to = now_ms();
+                let answer = http.get(format!("{url}/v1/videos/{path}?from={}&to={to}", to - YEAR_MS)).send().await;
+                if !answer.is_ok_and(|a| a.status().is_success()) {
+                    failed += 1;
+                }
+            }
+            failed
+        }));
+    }
+    let mut failed = 0u64;
+    for task in tasks {
+        failed += task.await?;
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of the stats warm-up's requests failed");
+    }
+    let asked = started.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let loads = gauge(&http, url, "videocount_query_stats_memory_loads_total").await.unwrap_or(0.0);
+        if loads >= paths.len() as f64 || Instant::now() > deadline {
+            let keys = gauge(&http, url, "videocount_query_stats_memory_keys").await.unwrap_or(0.0);
+            let bytes = gauge(&http, url, "videocount_query_stats_memory_bytes").await.unwrap_or(0.0);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "warm": "watch-time p50 and distinct viewers of every video once",
+                    "keys": keys,
+                    "asked_seconds": (asked * 10.0).round() / 10.0,
+                    "loaded_seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                    "memory_mib": (bytes / 1048576.0 * 10.0).round() / 10.0,
+                })
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -402,5 +467,6 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Warm { url, videos, clients } => warm(&url, videos, clients).await,
+        Command::WarmStats { url, videos, clients } => warm_stats(&url, videos, clients).await,
     }
 }

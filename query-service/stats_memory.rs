@@ -164,6 +164,8 @@ pub struct StatsMemory {
     loading: Mutex<HashSet<Key>>,
     load_permits: tokio::sync::Semaphore,
     syncing: Arc<ReplicaSync>,
+    /// Said once that the job has no commit.
+    waiting_logged: std::sync::atomic::AtomicBool,
     pub stats: StatsMemoryStats,
 }
 
@@ -210,6 +212,7 @@ impl StatsMemory {
             loading: Mutex::new(HashSet::new()),
             load_permits: tokio::sync::Semaphore::new(CONCURRENT_LOADS),
             syncing,
+            waiting_logged: std::sync::atomic::AtomicBool::new(false),
             stats,
         }
     }
@@ -278,7 +281,7 @@ impl StatsMemory {
         let key = (video_id.to_owned(), event_type.to_owned(), aggregate);
         {
             let state = self.state.read().expect("stats memory lock");
-            if state.off || state.keys.contains_key(&key) {
+            if state.off || state.applied.is_none() || state.keys.contains_key(&key) {
                 return;
             }
         }
@@ -341,23 +344,34 @@ impl StatsMemory {
         let name = aggregate.name();
         // Every row of the epochs up to the applied one was acknowledged before its commit.
         self.sync(&clickhouse, &["stats_minute", "stats_hour", "stats_day"]).await?;
+        // One query for the three tables; `segment` is the grain's index.
+        let parts: Vec<String> = TABLES
+            .iter()
+            .map(|(grain, table, bucket)| {
+                format!(
+                    "SELECT state, toUInt32({grain}) AS segment, {bucket} AS bucket, epoch, compacted FROM {table} \
+                     WHERE video_id = ? AND event_type = ? AND aggregate = ? \
+                     AND (compacted = 1 OR (state != '' AND epoch <= ?))"
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT state, segment, bucket, epoch, compacted FROM ({}) ORDER BY segment, bucket, compacted DESC, epoch",
+            parts.join(" UNION ALL ")
+        );
+        let mut query = clickhouse.client().query(&sql);
+        for _ in TABLES {
+            query = query.bind(&key.0).bind(&key.1).bind(name).bind(applied);
+        }
+        let rows: Vec<StoredState> = clickhouse.fetch_all(query).await?;
+        if rows.iter().any(|row| row.compacted == 1 && row.epoch > applied) {
+            return Ok(Loaded::Busy);
+        }
         let mut held = Held::new(key);
-        for (grain, table, bucket) in TABLES {
-            let sql = format!(
-                "SELECT state, toUInt32(0) AS segment, {bucket} AS bucket, epoch, compacted FROM {table} \
-                 WHERE video_id = ? AND event_type = ? AND aggregate = ? \
-                 AND (compacted = 1 OR (state != '' AND epoch <= ?)) ORDER BY bucket, compacted DESC, epoch"
-            );
-            let query = clickhouse.client().query(&sql).bind(&key.0).bind(&key.1).bind(name).bind(applied);
-            let rows: Vec<StoredState> = clickhouse.fetch_all(query).await?;
-            if rows.iter().any(|row| row.compacted == 1 && row.epoch > applied) {
-                return Ok(Loaded::Busy);
-            }
-            for group in rows.chunk_by(|a, b| a.bucket == b.bucket) {
-                for row in live_states(group) {
-                    let state = aggregate.decode(&row.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
-                    held.merge(aggregate, grain, row.bucket, &state);
-                }
+        for group in rows.chunk_by(|a, b| (a.segment, a.bucket) == (b.segment, b.bucket)) {
+            for row in live_states(group) {
+                let state = self.decode(key.2, &row.state)?;
+                held.merge(aggregate, row.segment as usize, row.bucket, &state);
             }
         }
         // The epochs the poll applied meanwhile, from the changelog, until it has not moved.
@@ -441,12 +455,18 @@ impl StatsMemory {
             return Err(QueryError::Corrupt("the poll query answered no row".into()));
         };
         if commits == 0 {
-            // No commit (yet, or another --stats-job-name): memory would answer "nothing" for
-            // every key. ClickHouse answers meanwhile.
-            return Err(QueryError::Store(SinkError::Unavailable(format!(
-                "job {:?} has committed no epoch in this database (--stats-job-name)",
-                self.config.job
-            ))));
+            // No commit (yet, or another --stats-job-name, or no event_stats at all): memory
+            // would answer "nothing" for every key. It holds nothing, and ClickHouse answers.
+            let mut state = self.state.write().expect("stats memory lock");
+            if state.applied.is_some() || state.polled.is_some() || !self.waiting_logged.swap(true, Ordering::Relaxed) {
+                info!(job = %self.config.job, "the stats job has committed no epoch in this database: stats read ClickHouse");
+            }
+            state.clear();
+            if state.applied.take().is_some() {
+                state.generation += 1;
+            }
+            state.polled = None;
+            return Ok(());
         }
         if replicas == 0 {
             return Err(QueryError::Store(SinkError::Unavailable(
