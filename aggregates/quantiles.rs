@@ -80,8 +80,8 @@ impl Aggregate for Quantiles {
     }
 
     fn heap_bytes(&self, state: &DDSketch) -> usize {
-        // Two stores of u64 bins, grown in chunks of 128: counted at twice their length, for
-        // the capacity that growing leaves.
-        std::mem::size_of::<DDSketch>() + 2 * 1024 + state.length() * 16
+        // The stores' u64 bins, grown in chunks of 128: counted at twice their length, for the
+        // capacity that growing leaves.
+        std::mem::size_of::<DDSketch>() + state.length() * 16
     }
 }

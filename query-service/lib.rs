@@ -177,6 +177,7 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
             poll: Duration::from_millis(args.memory_poll_ms),
             budget_bytes: args.stats_memory_budget_mb.saturating_mul(1 << 20),
             job: args.stats_job_name.clone(),
+            warm_up: !args.no_warm_up,
         };
         let stats = metrics.stats_memory.clone();
         Arc::new(StatsMemory::new(clickhouse.clone(), Registry::builtin(), config, stats, syncing.clone()))

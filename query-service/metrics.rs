@@ -101,6 +101,17 @@ impl Metrics {
         ] {
             registry.register(name, help, counter.clone());
         }
+        stats_memory.warm_up_seconds.set(-1.0);
+        registry.register(
+            "stats_memory_warm_up_seconds",
+            "How long the last stats memory warm-up took (-1: none finished since the start or the last reset)",
+            stats_memory.warm_up_seconds.clone(),
+        );
+        registry.register(
+            "stats_memory_warm_up_keys",
+            "Keys the last stats memory warm-up loaded",
+            stats_memory.warm_up_keys.clone(),
+        );
         let stats_memory_keys = Gauge::default();
         registry.register(
             "stats_memory_keys",

@@ -20,8 +20,8 @@
 //! - **Replicas.** As the counts' memory (memory.rs): each poll pins one replica and syncs
 //!   `stats_changes` before reading changes; loads read the replica of the last poll after
 //!   syncing the stats tables.
-//! - **Bounded.** Keys take at most `budget_bytes` (estimated from their states' encoded size);
-//!   the least recently asked for leave.
+//! - **Bounded.** Keys take at most `budget_bytes` (estimated from their states' heap size); the
+//!   least recently asked for leave, and a key over a quarter of it is left to ClickHouse.
 //! - **Never stale without saying so.** Memory answers only while the last poll is at most
 //!   three polls old; otherwise, and for keys not loaded yet, the caller reads ClickHouse.
 //!
@@ -35,10 +35,11 @@ use std::time::{Duration, Instant};
 
 use clickhouse::Row;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use videocount_aggregates::{AggregateId, DynAggregate, Registry, State};
-use videocount_clickhouse::states::{StoredState, live_states};
+use videocount_clickhouse::states::{StoredState, emptied_without_compaction, live_states};
 use videocount_clickhouse::{ClickHouse, SinkError};
 use videocount_query::{Grain, QueryError, Segment};
 
@@ -51,6 +52,12 @@ const AWAY_LIMIT: Duration = Duration::from_secs(300);
 const CONCURRENT_LOADS: usize = 4;
 /// Loads a key tries before it gives up (and leaves it to a later request).
 const LOAD_ATTEMPTS: u32 = 10;
+/// Keys a warm-up reads at once.
+const WARM_KEYS: usize = 500;
+/// How long one of a warm-up's reads may take.
+const WARM_TIMEOUT: Duration = Duration::from_secs(120);
+/// A warm-up that failed is started again after this.
+const WARM_RETRY: Duration = Duration::from_secs(30);
 /// Bytes a bucket takes beside its state (its map entry).
 const BUCKET_OVERHEAD: usize = 64;
 /// Bytes a key takes beside its buckets (its map entry, ids and locks): a key without data
@@ -72,6 +79,8 @@ pub struct StatsMemoryConfig {
     pub budget_bytes: usize,
     /// The checkpoint name of the `event_stats` writing the stats tables (its `--job-name`).
     pub job: String,
+    /// Load keys before they are asked for, after the first poll and after every reset.
+    pub warm_up: bool,
 }
 
 /// Counters the service exports (`/metrics`).
@@ -87,6 +96,10 @@ pub struct StatsMemoryStats {
     /// Polls that found newer commits and applied them.
     pub applies: Counter,
     pub poll_errors: Counter,
+    /// How long the last finished warm-up took (-1: none finished since the last reset).
+    pub warm_up_seconds: Gauge<f64, AtomicU64>,
+    /// Keys the last warm-up installed.
+    pub warm_up_keys: Gauge,
 }
 
 /// (video, event type, aggregate).
@@ -176,6 +189,20 @@ struct Poll {
     replicas: u64,
 }
 
+/// A stored state of a stats table, with its key (a load's read).
+#[derive(Row, Deserialize)]
+struct KeyedState {
+    video_id: String,
+    event_type: String,
+    aggregate: String,
+    #[serde(with = "serde_bytes")]
+    state: Vec<u8>,
+    segment: u32,
+    bucket: u32,
+    epoch: u64,
+    compacted: u8,
+}
+
 /// A row of `stats_changes`.
 #[derive(Row, Deserialize)]
 struct Change {
@@ -185,14 +212,6 @@ struct Change {
     minute: u32,
     #[serde(with = "serde_bytes")]
     state: Vec<u8>,
-}
-
-/// What a load did.
-enum Loaded {
-    /// Installed, or not needed (held already, or the store was reset meanwhile).
-    Done,
-    /// A compaction past the applied epoch: try again after the next poll.
-    Busy,
 }
 
 impl StatsMemory {
@@ -308,13 +327,13 @@ impl StatsMemory {
             tokio::time::sleep(self.config.poll).await;
         }
         for attempt in 0..LOAD_ATTEMPTS {
-            match self.try_load(key).await? {
-                Loaded::Done => return Ok(()),
-                Loaded::Busy => {
+            match self.try_load(std::slice::from_ref(key), self.started.elapsed().as_secs()).await? {
+                Some(busy) if !busy.is_empty() => {
                     self.stats.load_retries.inc();
                     let pause = 20 * (1 << attempt.min(4)) + rand::random_range(0..20);
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
+                _ => return Ok(()),
             }
         }
         Err(QueryError::Invalid(format!(
@@ -337,51 +356,95 @@ impl StatsMemory {
         self.syncing.sync(several, clickhouse, tables).await
     }
 
-    /// Loads a key exactly as of the applied epoch (the module documentation has the argument).
-    async fn try_load(&self, key: &Key) -> Result<Loaded, QueryError> {
-        let Some((mut applied, generation, clickhouse)) = self.snapshot() else { return Ok(Loaded::Done) };
-        let aggregate = self.registry.get(key.2);
-        let name = aggregate.name();
+    /// Loads keys exactly as of the applied epoch (the module documentation has the argument),
+    /// all with one read of the three tables; `used`: the last-use time they get (a warm-up's
+    /// get 0: they leave before those requests asked for). Returns the keys a compaction past
+    /// the applied epoch kept out (to try again after a poll), or `None` when the store was
+    /// not ready or was emptied meanwhile.
+    async fn try_load(&self, keys: &[Key], used: u64) -> Result<Option<Vec<Key>>, QueryError> {
+        let Some((mut applied, generation, clickhouse)) = self.snapshot() else { return Ok(None) };
         // Every row of the epochs up to the applied one was acknowledged before its commit.
         self.sync(&clickhouse, &["stats_minute", "stats_hour", "stats_day"]).await?;
-        // One query for the three tables; `segment` is the grain's index.
+        let distinct = |part: fn(&Key) -> &str| -> Vec<&str> {
+            keys.iter().map(part).collect::<std::collections::BTreeSet<_>>().into_iter().collect()
+        };
+        let videos = distinct(|key| key.0.as_str());
+        let kinds = distinct(|key| key.1.as_str());
+        let aggregates: Vec<&str> = keys
+            .iter()
+            .map(|key| self.registry.get(key.2).name())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        // One query for the three tables (`segment` is the grain's index), by the primary key.
         let parts: Vec<String> = TABLES
             .iter()
             .map(|(grain, table, bucket)| {
                 format!(
-                    "SELECT state, toUInt32({grain}) AS segment, {bucket} AS bucket, epoch, compacted FROM {table} \
-                     WHERE video_id = ? AND event_type = ? AND aggregate = ? \
-                     AND (compacted = 1 OR (state != '' AND epoch <= ?))"
+                    "SELECT video_id, event_type, aggregate, state, toUInt32({grain}) AS segment, {bucket} AS bucket, \
+                     epoch, compacted FROM {table} WHERE video_id IN (SELECT arrayJoin(?)) \
+                     AND event_type IN (SELECT arrayJoin(?)) AND aggregate IN (SELECT arrayJoin(?)) \
+                     AND (compacted = 1 OR epoch <= ?)"
                 )
             })
             .collect();
         let sql = format!(
-            "SELECT state, segment, bucket, epoch, compacted FROM ({}) ORDER BY segment, bucket, compacted DESC, epoch",
+            "SELECT * FROM ({}) ORDER BY video_id, event_type, aggregate, segment, bucket, compacted DESC, epoch",
             parts.join(" UNION ALL ")
         );
         let mut query = clickhouse.client().query(&sql);
         for _ in TABLES {
-            query = query.bind(&key.0).bind(&key.1).bind(name).bind(applied);
+            query = query.bind(&videos).bind(&kinds).bind(&aggregates).bind(applied);
         }
-        let rows: Vec<StoredState> = clickhouse.fetch_all(query).await?;
-        if rows.iter().any(|row| row.compacted == 1 && row.epoch > applied) {
-            return Ok(Loaded::Busy);
-        }
-        let mut held = Held::new(key);
-        for group in rows.chunk_by(|a, b| (a.segment, a.bucket) == (b.segment, b.bucket)) {
-            for row in live_states(group) {
-                let state = self.decode(key.2, &row.state)?;
-                held.merge(aggregate, row.segment as usize, row.bucket, &state);
+        let rows: Vec<KeyedState> = clickhouse.fetch_all(query).await?;
+        let mut loaded: HashMap<Key, Held> = keys.iter().map(|key| (key.clone(), Held::new(key))).collect();
+        let mut busy = Vec::new();
+        for rows in rows
+            .chunk_by(|a, b| (&a.video_id, &a.event_type, &a.aggregate) == (&b.video_id, &b.event_type, &b.aggregate))
+        {
+            let first = &rows[0];
+            let Some(id) = self.registry.by_name(&first.aggregate) else { continue };
+            let key = (first.video_id.clone(), first.event_type.clone(), id);
+            let Some(held) = loaded.get_mut(&key) else { continue };
+            if rows.iter().any(|row| row.compacted == 1 && row.epoch > applied) {
+                loaded.remove(&key);
+                busy.push(key);
+                continue;
+            }
+            let aggregate = self.registry.get(id);
+            let stored: Vec<StoredState> = rows
+                .iter()
+                .map(|row| StoredState {
+                    state: row.state.clone(),
+                    segment: row.segment,
+                    bucket: row.bucket,
+                    epoch: row.epoch,
+                    compacted: row.compacted,
+                })
+                .collect();
+            let groups: Vec<&[StoredState]> =
+                stored.chunk_by(|a, b| (a.segment, a.bucket) == (b.segment, b.bucket)).collect();
+            // The emptied rows are read too: one without its compacted row (a replica that
+            // ran the emptying before it fetched that row) would lose states for good.
+            if groups.iter().any(|group| emptied_without_compaction(group)) {
+                loaded.remove(&key);
+                busy.push(key);
+                continue;
+            }
+            for group in groups {
+                for row in live_states(group) {
+                    held.merge(aggregate, row.segment as usize, row.bucket, &self.decode(id, &row.state)?);
+                }
             }
         }
         // The epochs the poll applied meanwhile, from the changelog, until it has not moved.
         loop {
             let now = {
                 let state = self.state.read().expect("stats memory lock");
-                if state.generation != generation || state.applied.is_none() {
-                    return Ok(Loaded::Done);
+                match state.applied {
+                    Some(now) if state.generation == generation => now,
+                    _ => return Ok(None),
                 }
-                state.applied.expect("checked")
             };
             if now != applied {
                 self.sync(&clickhouse, &["stats_changes"]).await?;
@@ -389,17 +452,15 @@ impl StatsMemory {
                     .client()
                     .query(
                         "SELECT video_id, event_type, aggregate, toUInt32(minute) AS minute, state FROM stats_changes \
-                         WHERE epoch > ? AND epoch <= ? AND video_id = ? AND event_type = ? AND aggregate = ? \
-                         ORDER BY epoch, minute",
+                         WHERE epoch > ? AND epoch <= ? AND video_id IN (SELECT arrayJoin(?)) ORDER BY epoch, minute",
                     )
                     .bind(applied)
                     .bind(now)
-                    .bind(&key.0)
-                    .bind(&key.1)
-                    .bind(name);
+                    .bind(&videos);
                 for change in clickhouse.fetch_all::<Change>(query).await? {
-                    let state = aggregate.decode(&change.state).map_err(|e| QueryError::Corrupt(e.to_string()))?;
-                    held.add_minute(aggregate, change.minute, &state);
+                    let Some(id) = self.registry.by_name(&change.aggregate) else { continue };
+                    let Some(held) = loaded.get_mut(&(change.video_id, change.event_type, id)) else { continue };
+                    held.add_minute(self.registry.get(id), change.minute, &self.decode(id, &change.state)?);
                 }
                 applied = now;
                 continue;
@@ -408,15 +469,99 @@ impl StatsMemory {
             if state.generation != generation || state.applied != Some(applied) {
                 continue;
             }
-            if !state.keys.contains_key(key) {
-                state.bytes += held.bytes;
-                let entry = Entry { used: AtomicU64::new(self.started.elapsed().as_secs()), held: Mutex::new(held) };
-                state.keys.insert(key.clone(), Arc::new(entry));
-                self.stats.loads.inc();
-                self.evict(&mut state);
+            for (key, held) in loaded {
+                // A key over a quarter of the budget would push out everything else, then
+                // itself, and load again at every request: ClickHouse answers it.
+                if held.bytes > self.config.budget_bytes / 4 {
+                    debug!(video_id = %key.0, event_type = %key.1, bytes = held.bytes, "a key too large for the stats memory budget");
+                    continue;
+                }
+                if !state.keys.contains_key(&key) {
+                    state.bytes += held.bytes;
+                    state.keys.insert(key, Arc::new(Entry { used: AtomicU64::new(used), held: Mutex::new(held) }));
+                    self.stats.loads.inc();
+                }
             }
-            return Ok(Loaded::Done);
+            self.evict(&mut state);
+            return Ok(Some(busy));
         }
+    }
+
+    /// Loads keys before they are asked for: every (video, event type, aggregate) of
+    /// `stats_day`, the most recently counted first, [`WARM_KEYS`] at a time, until they take
+    /// nine tenths of the budget or the store is emptied. Returns whether it ran to its end.
+    pub async fn warm_up(&self, generation: u64) -> Result<bool, QueryError> {
+        let started = Instant::now();
+        let clickhouse = self.clickhouse.with_request_timeout(WARM_TIMEOUT);
+        #[derive(Row, Deserialize)]
+        struct Counted {
+            video_id: String,
+            event_type: String,
+            aggregate: String,
+        }
+        let counted: Vec<Counted> = clickhouse
+            .fetch_all(
+                clickhouse
+                    .client()
+                    .query(
+                        "SELECT video_id, event_type, aggregate FROM stats_day GROUP BY video_id, event_type, aggregate \
+                         ORDER BY max(day) DESC, sum(count) DESC, video_id, event_type, aggregate LIMIT ?",
+                    )
+                    // No more than the budget could hold at a kilobyte a key.
+                    .bind((self.config.budget_bytes / 1024) as u64),
+            )
+            .await?;
+        let keys: Vec<Key> = counted
+            .into_iter()
+            .filter_map(|c| self.registry.by_name(&c.aggregate).map(|id| (c.video_id, c.event_type, id)))
+            .collect();
+        let (total, mut installed, mut left) = (keys.len(), 0, 0);
+        let limit = self.config.budget_bytes / 10 * 9;
+        for batch in keys.chunks(WARM_KEYS) {
+            let mut batch: Vec<Key> = {
+                let state = self.state.read().expect("stats memory lock");
+                if state.generation != generation {
+                    info!("stats memory warm-up stopped: the store was emptied (a new warm-up follows)");
+                    return Ok(false);
+                }
+                if state.bytes > limit {
+                    break;
+                }
+                batch.iter().filter(|key| !state.keys.contains_key(*key)).cloned().collect()
+            };
+            for attempt in 0..LOAD_ATTEMPTS {
+                if batch.is_empty() {
+                    break;
+                }
+                if attempt > 0 {
+                    self.stats.load_retries.inc();
+                    tokio::time::sleep(Duration::from_millis(20 * (1 << attempt.min(4)))).await;
+                }
+                let before = batch.len();
+                let Some(busy) = self.try_load(&batch, 0).await? else { return Ok(false) };
+                installed += before - busy.len();
+                batch = busy;
+            }
+            left += batch.len();
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        {
+            let state = self.state.read().expect("stats memory lock");
+            if state.generation != generation {
+                return Ok(false);
+            }
+            self.stats.warm_up_seconds.set(seconds);
+            self.stats.warm_up_keys.set(installed as i64);
+        }
+        info!(
+            keys = installed,
+            of = total,
+            left_to_requests = left,
+            mib = self.bytes() >> 20,
+            seconds = format!("{seconds:.1}"),
+            "stats memory warm-up done"
+        );
+        Ok(true)
     }
 
     fn decode(&self, aggregate: AggregateId, bytes: &[u8]) -> Result<State, QueryError> {
@@ -499,6 +644,7 @@ impl StatsMemory {
                 info!(committed, "event_stats' commits went back, or polls failed too long: stats memory emptied");
             }
             state.clear();
+            self.stats.warm_up_seconds.set(-1.0);
             state.applied = Some(committed);
             state.generation += 1;
             state.off = false;
@@ -522,7 +668,11 @@ impl StatsMemory {
         // The rows of the keys held now are decoded outside the lock; a key installed in the
         // meantime (as of `applied`: the poll has not moved it yet) gets its rows decoded under
         // the lock below, or it would miss these epochs for good (found by review).
-        let held: HashSet<Key> = self.state.read().expect("stats memory lock").keys.keys().cloned().collect();
+        let held: HashSet<Key> = if rows.is_empty() {
+            HashSet::new()
+        } else {
+            self.state.read().expect("stats memory lock").keys.keys().cloned().collect()
+        };
         let key_of = |row: &Change| {
             self.registry.by_name(&row.aggregate).map(|id| (row.video_id.clone(), row.event_type.clone(), id))
         };
@@ -539,14 +689,20 @@ impl StatsMemory {
             return Ok(());
         }
         let StatsState { keys, bytes, .. } = &mut *state;
+        // Every decode before the first merge: an error leaves the keys as they were (the next
+        // poll applies the same epochs again).
+        for (row, change) in rows.iter().zip(decoded.iter_mut()) {
+            if change.is_none()
+                && let Some(key) = key_of(row)
+                && keys.contains_key(&key)
+            {
+                *change = Some(self.decode(key.2, &row.state)?);
+            }
+        }
         for (row, change) in rows.iter().zip(decoded) {
             let Some(key) = key_of(row) else { continue };
             // A key evicted meanwhile is loaded again when asked for.
-            let Some(entry) = keys.get(&key) else { continue };
-            let change = match change {
-                Some(change) => change,
-                None => self.decode(key.2, &row.state)?,
-            };
+            let (Some(entry), Some(change)) = (keys.get(&key), change) else { continue };
             let mut held = entry.held.lock().expect("stats key lock");
             let before = held.bytes;
             held.add_minute(self.registry.get(key.2), row.minute, &change);
@@ -568,6 +724,8 @@ impl StatsMemory {
             "reading event_stats' committed epoch failed; stats read ClickHouse until it works",
             "stats memory polls work again",
         );
+        // One warm-up at a time: (the generation it finished for, running, when one failed).
+        let warm = Arc::new(Mutex::new((None::<u64>, false, None::<Instant>)));
         loop {
             every.tick().await;
             let polled = self.poll().await;
@@ -575,6 +733,34 @@ impl StatsMemory {
                 self.stats.poll_errors.inc();
             }
             log.note(polled);
+            let ready = {
+                let state = self.state.read().expect("stats memory lock");
+                (self.config.warm_up && state.applied.is_some() && !state.off).then_some(state.generation)
+            };
+            let Some(generation) = ready else { continue };
+            {
+                let mut warm = warm.lock().expect("warm-up lock");
+                let (done, running, failed) = &mut *warm;
+                if *done == Some(generation) || *running || failed.is_some_and(|at| at.elapsed() < WARM_RETRY) {
+                    continue;
+                }
+                *running = true;
+            }
+            let (memory, warm) = (self.clone(), warm.clone());
+            tokio::spawn(async move {
+                let result = memory.warm_up(generation).await;
+                let mut warm = warm.lock().expect("warm-up lock");
+                warm.1 = false;
+                match result {
+                    Ok(true) => warm.0 = Some(generation),
+                    Ok(false) => {}
+                    Err(error) => {
+                        memory.stats.load_errors.inc();
+                        warm.2 = Some(Instant::now());
+                        warn!(%error, "the stats memory warm-up failed; keys load when first asked for, and it starts again in 30 s");
+                    }
+                }
+            });
         }
     }
 }

@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS count_changes
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/count_changes', '{replica}')
 PARTITION BY intDiv(epoch, 1048576)
 ORDER BY (epoch, video_id, event_type, minute)
-SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192, replicated_max_ratio_of_wrong_parts = 1;
 
 CREATE TABLE IF NOT EXISTS count_blocks
 (
@@ -83,7 +83,7 @@ CREATE TABLE IF NOT EXISTS count_blocks
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/count_blocks', '{replica}')
 PARTITION BY intDiv(epoch, 1048576)
 ORDER BY (epoch, worker)
-SETTINGS replicated_deduplication_window = 1000;
+SETTINGS replicated_deduplication_window = 1000, replicated_max_ratio_of_wrong_parts = 1;
 
 -- view_counts' trending (on unless --no-trending): the top videos per event type over the last
 -- hour and the last 24 hours of event time ("now" is the newest minute of any event counted, so
@@ -192,6 +192,12 @@ SETTINGS replicated_deduplication_window = 20000, index_granularity = 8192;
 -- block), sorted by epoch so that the rows of the epochs after a given one are an indexed read,
 -- partitioned by ranges of 2^20 epochs (event_stats drops the old ones). Never compacted.
 -- Internal: analysts read the stats tables (docs/reads-from-memory.md).
+-- The changelogs (this, count_changes, count_blocks) take replicated_max_ratio_of_wrong_parts
+-- = 1: a replica killed during an insert keeps a part ZooKeeper never heard of, and starts only
+-- if such parts hold at most that share of the table's rows (0.5 by default). A young changelog
+-- can be half one block, and the replica then refused to start (seen in `make chaos-test`,
+-- kill -9 of a ClickHouse replica); the part's insert was never acknowledged, so the writer
+-- sent it again and nothing is lost when the replica puts it aside (detached/).
 CREATE TABLE IF NOT EXISTS stats_changes
 (
     video_id String,
@@ -210,7 +216,7 @@ CREATE TABLE IF NOT EXISTS stats_changes
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_changes', '{replica}')
 PARTITION BY intDiv(epoch, 1048576)
 ORDER BY (epoch, video_id, event_type, aggregate, minute)
-SETTINGS replicated_deduplication_window = 20000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 20000, index_granularity = 8192, replicated_max_ratio_of_wrong_parts = 1;
 
 -- The raw event log: every counted event once, for replays and ad-hoc slicing.
 -- ts is epoch milliseconds UTC; `toDateTime(intDiv(ts, 1000))` gives a DateTime.

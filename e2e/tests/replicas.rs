@@ -176,8 +176,8 @@ fn memory_on_a_replica_applies_no_commit_before_its_changes_arrive() {
 }
 
 /// Stats from memory on a replica: `event_stats` writes through replica 1 and compacts every
-/// second whatever minute ended (its compacted rows go to both replicas, `insert_quorum`,
-/// before the UPDATE that empties the merged states); the query service reads replica 2. Every
+/// second whatever minute ended; the query service reads replica 2 (a load there that sees an
+/// emptied state without its compacted row reads again). Every
 /// video's view count, distinct viewers and watch-time median are answered from memory as
 /// replica 1 answers them, and both replicas hold the compacted rows.
 #[test]

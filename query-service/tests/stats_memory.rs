@@ -73,7 +73,12 @@ async fn a_key_loaded_while_a_poll_decodes_gets_that_polls_epochs() {
     ks(&mut second);
     write_epoch(&clickhouse, 2, second, false).await;
 
-    let config = StatsMemoryConfig { poll: Duration::from_secs(60), budget_bytes: 1 << 34, job: "event_stats".into() };
+    let config = StatsMemoryConfig {
+        poll: Duration::from_secs(60),
+        budget_bytes: 1 << 34,
+        job: "event_stats".into(),
+        warm_up: false,
+    };
     let memory = Arc::new(StatsMemory::new(
         clickhouse.clone(),
         Registry::builtin(),

@@ -262,16 +262,7 @@ pub async fn compact(
         if !compacted.is_empty() {
             let buckets = compacted.len();
             let insert = stats_block(grain, through, true, &mut compacted);
-            // On replicas, every one has the compacted rows before the UPDATE below exists: a
-            // replica could otherwise empty the merged states before it fetched them, and a
-            // reader (the query service's memory keeps what it read) would see neither.
-            let replicas = table_replicas(clickhouse, table).await?;
-            let writer = if replicas > 1 {
-                clickhouse.with_setting("insert_quorum", &replicas.to_string())
-            } else {
-                clickhouse.clone()
-            };
-            writer.insert_native(&insert.table, insert.body).await?;
+            clickhouse.insert_native(&insert.table, insert.body).await?;
             report.tables.push(Compacted { table, buckets, states, through_epoch: through });
         }
         // Empty the merged states (also those an interrupted round left behind).
@@ -284,20 +275,6 @@ pub async fn compact(
         }
     }
     Ok(report)
-}
-
-/// How many replicas `table` has (1 for a lone server; 0 without a ZooKeeper session).
-async fn table_replicas(clickhouse: &ClickHouse, table: &str) -> Result<u64, SinkError> {
-    #[derive(Row, Deserialize)]
-    struct Replicas {
-        n: u64,
-    }
-    let query = clickhouse
-        .client()
-        .query("SELECT toUInt64(max(total_replicas)) AS n FROM system.replicas WHERE database = currentDatabase() AND table = ?")
-        .bind(table);
-    let rows: Vec<Replicas> = clickhouse.fetch_all(query).await?;
-    Ok(rows.first().map_or(1, |r| r.n))
 }
 
 #[cfg(test)]

@@ -25,9 +25,38 @@ pub fn live_states(group: &[StoredState]) -> impl Iterator<Item = &StoredState> 
     )
 }
 
+/// Whether `group` (one bucket's rows, emptied ones included) shows a row whose state a
+/// compaction emptied without the compacted row that holds it: compaction inserts that row
+/// before it empties the rows it merged (epochs up to its own), so on the server that ran it
+/// every emptied row is covered by a compacted row of an epoch at or after its own. A replica
+/// can run the emptying before it fetched the compacted row; a read there would miss states
+/// (read again once the replica caught up).
+pub fn emptied_without_compaction(group: &[StoredState]) -> bool {
+    let through = group.iter().filter(|r| r.compacted == 1).map(|r| r.epoch).max();
+    group.iter().any(|r| r.compacted == 0 && r.state.is_empty() && through.is_none_or(|c| r.epoch > c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_emptied_state_needs_a_compacted_row_of_its_epoch_or_later() {
+        let row = |epoch, compacted, state: &[u8]| StoredState {
+            state: state.to_vec(),
+            segment: 0,
+            bucket: 60,
+            epoch,
+            compacted,
+        };
+        assert!(!emptied_without_compaction(&[row(3, 0, b"a"), row(5, 0, b"b")]));
+        // Merged through 5, both emptied: covered.
+        assert!(!emptied_without_compaction(&[row(5, 1, b"m"), row(3, 0, b""), row(5, 0, b"")]));
+        // Emptied, and the compacted row not here (a replica that has not fetched it yet).
+        assert!(emptied_without_compaction(&[row(3, 0, b""), row(5, 0, b"b")]));
+        // Only an older compaction here: the row emptied by a newer one is not covered.
+        assert!(emptied_without_compaction(&[row(2, 1, b"m"), row(3, 0, b""), row(5, 0, b"b")]));
+    }
 
     #[test]
     fn a_bucket_counts_its_newest_compaction_and_later_epochs() {
