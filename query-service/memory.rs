@@ -1102,8 +1102,7 @@ impl Memory {
             "reading the committed epoch failed; counts read ClickHouse until it works",
             "memory polls work again",
         );
-        // One warm-up at a time: (the generation it finished for, running, when one failed).
-        let warm = Arc::new(Mutex::new((None::<u64>, false, None::<Instant>)));
+        let warm_ups = WarmUps::default();
         loop {
             every.tick().await;
             let polled = self.poll().await;
@@ -1116,29 +1115,58 @@ impl Memory {
                 (self.config.warm_up && state.applied.is_some() && !state.off).then_some(state.generation)
             };
             let Some(generation) = ready else { continue };
-            {
-                let mut warm = warm.lock().expect("warm-up lock");
-                let (done, running, failed) = &mut *warm;
-                if *done == Some(generation) || *running || failed.is_some_and(|at| at.elapsed() < WARM_RETRY) {
-                    continue;
-                }
-                *running = true;
-            }
-            let (memory, warm) = (self.clone(), warm.clone());
-            tokio::spawn(async move {
-                let result = memory.warm_up(generation).await;
-                let mut warm = warm.lock().expect("warm-up lock");
-                warm.1 = false;
-                match result {
-                    Ok(true) => warm.0 = Some(generation),
-                    Ok(false) => {}
-                    Err(error) => {
-                        warm.2 = Some(Instant::now());
-                        warn!(%error, "the memory warm-up failed; keys load when first asked for, and it starts again in 30 s");
-                    }
-                }
+            let memory = self.clone();
+            warm_ups.start(generation, async move { memory.warm_up(generation).await }, |error| {
+                warn!(%error, "the memory warm-up failed; keys load when first asked for, and it starts again in 30 s");
             });
         }
+    }
+}
+
+/// The warm-ups of one memory, one at a time: [`WarmUps::start`] after each poll starts one for
+/// the store's generation unless one runs, one finished for that generation, or one failed
+/// less than `WARM_RETRY` ago.
+#[derive(Default)]
+pub(crate) struct WarmUps {
+    state: Arc<Mutex<WarmUpState>>,
+}
+
+/// The generation the last warm-up finished for, whether one runs, when one last failed.
+type WarmUpState = (Option<u64>, bool, Option<Instant>);
+
+impl WarmUps {
+    /// Runs `warm` (which says whether it ran to its end) in the background if it is due;
+    /// `failed` hears its error.
+    pub(crate) fn start(
+        &self,
+        generation: u64,
+        warm: impl Future<Output = Result<bool, QueryError>> + Send + 'static,
+        failed: impl FnOnce(QueryError) + Send + 'static,
+    ) {
+        {
+            let mut state = self.state.lock().expect("warm-up lock");
+            let (done, running, failed_at) = &mut *state;
+            if *done == Some(generation) || *running || failed_at.is_some_and(|at| at.elapsed() < WARM_RETRY) {
+                return;
+            }
+            *running = true;
+        }
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let result = warm.await;
+            {
+                let mut state = state.lock().expect("warm-up lock");
+                state.1 = false;
+                match &result {
+                    Ok(true) => state.0 = Some(generation),
+                    Ok(false) => {}
+                    Err(_) => state.2 = Some(Instant::now()),
+                }
+            }
+            if let Err(error) = result {
+                failed(error);
+            }
+        });
     }
 }
 

@@ -39,11 +39,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
 use tracing::{debug, info, warn};
 use videocount_aggregates::{AggregateId, DynAggregate, Registry, State};
-use videocount_clickhouse::states::{StoredState, emptied_without_compaction, live_states};
+use videocount_clickhouse::states::{KeyedState, StoredState, emptied_without_compaction, live_states};
 use videocount_clickhouse::{ClickHouse, SinkError};
 use videocount_query::{Grain, QueryError, Segment};
 
-use crate::memory::{PollLog, ReplicaSync, ticker};
+use crate::memory::{PollLog, ReplicaSync, WarmUps, ticker};
 
 /// A service whose polls failed longer than this empties memory when they work again (the job
 /// drops changelog ranges at least 2^20 epochs behind its commits).
@@ -56,8 +56,6 @@ const LOAD_ATTEMPTS: u32 = 10;
 const WARM_KEYS: usize = 500;
 /// How long one of a warm-up's reads may take.
 const WARM_TIMEOUT: Duration = Duration::from_secs(120);
-/// A warm-up that failed is started again after this.
-const WARM_RETRY: Duration = Duration::from_secs(30);
 /// Bytes a bucket takes beside its state (its map entry).
 const BUCKET_OVERHEAD: usize = 64;
 /// Bytes a key takes beside its buckets (its map entry, ids and locks): a key without data
@@ -187,20 +185,6 @@ struct Poll {
     commits: u64,
     committed: u64,
     replicas: u64,
-}
-
-/// A stored state of a stats table, with its key (a load's read).
-#[derive(Row, Deserialize)]
-struct KeyedState {
-    video_id: String,
-    event_type: String,
-    aggregate: String,
-    #[serde(with = "serde_bytes")]
-    state: Vec<u8>,
-    segment: u32,
-    bucket: u32,
-    epoch: u64,
-    compacted: u8,
 }
 
 /// A row of `stats_changes`.
@@ -412,16 +396,7 @@ impl StatsMemory {
                 continue;
             }
             let aggregate = self.registry.get(id);
-            let stored: Vec<StoredState> = rows
-                .iter()
-                .map(|row| StoredState {
-                    state: row.state.clone(),
-                    segment: row.segment,
-                    bucket: row.bucket,
-                    epoch: row.epoch,
-                    compacted: row.compacted,
-                })
-                .collect();
+            let stored: Vec<StoredState> = rows.iter().map(KeyedState::stored).collect();
             let groups: Vec<&[StoredState]> =
                 stored.chunk_by(|a, b| (a.segment, a.bucket) == (b.segment, b.bucket)).collect();
             // The emptied rows are read too: one without its compacted row (a replica that
@@ -724,8 +699,7 @@ impl StatsMemory {
             "reading event_stats' committed epoch failed; stats read ClickHouse until it works",
             "stats memory polls work again",
         );
-        // One warm-up at a time: (the generation it finished for, running, when one failed).
-        let warm = Arc::new(Mutex::new((None::<u64>, false, None::<Instant>)));
+        let warm_ups = WarmUps::default();
         loop {
             every.tick().await;
             let polled = self.poll().await;
@@ -738,28 +712,10 @@ impl StatsMemory {
                 (self.config.warm_up && state.applied.is_some() && !state.off).then_some(state.generation)
             };
             let Some(generation) = ready else { continue };
-            {
-                let mut warm = warm.lock().expect("warm-up lock");
-                let (done, running, failed) = &mut *warm;
-                if *done == Some(generation) || *running || failed.is_some_and(|at| at.elapsed() < WARM_RETRY) {
-                    continue;
-                }
-                *running = true;
-            }
-            let (memory, warm) = (self.clone(), warm.clone());
-            tokio::spawn(async move {
-                let result = memory.warm_up(generation).await;
-                let mut warm = warm.lock().expect("warm-up lock");
-                warm.1 = false;
-                match result {
-                    Ok(true) => warm.0 = Some(generation),
-                    Ok(false) => {}
-                    Err(error) => {
-                        memory.stats.load_errors.inc();
-                        warm.2 = Some(Instant::now());
-                        warn!(%error, "the stats memory warm-up failed; keys load when first asked for, and it starts again in 30 s");
-                    }
-                }
+            let (memory, errors) = (self.clone(), self.stats.load_errors.clone());
+            warm_ups.start(generation, async move { memory.warm_up(generation).await }, move |error| {
+                errors.inc();
+                warn!(%error, "the stats memory warm-up failed; keys load when first asked for, and it starts again in 30 s");
             });
         }
     }

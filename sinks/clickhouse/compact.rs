@@ -22,7 +22,7 @@ use videocount_aggregates::{Moments, Registry};
 use crate::ClickHouse;
 use crate::rows::{Grain, StatsRow, stats_block};
 use crate::service::SinkError;
-use crate::states::{StoredState, live_states};
+use crate::states::{KeyedState, StoredState, live_states};
 
 /// A compaction round that failed; the next round starts over (see the module documentation).
 #[derive(Debug, thiserror::Error)]
@@ -110,31 +110,6 @@ fn closed_condition(grain: Grain, now_s: u64, grace_s: u64) -> (String, String) 
         grain => {
             let limit = horizon.saturating_sub(grain.seconds()).to_string();
             (format!("{} <= toDateTime({limit}, 'UTC')", grain.column()), limit)
-        }
-    }
-}
-
-#[derive(Row, Deserialize)]
-struct KeyedState {
-    video_id: String,
-    event_type: String,
-    aggregate: String,
-    #[serde(with = "serde_bytes")]
-    state: Vec<u8>,
-    segment: u32,
-    bucket: u32,
-    epoch: u64,
-    compacted: u8,
-}
-
-impl KeyedState {
-    fn stored(&self) -> StoredState {
-        StoredState {
-            state: self.state.clone(),
-            segment: self.segment,
-            bucket: self.bucket,
-            epoch: self.epoch,
-            compacted: self.compacted,
         }
     }
 }

@@ -15,6 +15,33 @@ pub struct StoredState {
     pub compacted: u8,
 }
 
+/// A stored state row with its key, as compaction and the query service's loads read them.
+#[derive(Row, Deserialize, Clone, Debug)]
+pub struct KeyedState {
+    pub video_id: String,
+    pub event_type: String,
+    pub aggregate: String,
+    #[serde(with = "serde_bytes")]
+    pub state: Vec<u8>,
+    pub segment: u32,
+    pub bucket: u32,
+    pub epoch: u64,
+    pub compacted: u8,
+}
+
+impl KeyedState {
+    /// The row without its key.
+    pub fn stored(&self) -> StoredState {
+        StoredState {
+            state: self.state.clone(),
+            segment: self.segment,
+            bucket: self.bucket,
+            epoch: self.epoch,
+            compacted: self.compacted,
+        }
+    }
+}
+
 /// The rows of one bucket that count, in merge order: the newest compacted state, then the
 /// states of later epochs. `group` is ordered by compacted (descending), then epoch.
 pub fn live_states(group: &[StoredState]) -> impl Iterator<Item = &StoredState> {
@@ -40,15 +67,13 @@ pub fn emptied_without_compaction(group: &[StoredState]) -> bool {
 mod tests {
     use super::*;
 
+    /// A row of minute 60 of `epoch`.
+    fn row(epoch: u64, compacted: u8, state: &[u8]) -> StoredState {
+        StoredState { state: state.to_vec(), segment: 0, bucket: 60, epoch, compacted }
+    }
+
     #[test]
     fn an_emptied_state_needs_a_compacted_row_of_its_epoch_or_later() {
-        let row = |epoch, compacted, state: &[u8]| StoredState {
-            state: state.to_vec(),
-            segment: 0,
-            bucket: 60,
-            epoch,
-            compacted,
-        };
         assert!(!emptied_without_compaction(&[row(3, 0, b"a"), row(5, 0, b"b")]));
         // Merged through 5, both emptied: covered.
         assert!(!emptied_without_compaction(&[row(5, 1, b"m"), row(3, 0, b""), row(5, 0, b"")]));
@@ -60,13 +85,6 @@ mod tests {
 
     #[test]
     fn a_bucket_counts_its_newest_compaction_and_later_epochs() {
-        let row = |epoch, compacted, state: &[u8]| StoredState {
-            state: state.to_vec(),
-            segment: 0,
-            bucket: 60,
-            epoch,
-            compacted,
-        };
         let epochs = |group: &[StoredState]| live_states(group).map(|r| (r.epoch, r.compacted)).collect::<Vec<_>>();
         // As written: every state.
         assert_eq!(epochs(&[row(3, 0, b"a"), row(5, 0, b"b")]), [(3, 0), (5, 0)]);
