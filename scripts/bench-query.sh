@@ -86,7 +86,7 @@ echo "bench-query: $(curl -fsS "$CH/?database=$DB" --data-binary "SELECT toStrin
 kill "$LIVE_FEED" 2>/dev/null || true
 kill -TERM "$LIVE_JOB" 2>/dev/null || true
 wait "$LIVE_FEED" "$LIVE_JOB" 2>/dev/null || true
-echo "bench-query: stats from memory: every video's watch-time p50 and distinct viewers asked for once (each key loads on its first request, which reads ClickHouse), then the runs"
+echo "bench-query: stats from memory: the service's stats warm-up, then every video's watch-time p50 and distinct viewers asked for once (a key the warm-up did not take loads on its first request), then the runs"
 "$BIN/query_bench" --database "$DB" warm-stats --url "http://127.0.0.1:$PORT"
 run "$CLIENTS" --call stats
 run "$CLIENTS" --call uniq
