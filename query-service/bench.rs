@@ -318,90 +318,31 @@ async fn gauge(http: &reqwest::Client, url: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-async fn warm(url: &str, videos: u64, clients: u64) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
-    // The service's own warm-up first (it starts with the service).
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(1800);
-    let warm_up = loop {
-        let seconds = gauge(&http, url, "videocount_query_memory_warm_up_seconds").await.unwrap_or(-1.0);
-        if seconds >= 0.0 || Instant::now() > deadline {
-            break seconds;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    println!(
-        "{}",
-        serde_json::json!({
-            "warm": "the service's warm-up",
-            "seconds": warm_up,
-            "waited_seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-            "keys": gauge(&http, url, "videocount_query_memory_warm_up_keys").await.unwrap_or(0.0),
-            "memory_mib": (gauge(&http, url, "videocount_query_memory_bytes").await.unwrap_or(0.0) / 1048576.0 * 10.0).round() / 10.0,
-        })
-    );
-    let started = Instant::now();
-    let names: Arc<Vec<String>> =
-        Arc::new((0..videos).map(|i| format!("vid{i:06}")).chain(["heavy000".to_owned()]).collect());
-    let mut tasks = Vec::new();
-    for client in 0..clients {
-        let (http, names, url) = (http.clone(), names.clone(), url.to_owned());
-        tasks.push(tokio::spawn(async move {
-            let mut failed = 0u64;
-            for name in names.iter().skip(client as usize).step_by(clients as usize) {
-                let to = now_ms();
-                let from = to - 9 * YEAR_MS;
-                let answer = http.get(format!("{url}/v1/videos/{name}/views?from={from}&to={to}")).send().await;
-                if !answer.is_ok_and(|a| a.status().is_success()) {
-                    failed += 1;
-                }
-            }
-            failed
-        }));
-    }
-    let mut failed = 0u64;
-    for task in tasks {
-        failed += task.await?;
-    }
-    if failed > 0 {
-        anyhow::bail!("{failed} of the warm-up's requests failed");
-    }
-    let asked = started.elapsed().as_secs_f64();
-    let wanted = names.len() as f64;
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    loop {
-        let keys = gauge(&http, url, "videocount_query_memory_keys").await.unwrap_or(0.0);
-        let loads = gauge(&http, url, "videocount_query_memory_loads_total").await.unwrap_or(0.0);
-        let evictions = gauge(&http, url, "videocount_query_memory_evictions_total").await.unwrap_or(0.0);
-        // Done when every key loaded (some may have left again under the budget).
-        if loads >= wanted || Instant::now() > deadline {
-            if evictions > 0.0 {
-                println!("warm: {evictions} keys left again under --memory-budget-mb");
-            }
-            let bytes = gauge(&http, url, "videocount_query_memory_bytes").await.unwrap_or(0.0);
-            println!(
-                "{}",
-                serde_json::json!({
-                    "warm": "views of every video once",
-                    "keys": keys,
-                    "asked_seconds": (asked * 10.0).round() / 10.0,
-                    "loaded_seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-                    "memory_mib": (bytes / 1048576.0 * 10.0).round() / 10.0,
-                })
-            );
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// What a warm pass asks for: each path (after `/v1/videos/`) once over the last `span_ms`,
+/// and the metrics (`videocount_query_{memory}_*`) of the memory that loads them.
+struct WarmPass {
+    what: &'static str,
+    memory: &'static str,
+    paths: Vec<String>,
+    span_ms: u64,
 }
 
-async fn warm_stats(url: &str, videos: u64, clients: u64) -> anyhow::Result<()> {
+/// The names of the benchmark's videos: `vid000000`.. and `heavy000`.
+fn video_names(videos: u64) -> impl Iterator<Item = String> {
+    (0..videos).map(|i| format!("vid{i:06}")).chain(["heavy000".to_owned()])
+}
+
+/// Waits for the service's own warm-up of `pass.memory` (it starts with the service, unless
+/// --no-warm-up), then asks for every path once with `clients` clients and waits until that
+/// memory loaded as many keys (some may have left again under the budget); prints how long
+/// each took and the memory the keys take.
+async fn warm(url: &str, clients: u64, pass: WarmPass) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
-    // The service's own warm-up first (it starts with the service, unless --no-warm-up).
+    let metric = |name: &str| format!("videocount_query_{}_{name}", pass.memory);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(1800);
     let warm_up = loop {
-        let seconds = gauge(&http, url, "videocount_query_stats_memory_warm_up_seconds").await.unwrap_or(-1.0);
+        let seconds = gauge(&http, url, &metric("warm_up_seconds")).await.unwrap_or(-1.0);
         if seconds >= 0.0 || Instant::now() > deadline {
             break seconds;
         }
@@ -410,20 +351,15 @@ async fn warm_stats(url: &str, videos: u64, clients: u64) -> anyhow::Result<()> 
     println!(
         "{}",
         serde_json::json!({
-            "warm": "the service's stats warm-up",
+            "warm": format!("the service's warm-up ({})", pass.memory),
             "seconds": warm_up,
-            "keys": gauge(&http, url, "videocount_query_stats_memory_warm_up_keys").await.unwrap_or(0.0),
-            "memory_mib": (gauge(&http, url, "videocount_query_stats_memory_bytes").await.unwrap_or(0.0) / 1048576.0 * 10.0).round() / 10.0,
+            "waited_seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            "keys": gauge(&http, url, &metric("warm_up_keys")).await.unwrap_or(0.0),
+            "memory_mib": (gauge(&http, url, &metric("bytes")).await.unwrap_or(0.0) / 1048576.0 * 10.0).round() / 10.0,
         })
     );
     let started = Instant::now();
-    let paths: Arc<Vec<String>> = Arc::new(
-        (0..videos)
-            .map(|i| format!("vid{i:06}"))
-            .chain(["heavy000".to_owned()])
-            .flat_map(|video| ["watch_time/stats/p50", "view/stats/uniq"].map(|what| format!("{video}/events/{what}")))
-            .collect(),
-    );
+    let paths = Arc::new(pass.paths);
     let mut tasks = Vec::new();
     for client in 0..clients {
         let (http, paths, url) = (http.clone(), paths.clone(), url.to_owned());
@@ -431,7 +367,8 @@ async fn warm_stats(url: &str, videos: u64, clients: u64) -> anyhow::Result<()> 
             let mut failed = 0u64;
             for path in paths.iter().skip(client as usize).step_by(clients as usize) {
                 let to = now_ms();
-                let answer = http.get(format!("{url}/v1/videos/{path}?from={}&to={to}", to - YEAR_MS)).send().await;
+                let answer =
+                    http.get(format!("{url}/v1/videos/{path}?from={}&to={to}", to - pass.span_ms)).send().await;
                 if !answer.is_ok_and(|a| a.status().is_success()) {
                     failed += 1;
                 }
@@ -444,19 +381,24 @@ async fn warm_stats(url: &str, videos: u64, clients: u64) -> anyhow::Result<()> 
         failed += task.await?;
     }
     if failed > 0 {
-        anyhow::bail!("{failed} of the stats warm-up's requests failed");
+        anyhow::bail!("{failed} of the warm pass's requests failed");
     }
     let asked = started.elapsed().as_secs_f64();
+    let wanted = paths.len() as f64;
     let deadline = Instant::now() + Duration::from_secs(1800);
     loop {
-        let loads = gauge(&http, url, "videocount_query_stats_memory_loads_total").await.unwrap_or(0.0);
-        if loads >= paths.len() as f64 || Instant::now() > deadline {
-            let keys = gauge(&http, url, "videocount_query_stats_memory_keys").await.unwrap_or(0.0);
-            let bytes = gauge(&http, url, "videocount_query_stats_memory_bytes").await.unwrap_or(0.0);
+        let keys = gauge(&http, url, &metric("keys")).await.unwrap_or(0.0);
+        let loads = gauge(&http, url, &metric("loads_total")).await.unwrap_or(0.0);
+        let evictions = gauge(&http, url, &metric("evictions_total")).await.unwrap_or(0.0);
+        if loads >= wanted || Instant::now() > deadline {
+            if evictions > 0.0 {
+                println!("warm: {evictions} keys left again under the memory budget");
+            }
+            let bytes = gauge(&http, url, &metric("bytes")).await.unwrap_or(0.0);
             println!(
                 "{}",
                 serde_json::json!({
-                    "warm": "watch-time p50 and distinct viewers of every video once",
+                    "warm": pass.what,
                     "keys": keys,
                     "asked_seconds": (asked * 10.0).round() / 10.0,
                     "loaded_seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
@@ -486,7 +428,19 @@ async fn main() -> anyhow::Result<()> {
             run(clickhouse, url, call, clients, seconds, Pick { videos, only: video, aligned, hot }).await;
             Ok(())
         }
-        Command::Warm { url, videos, clients } => warm(&url, videos, clients).await,
-        Command::WarmStats { url, videos, clients } => warm_stats(&url, videos, clients).await,
+        Command::Warm { url, videos, clients } => {
+            let paths = video_names(videos).map(|video| format!("{video}/views")).collect();
+            let pass = WarmPass { what: "views of every video once", memory: "memory", paths, span_ms: 9 * YEAR_MS };
+            warm(&url, clients, pass).await
+        }
+        Command::WarmStats { url, videos, clients } => {
+            let paths = video_names(videos)
+                .flat_map(|video| {
+                    ["watch_time/stats/p50", "view/stats/uniq"].map(|what| format!("{video}/events/{what}"))
+                })
+                .collect();
+            let what = "watch-time p50 and distinct viewers of every video once";
+            warm(&url, clients, WarmPass { what, memory: "stats_memory", paths, span_ms: YEAR_MS }).await
+        }
     }
 }

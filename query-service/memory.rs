@@ -50,15 +50,15 @@ use videocount_query::QueryError;
 /// A service whose polls failed longer than this empties memory when they work again: the job
 /// drops changelog ranges at least 2^20 epochs behind its commits (17 minutes at 1 ms epochs),
 /// and the epochs it missed may be gone.
-const AWAY_LIMIT: Duration = Duration::from_secs(300);
+pub(crate) const AWAY_LIMIT: Duration = Duration::from_secs(300);
 /// Keys loaded at once (each load is three small queries).
-const CONCURRENT_LOADS: usize = 4;
+pub(crate) const CONCURRENT_LOADS: usize = 4;
 /// Loads a key tries before it gives up (and leaves it to a later request).
-const LOAD_ATTEMPTS: u32 = 10;
+pub(crate) const LOAD_ATTEMPTS: u32 = 10;
 /// Changes a key gathers before they are merged into its arrays.
 const MERGE_AFTER: usize = 256;
 /// Keys a warm-up reads at once at most (the rows of their videos in three queries)...
-const WARM_KEYS: usize = 500;
+pub(crate) const WARM_KEYS: usize = 500;
 /// ... and about this many minutes (their arrays are in memory twice while they load).
 const WARM_MINUTES: usize = 2_000_000;
 /// Batches failing in a row that end a warm-up.
@@ -67,7 +67,7 @@ const WARM_FAILURES: u32 = 3;
 const WARM_RETRY: Duration = Duration::from_secs(30);
 /// A warm-up stops once the keys take this share of the budget (in tenths): the rest is for the
 /// keys asked for later.
-const WARM_TENTHS: usize = 9;
+pub(crate) const WARM_TENTHS: usize = 9;
 /// The last hour: an edge minute asked for in it reads the key's whole last hour.
 const HOT_WINDOW_SECS: u64 = 3600;
 /// Edge reads waiting or running at most (more misses meanwhile read `events_raw` only).
@@ -78,7 +78,7 @@ const EDGE_SHARE: usize = 8;
 /// answering meanwhile: its polls wait).
 const SYNC_LIMIT: Duration = Duration::from_secs(10);
 /// How long one of a warm-up's reads may take.
-const WARM_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const WARM_TIMEOUT: Duration = Duration::from_secs(120);
 /// The rows of `count_changes` of the epochs in `(?, ?]`, with their event times (the poll's).
 const TIMED_CHANGES: &str = "SELECT video_id, event_type, toUInt32(minute) AS minute, count, times FROM count_changes \
                              WHERE epoch > ? AND epoch <= ?";
@@ -438,7 +438,7 @@ impl Memory {
     }
 
     fn fresh(&self, state: &State) -> bool {
-        state.polled.is_some_and(|at| at.elapsed() <= self.config.poll * 3 + Duration::from_millis(500))
+        fresh(state.polled, self.config.poll)
     }
 
     /// The count of whole minutes `[start_s, end_s)` of a key, when it is held and the store
@@ -656,8 +656,7 @@ impl Memory {
                 }
                 Some(_) => {
                     self.stats.load_retries.inc();
-                    let pause = 20 * (1 << attempt.min(4)) + rand::random_range(0..20);
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    tokio::time::sleep(retry_pause(attempt) + Duration::from_millis(rand::random_range(0..20))).await;
                 }
             }
         }
@@ -865,7 +864,7 @@ impl Memory {
             for attempt in 0..LOAD_ATTEMPTS {
                 if attempt > 0 {
                     self.stats.load_retries.inc();
-                    tokio::time::sleep(Duration::from_millis(20 * (1 << attempt.min(4)))).await;
+                    tokio::time::sleep(retry_pause(attempt)).await;
                 }
                 let loaded = match self.try_load(&clickhouse, &batch, 0).await {
                     Ok(Some(loaded)) => loaded,
@@ -1268,6 +1267,18 @@ fn edge_bytes_of(offsets: &[u16]) -> usize {
 }
 
 /// Ticks every `period`; a tick missed (a slow poll) is delayed, not caught up in a burst.
+/// Whether a memory whose last poll that worked was at `polled` may answer: it is at most
+/// three polls (and half a second) old.
+pub(crate) fn fresh(polled: Option<Instant>, poll: Duration) -> bool {
+    polled.is_some_and(|at| at.elapsed() <= poll * 3 + Duration::from_millis(500))
+}
+
+/// How long a load (or a warm-up batch) waits after a try that met an epoch in flight:
+/// `20 ms * 2^attempt`, up to 320 ms.
+pub(crate) fn retry_pause(attempt: u32) -> Duration {
+    Duration::from_millis(20 * (1 << attempt.min(4)))
+}
+
 pub(crate) fn ticker(period: Duration) -> tokio::time::Interval {
     let mut every = tokio::time::interval(period);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1302,7 +1313,7 @@ impl PollLog {
     }
 }
 
-fn clamp(s: u64) -> u32 {
+pub(crate) fn clamp(s: u64) -> u32 {
     u32::try_from(s).unwrap_or(u32::MAX)
 }
 

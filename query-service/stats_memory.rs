@@ -43,19 +43,11 @@ use videocount_clickhouse::states::{KeyedState, StoredState, emptied_without_com
 use videocount_clickhouse::{ClickHouse, SinkError};
 use videocount_query::{Grain, QueryError, Segment};
 
-use crate::memory::{PollLog, ReplicaSync, WarmUps, ticker};
+use crate::memory::{
+    AWAY_LIMIT, CONCURRENT_LOADS, LOAD_ATTEMPTS, PollLog, ReplicaSync, WARM_KEYS, WARM_TENTHS, WARM_TIMEOUT, WarmUps,
+    clamp, fresh, retry_pause, ticker,
+};
 
-/// A service whose polls failed longer than this empties memory when they work again (the job
-/// drops changelog ranges at least 2^20 epochs behind its commits).
-const AWAY_LIMIT: Duration = Duration::from_secs(300);
-/// Keys loaded at once.
-const CONCURRENT_LOADS: usize = 4;
-/// Loads a key tries before it gives up (and leaves it to a later request).
-const LOAD_ATTEMPTS: u32 = 10;
-/// Keys a warm-up reads at once.
-const WARM_KEYS: usize = 500;
-/// How long one of a warm-up's reads may take.
-const WARM_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bytes a bucket takes beside its state (its map entry).
 const BUCKET_OVERHEAD: usize = 64;
 /// Bytes a key takes beside its buckets (its map entry, ids and locks): a key without data
@@ -220,10 +212,6 @@ impl StatsMemory {
         }
     }
 
-    fn fresh(&self, state: &StatsState) -> bool {
-        state.polled.is_some_and(|at| at.elapsed() <= self.config.poll * 3 + Duration::from_millis(500))
-    }
-
     /// The merge of `aggregate`'s states over `segments` of a key, and how many bucket states
     /// it merged, when the key is held and the store is current; counts the hit or the miss.
     pub fn merge(
@@ -236,7 +224,7 @@ impl StatsMemory {
         // The read lock stays held while merging: a poll applies all its epochs between reads.
         let state = self.state.read().expect("stats memory lock");
         let key = (video_id.to_owned(), event_type.to_owned(), aggregate);
-        let Some(entry) = self.fresh(&state).then(|| state.keys.get(&key)).flatten() else {
+        let Some(entry) = fresh(state.polled, self.config.poll).then(|| state.keys.get(&key)).flatten() else {
             self.stats.misses.inc();
             return None;
         };
@@ -314,8 +302,7 @@ impl StatsMemory {
             match self.try_load(std::slice::from_ref(key), self.started.elapsed().as_secs()).await? {
                 Some(busy) if !busy.is_empty() => {
                     self.stats.load_retries.inc();
-                    let pause = 20 * (1 << attempt.min(4)) + rand::random_range(0..20);
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    tokio::time::sleep(retry_pause(attempt) + Duration::from_millis(rand::random_range(0..20))).await;
                 }
                 _ => return Ok(()),
             }
@@ -491,7 +478,7 @@ impl StatsMemory {
             .filter_map(|c| self.registry.by_name(&c.aggregate).map(|id| (c.video_id, c.event_type, id)))
             .collect();
         let (total, mut installed, mut left) = (keys.len(), 0, 0);
-        let limit = self.config.budget_bytes / 10 * 9;
+        let limit = self.config.budget_bytes / 10 * WARM_TENTHS;
         for batch in keys.chunks(WARM_KEYS) {
             let mut batch: Vec<Key> = {
                 let state = self.state.read().expect("stats memory lock");
@@ -510,7 +497,7 @@ impl StatsMemory {
                 }
                 if attempt > 0 {
                     self.stats.load_retries.inc();
-                    tokio::time::sleep(Duration::from_millis(20 * (1 << attempt.min(4)))).await;
+                    tokio::time::sleep(retry_pause(attempt)).await;
                 }
                 let before = batch.len();
                 let Some(busy) = self.try_load(&batch, 0).await? else { return Ok(false) };
@@ -719,10 +706,6 @@ impl StatsMemory {
             });
         }
     }
-}
-
-fn clamp(s: u64) -> u32 {
-    u32::try_from(s).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
