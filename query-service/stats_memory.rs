@@ -299,10 +299,20 @@ impl StatsMemory {
             tokio::time::sleep(self.config.poll).await;
         }
         for attempt in 0..LOAD_ATTEMPTS {
+            let read_at = self.applied();
             match self.try_load(std::slice::from_ref(key), self.started.elapsed().as_secs()).await? {
                 Some(busy) if !busy.is_empty() => {
                     self.stats.load_retries.inc();
                     tokio::time::sleep(retry_pause(attempt) + Duration::from_millis(rand::random_range(0..20))).await;
+                    // The compaction it met was committed: the next read waits for the poll to
+                    // move on (a slow poll under frequent compactions would otherwise meet one
+                    // at every try; seen in CI with compactions every second).
+                    for _ in 0..20 {
+                        if self.applied() != read_at {
+                            break;
+                        }
+                        tokio::time::sleep(self.config.poll).await;
+                    }
                 }
                 _ => return Ok(()),
             }
