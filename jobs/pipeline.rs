@@ -77,11 +77,11 @@ async fn record_run(
     job: &str,
     topic: &str,
     state: &checkpoints::JobState,
-    fingerprint: u64,
+    (fingerprint, raw_log): (u64, bool),
     (fence, lease_token): (&Fence, u64),
 ) -> Result<(), String> {
     let generation = checkpoints::generation_block(job, topic, state, now_secs(), lease_token);
-    let run = checkpoints::run_block(job, topic, state.next_epoch, fingerprint, now_secs());
+    let run = checkpoints::run_block(job, topic, state.next_epoch, fingerprint, raw_log, now_secs());
     for insert in [generation, run] {
         fence.wait().await?;
         clickhouse
@@ -279,13 +279,17 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
             if args.processes > 1 {
                 all_read_the_same_checkpoint(worker, checkpoint_digest(&state, fingerprint))?;
             }
+            // The tables this job writes each epoch. The run records whether every event it adds
+            // to the count tables is in `events_raw` too (the query service's edge times rely on it).
+            let writes = |name: &str| dataflow.blocks_per_epoch(1).iter().any(|(table, _)| *table == name);
+            let raw_log = writes("events_raw") || !writes("event_counts_minute");
             if worker.index() == 0 {
                 handle.block_on(record_run(
                     &clickhouse,
                     &job_name,
                     &args.topic,
                     &state,
-                    fingerprint,
+                    (fingerprint, raw_log),
                     (&fence, lease_token),
                 ))?;
             }
@@ -295,7 +299,6 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
             let topic = args.topic.clone();
             let (snapshot_job, snapshot_topic) = (job.clone(), topic.clone());
             // The job writes the query service's changelog: it drops its old partitions too.
-            let writes = |name: &str| dataflow.blocks_per_epoch(1).iter().any(|(table, _)| *table == name);
             let (changelog, stats_changelog) = (writes("count_changes"), writes("stats_changes"));
             let source_config = SourceConfig {
                 job: job.clone(),

@@ -24,8 +24,9 @@
 //!   changelog (`count_changes.times`): a held key's minute of the last hour that had no event
 //!   is kept from its first row on, and each later row adds its times. A minute that had events
 //!   before is read from `events_raw` after its first request and kept if their number equals
-//!   the minute's count as of the applied epoch (`want_edge` has the argument), until its next
-//!   change. A held key's minute without events answers 0.
+//!   the minute's count as of the applied epoch (`want_edge` has the argument); later rows add
+//!   their times to it too if every run that counted wrote the raw log (`job_runs.raw_log`),
+//!   else its next change drops it. A held key's minute without events answers 0.
 //! - **Replicas.** Each poll reads one replica, loads and edge reads the same one, and
 //!   `SYSTEM SYNC REPLICA` runs between the reads that rely on the job's write order (`sync`).
 //! - **Bounded.** Keys held take at most `budget_bytes`; the least recently asked for leave.
@@ -44,6 +45,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
 use tracing::{debug, info, warn};
+use videocount_clickhouse::schema::RUNS_RECORDED;
 use videocount_clickhouse::{ClickHouse, SinkError};
 use videocount_query::QueryError;
 
@@ -235,6 +237,10 @@ struct State {
     edge_bytes: usize,
     /// Edge minutes before this one (seconds) are not kept: the oldest left to make room.
     edge_floor: u32,
+    /// Not every event counted is known to be in `events_raw` (`job_runs`): times read from
+    /// there are not followed (see [`Kept::follows`]). Runs are never removed, so once seen it
+    /// stays until a reset.
+    raw_gap: bool,
 }
 
 /// What a poll's rows add to an edge minute: their times (`None`: the kept times are dropped),
@@ -246,10 +252,11 @@ type Added = (Option<Vec<u16>>, bool);
 struct Kept {
     /// Milliseconds into the minute, sorted.
     offsets: Vec<u16>,
-    /// Kept from the changelog's times (not `events_raw`): the changelog's next rows of the
-    /// minute are added to them. Times read from `events_raw` are dropped at the minute's next
-    /// change instead: their count check cannot tell a minute counted while the raw log was
-    /// off, and adding to them would keep such a mistake for good.
+    /// The changelog's next rows of the minute are added to them. True for times kept from the
+    /// changelog, and for times read from `events_raw` while every event counted is known to be
+    /// in it (`Memory::raw_log_whole`). Otherwise they are dropped at the minute's next change:
+    /// their count check cannot tell a minute counted while the raw log was off, and adding to
+    /// them would keep such a mistake for good.
     follows: bool,
 }
 
@@ -276,6 +283,7 @@ impl State {
             edges: HashMap::new(),
             edge_bytes: 0,
             edge_floor: 0,
+            raw_gap: false,
         }
     }
 
@@ -286,6 +294,7 @@ impl State {
         self.edges.clear();
         self.edge_bytes = 0;
         self.edge_floor = 0;
+        self.raw_gap = false;
     }
 
     /// Keeps `kept` as the event times of an edge minute, after making room for them.
@@ -496,8 +505,9 @@ impl Memory {
     /// minute if they are exactly the minute's count as of the applied epoch: every epoch up to it is in `events_raw` (its rows are written before the commit),
     /// so the read holds at least that count, and exactly that count only if no later epoch's
     /// event of the minute was in it. The key must be held (its count is the reference), and
-    /// the applied epoch must not move during the read. A later epoch that changes the minute
-    /// drops them again.
+    /// the applied epoch must not move during the read. The epochs applied later add their
+    /// times to them if every run that counted wrote the raw log ([`Kept::follows`]); otherwise
+    /// a later epoch that changes the minute drops them again.
     pub fn want_edge(self: &Arc<Self>, video_id: &str, event_type: &str, minute_ms: u64) {
         let key = (video_id.to_owned(), event_type.to_owned());
         let minute = clamp(minute_ms / 60_000 * 60);
@@ -544,9 +554,11 @@ impl Memory {
         let Some((applied, generation)) = self.snapshot() else { return Ok(()) };
         let (start_ms, end_ms) = (u64::from(first) * 1000, (u64::from(last) + 60) * 1000);
         let (videos, kinds) = videos_and_kinds(keys);
-        // Every epoch up to the applied one wrote its raw block before its commit.
+        // Every epoch up to the applied one wrote its raw block before its commit, and every run
+        // that committed one of them recorded itself in `job_runs` before.
         let Some(clickhouse) = &self.on_polled_replica(clickhouse) else { return Ok(()) };
-        self.sync(clickhouse, &["events_raw"]).await?;
+        self.sync(clickhouse, &["events_raw", "job_runs"]).await?;
+        let follows = self.raw_log_whole(clickhouse).await;
         let query = clickhouse
             .client()
             .query(
@@ -588,11 +600,55 @@ impl Memory {
                 }
                 offsets.sort_unstable();
                 offsets.shrink_to_fit();
-                state.keep_edge(edge, Kept { offsets, follows: false }, limit);
+                state.keep_edge(edge, Kept { offsets, follows }, limit);
                 self.stats.edge_loads.inc();
             }
         }
         Ok(())
+    }
+
+    /// Whether every event in the count tables is in `events_raw` too: `job_runs` has the row
+    /// the schema writes when it creates the count tables (so every run that counted into them
+    /// is recorded, whatever its job name), and no run without the raw log. Then `events_raw`
+    /// holds every event of the applied epochs, so times read from it whose number is the
+    /// minute's count are exactly its events (no event is missing that a later epoch's could
+    /// stand in for), and the changelog's rows can be added to them. Runs recorded before
+    /// `job_runs.raw_log` existed count as without; a database made before it has no such row;
+    /// a failed read counts as a gap too.
+    async fn raw_log_whole(&self, clickhouse: &ClickHouse) -> bool {
+        #[derive(Row, Deserialize)]
+        struct Runs {
+            recorded: u64,
+            gaps: u64,
+        }
+        if self.state.read().expect("memory lock").raw_gap {
+            return false;
+        }
+        let query = clickhouse
+            .client()
+            .query("SELECT countIf(job = ?) AS recorded, countIf(raw_log = 0) AS gaps FROM job_runs")
+            .bind(RUNS_RECORDED);
+        match clickhouse.fetch_all::<Runs>(query).await {
+            Ok(runs) if runs.first().is_some_and(|r| r.recorded > 0 && r.gaps == 0) => true,
+            Ok(runs) => {
+                let mut state = self.state.write().expect("memory lock");
+                if !state.raw_gap {
+                    let (recorded, gaps) = runs.first().map_or((0, 0), |r| (r.recorded, r.gaps));
+                    info!(
+                        recorded_from_the_start = recorded > 0,
+                        runs_without_raw_log = gaps,
+                        "not every event counted is known to be in events_raw (job_runs): edge times \
+                         read from there are read again after each change of their minute"
+                    );
+                }
+                state.raw_gap = true;
+                false
+            }
+            Err(error) => {
+                debug!(%error, "reading job_runs.raw_log failed; edge times read from events_raw are not followed");
+                false
+            }
+        }
     }
 
     /// Keys held.

@@ -285,13 +285,19 @@ ORDER BY (job, topic, epoch, partition);
 -- Job runs: the first epoch each run of a job planned, and a fingerprint of the settings its
 -- output depends on (event_stats: its functions config). A run re-running interrupted epochs
 -- must have the fingerprint of the run that planned them, or it would write other blocks.
+-- raw_log is 1 if every event the run adds to the count tables is also written to events_raw
+-- (view_counts without --no-events-raw; event_stats, which adds none); 0 otherwise, and for
+-- runs recorded before the column existed. The schema writes a row with job '' (raw_log 1)
+-- when it creates the count tables: every run that counted into them is recorded. The query
+-- service follows edge times read from events_raw only with that row and no raw_log 0.
 CREATE TABLE IF NOT EXISTS job_runs
 (
     job String,
     topic String,
     first_epoch UInt64,
     fingerprint UInt64,
-    started_at DateTime('UTC')
+    started_at DateTime('UTC'),
+    raw_log UInt8 DEFAULT 0
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/job_runs', '{replica}')
 ORDER BY (job, topic, first_epoch);

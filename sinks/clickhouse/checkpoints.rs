@@ -751,14 +751,17 @@ pub async fn run_fingerprint(
     Ok(runs.first().map(|r| r.fingerprint))
 }
 
-/// Records a run that plans epochs from `first_epoch` on with settings `fingerprint`.
-pub fn run_block(job: &str, topic: &str, first_epoch: u64, fingerprint: u64, now_secs: u32) -> Insert {
-    let mut block = NativeBlock::new(5, 1);
+/// Records a run that plans epochs from `first_epoch` on with settings `fingerprint`; `raw_log`
+/// says every event it adds to the count tables is in `events_raw` too (the query service
+/// follows edge times read from there only while every run's was).
+pub fn run_block(job: &str, topic: &str, first_epoch: u64, fingerprint: u64, raw_log: bool, now_secs: u32) -> Insert {
+    let mut block = NativeBlock::new(6, 1);
     block.column_str("job", [job].into_iter());
     block.column_str("topic", [topic].into_iter());
     block.column_u64("first_epoch", [first_epoch].into_iter());
     block.column_u64("fingerprint", [fingerprint].into_iter());
     block.column_u32("started_at", "DateTime('UTC')", [now_secs].into_iter());
+    block.column_u8("raw_log", [u8::from(raw_log)].into_iter());
     Insert { table: "job_runs".into(), rows: 1, body: block.finish() }
 }
 

@@ -23,17 +23,32 @@ pub async fn apply(clickhouse: &ClickHouse) -> Result<(), SinkError> {
         return Err(SinkError::Rejected(format!("invalid database name {database:?}")));
     }
     clickhouse.with_database("default").execute(&format!("CREATE DATABASE IF NOT EXISTS {database}")).await?;
+    let counted_before = !missing_tables(clickhouse).await?.iter().any(|table| table == "event_counts_minute");
     for statement in statements(SCHEMA_SQL) {
         clickhouse.execute(&statement).await?;
     }
-    add_missing_columns(clickhouse).await
+    add_missing_columns(clickhouse).await?;
+    if !counted_before {
+        // Nothing was counted into this database before: every run that will is recorded in
+        // `job_runs`, with whether it kept the raw log.
+        let marker = crate::checkpoints::run_block(RUNS_RECORDED, "", 0, 0, true, videocount_events::clock::now_secs());
+        clickhouse.insert_native(&marker.table, marker.body).await?;
+    }
+    Ok(())
 }
+
+/// The `job_runs.job` of the row the schema writes when it creates the count tables: the runs
+/// recorded there are every run that counted into them.
+pub const RUNS_RECORDED: &str = "";
 
 /// Columns added to `sql/schema.sql` after its tables first shipped: `CREATE TABLE IF NOT
 /// EXISTS` leaves an existing table as it was, and ClickHouse 18.16 has no `ADD COLUMN IF NOT
 /// EXISTS`, so a database made by an older version gets them here.
-const ADDED_COLUMNS: &[(&str, &str, &str)] =
-    &[("checkpoint_generations", "lease_token", "UInt64 DEFAULT 0"), ("count_changes", "times", "Array(UInt16)")];
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("checkpoint_generations", "lease_token", "UInt64 DEFAULT 0"),
+    ("count_changes", "times", "Array(UInt16)"),
+    ("job_runs", "raw_log", "UInt8 DEFAULT 0"),
+];
 
 /// Adds [`ADDED_COLUMNS`] a database lacks (the jobs call it at start too, so an upgraded job
 /// runs on a database made by an older version).
