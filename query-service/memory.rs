@@ -557,8 +557,9 @@ impl Memory {
         // Every epoch up to the applied one wrote its raw block before its commit, and every run
         // that committed one of them recorded itself in `job_runs` before.
         let Some(clickhouse) = &self.on_polled_replica(clickhouse) else { return Ok(()) };
-        self.sync(clickhouse, &["events_raw", "job_runs"]).await?;
-        let follows = self.raw_log_whole(clickhouse).await;
+        let gap = self.state.read().expect("memory lock").raw_gap;
+        self.sync(clickhouse, if gap { &["events_raw"] } else { &["events_raw", "job_runs"] }).await?;
+        let follows = !gap && self.raw_log_whole(clickhouse).await;
         let query = clickhouse
             .client()
             .query(
@@ -620,9 +621,6 @@ impl Memory {
         struct Runs {
             recorded: u64,
             gaps: u64,
-        }
-        if self.state.read().expect("memory lock").raw_gap {
-            return false;
         }
         let query = clickhouse
             .client()

@@ -23,18 +23,41 @@ pub async fn apply(clickhouse: &ClickHouse) -> Result<(), SinkError> {
         return Err(SinkError::Rejected(format!("invalid database name {database:?}")));
     }
     clickhouse.with_database("default").execute(&format!("CREATE DATABASE IF NOT EXISTS {database}")).await?;
-    let counted_before = !missing_tables(clickhouse).await?.iter().any(|table| table == "event_counts_minute");
+    let created_here = missing_tables(clickhouse).await?.iter().any(|table| table == "event_counts_minute");
     for statement in statements(SCHEMA_SQL) {
         clickhouse.execute(&statement).await?;
     }
     add_missing_columns(clickhouse).await?;
-    if !counted_before {
+    if created_here && counts_start_empty(clickhouse).await? {
         // Nothing was counted into this database before: every run that will is recorded in
         // `job_runs`, with whether it kept the raw log.
         let marker = crate::checkpoints::run_block(RUNS_RECORDED, "", 0, 0, true, videocount_events::clock::now_secs());
         clickhouse.insert_native(&marker.table, marker.body).await?;
     }
     Ok(())
+}
+
+/// Whether the count table this apply just created is new, not a replica of one that exists:
+/// its ZooKeeper path has no other replica (a replica added to a cluster, or rebuilt, attaches
+/// to the others' history, which may hold counts of runs never recorded) and it holds no row.
+async fn counts_start_empty(clickhouse: &ClickHouse) -> Result<bool, SinkError> {
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Count {
+        n: u64,
+    }
+    let system = clickhouse.with_database("system");
+    let replicas: Vec<Count> = system
+        .fetch_all(
+            system
+                .client()
+                .query("SELECT toUInt64(total_replicas) AS n FROM system.replicas WHERE database = ? AND table = ?")
+                .bind(clickhouse.database())
+                .bind("event_counts_minute"),
+        )
+        .await?;
+    let rows: Vec<Count> =
+        clickhouse.fetch_all(clickhouse.client().query("SELECT count() AS n FROM event_counts_minute")).await?;
+    Ok(replicas.first().is_none_or(|r| r.n <= 1) && rows.first().is_some_and(|r| r.n == 0))
 }
 
 /// The `job_runs.job` of the row the schema writes when it creates the count tables: the runs
