@@ -34,31 +34,33 @@ pub(crate) fn checkpoint_digest(state: &JobState, settings_fingerprint: u64) -> 
     xxhash_rust::xxh3::xxh3_64(text.as_bytes())
 }
 
-/// Every worker sends its process's digest to all workers; each compares them and all decide
-/// alike. `Err` when they differ.
-pub(crate) fn all_read_the_same_checkpoint(worker: &mut Worker, digest: u64) -> Result<(), String> {
+/// Every worker sends its process's digest, and the newest generation of any job its process
+/// read, to all workers; each compares the digests and all decide alike. `Err` when they
+/// differ; else the largest newest generation any process read (other jobs of the database
+/// may record theirs while the processes start, which is no reason to stop).
+pub(crate) fn all_read_the_same_checkpoint(worker: &mut Worker, digest: u64, newest: u64) -> Result<u64, String> {
     let seen = Rc::new(RefCell::new(Vec::new()));
-    let mut input = InputHandle::<u64, CapacityContainerBuilder<Vec<(usize, u64)>>>::new();
+    let mut input = InputHandle::<u64, CapacityContainerBuilder<Vec<(usize, u64, u64)>>>::new();
     let probe = ProbeHandle::new();
     let sink = Rc::clone(&seen);
     worker.dataflow::<u64, _, _>(|scope| {
         scope.input_from(&mut input).broadcast().inspect(move |x| sink.borrow_mut().push(*x)).probe_with(&probe);
     });
-    input.send((worker.index(), digest));
+    input.send((worker.index(), digest, newest));
     input.close();
     while !probe.done() {
         worker.step();
     }
     let seen = seen.borrow();
-    if seen.iter().all(|(_, d)| *d == digest) {
-        return Ok(());
+    if seen.iter().all(|(_, d, _)| *d == digest) {
+        return Ok(seen.iter().map(|(_, _, n)| *n).max().unwrap_or(newest));
     }
     Err(format!(
         "the processes of this run read different checkpoints or run with different settings (digests by \
          worker: {:?}): a plan, commit or generation row of an earlier run landed while they started, or their \
          flags differ (each logs its settings in its `starting` line). Nothing was recorded or written; start \
          the job again, every process with the same flags",
-        *seen
+        seen.iter().map(|(w, d, _)| (*w, *d)).collect::<Vec<_>>()
     ))
 }
 

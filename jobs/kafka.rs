@@ -39,7 +39,9 @@ pub(crate) fn topic_partitions(kafka: &KafkaClients, topic: &str) -> anyhow::Res
 /// The message every check of offsets that went backwards ends with: what happened and what to do.
 const OFFSETS_BACKWARDS: &str = "the topic was deleted and recreated, or its offsets were reset. Counting on \
      would treat every new message below the checkpoint as already counted and skip it. To count the topic \
-     as it is now, from its start, run the job under a new --job-name (the counts already written stay)";
+     as it is now, from its start, run the job under a new --job-name (the counts already written stay), never \
+     start it under the old name again (the new topic would be counted twice once it grows past the old \
+     offsets), and give query services the new name (--job-name or --stats-job-name)";
 
 /// Refuses to start when retention deleted offsets the checkpoint still needs (an interrupted
 /// epoch's range, or offsets never read), or when the checkpoint has read further into a

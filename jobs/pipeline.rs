@@ -24,7 +24,7 @@ use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::{Concatenate, OkErr, Probe};
 use tracing::{info, warn};
-use videocount_clickhouse::checkpoints::{self, Range, commit_block, plan_block, snapshot_block};
+use videocount_clickhouse::checkpoints::{self, JobState, Range, commit_block, plan_block, snapshot_block};
 use videocount_clickhouse::rows::{DeadLetterRow, dead_letters_block};
 use videocount_clickhouse::{ClickHouse, Writer};
 use videocount_events::clock::now_secs;
@@ -133,7 +133,7 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
     if let Some(listen) = args.metrics_listen {
         metrics::serve(&runtime, listen, &job_name, metrics_state.clone())?;
     }
-    let (state, lease) = runtime.block_on(async {
+    let (state, lease, newest_generation) = runtime.block_on(async {
         clickhouse
             .with_database("default")
             .ping()
@@ -174,6 +174,9 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
             )),
             other => anyhow::Error::new(other),
         })?;
+        let newest_generation = checkpoints::newest_generation_of_any_job(&clickhouse)
+            .await
+            .context("reading the newest generation of the database's jobs")?;
         if let Some((&first_pending, _)) = state.pending.first_key_value() {
             let recorded = checkpoints::run_fingerprint(&clickhouse, &job_name, &args.topic, first_pending).await?;
             if let Some(recorded) = recorded.filter(|&recorded| recorded != fingerprint) {
@@ -188,7 +191,7 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
             }
         }
         dataflow.restore(&clickhouse, &state).await?;
-        anyhow::Ok((state, lease))
+        anyhow::Ok((state, lease, newest_generation))
     })?;
     check_offsets(&kafka, &args.topic, partitions, &state, &job_name)?;
     let peers = peers as u32;
@@ -276,9 +279,22 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
             // Worker 0 records the run once every process has read the checkpoint (timely has
             // connected them all by now, and they compared what they read), and before anything is
             // planned or re-run: a later run must know what this one built on.
-            if args.processes > 1 {
-                all_read_the_same_checkpoint(worker, checkpoint_digest(&state, fingerprint))?;
-            }
+            let newest_generation = if args.processes > 1 {
+                all_read_the_same_checkpoint(worker, checkpoint_digest(&state, fingerprint), newest_generation)?
+            } else {
+                newest_generation
+            };
+            // Above every generation of the database's jobs (a job counting a recreated topic
+            // anew must number its epochs above the old job's: checkpoints.rs).
+            let mut raised = JobState::clone(&state);
+            let state = if raised.raise_above(newest_generation) {
+                if worker.index() == 0 {
+                    info!(generation = raised.generation, "another job of this database recorded a newer generation: this run numbers its epochs above it");
+                }
+                Arc::new(raised)
+            } else {
+                Arc::clone(&state)
+            };
             // The tables this job writes each epoch. The run records whether every event it adds
             // to the count tables is in `events_raw` too (the query service's edge times rely on it).
             let writes = |name: &str| dataflow.blocks_per_epoch(1).iter().any(|(table, _)| *table == name);

@@ -353,11 +353,14 @@ pub struct Memory {
     syncing: Arc<ReplicaSync>,
     /// Edge reads run beside key loads, not in their queue.
     edge_permits: tokio::sync::Semaphore,
+    /// Said once that the job has no commit.
+    waiting_logged: std::sync::atomic::AtomicBool,
     pub stats: MemoryStats,
 }
 
 #[derive(Row, Deserialize)]
 struct Poll {
+    commits: u64,
     committed: u64,
     table: String,
     replicas: u64,
@@ -438,6 +441,7 @@ impl Memory {
             load_permits: tokio::sync::Semaphore::new(CONCURRENT_LOADS),
             syncing,
             edge_permits: tokio::sync::Semaphore::new(2),
+            waiting_logged: std::sync::atomic::AtomicBool::new(false),
             stats,
         }
     }
@@ -998,16 +1002,34 @@ impl Memory {
         let client = clickhouse.client();
         let query = client
             .query(
-                "SELECT (SELECT toUInt64(max(epoch)) FROM checkpoint_commits WHERE job = ?) AS committed, \
+                "SELECT (SELECT count() FROM checkpoint_commits WHERE job = ?) AS commits, \
+                 (SELECT toUInt64(max(epoch)) FROM checkpoint_commits WHERE job = ?) AS committed, \
                  (SELECT toString(metadata_modification_time) FROM system.tables \
                   WHERE database = currentDatabase() AND name = 'event_counts_minute') AS table, \
                  (SELECT toUInt64(max(total_replicas)) FROM system.replicas WHERE database = currentDatabase()) AS replicas",
             )
+            .bind(&self.config.job)
             .bind(&self.config.job);
         let polled: Vec<Poll> = clickhouse.fetch_all(query).await?;
-        let Some(Poll { committed, table, replicas }) = polled.into_iter().next() else {
+        let Some(Poll { commits, committed, table, replicas }) = polled.into_iter().next() else {
             return Err(QueryError::Corrupt("the poll query answered no row".into()));
         };
+        if commits == 0 {
+            // No commit of this job (yet, or another --job-name): the count tables may hold
+            // another job's counts (a topic recreated and counted under a new --job-name), whose
+            // changelog rows and markers are not this job's. Memory holds nothing until the
+            // job's first commit, and ClickHouse answers.
+            let mut state = self.state.write().expect("memory lock");
+            if state.applied.is_some() || !self.waiting_logged.swap(true, Ordering::Relaxed) {
+                info!(job = %self.config.job, "the job has committed no epoch in this database: counts read ClickHouse");
+            }
+            state.clear();
+            if state.applied.take().is_some() {
+                state.generation += 1;
+            }
+            state.polled = None;
+            return Ok(());
+        }
         if replicas == 0 {
             // A replica without its ZooKeeper session (read-only) says 0, and cannot sync.
             return Err(QueryError::Store(SinkError::Unavailable(

@@ -121,9 +121,17 @@ fn views(video: &str, n: usize) -> Vec<(String, String)> {
 #[ignore = "needs Kafka and ClickHouse: make up, then make test"]
 fn a_recreated_topic_is_refused_not_skipped() {
     let env = TestEnv::new("recreated", 2);
-    videocount_e2e::produce_keyed(&env.topic, &views("before", 500));
+    // Two runs, so the old job's rows carry two generations (a new job numbering its epochs from
+    // generation 1 again would lie below the second), and a third that read only a message it
+    // dead-lettered: its generation has a commit and no changelog row.
+    for _ in 0..2 {
+        videocount_e2e::produce_keyed(&env.topic, &views("before", 250));
+        env.run_until_caught_up(&[]);
+    }
+    videocount_e2e::produce_keyed(&env.topic, &[("before".to_owned(), "not json".to_owned())]);
     env.run_until_caught_up(&[]);
     assert_eq!(env.scalar("SELECT sum(count) FROM event_counts_minute"), 500);
+    assert_eq!(env.scalar("SELECT count() FROM dead_letters"), 1);
 
     recreate_topic(&env.topic, 2);
     videocount_e2e::produce_keyed(&env.topic, &views("after", 100));
@@ -134,9 +142,41 @@ fn a_recreated_topic_is_refused_not_skipped() {
     assert!(stderr.contains("--job-name"), "says what to do: {stderr}");
     assert_eq!(env.scalar("SELECT sum(count) FROM event_counts_minute"), 500, "nothing was written");
 
+    // A query service of the new checkpoint. Until that job commits, the count tables hold the
+    // old job's counts only, and their changelog rows and markers are not the new job's: memory
+    // must not take them for its own (before, it subtracted them: 0 views instead of 500).
+    let service = env.query_service(&["--job-name", "view_counts_2", "--memory-poll-ms", "100"]);
+    let views_of = |video: &str| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        service.ok(&env.runtime, &format!("/v1/videos/{video}/views?from={}&to={now}", now - 86_400_000))
+    };
+    let steady = |video: &str, views: u64| {
+        for _ in 0..20 {
+            let answer = views_of(video);
+            assert_eq!(answer["value"].as_u64(), Some(views), "{video}: {answer}");
+            sleep_ms(100);
+        }
+    };
+    steady("before", 500);
+
     // What the message says to do: a new checkpoint counts the topic as it is now.
     env.run_until_caught_up(&["--job-name", "view_counts_2"]);
     assert_eq!(env.scalar("SELECT sum(count) FROM event_counts_minute WHERE video_id = 'after'"), 100);
+    // Its epochs are numbered above the old job's, whose changelog rows the service reads by
+    // epoch alone (before, the new job started at generation 1, below the old job's second: a
+    // load subtracted the second run's rows as if the new job had yet to apply them, 250 views).
+    let newest = |job: &str| env.scalar(&format!("SELECT max(epoch) FROM checkpoint_commits WHERE job = '{job}'"));
+    let first_new = env.scalar("SELECT min(epoch) FROM checkpoint_commits WHERE job = 'view_counts_2'");
+    assert!(first_new > newest("view_counts"), "new job's first epoch {first_new} is above the old job's");
+    wait_until("the new job's counts from memory", Duration::from_secs(10), || {
+        let answer = views_of("after");
+        answer["source"] == "memory" && answer["value"] == 100
+    });
+    wait_until("the old job's counts from memory", Duration::from_secs(10), || {
+        views_of("before")["source"] == "memory"
+    });
+    steady("before", 500);
+    steady("after", 100);
     env.drop();
 }
 

@@ -186,6 +186,41 @@ pub fn counted_plans(void: &[(u64, u64)]) -> String {
     format!("NOT ({})", clauses.join(" OR "))
 }
 
+/// The newest generation any job recorded in this database (0 if none). A job's generation
+/// must be above it, not only above its own: the query service reads the changelogs
+/// (`count_changes`, `count_blocks`, `top_videos`, `stats_changes`) by epoch alone, and the
+/// stats readers take the newest compacted row by epoch, so a job started under a new
+/// `--job-name` where another one counted (a topic recreated and counted anew) must number its
+/// epochs above every epoch that job wrote. Every epoch of a generation is planned after its
+/// row in `checkpoint_generations` is acknowledged, so that small table bounds them all. Jobs
+/// that start at the same moment may read different values; [`JobState::raise_above`] takes
+/// the largest any process read (jobs/agreement.rs).
+pub async fn newest_generation_of_any_job(clickhouse: &ClickHouse) -> Result<u64, SinkError> {
+    #[derive(Row, Deserialize)]
+    struct Newest {
+        generation: u64,
+    }
+    let newest: Vec<Newest> = clickhouse
+        .fetch_all(
+            clickhouse.client().query("SELECT toUInt64(max(generation)) AS generation FROM checkpoint_generations"),
+        )
+        .await?;
+    Ok(newest.first().map_or(0, |n| n.generation))
+}
+
+impl JobState {
+    /// Moves this run's generation above `newest` (see [`newest_generation_of_any_job`]); true
+    /// if it moved. Pending epochs keep their numbers: only new epochs are numbered from it.
+    pub fn raise_above(&mut self, newest: u64) -> bool {
+        if self.generation > newest {
+            return false;
+        }
+        self.generation = newest + 1;
+        self.next_epoch = self.generation << GENERATION_SHIFT;
+        true
+    }
+}
+
 /// Reads the checkpoint of `job` on `topic` and picks this run's generation.
 ///
 /// Plans are written one epoch after the other, so a process has at most one plan in flight;
@@ -779,6 +814,19 @@ mod tests {
     use super::*;
 
     const G: u64 = 1 << GENERATION_SHIFT;
+
+    #[test]
+    fn a_run_numbers_its_epochs_above_every_job_of_the_database() {
+        let pending = BTreeMap::from([(2 * G + 4, vec![Range { partition: 0, start: 0, end: 9 }])]);
+        let mut state = JobState { generation: 3, next_epoch: 3 * G, pending: pending.clone(), ..JobState::default() };
+        assert!(!state.raise_above(2), "its own generations are above already");
+        assert_eq!((state.generation, state.next_epoch), (3, 3 * G));
+        assert!(state.raise_above(3), "another job recorded the same generation");
+        assert_eq!((state.generation, state.next_epoch), (4, 4 * G));
+        assert!(state.raise_above(7));
+        assert_eq!((state.generation, state.next_epoch), (8, 8 * G));
+        assert_eq!(state.pending, pending, "interrupted epochs keep their numbers");
+    }
 
     #[test]
     fn a_late_plan_of_a_dead_process_does_not_count() {
