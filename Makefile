@@ -72,8 +72,8 @@ stop-job: ## Stop what run-job started (each job flushes and records offsets fir
 	@scripts/stop-job.sh
 	@scripts/stop-ha.sh
 
-replay: up build ## Recompute all counts from events_raw into fresh tables and swap them in (stops the stack first and starts it again after).
-	@TOPIC="$(TOPIC)" CLICKHOUSE_DATABASE="$(CLICKHOUSE_DATABASE)" scripts/replay.sh
+replay: up build ## Recompute all counts from events_raw (JOB_NAME, default view_counts) into fresh tables and swap them in (stops the stack first and starts it again after).
+	@TOPIC="$(TOPIC)" CLICKHOUSE_DATABASE="$(CLICKHOUSE_DATABASE)" JOB_NAME="$(JOB_NAME)" scripts/replay.sh
 
 lint: ## cargo fmt --check and clippy with warnings as errors.
 	cargo fmt --all -- --check

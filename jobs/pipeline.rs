@@ -284,12 +284,18 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
             } else {
                 newest_generation
             };
-            // Above every generation of the database's jobs (a job counting a recreated topic
-            // anew must number its epochs above the old job's: checkpoints.rs).
+            // A job's first run (no row of its own: `load` picked generation 1) numbers its
+            // epochs above every generation of the database's jobs: a job counting a recreated
+            // topic anew must number them above the old job's (checkpoints.rs). Later runs stay
+            // above their own, and only their own: a late generation row of this job must keep
+            // looking late to the fencing (checkpoints::fenced_generations).
             let mut raised = JobState::clone(&state);
-            let state = if raised.raise_above(newest_generation) {
+            let state = if state.generation == 1 && raised.raise_above(newest_generation) {
                 if worker.index() == 0 {
-                    info!(generation = raised.generation, "another job of this database recorded a newer generation: this run numbers its epochs above it");
+                    info!(
+                        generation = raised.generation,
+                        "this job's first run: it numbers its epochs above every generation the database's jobs recorded"
+                    );
                 }
                 Arc::new(raised)
             } else {

@@ -10,7 +10,7 @@ for job in view_counts event_stats ingest query; do
     if [ -f "$VAR/$job.pid" ] && kill -0 "$(cat "$VAR/$job.pid")" 2>/dev/null; then was_running=1; fi
 done
 [ "$was_running" = 1 ] && "$ROOT/scripts/stop-job.sh"
-"$BIN/videocount" --database "$DB" replay --topic "$TOPIC"
+"$BIN/videocount" --database "$DB" replay --topic "$TOPIC" --job-name "${JOB_NAME:-view_counts}"
 status=$?
 if [ "$was_running" = 1 ]; then
     echo "replay: starting the stack again"

@@ -186,8 +186,8 @@ pub fn counted_plans(void: &[(u64, u64)]) -> String {
     format!("NOT ({})", clauses.join(" OR "))
 }
 
-/// The newest generation any job recorded in this database (0 if none). A job's generation
-/// must be above it, not only above its own: the query service reads the changelogs
+/// The newest generation any job recorded in this database (0 if none). A job's first run
+/// takes a generation above it, not only above its own (none): the query service reads the changelogs
 /// (`count_changes`, `count_blocks`, `top_videos`, `stats_changes`) by epoch alone, and the
 /// stats readers take the newest compacted row by epoch, so a job started under a new
 /// `--job-name` where another one counted (a topic recreated and counted anew) must number its

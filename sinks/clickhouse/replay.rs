@@ -99,6 +99,29 @@ pub async fn replay_from_raw(
         )
         .await?;
     let counted = counted.first().map_or(0, |r| r.n);
+    // Rows above the last commit are this job's interrupted epochs (re-run into the new tables)
+    // or another job's: one counting a recreated topic under a new --job-name, whose epochs lie
+    // above every generation of this job. The swap would drop those.
+    let others: Vec<CountRow> = long
+        .fetch_all(
+            long.client()
+                .query(&format!(
+                    "SELECT count() AS n FROM event_counts_minute WHERE epoch > ? AND intDiv(epoch, {}) NOT IN \
+                     (SELECT generation FROM checkpoint_generations WHERE job = ? AND topic = ?)",
+                    1u64 << checkpoints::GENERATION_SHIFT
+                ))
+                .bind(last)
+                .bind(job)
+                .bind(topic),
+        )
+        .await?;
+    if let Some(rows) = others.first().map(|r| r.n).filter(|&n| n > 0) {
+        return Err(SinkError::Rejected(format!(
+            "event_counts_minute holds {rows} rows written after job {job}'s last commit by another job (a topic \
+             recreated and counted under a new --job-name?): a replay of {job} would drop them, so nothing was \
+             replaced. Replay the job that counts the topic now (--job-name)"
+        )));
+    }
     if counted != events {
         return Err(SinkError::Rejected(format!(
             "the count tables hold {counted} events of committed epochs but events_raw only {events}: periods \
