@@ -174,9 +174,18 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
             )),
             other => anyhow::Error::new(other),
         })?;
-        let newest_generation = checkpoints::newest_generation_of_any_job(&clickhouse)
-            .await
-            .context("reading the newest generation of the database's jobs")?;
+        // A job's first run (no row of its own: `load` picked generation 1) numbers its epochs
+        // above every generation of the database's jobs: a job counting a recreated topic anew
+        // must number them above the old job's (checkpoints.rs). Later runs stay above their
+        // own, and only their own: a late generation row of this job must keep looking late to
+        // the fencing (checkpoints::fenced_generations). 0 raises nothing.
+        let newest_generation = if state.generation == 1 {
+            checkpoints::newest_generation_of_any_job(&clickhouse)
+                .await
+                .context("reading the newest generation of the database's jobs")?
+        } else {
+            0
+        };
         if let Some((&first_pending, _)) = state.pending.first_key_value() {
             let recorded = checkpoints::run_fingerprint(&clickhouse, &job_name, &args.topic, first_pending).await?;
             if let Some(recorded) = recorded.filter(|&recorded| recorded != fingerprint) {
@@ -284,13 +293,9 @@ pub fn run_job_fenced<D: Dataflow>(mut args: JobArgs, dataflow: D, fence: Fence)
             } else {
                 newest_generation
             };
-            // A job's first run (no row of its own: `load` picked generation 1) numbers its
-            // epochs above every generation of the database's jobs: a job counting a recreated
-            // topic anew must number them above the old job's (checkpoints.rs). Later runs stay
-            // above their own, and only their own: a late generation row of this job must keep
-            // looking late to the fencing (checkpoints::fenced_generations).
+            // A first run's generation, above the newest any process read (see above).
             let mut raised = JobState::clone(&state);
-            let state = if state.generation == 1 && raised.raise_above(newest_generation) {
+            let state = if raised.raise_above(newest_generation) {
                 if worker.index() == 0 {
                     info!(
                         generation = raised.generation,
