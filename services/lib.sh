@@ -12,8 +12,9 @@ wait_for() {
     local deadline=$((SECONDS + seconds))
     until "$@" >/dev/null 2>&1; do
         if ((SECONDS >= deadline)); then
+            # Without the frames of stack traces (ClickHouse's `12. /lib/...`): the messages.
             echo "---- last lines of $logfile ----" >&2
-            tail -n 40 "$logfile" >&2 || true
+            grep -v '^[0-9]*\. ' "$logfile" | tail -n 40 >&2 || true
             die "$name did not answer within ${seconds}s"
         fi
         sleep 0.5

@@ -8,6 +8,15 @@
 -- Tables are Replicated*MergeTree so that ClickHouse drops a repeated identical insert block:
 -- that is how a re-run epoch after a crash is counted once (docs/exactly-once.md). The
 -- `epoch` column is internal: it keeps blocks of different epochs distinct.
+--
+-- Every table takes replicated_max_ratio_of_wrong_parts = 1. A replica killed during an insert
+-- keeps a part ZooKeeper never heard of, and by default starts only if such parts hold at most
+-- half of the table's rows: a young table can be one such block, and the replica then refused
+-- to start (seen in the chaos run of `make test`, kill -9 of a ClickHouse replica). That part's
+-- insert was never acknowledged, so its writer sent it again; the replica puts it aside
+-- (detached/ignored_*) and nothing is lost. A database created before this setting keeps its
+-- old tables: start such a replica once with an empty file `flags/force_restore_data` in its
+-- data path (README, "High availability").
 
 -- Views and any other event type per video, per minute (UTC).
 CREATE TABLE IF NOT EXISTS event_counts_minute
@@ -21,7 +30,7 @@ CREATE TABLE IF NOT EXISTS event_counts_minute
 ENGINE = ReplicatedSummingMergeTree('/clickhouse/tables/{database}/event_counts_minute', '{replica}', (count))
 PARTITION BY toYYYYMM(minute)
 ORDER BY (video_id, event_type, minute)
-SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192, replicated_max_ratio_of_wrong_parts = 1;
 
 -- The same counts rolled up per hour: a one-year range reads a few thousand rows at most.
 CREATE TABLE IF NOT EXISTS event_counts_hour
@@ -35,7 +44,7 @@ CREATE TABLE IF NOT EXISTS event_counts_hour
 ENGINE = ReplicatedSummingMergeTree('/clickhouse/tables/{database}/event_counts_hour', '{replica}', (count))
 PARTITION BY toYYYYMM(hour)
 ORDER BY (video_id, event_type, hour)
-SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192, replicated_max_ratio_of_wrong_parts = 1;
 
 -- The same counts rolled up per day: a one-year range reads at most 366 rows per key.
 CREATE TABLE IF NOT EXISTS event_counts_day
@@ -49,7 +58,7 @@ CREATE TABLE IF NOT EXISTS event_counts_day
 ENGINE = ReplicatedSummingMergeTree('/clickhouse/tables/{database}/event_counts_day', '{replica}', (count))
 PARTITION BY toYear(day)
 ORDER BY (video_id, event_type, day)
-SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192, replicated_max_ratio_of_wrong_parts = 1;
 
 -- The changelog of event_counts_minute, for the query service's in-memory counts: each epoch's
 -- minute block of view_counts, written here before the count tables, and a row in
@@ -109,7 +118,7 @@ CREATE TABLE IF NOT EXISTS top_videos
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/top_videos', '{replica}')
 PARTITION BY intDiv(epoch, 65536)
 ORDER BY (epoch, event_type, period, rank)
-SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192, replicated_max_ratio_of_wrong_parts = 1;
 
 -- event_stats: the states of aggregate functions per (video, event type, aggregate, minute),
 -- one row per epoch that touched the key (merge the rows of a key; never read one alone).
@@ -146,7 +155,7 @@ CREATE TABLE IF NOT EXISTS stats_minute
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_minute', '{replica}')
 PARTITION BY toYYYYMM(minute)
 ORDER BY (video_id, event_type, aggregate, minute)
-SETTINGS replicated_deduplication_window = 20000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 20000, index_granularity = 8192, replicated_max_ratio_of_wrong_parts = 1;
 
 CREATE TABLE IF NOT EXISTS stats_hour
 (
@@ -166,7 +175,7 @@ CREATE TABLE IF NOT EXISTS stats_hour
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_hour', '{replica}')
 PARTITION BY toYYYYMM(hour)
 ORDER BY (video_id, event_type, aggregate, hour)
-SETTINGS replicated_deduplication_window = 20000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 20000, index_granularity = 8192, replicated_max_ratio_of_wrong_parts = 1;
 
 CREATE TABLE IF NOT EXISTS stats_day
 (
@@ -186,18 +195,12 @@ CREATE TABLE IF NOT EXISTS stats_day
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/stats_day', '{replica}')
 PARTITION BY toYear(day)
 ORDER BY (video_id, event_type, aggregate, day)
-SETTINGS replicated_deduplication_window = 20000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 20000, index_granularity = 8192, replicated_max_ratio_of_wrong_parts = 1;
 
 -- event_stats' changelog for the query service: each epoch's stats_minute rows again (the same
 -- block), sorted by epoch so that the rows of the epochs after a given one are an indexed read,
 -- partitioned by ranges of 2^20 epochs (event_stats drops the old ones). Never compacted.
 -- Internal: analysts read the stats tables (docs/reads-from-memory.md).
--- The changelogs (this, count_changes, count_blocks) take replicated_max_ratio_of_wrong_parts
--- = 1: a replica killed during an insert keeps a part ZooKeeper never heard of, and starts only
--- if such parts hold at most that share of the table's rows (0.5 by default). A young changelog
--- can be half one block, and the replica then refused to start (seen in `make chaos-test`,
--- kill -9 of a ClickHouse replica); the part's insert was never acknowledged, so the writer
--- sent it again and nothing is lost when the replica puts it aside (detached/).
 CREATE TABLE IF NOT EXISTS stats_changes
 (
     video_id String,
@@ -232,7 +235,7 @@ CREATE TABLE IF NOT EXISTS events_raw
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/events_raw', '{replica}')
 PARTITION BY toYYYYMM(toDateTime(intDiv(ts, 1000), 'UTC'))
 ORDER BY (video_id, event_type, ts)
-SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192, replicated_max_ratio_of_wrong_parts = 1;
 
 -- Messages no job could use, each with a short stable reason and the payload (cut at 64 KiB).
 -- message_ts is the Kafka timestamp of the message, epoch milliseconds (0 if it had none).
@@ -250,7 +253,7 @@ CREATE TABLE IF NOT EXISTS dead_letters
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/dead_letters', '{replica}')
 PARTITION BY toYYYYMM(toDateTime(intDiv(message_ts, 1000), 'UTC'))
 ORDER BY (job, topic, partition, offset)
-SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192;
+SETTINGS replicated_deduplication_window = 10000, index_granularity = 8192, replicated_max_ratio_of_wrong_parts = 1;
 
 -- Job checkpoints: before an epoch's rows are written, the offset range [start_offset,
 -- end_offset) it covers in each partition; `peers` is the number of workers that routed it.
@@ -265,7 +268,8 @@ CREATE TABLE IF NOT EXISTS checkpoint_ranges
     peers UInt32
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/checkpoint_ranges', '{replica}')
-ORDER BY (job, topic, epoch, partition);
+ORDER BY (job, topic, epoch, partition)
+SETTINGS replicated_max_ratio_of_wrong_parts = 1;
 
 -- Job checkpoint snapshots: where every partition resumes once `epoch` and all epochs before
 -- it are committed (the newest end offset of the plans that count). Written now and then by a
@@ -280,7 +284,8 @@ CREATE TABLE IF NOT EXISTS checkpoint_snapshots
     end_offset UInt64
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/checkpoint_snapshots', '{replica}')
-ORDER BY (job, topic, epoch, partition);
+ORDER BY (job, topic, epoch, partition)
+SETTINGS replicated_max_ratio_of_wrong_parts = 1;
 
 -- Job runs: the first epoch each run of a job planned, and a fingerprint of the settings its
 -- output depends on (event_stats: its functions config). A run re-running interrupted epochs
@@ -300,7 +305,8 @@ CREATE TABLE IF NOT EXISTS job_runs
     raw_log UInt8 DEFAULT 0
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/job_runs', '{replica}')
-ORDER BY (job, topic, first_epoch);
+ORDER BY (job, topic, first_epoch)
+SETTINGS replicated_max_ratio_of_wrong_parts = 1;
 
 -- Job generations: every start of a job takes a generation (the high 32 bits of its epoch
 -- numbers) and records the newest plan it builds on, before it plans anything. A plan of an
@@ -317,7 +323,8 @@ CREATE TABLE IF NOT EXISTS checkpoint_generations
     lease_token UInt64 DEFAULT 0
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/checkpoint_generations', '{replica}')
-ORDER BY (job, topic, generation);
+ORDER BY (job, topic, generation)
+SETTINGS replicated_max_ratio_of_wrong_parts = 1;
 
 -- Job checkpoints: an epoch whose rows are all written. Epochs planned but not committed are
 -- re-run over exactly their ranges on restart.
@@ -329,4 +336,5 @@ CREATE TABLE IF NOT EXISTS checkpoint_commits
     committed_at DateTime('UTC')
 )
 ENGINE = ReplicatedMergeTree('/clickhouse/tables/{database}/checkpoint_commits', '{replica}')
-ORDER BY (job, topic, epoch);
+ORDER BY (job, topic, epoch)
+SETTINGS replicated_max_ratio_of_wrong_parts = 1;

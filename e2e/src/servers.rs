@@ -18,9 +18,18 @@ pub struct Server {
 }
 
 impl Server {
+    /// `make up`'s server, never a node of the replicated stack (`make up-ha`, under var/ha/),
+    /// which runs beside it during `make test`.
     fn find(name: &'static str, pattern: &str, pid_file: impl Fn(&[String]) -> std::path::PathBuf) -> Server {
-        // `make up`'s server, never a node of the replicated stack (`make up-ha`, under var/ha/),
-        // which runs beside it during `make test`.
+        Server::find_where(name, pattern, |command| !command.iter().any(|a| a.contains("/var/ha/")), pid_file)
+    }
+
+    fn find_where(
+        name: &'static str,
+        pattern: &str,
+        keep: impl Fn(&[String]) -> bool,
+        pid_file: impl Fn(&[String]) -> std::path::PathBuf,
+    ) -> Server {
         let output = Command::new("pgrep").args(["-f", pattern]).output().unwrap();
         let (pid, command) = String::from_utf8_lossy(&output.stdout)
             .lines()
@@ -31,7 +40,7 @@ impl Server {
                     .filter(|a| !a.is_empty())
                     .map(|a| String::from_utf8_lossy(a).into_owned())
                     .collect();
-                (!command.iter().any(|a| a.contains("/var/ha/"))).then(|| (pid.to_owned(), command))
+                keep(&command).then(|| (pid.to_owned(), command))
             })
             .next()
             .unwrap_or_else(|| panic!("no running {name} of make up"));
@@ -42,9 +51,31 @@ impl Server {
 
     pub fn clickhouse() -> Server {
         Server::find("clickhouse", "clickhouse-server --config-file=", |command| {
-            let config = command.iter().find_map(|a| a.strip_prefix("--config-file=")).unwrap();
-            std::path::PathBuf::from(config).with_file_name("pid")
+            Server::config_file(command).with_file_name("pid")
         })
+    }
+
+    /// ClickHouse replica `n` of the replicated stack (`make up-ha`: var/ha/clickhouse-<n>/).
+    pub fn ha_clickhouse(n: u32) -> Server {
+        let config = format!("/var/ha/clickhouse-{n}/config.xml");
+        Server::find_where(
+            "clickhouse-replica",
+            "clickhouse-server --config-file=",
+            |command| command.iter().any(|a| a.ends_with(&config)),
+            |command| Server::config_file(command).with_file_name("pid"),
+        )
+    }
+
+    fn config_file(command: &[String]) -> std::path::PathBuf {
+        let config = command.iter().find_map(|a| a.strip_prefix("--config-file=")).unwrap();
+        std::path::PathBuf::from(config)
+    }
+
+    /// A ClickHouse server's data directory (`<path>` of its config: the node's `data/`).
+    pub fn data_path(&self) -> std::path::PathBuf {
+        let config = std::fs::read_to_string(Server::config_file(&self.command)).unwrap();
+        let path = config.split("<path>").nth(1).and_then(|rest| rest.split("</path>").next()).unwrap();
+        std::path::PathBuf::from(path)
     }
 
     /// The broker: `java ... kafka.Kafka .../server.properties`.
@@ -56,7 +87,16 @@ impl Server {
 
     /// SIGTERM, as an operator would stop it, and waits until the process is gone.
     pub fn stop(&self) {
-        assert!(Command::new("kill").arg(&self.pid).status().unwrap().success());
+        self.signal("-TERM");
+    }
+
+    /// SIGKILL, as a crash would end it, and waits until the process is gone.
+    pub fn kill(&self) {
+        self.signal("-KILL");
+    }
+
+    fn signal(&self, signal: &str) {
+        assert!(Command::new("kill").args([signal, &self.pid]).status().unwrap().success());
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         while std::path::Path::new(&format!("/proc/{}", self.pid)).exists() {
             assert!(std::time::Instant::now() < deadline, "{} did not stop", self.name);

@@ -143,4 +143,14 @@ mod tests {
         assert_eq!(statements.len(), 17);
         assert!(statements.iter().all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
     }
+
+    /// A replica killed during an insert must start again whatever share of a table that
+    /// unacknowledged block is (sql/schema.sql, e2e/tests/replicas.rs).
+    #[test]
+    fn every_replicated_table_starts_with_parts_zookeeper_never_heard_of() {
+        for statement in statements(SCHEMA_SQL) {
+            assert!(statement.contains("ENGINE = Replicated"), "{statement}");
+            assert!(statement.contains("replicated_max_ratio_of_wrong_parts = 1"), "{statement}");
+        }
+    }
 }
