@@ -21,7 +21,8 @@ against the messages they read (each Kafka message once in events_raw, the count
 it, every event_stats function's count equal to its type's events), and at the end every
 message of the topic must be in events_raw or view_counts' dead letters. Prints a Markdown table
 and writes it to var/chaos-report.md. Exits 1 if any fault lost or doubled an event, a job wrote
-a message twice or skipped one, reads fell below 95 %, or the stack did not heal.
+a message twice or skipped one, reads fell below 95 %, or the stack did not heal. A passing run
+drops its database and topics; a failing one keeps them.
 
   scripts/chaos.py [--short] [--faults a,b] [--rate R] [--before S] [--hold S] [--after S]
 
@@ -202,6 +203,19 @@ class Stack:
     def start_apps(self, first=False):
         args = [os.path.join(ROOT, "scripts", "start-ha.sh")] + ([] if first else ["--apps-only"])
         subprocess.run(args, env=self.env, check=True)
+
+    def remove(self):
+        """Drops the run's database on both replicas and deletes its topics (a passing run's: a
+        failing one keeps them to be looked at), so that runs do not pile tables up on the stack."""
+        for url in REPLICAS:
+            request = urllib.request.Request(url, data=f"DROP DATABASE IF EXISTS {self.database}".encode())
+            with urllib.request.urlopen(request, timeout=120):
+                pass
+        libs = os.path.join(ROOT, "var", "kafka", "libs", "*")
+        for topic in (self.topic, f"{self.topic}-dlq"):
+            subprocess.run(["java", "-Xmx128m", f"-Dkafka.logs.dir={os.path.join(ROOT, 'var', 'kafka')}", "-cp", libs,
+                            "org.apache.kafka.tools.TopicCommand", "--bootstrap-server", HA_BROKERS, "--delete",
+                            "--if-exists", "--topic", topic], capture_output=True, timeout=120, check=True)
 
     def heal_services(self):
         subprocess.run([os.path.join(ROOT, "services", "up-ha.sh")], check=True, stdout=subprocess.DEVNULL)
@@ -424,6 +438,10 @@ def main():
     if failed or lost or doubled or unchecked:
         print(f"{summary}: FAILED {'; '.join(failed + [f'unchecked: {u}' for u in unchecked])}")
         sys.exit(1)
+    try:
+        stack.remove()
+    except (OSError, subprocess.SubprocessError) as error:
+        say(f"could not remove database {stack.database} and topic {stack.topic}: {error}")
     print(f"{summary}: passed")
 
 
