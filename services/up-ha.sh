@@ -27,7 +27,31 @@ start_node() {
     echo $! >"$HA/$name/pid"
 }
 
-running() { [ -f "$HA/$1/pid" ] && kill -0 "$(cat "$HA/$1/pid")" 2>/dev/null; }
+# running NAME: the node's recorded process is alive and is that node (its command line names
+# var/ha/NAME/). A process killed a moment ago is not: while the kernel takes it down (1.7 s
+# for a ClickHouse here) its command line is already empty, and a reused pid names another.
+running() {
+    local pid
+    pid=$(cat "$HA/$1/pid" 2>/dev/null) || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$HA/$1/"
+}
+
+# gone NAME: waits (up to 30 s) until the node's previous process, if it is still exiting, has
+# let go of its ports and files: a node started while the killed one still holds its listening
+# socket cannot bind it. Exiting: an empty command line and not yet a zombie (state Z, which
+# holds nothing); a pid that names another command was reused and is not waited for.
+gone() {
+    local pid state
+    pid=$(cat "$HA/$1/pid" 2>/dev/null) || return 0
+    for _ in $(seq 1 60); do
+        [ -e "/proc/$pid" ] || return 0
+        tr -d '\0' <"/proc/$pid/cmdline" 2>/dev/null | grep -q . && return 0
+        state=$(sed 's/.*) \([A-Z]\).*/\1/' "/proc/$pid/stat" 2>/dev/null) || return 0
+        [ "$state" = Z ] && return 0
+        sleep 0.5
+    done
+    die "$1's previous process $pid is still exiting after 30 s"
+}
 
 zookeeper_ok() { (exec 3<>"/dev/tcp/127.0.0.1/$1" && printf stat >&3 && cat <&3) 2>/dev/null | grep -q '^Mode:'; }
 
@@ -35,6 +59,7 @@ start_zookeepers() {
     for n in 1 2 3; do
         local dir="$HA/zookeeper-$n"
         running "zookeeper-$n" && continue
+        gone "zookeeper-$n"
         mkdir -p "$dir/data"
         echo "$n" >"$dir/data/myid"
         render_node "$SERVICES/ha/zoo.cfg" "$dir/zoo.cfg" "$n"
@@ -53,6 +78,7 @@ start_clickhouses() {
     for n in 1 2; do
         local dir="$HA/clickhouse-$n"
         running "clickhouse-$n" && continue
+        gone "clickhouse-$n"
         mkdir -p "$dir"/{data,tmp,user_files,format_schemas,log}
         render_node "$SERVICES/ha/clickhouse.xml" "$dir/config.xml" "$n"
         cp "$SERVICES/clickhouse/users.xml" "$dir/users.xml"
@@ -78,6 +104,7 @@ start_kafkas() {
     for n in 1 2 3; do
         local dir="$HA/kafka-$n"
         running "kafka-$n" && continue
+        gone "kafka-$n"
         mkdir -p "$dir/data"
         render_node "$SERVICES/ha/server.properties" "$dir/server.properties" "$n"
         if [ ! -f "$dir/data/meta.properties" ]; then
