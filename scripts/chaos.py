@@ -112,25 +112,37 @@ def zookeeper_leader():
     return "zookeeper-1"
 
 
+def sql_on(url, query, database, timeout=30):
+    """The answer of the replica at `url` (TSV, stripped); OSError if it gives none."""
+    request = urllib.request.Request(f"{url}/?database={database}", data=query.encode())
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        return r.read().decode().strip()
+
+
 def sql(query, database, timeout=30):
     """The answer of the first replica that gives one (TSV, stripped)."""
     error = None
     for url in REPLICAS:
-        request = urllib.request.Request(f"{url}/?database={database}", data=query.encode())
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as r:
-                return r.read().decode().strip()
+            return sql_on(url, query, database, timeout)
         except OSError as e:
             error = e
     raise RuntimeError(f"no replica answered {query!r}: {error}")
 
 
+def kafka_tool(tool, *args):
+    """Runs one of Kafka's command-line tools (org.apache.kafka.tools.<tool>) on the HA brokers;
+    its standard output."""
+    libs = os.path.join(ROOT, "var", "kafka", "libs", "*")
+    return subprocess.run(
+        ["java", "-Xmx128m", f"-Dkafka.logs.dir={os.path.join(ROOT, 'var', 'kafka')}", "-cp", libs,
+         f"org.apache.kafka.tools.{tool}", "--bootstrap-server", HA_BROKERS, *args],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+
+
 def kafka_end_offsets(topic):
     """Each partition's end offset: the messages it holds, from 0 (nothing was deleted)."""
-    libs = os.path.join(ROOT, "var", "kafka", "libs", "*")
-    out = subprocess.run(
-        ["java", "-Xmx128m", f"-Dkafka.logs.dir={os.path.join(ROOT, 'var', 'kafka')}", "-cp", libs, "org.apache.kafka.tools.GetOffsetShell", "--bootstrap-server", HA_BROKERS,
-         "--topic", topic], capture_output=True, text=True, timeout=120, check=True).stdout
+    out = kafka_tool("GetOffsetShell", "--topic", topic)
     ends = {}
     for line in out.split():
         if line.count(":") >= 2:
@@ -208,14 +220,9 @@ class Stack:
         """Drops the run's database on both replicas and deletes its topics (a passing run's: a
         failing one keeps them to be looked at), so that runs do not pile tables up on the stack."""
         for url in REPLICAS:
-            request = urllib.request.Request(url, data=f"DROP DATABASE IF EXISTS {self.database}".encode())
-            with urllib.request.urlopen(request, timeout=120):
-                pass
-        libs = os.path.join(ROOT, "var", "kafka", "libs", "*")
+            sql_on(url, f"DROP DATABASE IF EXISTS {self.database}", "default", timeout=120)
         for topic in (self.topic, f"{self.topic}-dlq"):
-            subprocess.run(["java", "-Xmx128m", f"-Dkafka.logs.dir={os.path.join(ROOT, 'var', 'kafka')}", "-cp", libs,
-                            "org.apache.kafka.tools.TopicCommand", "--bootstrap-server", HA_BROKERS, "--delete",
-                            "--if-exists", "--topic", topic], capture_output=True, timeout=120, check=True)
+            kafka_tool("TopicCommand", "--delete", "--if-exists", "--topic", topic)
 
     def heal_services(self):
         subprocess.run([os.path.join(ROOT, "services", "up-ha.sh")], check=True, stdout=subprocess.DEVNULL)

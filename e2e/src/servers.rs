@@ -50,9 +50,7 @@ impl Server {
     }
 
     pub fn clickhouse() -> Server {
-        Server::find("clickhouse", "clickhouse-server --config-file=", |command| {
-            Server::config_file(command).with_file_name("pid")
-        })
+        Server::find("clickhouse", "clickhouse-server --config-file=", Server::pid_beside_config)
     }
 
     /// ClickHouse replica `n` of the replicated stack (`make up-ha`: var/ha/clickhouse-<n>/).
@@ -62,8 +60,13 @@ impl Server {
             "clickhouse-replica",
             "clickhouse-server --config-file=",
             |command| command.iter().any(|a| a.ends_with(&config)),
-            |command| Server::config_file(command).with_file_name("pid"),
+            Server::pid_beside_config,
         )
+    }
+
+    /// A ClickHouse's pid file: `pid` beside its `--config-file` (services/up.sh, up-ha.sh).
+    fn pid_beside_config(command: &[String]) -> std::path::PathBuf {
+        Server::config_file(command).with_file_name("pid")
     }
 
     fn config_file(command: &[String]) -> std::path::PathBuf {
