@@ -133,7 +133,7 @@ pub async fn replay_from_raw(
     let mut renames = Vec::new();
     let mut old_tables = Vec::new();
     let mut created = Vec::new();
-    let built = build_tables(&long, &committed, stamp, timeout, &mut created).await;
+    let built = build_tables(clickhouse, &long, &committed, stamp, timeout, &mut created).await;
     if let Err(e) = built {
         // Nothing is swapped in: stop what the server may still be filling and drop it.
         discard(clickhouse, &created).await;
@@ -183,9 +183,12 @@ pub async fn replay_from_raw(
 }
 
 /// Creates `<table>_replay_<stamp>` for every grain and fills it from `events_raw` below the
-/// committed ends (`committed`), each within `timeout` (also the server's own limit). Pushes
-/// every table it created onto `created`.
+/// committed ends (`committed`), each fill through `long` within `timeout` (also the server's
+/// own limit). Pushes every table it creates onto `created` before the CREATE is sent. A
+/// CREATE takes the usual request timeout, not `timeout`: a client that gave up on one while
+/// the server went on to create the table left it behind (a 50 ms replay in CI).
 async fn build_tables(
+    clickhouse: &ClickHouse,
     long: &ClickHouse,
     committed: &str,
     stamp: u64,
@@ -196,8 +199,8 @@ async fn build_tables(
     for grain in Grain::ALL {
         let table = grain.table();
         let new = format!("{table}_replay_{stamp}");
-        long.execute(&create_statement(table, &new)?).await?;
         created.push(new.clone());
+        clickhouse.execute(&create_statement(table, &new)?).await?;
         let bucket = match grain {
             Grain::Minute => "toStartOfMinute(toDateTime(intDiv(ts, 1000), 'UTC'))",
             Grain::Hour => "toStartOfHour(toDateTime(intDiv(ts, 1000), 'UTC'))",
@@ -217,8 +220,8 @@ async fn build_tables(
     // left pending by a crash is in them, not in the new ones; the job re-runs it into both).
     for table in CHANGELOG {
         let new = format!("{table}_replay_{stamp}");
-        long.execute(&create_statement(table, &new)?).await?;
-        created.push(new);
+        created.push(new.clone());
+        clickhouse.execute(&create_statement(table, &new)?).await?;
     }
     // But with the minutes of the last 25 hours (of event time) of the new minute table, as
     // epoch 0: a restarted view_counts rebuilds its trending windows from the changelog up to
