@@ -33,7 +33,7 @@ start_node() {
 running() {
     local pid
     pid=$(cat "$HA/$1/pid" 2>/dev/null) || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$HA/$1/"
+    tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF "$HA/$1/"
 }
 
 # gone NAME: waits (up to 30 s) until the node's previous process, if it is still exiting, has
@@ -45,7 +45,7 @@ gone() {
     pid=$(cat "$HA/$1/pid" 2>/dev/null) || return 0
     for _ in $(seq 1 60); do
         [ -e "/proc/$pid" ] || return 0
-        tr -d '\0' <"/proc/$pid/cmdline" 2>/dev/null | grep -q . && return 0
+        tr -d '\0' 2>/dev/null <"/proc/$pid/cmdline" | grep -q . && return 0
         state=$(sed 's/.*) \([A-Z]\).*/\1/' "/proc/$pid/stat" 2>/dev/null) || return 0
         [ "$state" = Z ] && return 0
         sleep 0.5
