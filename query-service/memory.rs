@@ -1091,7 +1091,15 @@ impl Memory {
             // Every block of the epochs up to the commit seen was acknowledged before it.
             self.sync(&clickhouse, &["count_changes"]).await?;
             let query = client.query(TIMED_CHANGES).bind(applied).bind(committed);
-            clickhouse.fetch_all::<TimedChange>(query).await?
+            let changes = clickhouse.fetch_all::<TimedChange>(query).await?;
+            debug!(
+                applied,
+                committed,
+                replica,
+                rows = changes.len(),
+                "applying the epochs committed since the last poll"
+            );
+            changes
         } else {
             Vec::new()
         };

@@ -158,7 +158,7 @@ impl TestEnv {
             .args(["--database", &self.database, "--ui-dir"])
             .arg(ui)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .spawn()
             .unwrap();

@@ -29,10 +29,13 @@ impl Hold {
 
 /// A TCP proxy in front of ClickHouse that holds back requests as its [`Hold`] rules say, so
 /// they land late and out of order (or, with a delay longer than the test, never). It forwards
-/// what it holds even after the client is gone: a killed process's request in flight.
+/// what it holds even after the client is gone: a killed process's request in flight; unless
+/// told to [`DelayingProxy::discard_held`].
 pub struct DelayingProxy {
     pub url: String,
     stop: Arc<AtomicBool>,
+    /// Requests held now and later are dropped instead of forwarded.
+    discard: Arc<AtomicBool>,
     /// How many requests it held back.
     pub delayed: Arc<AtomicU64>,
 }
@@ -47,7 +50,9 @@ impl DelayingProxy {
         let url = format!("http://{}", listener.local_addr().unwrap());
         listener.set_nonblocking(true).unwrap();
         let (stop, delayed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-        let (thread_stop, thread_delayed) = (Arc::clone(&stop), Arc::clone(&delayed));
+        let discard = Arc::new(AtomicBool::new(false));
+        let (thread_stop, thread_delayed, thread_discard) =
+            (Arc::clone(&stop), Arc::clone(&delayed), Arc::clone(&discard));
         std::thread::spawn(move || {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             while !thread_stop.load(Ordering::Relaxed) {
@@ -62,7 +67,8 @@ impl DelayingProxy {
                 let (mut client_read, mut server_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let (mut server_read, mut client_write) = (server, client);
                 let conn_seed: u64 = rng.random();
-                let (delayed, rules) = (Arc::clone(&thread_delayed), rules.clone());
+                let (delayed, discard, rules) =
+                    (Arc::clone(&thread_delayed), Arc::clone(&thread_discard), rules.clone());
                 std::thread::spawn(move || {
                     let mut rng = rand::rngs::StdRng::seed_from_u64(conn_seed);
                     let mut buf = vec![0u8; 64 << 10];
@@ -76,6 +82,11 @@ impl DelayingProxy {
                             if rng.random_bool(rule.share) {
                                 delayed.fetch_add(1, Ordering::Relaxed);
                                 sleep_ms(rng.random_range(rule.delay_ms.clone()));
+                                if discard.load(Ordering::Relaxed) {
+                                    // Never sent: the server sees a connection closed before
+                                    // the request, and does nothing.
+                                    return;
+                                }
                             }
                         }
                         if server_write.write_all(&buf[..n]).is_err() {
@@ -89,7 +100,15 @@ impl DelayingProxy {
                 });
             }
         });
-        DelayingProxy { url, stop, delayed }
+        DelayingProxy { url, stop, discard, delayed }
+    }
+
+    /// Drops every request held now or later instead of forwarding it: requests of a killed
+    /// process that never reached the server. Returns after half a second, once a request let
+    /// through just before has landed.
+    pub fn discard_held(&self) {
+        self.discard.store(true, Ordering::Relaxed);
+        sleep_ms(500);
     }
 }
 

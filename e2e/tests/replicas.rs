@@ -160,12 +160,27 @@ fn memory_on_a_replica_applies_no_commit_before_its_changes_arrive() {
     // Replica 2 stops fetching the changelog; more events arrive and are committed.
     sql(REPLICA_2, &format!("SYSTEM STOP FETCHES {}.count_changes", env.database));
     produce_more(&env, &mut expected, 6, 3_000);
-    wait_until("replica 2 has the new counts", Duration::from_secs(60), || {
+    let commits = |url| sql(url, &format!("SELECT max(epoch) FROM {}.checkpoint_commits", env.database));
+    let changes = |url| sql(url, &format!("SELECT max(epoch) FROM {}.count_changes", env.database));
+    // The counts reach replica 2 before the commit that covers them (the job commits an epoch
+    // after all its writes): until that commit is there, memory rightly answers as of the one
+    // before. Once it is, memory must not apply it without its changes.
+    wait_until("replica 2 has the new counts and their commit", Duration::from_secs(60), || {
         counted_on(&env, REPLICA_2) == expected.events
+            && commits(REPLICA_2).parse::<u64>().unwrap_or(0) >= changes(REPLICA_1).parse::<u64>().unwrap_or(u64::MAX)
     });
+    // Polls that saw the older commit answer for up to three polls and half a second.
     sleep_ms(1_500);
     for (video, n, answer) in answers(&expected) {
-        assert_eq!(answer["value"], n, "{video} while replica 2 misses the changelog: {answer}");
+        assert_eq!(
+            answer["value"],
+            n,
+            "{video} while replica 2 misses the changelog: {answer}; commits {} on 1, {} on 2; changes {} on 1, {} on 2",
+            commits(REPLICA_1),
+            commits(REPLICA_2),
+            changes(REPLICA_1),
+            changes(REPLICA_2)
+        );
     }
 
     sql(REPLICA_2, &format!("SYSTEM START FETCHES {}.count_changes", env.database));
