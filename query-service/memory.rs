@@ -8,11 +8,13 @@
 //! - **Loaded on first use, exactly as of an epoch.** A key's load reads its minutes from
 //!   `event_counts_minute`. That read can catch an epoch being written: rows of epochs the
 //!   service has not applied yet. The job writes an epoch's rows of a key in one block, in this
-//!   order: `count_changes`, the count tables, then a row in `count_blocks` (epoch, worker). So
+//!   order: `count_changes`, `event_counts_minute`, a row in `count_blocks` (epoch, worker),
+//!   then the hour and day tables. So
 //!   the load first reads `count_blocks` after the applied epoch `A`, then the key's minutes,
 //!   then the key's `count_changes` rows after `A`. An epoch among those rows whose block was
 //!   marked written before the read was in it: its rows are taken off. One that is not marked
-//!   may or may not have been: the load tries again a little later. An epoch that is not among
+//!   may or may not have been: the load tries again a little later (ten times; then the key's
+//!   next request starts a new load, `memory_loads_put_off_total`). An epoch that is not among
 //!   them was not in the read (its `count_changes` rows would have come first). What is left is
 //!   the key as of `A`; the epochs applied since are read for the key before it is installed.
 //! - **Warmed before it is asked** (`warm_up`): after the first poll and after every reset, the
@@ -111,6 +113,8 @@ pub struct MemoryStats {
     pub loads: Counter,
     /// Loads that caught an epoch being written and tried again.
     pub load_retries: Counter,
+    /// Loads that met an epoch being written at each try, left to the key's next request.
+    pub loads_put_off: Counter,
     pub load_errors: Counter,
     /// Partial edge minutes answered from the kept event times.
     pub edge_hits: Counter,
@@ -691,26 +695,42 @@ impl Memory {
         }
         let memory = self.clone();
         tokio::spawn(async move {
-            let _permit = memory.load_permits.acquire().await.expect("the semaphore is never closed");
-            if let Err(error) = memory.load(&key).await {
-                memory.stats.load_errors.inc();
-                warn!(video_id = %key.0, event_type = %key.1, %error, "loading a key into memory failed; ClickHouse answers it");
+            match memory.load(&key).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Not a failure: the key's next request tries again.
+                    memory.stats.loads_put_off.inc();
+                    debug!(
+                        video_id = %key.0, event_type = %key.1,
+                        "an epoch was being written during each of {LOAD_ATTEMPTS} reads of a key; its next request loads it again"
+                    );
+                }
+                Err(error) => {
+                    memory.stats.load_errors.inc();
+                    warn!(video_id = %key.0, event_type = %key.1, %error, "loading a key into memory failed; ClickHouse answers it");
+                }
             }
             memory.loading.lock().expect("loading lock").remove(&key);
         });
     }
 
-    /// Loads a key, trying again while epochs are being written.
-    pub async fn load(&self, key: &Key) -> Result<(), QueryError> {
+    /// Loads a key, trying again while epochs are being written: `false` when each of
+    /// [`LOAD_ATTEMPTS`] reads met one (a key written every epoch, while inserts are slow).
+    /// Holds one of the [`CONCURRENT_LOADS`] permits per read, not while it waits.
+    pub async fn load(&self, key: &Key) -> Result<bool, QueryError> {
         self.wait_for_first_poll().await;
         for attempt in 0..LOAD_ATTEMPTS {
-            match self.try_load(&self.clickhouse, std::slice::from_ref(key), self.now_s()).await? {
-                None => return Ok(()),
+            let read = {
+                let _permit = self.load_permits.acquire().await.expect("the semaphore is never closed");
+                self.try_load(&self.clickhouse, std::slice::from_ref(key), self.now_s()).await?
+            };
+            match read {
+                None => return Ok(true),
                 Some(loaded) if loaded.busy.is_empty() => {
                     if loaded.installed > 0 {
                         self.stats.loads.inc();
                     }
-                    return Ok(());
+                    return Ok(true);
                 }
                 Some(_) => {
                     self.stats.load_retries.inc();
@@ -718,7 +738,7 @@ impl Memory {
                 }
             }
         }
-        Err(QueryError::Invalid(format!("an epoch was being written during each of {LOAD_ATTEMPTS} reads")))
+        Ok(false)
     }
 
     /// The applied epoch and the store's generation, once the first poll worked: what a load

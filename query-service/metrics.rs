@@ -46,6 +46,11 @@ impl Metrics {
             "Key loads that met an epoch being written and tried again",
             memory.load_retries.clone(),
         );
+        registry.register(
+            "memory_loads_put_off",
+            "Key loads that met an epoch being written at each try, left to the key's next request",
+            memory.loads_put_off.clone(),
+        );
         registry.register("memory_load_errors", "Key loads that failed", memory.load_errors.clone());
         registry.register(
             "memory_edge_hits",

@@ -63,8 +63,8 @@ SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192, repli
 -- The changelog of event_counts_minute, for the query service's in-memory counts: each epoch's
 -- minute block of view_counts, written here before the count tables, and a row in
 -- count_blocks (epoch, the worker that wrote the block, the workers in all) once the block is in
--- all three count tables. Sorted by epoch, so the rows of the epochs after a given one are an
--- indexed read; partitioned by ranges of 2^20 epochs (an epoch's block lands in one part, and
+-- event_counts_minute (before the hour and day blocks). Sorted by epoch, so the rows of the
+-- epochs after a given one are an indexed read; partitioned by ranges of 2^20 epochs (an epoch's block lands in one part, and
 -- old ranges can be dropped whole). `times`: the milliseconds into the minute of the row's
 -- events, sorted (empty in rows written by older builds and by a replay), which keep the
 -- service's partial edge minutes current. Internal: analysts read the count tables

@@ -184,7 +184,10 @@ fn memory_answers_equal_clickhouse_while_epochs_land_after_eviction_and_after_a_
     let loads = metric_of(&memory, "videocount_query_memory_loads_total");
     let retries = metric_of(&memory, "videocount_query_memory_load_retries_total");
     let hits = metric_of(&memory, "videocount_query_memory_hits_total");
-    eprintln!("sources while events arrived: {sources:?}; loads {loads}, load retries {retries}, hits {hits}");
+    let put_off = metric_of(&memory, "videocount_query_memory_loads_put_off_total");
+    eprintln!(
+        "sources while events arrived: {sources:?}; loads {loads}, load retries {retries}, put off {put_off}, hits {hits}"
+    );
     assert!(loads >= VIDEOS as f64, "every key was loaded ({loads})");
     assert!(sources.get("memory").copied().unwrap_or(0) + sources.get("memory+raw").copied().unwrap_or(0) > 20);
     assert!(metric_of(&tiny, "videocount_query_memory_evictions_total") > 0.0, "the tiny budget evicted keys");

@@ -214,12 +214,17 @@ impl Dataflow for ViewCounts {
 
 /// An epoch's count blocks of one worker, in the order the query service's in-memory counts
 /// rely on (docs/reads-from-memory.md): the minute block with its event times into
-/// `count_changes` first, then the three count tables ([`EventCounts::inserts`]), then the
-/// worker's row in `count_blocks` saying they are all written. The writer sends a batch's
-/// inserts one after the other.
+/// `count_changes` first, then `event_counts_minute`, then the worker's row in `count_blocks`
+/// saying the minute block is in, then the hour and day blocks ([`EventCounts::inserts`] gives
+/// changes, minute, hour, day). The writer sends a batch's inserts one after the other. The
+/// marker comes right after the minute block, not after the rollups: a key's load that reads
+/// while a block is between its changelog rows and its marker tries again, so the shorter that
+/// stretch, the sooner a key written every epoch loads.
 fn with_changelog(counts: &EventCounts, epoch: u64, worker: u32, peers: u32) -> Vec<Insert> {
     let mut inserts = counts.inserts(epoch);
-    inserts.push(count_blocks_row(epoch, worker, peers));
+    let after_minutes =
+        inserts.iter().position(|insert| insert.table == "event_counts_minute").map_or(inserts.len(), |i| i + 1);
+    inserts.insert(after_minutes, count_blocks_row(epoch, worker, peers));
     inserts
 }
 
@@ -227,4 +232,24 @@ fn with_changelog(counts: &EventCounts, epoch: u64, worker: u32, peers: u32) -> 
 pub fn run_view_counts(args: JobArgs) -> anyhow::Result<()> {
     let dataflow = ViewCounts::new(!args.no_events_raw, (!args.no_trending).then_some(args.top_k));
     crate::pipeline::run_job(args, dataflow)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_marker_follows_the_minute_block_and_precedes_the_rollups() {
+        let mut counts = EventCounts::default();
+        counts.add(videocount_events::Event {
+            video_id: "v".into(),
+            event_type: "view".into(),
+            ts_ms: 1_795_737_600_000,
+        });
+        let tables: Vec<String> = with_changelog(&counts, 7, 1, 2).into_iter().map(|insert| insert.table).collect();
+        assert_eq!(
+            tables,
+            ["count_changes", "event_counts_minute", "count_blocks", "event_counts_hour", "event_counts_day"]
+        );
+    }
 }
