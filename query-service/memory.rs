@@ -359,6 +359,8 @@ pub struct Memory {
     edge_permits: tokio::sync::Semaphore,
     /// Said once that the job has no commit.
     waiting_logged: std::sync::atomic::AtomicBool,
+    /// The minute (from the start, plus one) a put-off load was last logged in.
+    put_off_logged: AtomicU64,
     pub stats: MemoryStats,
 }
 
@@ -446,6 +448,7 @@ impl Memory {
             syncing,
             edge_permits: tokio::sync::Semaphore::new(2),
             waiting_logged: std::sync::atomic::AtomicBool::new(false),
+            put_off_logged: AtomicU64::new(0),
             stats,
         }
     }
@@ -698,12 +701,18 @@ impl Memory {
             match memory.load(&key).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    // Not a failure: the key's next request tries again.
+                    // Not a failure: the key's next request tries again. Said once a minute at
+                    // most: a job stopped between an epoch's changelog rows and its marker keeps
+                    // its keys out until it runs again.
                     memory.stats.loads_put_off.inc();
-                    debug!(
-                        video_id = %key.0, event_type = %key.1,
-                        "an epoch was being written during each of {LOAD_ATTEMPTS} reads of a key; its next request loads it again"
-                    );
+                    let minute = memory.now_s() / 60 + 1;
+                    if memory.put_off_logged.swap(minute, Ordering::Relaxed) != minute {
+                        warn!(
+                            video_id = %key.0, event_type = %key.1, put_off = memory.stats.loads_put_off.get(),
+                            "an epoch was being written during each of {LOAD_ATTEMPTS} reads of a key (slow inserts, or a \
+                             job stopped mid-epoch): ClickHouse answers it, its next request loads it again"
+                        );
+                    }
                 }
                 Err(error) => {
                     memory.stats.load_errors.inc();
@@ -1283,8 +1292,9 @@ impl ReplicaSync {
     /// With several replicas (`several`: several URLs or several replicas in
     /// `system.replicas`), waits until the one `clickhouse` reads (pinned) has every block of
     /// `tables` acknowledged on any replica before the call: the jobs acknowledge an epoch's
-    /// blocks before its marker and its commit, so a replica that shows one of those, then
-    /// syncs, has them all. Nothing on a lone server known by one URL. One sync at a time; and
+    /// blocks before its commit, and its changelog and minute blocks before its marker (not its
+    /// hour and day blocks), so a replica that shows one of those, then syncs the tables they
+    /// follow, has their blocks. Nothing on a lone server known by one URL. One sync at a time; and
     /// none while an earlier one still runs on the server (ClickHouse 18.16 goes on with a sync
     /// whose client gave up, and a pile of them would fill its `max_concurrent_queries`).
     pub async fn sync(&self, several: bool, clickhouse: &ClickHouse, tables: &[&str]) -> Result<(), QueryError> {
