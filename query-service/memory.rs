@@ -9,9 +9,8 @@
 //!   `event_counts_minute`. That read can catch an epoch being written: rows of epochs the
 //!   service has not applied yet. The job writes an epoch's rows of a key in one block, in this
 //!   order: `count_changes`, `event_counts_minute`, a row in `count_blocks` (epoch, worker),
-//!   then the hour and day tables. So
-//!   the load first reads `count_blocks` after the applied epoch `A`, then the key's minutes,
-//!   then the key's `count_changes` rows after `A`. An epoch among those rows whose block was
+//!   then the hour and day tables. So the load first reads `count_blocks` after the applied
+//!   epoch `A`, then the key's minutes, then the key's `count_changes` rows after `A`. An epoch among those rows whose block was
 //!   marked written before the read was in it: its rows are taken off. One that is not marked
 //!   may or may not have been: the load tries again a little later (ten times; then the key's
 //!   next request starts a new load, `memory_loads_put_off_total`). An epoch that is not among

@@ -280,16 +280,24 @@ impl TestEnv {
 
     /// `videocount replay` of the test's topic for `view_counts`: fresh count tables renamed in.
     pub fn replay(&self) {
-        self.runtime
-            .block_on(videocount_clickhouse::replay::replay_from_raw(
-                &self.clickhouse,
-                "view_counts",
-                &self.topic,
-                false,
-                Duration::from_secs(600),
-                &videocount_lease::Fence::open(),
-            ))
-            .expect("replay");
+        self.replay_through(&self.clickhouse, Duration::from_secs(600)).expect("replay");
+    }
+
+    /// A replay of the test's topic for `view_counts` through `clickhouse` (a proxy, say), its
+    /// fills within `timeout`: what it reports, or why it replaced nothing.
+    pub fn replay_through(
+        &self,
+        clickhouse: &ClickHouse,
+        timeout: Duration,
+    ) -> Result<videocount_clickhouse::replay::ReplayReport, videocount_clickhouse::SinkError> {
+        self.runtime.block_on(videocount_clickhouse::replay::replay_from_raw(
+            clickhouse,
+            "view_counts",
+            &self.topic,
+            false,
+            timeout,
+            &videocount_lease::Fence::open(),
+        ))
     }
 
     pub fn drop(self) {

@@ -24,17 +24,7 @@ fn replay_equals_live() {
     let live = env.counts("event_counts_minute", "minute");
     env.assert_exact(&expected);
 
-    let report = env
-        .runtime
-        .block_on(videocount_clickhouse::replay::replay_from_raw(
-            &env.clickhouse,
-            "view_counts",
-            &env.topic,
-            false,
-            std::time::Duration::from_secs(600),
-            &videocount_lease::Fence::open(),
-        ))
-        .expect("replay");
+    let report = env.replay_through(&env.clickhouse, Duration::from_secs(600)).expect("replay");
     assert_eq!(report.events, expected.events);
 
     assert!(env.counts("event_counts_minute", "minute") == live, "replayed minutes equal live ones");
@@ -121,16 +111,7 @@ fn a_replay_that_runs_out_of_time_replaces_nothing() {
     env.run_until_caught_up(&["--workers", "2"]);
     let live = env.counts("event_counts_minute", "minute");
 
-    let replay = |timeout| {
-        env.runtime.block_on(videocount_clickhouse::replay::replay_from_raw(
-            &env.clickhouse,
-            "view_counts",
-            &env.topic,
-            false,
-            timeout,
-            &videocount_lease::Fence::open(),
-        ))
-    };
+    let replay = |timeout| env.replay_through(&env.clickhouse, timeout);
     let error = replay(std::time::Duration::from_millis(50)).expect_err("50 ms is too short for 1M events");
     assert!(error.to_string().contains("nothing was replaced"), "{error}");
     assert_eq!(leftover_tables(&env), 0, "the half-built tables were dropped");
@@ -161,14 +142,7 @@ fn a_replay_whose_creates_answer_late_leaves_no_table_behind() {
     let late = Hold { needle: "CREATE TABLE".into(), share: 1.0, delay_ms: 300..301 };
     let proxy = DelayingProxy::with_rules(3, vec![late]);
     let through_proxy = ClickHouse::new(ClickHouseConfig { url: proxy.url.clone(), ..env.clickhouse.config().clone() });
-    let replayed = env.runtime.block_on(videocount_clickhouse::replay::replay_from_raw(
-        &through_proxy,
-        "view_counts",
-        &env.topic,
-        false,
-        Duration::from_millis(100),
-        &videocount_lease::Fence::open(),
-    ));
+    let replayed = env.replay_through(&through_proxy, Duration::from_millis(100));
     // Every CREATE the proxy holds has reached the server by now.
     sleep_ms(1_000);
     assert!(proxy.delayed.load(std::sync::atomic::Ordering::Relaxed) > 0, "the proxy held the CREATEs");
